@@ -1,0 +1,1 @@
+"""CUDA-graph capture and replay of lowered plans (installed as mythos_rt.graphs)."""

@@ -1,0 +1,109 @@
+"""Ops registry: each fused op has a `torch` implementation and optionally `triton`/`cuda` ones.
+
+Implementations are registered by dotted path ("module:function") and imported only
+when selected, so importing mythos-rt never imports Triton or the CUDA extension.
+
+Selection (``select``): ``backend="auto"`` picks cuda > triton > torch on a CUDA device
+(the first one registered and importable) and torch elsewhere; a named backend is used
+as asked, or is a clear error if that op has no such implementation. Per-op overrides
+(``{"moe_ffn": "torch"}``) win over the global choice, for debugging.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_AUTO_ORDER_GPU = ("cuda", "triton", "torch")
+
+_REGISTRY: dict[str, dict[str, str]] = {}
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run this op here."""
+
+
+def register(op: str, backend: str, target: str) -> None:
+    """Register ``target`` ("package.module:function") as ``op``'s ``backend`` implementation."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if ":" not in target:
+        raise ValueError(f"target must look like 'module:function', got {target!r}")
+    _REGISTRY.setdefault(op, {})[backend] = target
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backends_of(op: str) -> list[str]:
+    """Backends registered for ``op``, in BACKENDS order."""
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; registered ops: {', '.join(ops())}")
+    return [b for b in BACKENDS if b in _REGISTRY[op]]
+
+
+def load(op: str, backend: str) -> Callable:
+    """Import and return ``op``'s ``backend`` implementation."""
+    if backend not in backends_of(op):
+        raise BackendError(f"op {op!r} has no {backend!r} implementation "
+                           f"(available: {', '.join(backends_of(op))})")
+    module, _, name = _REGISTRY[op][backend].partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise BackendError(f"op {op!r}: the {backend!r} backend cannot be imported: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A resolved implementation: which backend, and the callable."""
+    op: str
+    backend: str
+    fn: Callable
+
+
+def _cuda_extension_available() -> bool:
+    try:
+        importlib.import_module("mythos_rt._C")
+    except ImportError:
+        return False
+    return True
+
+
+def _usable(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return True
+    if device.type != "cuda":
+        return False
+    if backend == "cuda":
+        return _cuda_extension_available()
+    return importlib.util.find_spec("triton") is not None
+
+
+def select(op: str, device: torch.device | str, backend: str = "auto",
+           overrides: Optional[Mapping[str, str]] = None) -> Selected:
+    """Resolve the implementation of ``op`` for ``device`` (see module docstring)."""
+    device = torch.device(device)
+    wanted = (overrides or {}).get(op, backend)
+    if wanted == "auto":
+        order = _AUTO_ORDER_GPU if device.type == "cuda" else ("torch",)
+        for b in order:
+            if b in backends_of(op) and _usable(b, device):
+                return Selected(op, b, load(op, b))
+        raise BackendError(f"op {op!r}: no usable implementation on {device}")
+    if wanted not in BACKENDS:
+        raise BackendError(f"unknown backend {wanted!r} for op {op!r}; "
+                           f"expected 'auto' or one of {BACKENDS}")
+    if wanted == "cuda" and device.type != "cuda":
+        raise BackendError(f"op {op!r}: the 'cuda' backend needs a CUDA device, got {device}")
+    if wanted == "cuda" and not _cuda_extension_available():
+        raise BackendError(f"op {op!r}: the 'cuda' backend needs the mythos_rt._C extension "
+                           "(reinstall with MYTHOS_RT_BUILD_CUDA=1)")
+    # "triton" on CPU is allowed: mythos_rt.triton_kernels runs it under the interpreter.
+    return Selected(op, wanted, load(op, wanted))

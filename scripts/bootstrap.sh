@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install mythos-rt with its test environment into it.
+# Idempotent: a second run only checks what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e . 2>&1 \
+  | grep -v '^\s*$' || true
+# open-mythos is the parity oracle; its own pins (torch==2.11, transformers, datasets) are
+# not needed to import open_mythos/main.py, so it is installed without dependencies.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps open-mythos==0.5.0

@@ -1,0 +1,73 @@
+"""Build mythos-rt: the Python packages always, the CUDA extension only when asked.
+
+`triton_kernels/` and `graphs/` install as `mythos_rt.triton_kernels` and
+`mythos_rt.graphs` so that we never shadow OpenAI's top-level `triton_kernels`.
+The `mythos_rt._C` extension (csrc/, built by CMake) is compiled only when
+MYTHOS_RT_BUILD_CUDA=1 and `nvcc` is found; otherwise the install is pure Python and
+says so once.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda_extension() -> bool:
+    return os.environ.get("MYTHOS_RT_BUILD_CUDA", "0") == "1" and shutil.which("nvcc") is not None
+
+
+class CMakeBuild(build_ext):
+    """Configure and build csrc/ with CMake into the extension's output directory."""
+
+    def build_extension(self, ext):
+        out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        build_tmp = os.path.join(os.path.abspath(self.build_temp), "cmake")
+        os.makedirs(build_tmp, exist_ok=True)
+        import pybind11
+
+        cfg = ["-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
+               f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+               f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+        subprocess.check_call(["cmake", ROOT, *cfg], cwd=build_tmp)
+        subprocess.check_call(["cmake", "--build", ".", "-j", str(os.cpu_count() or 2)],
+                              cwd=build_tmp)
+
+
+ext_modules, cmdclass = [], {}
+if _want_cuda_extension():
+    ext_modules = [Extension("mythos_rt._C", sources=[])]
+    cmdclass = {"build_ext": CMakeBuild}
+elif "egg_info" not in sys.argv and "dist_info" not in sys.argv:
+    print("mythos-rt: no CUDA extension built (set MYTHOS_RT_BUILD_CUDA=1 with nvcc on "
+          "PATH to build mythos_rt._C); the Triton and torch backends are unaffected.",
+          file=sys.stderr)
+
+setup(
+    name="mythos-rt",
+    version="0.1.0",
+    description="Compiler and runtime for OpenMythos recurrent-depth transformers",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["mythos_rt", "mythos_rt.ops", "mythos_rt.triton_kernels", "mythos_rt.graphs"],
+    package_dir={"mythos_rt": "mythos_rt", "mythos_rt.triton_kernels": "triton_kernels",
+                 "mythos_rt.graphs": "graphs"},
+    install_requires=[
+        "torch>=2.11,<2.14",
+        "triton>=3.6",
+        "numpy",
+        "safetensors",
+        "nvidia-ml-py",
+        "pybind11",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["mythos-rt = mythos_rt.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

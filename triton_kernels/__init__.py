@@ -1,0 +1,19 @@
+"""Triton kernels of mythos-rt, one op family per module (installed as mythos_rt.triton_kernels).
+
+Triton kernels only run on a CUDA device or in Triton's interpreter. On a machine
+without CUDA, importing this package turns the interpreter on (TRITON_INTERPRET=1)
+before any kernel is decorated, so the same kernels run on CPU tensors for testing.
+The interpreter cannot run bf16 ``tl.dot``: use fp32/fp16 there.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def interpreted() -> bool:
+    """True when kernels in this package run under Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
