@@ -51,11 +51,12 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
-def causal_mask(T: int, S: int, device: torch.device) -> Optional[torch.Tensor]:
+def causal_mask(T: int, S: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
     """Additive (1, 1, T, S) mask: new token i sits at key position S-T+i. None when T == 1."""
     if T == 1:
         return None
-    mask = torch.full((1, 1, T, S), float("-inf"), device=device)
+    mask = torch.full((1, 1, T, S), float("-inf"), device=device, dtype=dtype)
     return torch.triu(mask, diagonal=S - T + 1)
 
 
@@ -345,14 +346,19 @@ class OpenMythos(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) would cast the complex RoPE tables to real (upstream's bf16
-        # bug); rebuild them in complex64 on the new device instead.
-        super()._apply(fn, recurse)
-        for name, dim in (("freqs_cis", self.cfg.dim // self.cfg.n_heads),
-                          ("freqs_cis_mla", self.cfg.qk_rope_head_dim)):
-            buf = getattr(self, name)
-            if not buf.is_complex():
-                setattr(self, name, precompute_rope_freqs(
-                    dim, self.cfg.max_seq_len, self.cfg.rope_theta).to(buf.device))
+        # bug): keep them out of the cast and only move them to the weights' device.
+        tables = {name: self._buffers.pop(name) for name in ("freqs_cis", "freqs_cis_mla")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self.embed.weight.device
+            dims = {"freqs_cis": self.cfg.dim // self.cfg.n_heads,
+                    "freqs_cis_mla": self.cfg.qk_rope_head_dim}
+            for name, buf in tables.items():
+                if buf.is_meta and device.type != "meta":  # e.g. after to_empty()
+                    buf = precompute_rope_freqs(dims[name], self.cfg.max_seq_len,
+                                                self.cfg.rope_theta)
+                self._buffers[name] = buf.to(device)
         return self
 
     def forward(self, input_ids: torch.Tensor, n_loops: Optional[int] = None,
@@ -373,7 +379,7 @@ class OpenMythos(nn.Module):
         freqs = self.freqs_cis_mla if self.cfg.attn_type == "mla" else self.freqs_cis
         freqs = freqs[start_pos:start_pos + T]
         S = T + _cached_len(kv_cache)
-        mask = causal_mask(T, S, input_ids.device)
+        mask = causal_mask(T, S, input_ids.device, self.embed.weight.dtype)
 
         x = self.embed(input_ids)
         for i, layer in enumerate(self.prelude):

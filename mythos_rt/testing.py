@@ -41,3 +41,50 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
         f"{what}: relative error {err:.3e} > {tol:.1e} (shape {tuple(o.shape)}, "
         f"{n_bad} non-finite; worst at {where}: {o.flatten()[idx].item():.6g} vs "
         f"{r.flatten()[idx].item():.6g})")
+
+
+def spread_act_halting(model: torch.nn.Module, input_ids: torch.Tensor, bias: float = -1.2,
+                       spread: float = 0.9, seed: int = 0) -> None:
+    """Make ACT halt positions at different loops, some never (random init halts all at 1).
+
+    Calibrates the halting head on ``input_ids``: a random direction w is scaled so that
+    halt(h) = h·w + b has standard deviation ``spread`` and mean ``bias`` over the
+    positions' first-loop states, so p ranges over about sigmoid(bias ± 2·spread).
+    """
+    halt = model.recurrent.act.halt
+    states: list[torch.Tensor] = []
+    hook = model.recurrent.act.register_forward_hook(lambda m, i, o: states.append(i[0]))
+    g = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            model(input_ids, n_loops=1)
+            h = states[0].reshape(-1, states[0].shape[-1]).float()
+            w = torch.randn(h.shape[-1], generator=g).to(h.device)
+            z = h @ w
+            w = w * (spread / z.std().clamp_min(1e-12))
+            halt.weight.copy_(w[None].to(halt.weight.dtype))
+            halt.bias.fill_(bias - float((h @ w).mean()))
+    finally:
+        hook.remove()
+
+
+def halting_loops(model: torch.nn.Module, input_ids: torch.Tensor, n_loops: int) -> torch.Tensor:
+    """Loop (1-based) at which each position halts in a cache-less forward; 0 = never.
+
+    Records p from the ACT head with a forward hook and replays the halting rule.
+    """
+    ps: list[torch.Tensor] = []
+    hook = model.recurrent.act.register_forward_hook(lambda m, i, o: ps.append(o.detach()))
+    try:
+        with torch.no_grad():
+            model(input_ids, n_loops=n_loops)
+    finally:
+        hook.remove()
+    thr = model.cfg.act_threshold
+    cum = torch.zeros_like(ps[0], dtype=torch.float32)
+    loop_of = torch.zeros_like(ps[0], dtype=torch.long)
+    for t, p in enumerate(ps):
+        running = loop_of == 0
+        cum = cum + p.float() * running
+        loop_of = torch.where(running & (cum >= thr), torch.full_like(loop_of, t + 1), loop_of)
+    return loop_of

@@ -1,0 +1,309 @@
+"""Checkpoint loading and saving: any supported format → (MythosConfig, state_dict).
+
+Formats read:
+  * a bare state_dict saved with ``torch.save`` (``.pt``/``.pth``/``.bin``);
+  * OpenMythos's training checkpoint: ``{"model", "cfg", "vocab_size", "step",
+    "optimizer"}`` with ``cfg`` pickled as ``open_mythos.main.MythosConfig``;
+  * ``config.json`` + ``model.safetensors`` (or shards listed in
+    ``model.safetensors.index.json``), given as a directory or as file paths.
+
+Pickles are never unpickled unrestricted: ``torch.load(weights_only=True)`` with one
+allow-listed stand-in for upstream's config class, so a file whose unpickling would
+run code is refused before any of it runs. Files are memory-mapped, so optimizer state
+in a training checkpoint is never read into memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch
+
+from .config import ConfigError, MythosConfig
+from .reference import OpenMythos, precompute_rope_freqs
+
+PathLike = Union[str, os.PathLike]
+ConfigLike = Union[MythosConfig, Mapping[str, Any], PathLike, None]
+
+WRAPPER_PREFIXES = ("module", "_orig_mod", "_fsdp_wrapped_module")  # DDP, torch.compile, FSDP
+DERIVED_BUFFERS = ("freqs_cis", "freqs_cis_mla")  # RoPE tables, rebuilt from the config
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded; the message names the file, tensor and problem."""
+
+
+class _UpstreamConfig:
+    """Stand-in unpickled in place of ``open_mythos.main.MythosConfig``: holds fields only."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError("unexpected state for open_mythos.main.MythosConfig")
+        self.__dict__.update(state)
+
+
+_SAFE_GLOBALS = [(_UpstreamConfig, "open_mythos.main.MythosConfig")]
+
+
+# ---- public API ---------------------------------------------------------------------
+
+def load_checkpoint(path: PathLike | Iterable[PathLike], config: ConfigLike = None, *,
+                    check_finite: bool = True) -> tuple[MythosConfig, dict[str, torch.Tensor]]:
+    """Load a checkpoint in any supported format.
+
+    Returns ``(config, state_dict)`` with the reference model's names: wrapper prefixes
+    stripped, a missing tied ``head.weight`` filled from ``embed.weight`` and the RoPE
+    tables rebuilt, so ``mythos_rt.reference.OpenMythos(config).load_state_dict(sd,
+    strict=True)`` succeeds. ``config`` (a MythosConfig, a dict, or a config.json path)
+    overrides the checkpoint's own. Raises CheckpointError / ConfigError.
+    """
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    if not paths:
+        raise CheckpointError("no checkpoint path given")
+    for p in paths:
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or directory")
+
+    if len(paths) == 1 and paths[0].is_dir():
+        found_cfg, sd, where = _read_directory(paths[0])
+    elif any(p.suffix == ".safetensors" or p.name == SAFETENSORS_INDEX for p in paths):
+        found_cfg, sd, where = _read_safetensors_files(paths)
+    elif len(paths) == 1:
+        found_cfg, sd, where = _read_torch_file(paths[0])
+    else:
+        raise CheckpointError(f"cannot combine these files into one checkpoint: "
+                              f"{', '.join(map(str, paths))}")
+
+    cfg = _resolve_config(config, found_cfg, where)
+    sd = _canonicalize(sd)
+    _check_against_config(sd, cfg, where, check_finite)
+    return cfg, sd
+
+
+def save_checkpoint(directory: PathLike, config: MythosConfig,
+                    state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (tied head and RoPE tables omitted)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.validate()
+    sd = _canonicalize(dict(state_dict))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()
+               if k not in DERIVED_BUFFERS and k != "head.weight"}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(config.to_json() + "\n")
+    return directory
+
+
+# ---- readers -------------------------------------------------------------------------
+
+def _read_torch_file(path: Path):
+    """A torch.save file: a bare state_dict or an OpenMythos training checkpoint."""
+    if path.suffix in (".json",):
+        raise CheckpointError(f"{path}: a config file alone is not a checkpoint; pass the "
+                              "directory holding it and the weights")
+    if not zipfile.is_zipfile(path) and not _looks_like_legacy_pickle(path):
+        if _magic(path) == b"PK\x03\x04":
+            raise CheckpointError(f"{path}: truncated or corrupted torch.save archive "
+                                  "(the zip directory at its end is missing)")
+        raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive, "
+                              "a safetensors file nor a checkpoint directory)")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file references objects outside the "
+            f"allow-list (tensors, containers, open_mythos.main.MythosConfig), so loading "
+            f"it could run code. Detail: {_first_line(exc)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint: "
+                              f"{_first_line(exc)}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state_dict or a training checkpoint "
+                              f"dict, found {type(obj).__name__}")
+    if "model" in obj and isinstance(obj["model"], dict):  # training checkpoint
+        found_cfg = obj.get("cfg")
+        if isinstance(found_cfg, _UpstreamConfig):
+            found_cfg = dict(found_cfg.__dict__)
+        sd = obj["model"]
+        # Optimizer state stays an mmapped, never-touched mapping; drop it right away.
+        obj.pop("optimizer", None)
+    else:
+        found_cfg, sd = None, obj
+    _require_tensors(sd, path)
+    return found_cfg, sd, str(path)
+
+
+def _read_directory(directory: Path):
+    cfg_path = directory / "config.json"
+    index = directory / SAFETENSORS_INDEX
+    single = directory / "model.safetensors"
+    if index.exists():
+        files = [index]
+    elif single.exists():
+        files = [single]
+    else:
+        candidates = sorted(directory.glob("*.safetensors")) or sorted(
+            p for p in directory.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
+        if len(candidates) != 1:
+            raise CheckpointError(
+                f"{directory}: expected model.safetensors, {SAFETENSORS_INDEX} or exactly one "
+                f".safetensors/.pt file, found {[p.name for p in candidates] or 'none'}")
+        files = candidates
+    if files[0].suffix == ".safetensors" or files[0].name == SAFETENSORS_INDEX:
+        found_cfg, sd, where = _read_safetensors_files(files)
+    else:
+        found_cfg, sd, where = _read_torch_file(files[0])
+    if cfg_path.exists():
+        found_cfg = _read_config_json(cfg_path)
+    return found_cfg, sd, where
+
+
+def _read_safetensors_files(paths: list[Path]):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    found_cfg = None
+    shards: list[Path] = []
+    for p in paths:
+        if p.name == SAFETENSORS_INDEX:
+            shards += _shards_from_index(p)
+        elif p.name == "config.json":
+            found_cfg = _read_config_json(p)
+        else:
+            shards.append(p)
+    if found_cfg is None:
+        sibling = shards[0].parent / "config.json"
+        if sibling.exists():
+            found_cfg = _read_config_json(sibling)
+    sd: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not shard.exists():
+            raise CheckpointError(f"{shard}: shard listed in the index is missing")
+        try:
+            part = load_file(str(shard), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{shard}: unreadable or truncated safetensors file: "
+                                  f"{_first_line(exc)}") from None
+        dup = sorted(set(part) & set(sd))
+        if dup:
+            raise CheckpointError(f"{shard}: tensor(s) also present in another shard: "
+                                  f"{', '.join(dup[:5])}")
+        sd.update(part)
+    return found_cfg, sd, ", ".join(str(s) for s in shards)
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+# ---- checks and normalization ----------------------------------------------------------
+
+def _resolve_config(override: ConfigLike, found: Any, where: str) -> MythosConfig:
+    if override is None and found is None:
+        raise CheckpointError(f"{where}: the checkpoint carries no config; pass config= "
+                              "(a MythosConfig, a dict or a config.json path)")
+    chosen = override if override is not None else found
+    try:
+        if isinstance(chosen, MythosConfig):
+            cfg = chosen
+        elif isinstance(chosen, (str, os.PathLike)):
+            cfg = MythosConfig.from_dict(_read_config_json(Path(chosen)))
+        else:
+            cfg = MythosConfig.from_dict(dict(chosen))
+        return cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _canonicalize(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP/FSDP/torch.compile wrapper components from every key."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        parts = [p for p in key.split(".") if p not in WRAPPER_PREFIXES]
+        out[".".join(parts)] = value
+    return out
+
+
+def expected_shapes(cfg: MythosConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name → (shape, dtype) of every tensor in the reference model's state_dict."""
+    with torch.device("meta"):
+        model = OpenMythos(cfg)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _check_against_config(sd: dict[str, torch.Tensor], cfg: MythosConfig, where: str,
+                          check_finite: bool) -> None:
+    expected = expected_shapes(cfg)
+    if "head.weight" not in sd and "embed.weight" in sd:
+        sd["head.weight"] = sd["embed.weight"]  # tied weights are often saved once
+    for name in DERIVED_BUFFERS:
+        dim = cfg.head_dim if name == "freqs_cis" else cfg.qk_rope_head_dim
+        sd[name] = precompute_rope_freqs(dim, cfg.max_seq_len, cfg.rope_theta)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs config {expected[k][0]}"
+             for k in sorted(set(sd) & set(expected)) if tuple(sd[k].shape) != expected[k][0]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if wrong:
+        problems.append("shape mismatches: " + "; ".join(wrong))
+    if problems:
+        raise CheckpointError(f"{where}: checkpoint does not match the config "
+                              f"({cfg.attn_type}, dim={cfg.dim}): " + " | ".join(problems))
+    for k, v in sd.items():
+        if not (v.is_floating_point() or v.is_complex()):
+            raise CheckpointError(f"{where}: tensor {k} has non-float dtype {v.dtype}")
+        if check_finite and k not in DERIVED_BUFFERS and not bool(torch.isfinite(v).all()):
+            n_bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(f"{where}: tensor {k} {tuple(v.shape)} contains {n_bad} "
+                                  "NaN/Inf value(s)")
+
+
+def _require_tensors(sd: Any, path: Path) -> None:
+    if not isinstance(sd, dict) or not sd:
+        raise CheckpointError(f"{path}: no tensors found")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:5]))}")
+
+
+def _magic(path: Path, n: int = 4) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _looks_like_legacy_pickle(path: Path) -> bool:
+    head = _magic(path, 2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] <= 5  # pickle PROTO opcode
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
