@@ -1,0 +1,291 @@
+"""Lowering: optimized IR + materialized weights → a Plan of launches over static buffers.
+
+A ``Plan`` is a flat list of ``Step``s for one n_loops: the loop region is expanded
+into per-iteration steps here (each iteration has its own KV cache and its loop index
+as a constant), which is what a CUDA graph captures. Every step reads and writes
+preallocated buffers: the activation arena (one buffer per IR value, sized for
+max_batch × chunk tokens), the KV caches and the ACT state. Steps take only the
+current batch rows B and chunk length T, so a decode step never allocates on the
+Triton path, syncs with the host or branches on device values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from . import ops as _ops  # noqa: F401  (registers every op)
+from .config import MythosConfig
+from .ir import Graph, Op
+from .ops.attention import GQAWeights, MLAWeights, rope_tables
+from .ops.moe import PackedMoE
+from .ops.recurrent import ACTState, LoopParams
+from .ops.registry import Selected, select
+
+# IR op kind → registry op name (kinds not listed run as plain torch in the plan).
+KERNEL_OF = {"rmsnorm": "rmsnorm", "add_rmsnorm": "rmsnorm", "mla_attention": "mla_attention",
+             "gqa_attention": "gqa_attention", "moe": "moe_ffn", "dense_ffn": "swiglu",
+             "loop_prologue": "loop_prologue", "loop_epilogue": "loop_epilogue"}
+
+
+class LoweringError(ValueError):
+    """The IR contains something this lowering cannot place."""
+
+
+@dataclass
+class Shape:
+    """The runtime shape of one plan execution: B rows × T new tokens each."""
+    B: int
+    T: int
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str
+    backend: str
+    run: Callable[[Shape], None]
+
+
+@dataclass
+class Buffers:
+    """Everything a plan touches, allocated once at compile time."""
+    arena: dict[str, torch.Tensor]
+    caches: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    cache_lens: torch.Tensor  # (max_batch,) int32, tokens cached per row
+    input_ids: torch.Tensor  # (max_batch * chunk,) int64
+    act: ACTState
+    h: torch.Tensor  # loop state (N_max, D)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    moe_workspace: Optional[object] = None
+
+
+@dataclass
+class Lowered:
+    """Shared by every plan of a runtime: implementations, op arguments and buffers."""
+    cfg: MythosConfig
+    graph: Graph
+    device: torch.device
+    dtype: torch.dtype
+    max_batch: int
+    chunk: int
+    max_loops: int
+    impls: dict[str, Selected]
+    buffers: Buffers
+    args: dict[str, object] = field(default_factory=dict)  # op name → prepared weights
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def plan(self, n_loops: int) -> list[Step]:
+        """The flat step list for one forward chunk with ``n_loops`` iterations."""
+        if not 1 <= n_loops <= self.max_loops:
+            raise ValueError(f"n_loops={n_loops} outside [1, {self.max_loops}] (compiled max_loops)")
+        steps: list[Step] = []
+        for op in self.graph.ops:
+            if op.kind == "loop":
+                steps += self._loop_steps(op, n_loops)
+            else:
+                steps.append(self._step(op))
+        steps.append(Step("advance_cache_lens", "cache", "torch", self._advance))
+        return steps
+
+    # ---- per-op steps -----------------------------------------------------------------
+    def _buf(self, value: str) -> torch.Tensor:
+        return self.buffers.arena[value]
+
+    def _impl(self, op: Op) -> Selected:
+        return self.impls[KERNEL_OF[op.kind]]
+
+    def _step(self, op: Op, t: Optional[int] = None, cache_key: Optional[str] = None) -> Step:
+        k, W, buf = op.kind, op.weights, self._buf
+        backend = self.impls[KERNEL_OF[k]].backend if k in KERNEL_OF else "torch"
+        if k == "embed":
+            w, ids, out = self.weights[W["w"]], self.buffers.input_ids, buf(op.outputs[0])
+
+            def run(s: Shape):
+                torch.index_select(w, 0, ids[:s.N], out=out[:s.N])
+        elif k == "rmsnorm":
+            fn, w, x, out = self._impl(op).fn, self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
+
+            def run(s: Shape):
+                fn(x[:s.N], w, 1e-6, out=out[:s.N])
+        elif k == "add_rmsnorm":
+            fn, w = self._impl(op).fn, self.weights[W["w"]]
+            a, b = buf(op.inputs[0]), buf(op.inputs[1])
+            normed, summed = buf(op.outputs[0]), buf(op.outputs[1])
+
+            def run(s: Shape):
+                fn(a[:s.N], w, 1e-6, residual=b[:s.N], out=normed[:s.N], residual_out=summed[:s.N])
+        elif k == "add":
+            a, b, out = buf(op.inputs[0]), buf(op.inputs[1]), buf(op.outputs[0])
+
+            def run(s: Shape):
+                torch.add(a[:s.N], b[:s.N], out=out[:s.N])
+        elif k in ("mla_attention", "gqa_attention"):
+            run = self._attention_run(op, cache_key or op.attrs["cache"])
+        elif k == "dense_ffn":
+            fn = self._impl(op).fn
+            w13, down = self.weights[W["w13"]], self.weights[W["down"]]
+            x, out = buf(op.inputs[0]), buf(op.outputs[0])
+            gu, act = buf(f"{op.name}.gate_up"), buf(f"{op.name}.act")
+
+            def run(s: Shape):
+                torch.matmul(x[:s.N], w13.t(), out=gu[:s.N])
+                fn(gu[:s.N], out=act[:s.N])
+                torch.matmul(act[:s.N], down.t(), out=out[:s.N])
+        elif k == "moe":
+            fn, packed, ws = self._impl(op).fn, self.args[op.name], self.buffers.moe_workspace
+            x, out = buf(op.inputs[0]), buf(op.outputs[0])
+            kw = {"workspace": ws} if self._impl(op).backend == "triton" else {}
+
+            def run(s: Shape):
+                fn(x[:s.N], packed, out=out[:s.N], **kw)
+        elif k == "head":
+            w, x, out = self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
+
+            def run(s: Shape):
+                torch.matmul(x[:s.N], w.t(), out=out[:s.N])
+        else:
+            raise LoweringError(f"cannot lower op {op.name!r} of kind {k!r}")
+        return Step(op.name if t is None else f"{op.name}[t={t}]", k, backend, run)
+
+    def _attention_run(self, op: Op, cache_key: str):
+        fn, w = self._impl(op).fn, self.args[op.name]
+        first, second = self.buffers.caches[cache_key]
+        x, out = self._buf(op.inputs[0]), self._buf(op.outputs[0])
+        lens, cos, sin, D = self.buffers.cache_lens, self.buffers.cos, self.buffers.sin, self.cfg.dim
+        cfg = self.cfg
+        scale = ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 if op.kind == "mla_attention"
+                 else cfg.head_dim ** -0.5)
+
+        def run(s: Shape):
+            fn(x[:s.N].view(s.B, s.T, D), w, first, second, lens[:s.B], cos, sin, scale,
+               out=out[:s.N].view(s.B, s.T, D))
+        return run
+
+    def _loop_steps(self, loop: Op, n_loops: int) -> list[Step]:
+        body = loop.body
+        e, h, act = self._buf(loop.inputs[1]), self.buffers.h, self.buffers.act
+        ops = body.ops
+        if ops[0].kind != "loop_prologue" or ops[-1].kind != "loop_epilogue":
+            raise LoweringError("the loop body must start with loop_prologue and end with "
+                                "loop_epilogue (run the fuse_recurrent_step pass)")
+        params = self.args["loop"]
+        pro, epi = self.impls["loop_prologue"], self.impls["loop_epilogue"]
+        combined = self._buf(ops[0].outputs[0])
+        block_out = self._buf(ops[-1].inputs[0])
+        out = self._buf(loop.outputs[0])
+
+        def start(s: Shape):
+            h[:s.N].copy_(e[:s.N])
+            act.reset(s.N)
+            pro.fn(h[:s.N], e[:s.N], params, 0, out=combined[:s.N])
+
+        steps = [Step("loop_start+prologue[t=0]", "loop_prologue", pro.backend, start)]
+        for t in range(n_loops):
+            key = f"recurrent_loop_{t}"
+            steps += [self._step(op, t=t, cache_key=key) for op in ops[1:-1]]
+            last = t == n_loops - 1
+
+            def epilogue(s: Shape, t=t, last=last):
+                epi.fn(block_out[:s.N], h[:s.N], e[:s.N], params, t, act,
+                       next_combined=None if last else combined[:s.N])
+            steps.append(Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend, epilogue))
+
+        def finish(s: Shape):
+            out[:s.N].copy_(act.h_out[:s.N])
+        steps.append(Step("loop_result", "copy", "torch", finish))
+        return steps
+
+    def _advance(self, s: Shape) -> None:
+        self.buffers.cache_lens[:s.B] += s.T
+
+
+def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
+          device: torch.device, dtype: torch.dtype, *, max_batch: int, chunk: int,
+          max_seq_len: int, max_loops: int, backend: str = "auto",
+          overrides: Optional[Mapping[str, str]] = None) -> Lowered:
+    """Place an optimized graph: select implementations, prepare op arguments, allocate."""
+    impls = {name: select(name, device, backend, overrides) for name in set(KERNEL_OF.values())}
+    n_max = max_batch * chunk
+    args: dict[str, object] = {}
+    arena: dict[str, torch.Tensor] = {}
+    caches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    W = dict(weights)
+
+    def alloc(name: str, width: int, dt=dtype):
+        arena[name] = torch.empty(n_max, width, dtype=dt, device=device)
+
+    def width_of(value: str, g: Graph) -> int:
+        return cfg.vocab_size if g.values[value].shape[-1] == "vocab" else cfg.dim
+
+    def cache_for(key: str):
+        B, S = max_batch, max_seq_len
+        if cfg.attn_type == "mla":
+            caches[key] = (torch.zeros(B, S, cfg.kv_lora_rank, dtype=dtype, device=device),
+                           torch.zeros(B, S, cfg.qk_rope_head_dim, dtype=dtype, device=device))
+        else:
+            shape = (B, S, cfg.n_kv_heads, cfg.head_dim)
+            caches[key] = (torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device))
+
+    moe_packed = None
+    for g in [graph] + [op.body for op in graph.ops if op.body is not None]:
+        for op in g.ops:
+            for v in op.outputs:
+                alloc(v, width_of(v, g))
+            if op.kind == "mla_attention":
+                names = ["q_down", "q_norm", "q_up_nope", "q_up_rope", "kv_down", "kv_norm",
+                         "kv_up", "wo", "w_uk", "w_uv"]
+                args[op.name] = MLAWeights(**{n: W[op.weights[n]] for n in names})
+            elif op.kind == "gqa_attention":
+                args[op.name] = GQAWeights(**{n: W[op.weights[n]] for n in ("wq", "wk", "wv", "wo")},
+                                           n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads)
+            elif op.kind == "moe":
+                moe_packed = args[op.name] = PackedMoE(
+                    w13=W[op.weights["w13"]], w2=W[op.weights["w2"]],
+                    router_w=W[op.weights["router"]],
+                    router_bias=W[op.weights["router_bias"]].float(),
+                    n_routed=op.attrs["n_experts"], n_shared_slots=op.attrs["n_shared_slots"],
+                    top_k=op.attrs["top_k"], expert_dim=op.attrs["expert_dim"])
+            elif op.kind == "dense_ffn":
+                hidden = W[op.weights["w13"]].shape[0]
+                alloc(f"{op.name}.gate_up", hidden)
+                alloc(f"{op.name}.act", hidden // 2)
+            elif op.kind == "loop_epilogue":
+                w = op.weights
+                args["loop"] = LoopParams(
+                    norm_w=W[g.ops[0].weights["norm_w"]], lora_down=W[w["lora_down"]],
+                    lora_B=W[w["lora_B"]], lora_scale=W[w["lora_scale"]], A=W[w["A"]],
+                    inj_B=W[w["inj_B"]], halt_w=W[w["halt_w"]].reshape(-1),
+                    halt_b=W[w["halt_b"]].reshape(1), threshold=float(op.attrs["threshold"]),
+                    max_loops=int(op.attrs["max_loops"]), loop_dim=cfg.loop_dim)
+            if op.kind in ("mla_attention", "gqa_attention"):
+                key = op.attrs["cache"]
+                if isinstance(key, dict):
+                    for t in range(max_loops):
+                        cache_for(key["per_loop"].format(t=t))
+                else:
+                    cache_for(key)
+
+    rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
+    cos, sin = rope_tables(rope_dim, max_seq_len, cfg.rope_theta, device=device)
+    workspace = None
+    if moe_packed is not None and impls["moe_ffn"].backend == "triton":
+        from .triton_kernels.moe import MoEWorkspace
+        workspace = MoEWorkspace.allocate(n_max, moe_packed, device)
+    buffers = Buffers(
+        arena=arena, caches=caches,
+        cache_lens=torch.zeros(max_batch, dtype=torch.int32, device=device),
+        input_ids=torch.zeros(n_max, dtype=torch.long, device=device),
+        act=ACTState.allocate(n_max, cfg.dim, dtype, device),
+        h=torch.empty(n_max, cfg.dim, dtype=dtype, device=device),
+        cos=cos, sin=sin, moe_workspace=workspace)
+    return Lowered(cfg, graph, device, dtype, max_batch, chunk, max_loops, impls, buffers,
+                   args, W)
