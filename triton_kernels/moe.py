@@ -11,11 +11,11 @@ and ``out``; grids depend only on N and static upper bounds, so it is CUDA-graph
    padding rows of live segments. Shared slots get fixed segments after the routed region.
 3. ``_align_scatter_kernel``: stable counting-sort scatter of routed pairs (token-major
    within an expert) and the static shared-slot segments into ``sorted_pairs``.
-4. ``_gemm1_kernel`` (blocks, cdiv(I,BN1)): gathered x rows × [gate; up][e]ᵀ, epilogue
+4. ``_gemm1_kernel`` (blocks·cdiv(I,BN1), I tiles fastest): gathered x rows × [gate; up][e]ᵀ, epilogue
    silu(gate)·up → ``h[pair]`` (pair = token·(k+S) + slot).
-5. ``_gemm2_routed_kernel`` (routed blocks, cdiv(D,BN2)): h[pair] × down[e]ᵀ × weight →
+5. ``_gemm2_routed_kernel`` (routed blocks·cdiv(D,BN2)): h[pair] × down[e]ᵀ × weight →
    ``y_routed[token·k + slot]`` (fp32 partials).
-6. ``_gemm2_shared_kernel`` (cdiv(N,BMS), cdiv(D,BN2), split): dense over tokens, the
+6. ``_gemm2_shared_kernel`` (cdiv(N,BMS)·cdiv(D,BN2) grouped, split): dense over tokens, the
    shared slots concatenated along K (split over ``split`` programs for small N).
 7. ``_combine_kernel``: out = ((y0 + y1) + … + y_{k-1}) + shared partials, in that fixed
    order, fp32 → out dtype. No float atomics anywhere: runs are bitwise reproducible.
@@ -197,11 +197,14 @@ def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, N, E, S, n_chunks, RB_M
 
 @triton.jit
 def _gemm1_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_expert_ptr,
-                  D, I, stride_xn, stride_we, stride_hn,
+                  D, I, n_tiles, stride_xn, stride_we, stride_hn,
                   SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # 1-D grid, N tiles fastest: a block's x rows stay in L2 across its I tiles and an
+    # expert's consecutive blocks share its weight tiles within a wave.
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
     ex = tl.load(block_expert_ptr + pid_m)
     if ex < 0:
         return
@@ -235,12 +238,13 @@ def _gemm1_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_expert_ptr,
 
 @triton.jit
 def _gemm2_routed_kernel(h_ptr, w2_ptr, y_ptr, wts_ptr, sorted_ptr, block_expert_ptr,
-                         D, I, E, stride_hn, stride_we, stride_yn,
+                         D, I, E, n_tiles, stride_hn, stride_we, stride_yn,
                          TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
     ex = tl.load(block_expert_ptr + pid_m)
     if (ex < 0) | (ex >= E):
         return
@@ -273,10 +277,18 @@ def _gemm2_shared_kernel(h_ptr, w2_ptr, ys_ptr, N, D, I, E, S, SPS,
                          stride_hn, stride_we, stride_yn,
                          TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
+                         GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    # grouped ordering (GROUP_M token blocks × all D tiles per group) so both the
+    # K-concatenated shared weights and the h rows are reused from L2 at large N
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = tl.cdiv(D, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % gsz
+    pid_n = (pid % in_group) // gsz
     toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tmask = toks < N
     t = tl.where(tmask, toks, 0).to(tl.int64)
@@ -368,7 +380,7 @@ def heuristic_config(n_tokens: int, dim: int, expert_dim: int, n_routed: int, to
     avg = n_tokens * top_k / max(1, n_routed)
     wide = 2 if dtype == torch.float32 else 1   # fp32 tiles are twice the bytes
     if avg <= 16:      # decode: memory bound, tiny M, wide K tiles, many programs
-        cfg = MoEConfig(block_m=16, block_n1=64, block_k1=256 // wide, block_n2=32,
+        cfg = MoEConfig(block_m=16, block_n1=64, block_k1=128 // wide, block_n2=32,
                         block_k2=256 // wide, block_m_shared=16, num_warps=4, num_stages=4)
     elif avg <= 48:
         cfg = MoEConfig(block_m=32, block_n1=64, block_k1=128 // wide, block_n2=64,
@@ -622,14 +634,16 @@ def _moe_ffn_impl(x: torch.Tensor, packed: PackedMoE, ws: MoEWorkspace, out: tor
                    write_hist=True)
     rb_max, n_blocks = moe_align_triton(N, ids, ws.hist, ws, packed, cfg.block_m)
     meta = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _gemm1_kernel[(n_blocks, _cdiv(I, cfg.block_n1))](
+    n1 = _cdiv(I, cfg.block_n1)
+    _gemm1_kernel[(n_blocks * n1,)](
         x, packed.w13, ws.h, ws.sorted_pairs, ws.block_expert,
-        D, I, x.stride(0), packed.w13.stride(0), ws.h.stride(0),
+        D, I, n1, x.stride(0), packed.w13.stride(0), ws.h.stride(0),
         SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
         DOT_PREC=prec, **meta)
-    _gemm2_routed_kernel[(rb_max, _cdiv(D, cfg.block_n2))](
+    n2 = _cdiv(D, cfg.block_n2)
+    _gemm2_routed_kernel[(rb_max * n2,)](
         ws.h, packed.w2, ws.y_routed, wts, ws.sorted_pairs, ws.block_expert,
-        D, I, E, ws.h.stride(0), packed.w2.stride(0), ws.y_routed.stride(0),
+        D, I, E, n2, ws.h.stride(0), packed.w2.stride(0), ws.y_routed.stride(0),
         TOP_K=k, SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2,
         BLOCK_K=cfg.block_k2, DOT_PREC=prec, **meta)
     n_split = 0
@@ -637,11 +651,11 @@ def _moe_ffn_impl(x: torch.Tensor, packed: PackedMoE, ws: MoEWorkspace, out: tor
         split = max(1, min(cfg.split_shared, S, ws.y_shared.shape[0] // N))
         sps = _cdiv(S, split)
         n_split = _cdiv(S, sps)
-        _gemm2_shared_kernel[(_cdiv(N, cfg.block_m_shared), _cdiv(D, cfg.block_n2), n_split)](
+        _gemm2_shared_kernel[(_cdiv(N, cfg.block_m_shared) * n2, n_split)](
             ws.h, packed.w2, ws.y_shared, N, D, I, E, S, sps,
             ws.h.stride(0), packed.w2.stride(0), ws.y_shared.stride(0),
             TOP_K=k, SLOTS=slots, BLOCK_M=cfg.block_m_shared, BLOCK_N=cfg.block_n2,
-            BLOCK_K=cfg.block_k2, DOT_PREC=prec, **meta)
+            BLOCK_K=cfg.block_k2, GROUP_M=8, DOT_PREC=prec, **meta)
     block_d = 64 if interpreted() else min(1024, _pow2(D, 16))
     _combine_kernel[(N, _cdiv(D, block_d))](
         ws.y_routed, ws.y_shared, out, N, D, n_split,
@@ -706,6 +720,16 @@ def moe_ffn_triton(x: torch.Tensor, packed: PackedMoE, workspace: Optional[MoEWo
 # autotuning (GPU, compile time)
 # ---------------------------------------------------------------------------------------
 
+def smem_bytes(cfg: MoEConfig, elt: int) -> int:
+    """Pipelined shared memory of the largest GEMM of ``cfg`` (``elt`` bytes/element)."""
+    g1 = cfg.block_m * cfg.block_k1 + 2 * cfg.block_k1 * cfg.block_n1
+    g2 = max(cfg.block_m, cfg.block_m_shared) * cfg.block_k2 + cfg.block_k2 * cfg.block_n2
+    return max(g1, g2) * elt * max(1, cfg.num_stages)
+
+
+_SMEM_BUDGET = 200 * 1024   # H100/H200 allow 227 KiB per block; leave room for epilogues
+
+
 def _candidates(n_tokens: int, packed: PackedMoE, dtype: torch.dtype) -> list:
     base = heuristic_config(n_tokens, packed.dim, packed.expert_dim, packed.n_routed,
                             packed.top_k, packed.n_shared_slots, dtype)
@@ -724,9 +748,10 @@ def _candidates(n_tokens: int, packed: PackedMoE, dtype: torch.dtype) -> list:
                 out.append(MoEConfig(block_m=bm, block_n1=bn1, block_k1=bk, block_n2=bn2,
                                      block_k2=bk, block_m_shared=bm, num_warps=w,
                                      num_stages=st))
+    elt = torch.empty((), dtype=dtype).element_size()
     seen, uniq = set(), []
     for c in out:
-        if c not in seen:
+        if c not in seen and smem_bytes(c, elt) <= _SMEM_BUDGET:
             seen.add(c)
             uniq.append(c)
     return uniq
