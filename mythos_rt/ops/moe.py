@@ -1,0 +1,228 @@
+"""Mixture-of-Experts FFN: compile-time expert packing, torch implementation, registrations.
+
+The op family (DESIGN.md "Reference semantics", MoE):
+
+* ``moe_route(x, router_w, router_bias, top_k, out=None) -> (ids, weights)``:
+  ``logits = x·Wᵀ`` (fp32 accumulation, kept in fp32), ``scores = softmax(logits)``,
+  top-k chosen on ``logits + bias``, chosen scores renormalized to sum 1.
+  ``ids`` int32 (N, k) in descending biased-logit order, ``weights`` fp32 (N, k).
+* ``moe_ffn(x, packed, workspace=None, out=None) -> (N, D)``: k routed SwiGLU experts per
+  token weighted by the routing weights, plus the shared experts (always on, weight 1).
+
+Packing (``pack_moe``) turns the reference parameters into one stacked weight set:
+``w13[e] = [gate; up]`` (2I, D) and ``w2[e] = down`` (D, I) for ``E_tot = E + S`` experts,
+where every shared expert (hidden k·I) is split exactly into k slices of hidden I that
+are appended after the routed experts as always-selected experts ("shared slots",
+``S = n_shared_experts·k``). ``down(silu(gate x)·up x)`` is a sum over hidden units, so
+the sum of the k slices equals the unsplit expert.
+
+Backends: ``torch`` (this file; composite PyTorch, the per-op reference, runs anywhere,
+*not* CUDA-graph capturable: it loops over the experts present) and ``triton``
+(``mythos_rt.triton_kernels.moe``; sync-free and capturable given a ``MoEWorkspace``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .registry import register
+
+__all__ = ["PackedMoE", "pack_moe", "moe_route_torch", "moe_ffn_torch"]
+
+
+@dataclass
+class PackedMoE:
+    """Stacked expert weights of one MoE FFN, routed experts first, then shared slots.
+
+    Attributes
+    ----------
+    w13 : (E_tot, 2·I, D) storage dtype — rows [0, I) are ``gate``, rows [I, 2I) ``up``.
+    w2 : (E_tot, D, I) storage dtype — ``down``.
+    router_w : (E, D) storage dtype.
+    router_bias : (E,) float32 — added to the logits for selection only.
+    n_routed : E.  n_shared_slots : S = n_shared_experts·top_k.  top_k : k.  expert_dim : I.
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    router_w: torch.Tensor
+    router_bias: torch.Tensor
+    n_routed: int
+    n_shared_slots: int
+    top_k: int
+    expert_dim: int
+
+    @property
+    def dim(self) -> int:
+        return self.w13.shape[-1]
+
+    @property
+    def n_total(self) -> int:
+        return self.n_routed + self.n_shared_slots
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w13.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w13.device
+
+    def to(self, dtype: Optional[torch.dtype] = None,
+           device: Optional[torch.device | str] = None) -> "PackedMoE":
+        """A copy with the expert/router weights in ``dtype`` on ``device`` (bias stays fp32)."""
+        cast = dict(dtype=dtype) if dtype is not None else {}
+        return PackedMoE(
+            w13=self.w13.to(device=device, **cast).contiguous(),
+            w2=self.w2.to(device=device, **cast).contiguous(),
+            router_w=self.router_w.to(device=device, **cast).contiguous(),
+            router_bias=self.router_bias.to(device=device, dtype=torch.float32).contiguous(),
+            n_routed=self.n_routed, n_shared_slots=self.n_shared_slots, top_k=self.top_k,
+            expert_dim=self.expert_dim)
+
+    def expert_weight_bytes(self, n_experts: int = 1) -> int:
+        """Bytes of ``n_experts`` experts' w13 + w2 (what a kernel must read per expert used)."""
+        per = (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
+        return per * n_experts
+
+
+def pack_moe(state_dict: Mapping[str, torch.Tensor], prefix: str, cfg,
+             dtype: Optional[torch.dtype] = None,
+             device: Optional[torch.device | str] = None) -> PackedMoE:
+    """Pack a reference ``MoEFFN``'s parameters (compile time).
+
+    Parameters
+    ----------
+    state_dict : mapping holding ``{prefix}router.weight`` (E, D), ``{prefix}router_bias`` (E,),
+        ``{prefix}routed_experts.{i}.{gate,up,down}.weight`` and
+        ``{prefix}shared_experts.{j}.{gate,up,down}.weight``.
+    prefix : e.g. ``"recurrent.block.ffn."`` (``""`` for a bare ``MoEFFN.state_dict()``).
+    cfg : ``MythosConfig`` (n_experts, n_shared_experts, n_experts_per_tok, expert_dim, dim).
+    dtype, device : storage dtype/device of the packed weights (default: the checkpoint's).
+    """
+    E, k, I, D = cfg.n_experts, cfg.n_experts_per_tok, cfg.expert_dim, cfg.dim
+    n_shared = cfg.n_shared_experts
+
+    def get(name: str, shape: Tuple[int, ...]) -> torch.Tensor:
+        key = prefix + name
+        if key not in state_dict:
+            raise KeyError(f"pack_moe: missing parameter {key!r}")
+        t = state_dict[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"pack_moe: {key!r} has shape {tuple(t.shape)}, expected {shape}")
+        return t
+
+    w13, w2 = [], []
+    for i in range(E):
+        base = f"routed_experts.{i}."
+        w13.append(torch.cat([get(base + "gate.weight", (I, D)), get(base + "up.weight", (I, D))]))
+        w2.append(get(base + "down.weight", (D, I)))
+    for j in range(n_shared):
+        base = f"shared_experts.{j}."
+        gate = get(base + "gate.weight", (k * I, D))
+        up = get(base + "up.weight", (k * I, D))
+        down = get(base + "down.weight", (D, k * I))
+        for s in range(k):
+            sl = slice(s * I, (s + 1) * I)
+            w13.append(torch.cat([gate[sl], up[sl]]))
+            w2.append(down[:, sl])
+    router_w = get("router.weight", (E, D))
+    router_bias = get("router_bias", (E,))
+    dtype = dtype or router_w.dtype
+    return PackedMoE(
+        w13=torch.stack(w13).to(device=device, dtype=dtype).contiguous(),
+        w2=torch.stack(w2).to(device=device, dtype=dtype).contiguous(),
+        router_w=router_w.to(device=device, dtype=dtype).contiguous(),
+        router_bias=router_bias.to(device=device, dtype=torch.float32).contiguous(),
+        n_routed=E, n_shared_slots=n_shared * k, top_k=k, expert_dim=I)
+
+
+# ---------------------------------------------------------------------------------------
+# torch implementation (the per-op reference)
+# ---------------------------------------------------------------------------------------
+
+def moe_route_torch(x: torch.Tensor, router_w: torch.Tensor, router_bias: torch.Tensor,
+                    top_k: int, out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """Route tokens to experts.
+
+    Parameters
+    ----------
+    x : (N, D) float32/float16/bfloat16.
+    router_w : (E, D), same dtype as x.
+    router_bias : (E,) float32, selection bias.
+    top_k : experts per token.
+    out : optional ``(ids, weights)`` buffers of at least (N, k) int32 / float32.
+
+    Returns
+    -------
+    ids : (N, k) int32, chosen experts in descending ``logit + bias`` order.
+    weights : (N, k) float32, ``softmax(logits)[ids]`` renormalized to sum 1.
+    """
+    logits = x.float() @ router_w.float().t()
+    scores = torch.softmax(logits, dim=-1)
+    _, ids = (logits + router_bias.float()).topk(top_k, dim=-1)
+    w = scores.gather(-1, ids)
+    w = w / w.sum(dim=-1, keepdim=True)
+    ids = ids.to(torch.int32)
+    if out is not None:
+        ids_out, w_out = out
+        n = x.shape[0]
+        ids_out[:n].copy_(ids)
+        w_out[:n].copy_(w)
+        return ids_out[:n], w_out[:n]
+    return ids, w
+
+
+def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MoE FFN in composite PyTorch (same signature as the Triton backend).
+
+    Parameters
+    ----------
+    x : (N, D) in the packed weights' dtype.
+    packed : ``PackedMoE``.
+    workspace : ignored (accepted for signature parity with the Triton backend).
+    out : optional (N, D) output buffer in x's dtype.
+
+    Returns
+    -------
+    (N, D) in x's dtype: ``Σ_j w_j·expert_{ids_j}(x)`` in slot order, plus the shared
+    slots (weight 1), accumulated in float32. Each expert runs in the storage dtype, as
+    the reference does. Loops over the experts present (host sync): not graph-capturable.
+    """
+    del workspace
+    N, D = x.shape
+    E, k, S, I = packed.n_routed, packed.top_k, packed.n_shared_slots, packed.expert_dim
+    ids, weights = moe_route_torch(x, packed.router_w, packed.router_bias, k)
+    y = x.new_zeros(N, k, D)
+    ids_l = ids.long()
+    for e in ids_l.unique().tolist():
+        tok, slot = (ids_l == e).nonzero(as_tuple=True)
+        gu = F.linear(x[tok], packed.w13[e])
+        y[tok, slot] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], packed.w2[e])
+    acc = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+    for j in range(k):
+        acc = acc + weights[:, j:j + 1] * y[:, j].float()
+    if S:
+        # All shared slots as one SwiGLU of hidden S·I: the concatenation of the slices
+        # is exactly the unsplit shared experts, so one down-projection sums them.
+        w13s = packed.w13[E:]                                  # (S, 2I, D)
+        gate = w13s[:, :I].reshape(S * I, D)
+        up = w13s[:, I:].reshape(S * I, D)
+        down = packed.w2[E:].permute(1, 0, 2).reshape(D, S * I)
+        acc = acc + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down).float()
+    res = acc.to(x.dtype)
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
+
+
+register("moe_route", "torch", "mythos_rt.ops.moe:moe_route_torch")
+register("moe_route", "triton", "mythos_rt.triton_kernels.moe:moe_route_triton")
+register("moe_ffn", "torch", "mythos_rt.ops.moe:moe_ffn_torch")
+register("moe_ffn", "triton", "mythos_rt.triton_kernels.moe:moe_ffn_triton")
