@@ -1,0 +1,42 @@
+"""Host-side helpers shared by the Triton launchers of mythos-rt (no kernels here)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def as_rows(name: str, t: torch.Tensor, width: int) -> torch.Tensor:
+    """View ``t`` (..., width) as (rows, width) without copying; its last dim must be dense.
+
+    A 2-D tensor may have any row stride (e.g. a slice of a bigger buffer); higher ranks
+    must be viewable as 2-D. Never copies: a copy would silently drop writes to ``out=``.
+    """
+    if t.shape[-1] != width:
+        raise ValueError(f"{name}: last dim is {t.shape[-1]}, expected {width}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} not supported (fp32/fp16/bf16)")
+    if t.dim() == 2 and (t.stride(1) == 1 or width == 1):
+        return t
+    try:
+        return t.view(-1, width)
+    except RuntimeError:
+        raise ValueError(f"{name}: needs a dense last dim viewable as (-1, {width}); "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}") from None
+
+
+def row_config(n_cols: int, n_rows: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_M, num_warps) for kernels that keep whole rows in registers.
+
+    BLOCK_D covers a row (next power of two); BLOCK_M packs several short rows into one
+    program when there are many rows, keeping ~<= 16K fp32 values of a tile per program.
+    """
+    block_d = triton.next_power_of_2(max(n_cols, 16))
+    block_m = 1
+    if n_rows >= 1024:  # enough programs to fill the machine even when packing rows
+        block_m = max(1, min(8, 8192 // block_d))
+    elems = block_m * block_d
+    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    return block_d, block_m, num_warps
