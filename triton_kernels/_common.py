@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from . import interpreted
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -37,6 +39,15 @@ def row_config(n_cols: int, n_rows: int) -> tuple[int, int, int]:
     block_m = 1
     if n_rows >= 1024:  # enough programs to fill the machine even when packing rows
         block_m = max(1, min(8, 8192 // block_d))
+    block_m = interpreter_rows(block_m, n_rows)
     elems = block_m * block_d
     num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
     return block_d, block_m, num_warps
+
+
+def interpreter_rows(block_m: int, n_rows: int) -> int:
+    """Under TRITON_INTERPRET the cost is per program, not per element: pack up to 16 rows
+    per program there (the kernels are row-count agnostic; GPU configs are unchanged)."""
+    if interpreted():
+        return max(block_m, min(16, triton.next_power_of_2(max(n_rows, 1))))
+    return block_m

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from mythos_rt.ops.recurrent import LOOP_THETA, ACTState, LoopParams, check_step_args
 
-from ._common import SUPPORTED_DTYPES, row_config
+from ._common import SUPPORTED_DTYPES, interpreter_rows, row_config
 
 
 @triton.jit
@@ -72,9 +72,10 @@ def _prologue_kernel(h_ptr, e_ptr, w_ptr, y_ptr, n_rows, D, t, emb_c, loop_dim, 
 def _epilogue_kernel(x_ptr, h_ptr, e_ptr, hout_ptr, cum_ptr, halted_ptr, nrun_ptr, nc_ptr,
                      normw_ptr, down_ptr, loraB_ptr, scale_ptr, A_ptr, injB_ptr,
                      haltw_ptr, haltb_ptr,
-                     n_rows, D, R, t, tc, emb_c, loop_dim, thr, eps,
+                     n_rows, D, t, tc, emb_c, loop_dim, thr, eps,
                      stride_x, stride_h, stride_e, stride_o, stride_nc,
-                     HAS_NEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                     R: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < n_rows
@@ -85,7 +86,7 @@ def _epilogue_kernel(x_ptr, h_ptr, e_ptr, hout_ptr, cum_ptr, halted_ptr, nrun_pt
 
     # depth-wise LoRA: delta = sum_r (x·down_r · scale[tc, r]) · B_r
     delta = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for r in range(R):
+    for r in range(R):  # a loop (not unrolled): r is up to 256 on the largest presets
         d_r = tl.load(down_ptr + r * D + cols, mask=cmask, other=0.0).to(tl.float32)
         s_r = tl.load(scale_ptr + tc * R + r).to(tl.float32)
         z = tl.sum(x * d_r[None, :], axis=1) * s_r
@@ -138,10 +139,12 @@ def epilogue_config(n_rows: int, dim: int) -> tuple[int, int, int]:
 
     Rows are packed (BLOCK_M up to 4) only when there are many of them, to amortize the
     L2 reads of the LoRA weights; decode-sized batches get one row per program.
+    (Under the interpreter rows are packed by 16 for speed: ``interpreter_rows``.)
     """
     block_d = triton.next_power_of_2(max(dim, 16))
     block_m = 1 if n_rows < 1024 else max(1, min(4, 8192 // block_d))
     num_warps = max(4, min(16, block_m * block_d // 512))
+    block_m = interpreter_rows(block_m, n_rows)
     return block_d, block_m, num_warps
 
 
@@ -192,8 +195,8 @@ def loop_epilogue_triton(block_out: torch.Tensor, h: torch.Tensor, e: torch.Tens
         state.n_running, nc,
         params.norm_w, params.lora_down, params.lora_B, params.lora_scale, params.A,
         params.inj_B, params.halt_w, params.halt_b,
-        N, D, params.rank, int(t), min(int(t), params.max_loops - 1),
+        N, D, int(t), min(int(t), params.max_loops - 1),
         _emb_c(params.loop_dim), params.loop_dim, float(params.threshold), float(params.eps),
         block_out.stride(0), h.stride(0), e.stride(0), state.h_out.stride(0), nc.stride(0),
-        HAS_NEXT=has_next, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+        R=params.rank, HAS_NEXT=has_next, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
     return None
