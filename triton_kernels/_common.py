@@ -33,15 +33,14 @@ def row_config(n_cols: int, n_rows: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_M, num_warps) for kernels that keep whole rows in registers.
 
     BLOCK_D covers a row (next power of two); BLOCK_M packs several short rows into one
-    program when there are many rows, keeping ~<= 16K fp32 values of a tile per program.
+    program when there are many rows, keeping <= 8K values of a tile per program.
     """
     block_d = triton.next_power_of_2(max(n_cols, 16))
     block_m = 1
     if n_rows >= 1024:  # enough programs to fill the machine even when packing rows
         block_m = max(1, min(8, 8192 // block_d))
     block_m = interpreter_rows(block_m, n_rows)
-    elems = block_m * block_d
-    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    num_warps = max(4, min(16, block_m * block_d // 512))  # ~16 fp32 per thread per tile
     return block_d, block_m, num_warps
 
 

@@ -82,7 +82,11 @@ def _epilogue_kernel(x_ptr, h_ptr, e_ptr, hout_ptr, cum_ptr, halted_ptr, nrun_pt
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
     r64 = rows.to(tl.int64)[:, None]
+    # every row-tensor load is issued up front (memory-level parallelism), then used
     x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + r64 * stride_h + cols[None, :], mask=mask, other=0.0)
+    e = tl.load(e_ptr + r64 * stride_e + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    ho = tl.load(hout_ptr + r64 * stride_o + cols[None, :], mask=mask, other=0.0)
 
     # depth-wise LoRA: delta = sum_r (x·down_r · scale[tc, r]) · B_r
     delta = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -94,8 +98,6 @@ def _epilogue_kernel(x_ptr, h_ptr, e_ptr, hout_ptr, cum_ptr, halted_ptr, nrun_pt
         delta += z[:, None] * b_r[None, :]
 
     # LTI injection: h = A·h + B·e + (x + delta); the stored value is the new state
-    h = tl.load(h_ptr + r64 * stride_h + cols[None, :], mask=mask, other=0.0)
-    e = tl.load(e_ptr + r64 * stride_e + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     a = tl.load(A_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     ib = tl.load(injB_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     hn = (a[None, :] * h.to(tl.float32) + ib[None, :] * e + (x + delta)).to(h.dtype)
@@ -111,7 +113,6 @@ def _epilogue_kernel(x_ptr, h_ptr, e_ptr, hout_ptr, cum_ptr, halted_ptr, nrun_pt
     was_halted = tl.load(halted_ptr + rows, mask=rmask, other=1) != 0  # padding: halted
     run = tl.where(was_halted, 0.0, 1.0)
     w = tl.where(cum + p >= thr, tl.maximum(1.0 - cum, 0.0), p) * run
-    ho = tl.load(hout_ptr + r64 * stride_o + cols[None, :], mask=mask, other=0.0)
     tl.store(hout_ptr + r64 * stride_o + cols[None, :],
              (ho.to(tl.float32) + w[:, None] * hs).to(ho.dtype), mask=mask)
     cum = cum + p * run
