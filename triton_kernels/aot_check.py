@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mythos_rt.triton_kernels import recurrent_step, rmsnorm, swiglu  # noqa: E402
-from mythos_rt.triton_kernels._common import row_config  # noqa: E402
+from mythos_rt.triton_kernels._rowwise import row_config  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 

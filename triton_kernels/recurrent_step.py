@@ -27,7 +27,7 @@ import triton.language as tl
 
 from mythos_rt.ops.recurrent import LOOP_THETA, ACTState, LoopParams, check_step_args
 
-from ._common import SUPPORTED_DTYPES, interpreter_rows, row_config
+from ._rowwise import SUPPORTED_DTYPES, interpreter_rows, row_config
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, row_config
+from ._rowwise import as_rows, row_config
 
 
 @triton.jit(do_not_specialize=["n_rows"])

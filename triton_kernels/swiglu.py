@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows
+from ._rowwise import as_rows
 
 
 @triton.jit

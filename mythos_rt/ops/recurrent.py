@@ -275,6 +275,8 @@ def loop_epilogue_torch(block_out: torch.Tensor, h: torch.Tensor, e: torch.Tenso
     t : loop index (Python int); the LoRA scale row is ``min(t, max_loops - 1)``.
     state : ACTState with n_max >= N; rows [0, N) are updated in place.
     next_combined : optional (N, D) buffer; receives ``loop_prologue(h_new, e, params, t+1)``.
+        It may alias ``block_out`` (each row is consumed before it is overwritten), so
+        the runtime can ping-pong one activation buffer between block and epilogue.
     """
     check_step_args(h, e, params, block_out=block_out, state=state, out=next_combined)
     N = h.shape[0]

@@ -147,3 +147,21 @@ def test_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, "-m", "mythos_rt.triton_kernels.aot_check"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("epilogue", [loop_epilogue_torch, loop_epilogue_triton],
+                         ids=["torch", "triton"])
+def test_next_combined_may_alias_block_out(epilogue):
+    m = make_ref_loop(48, rank=3, max_loops=2)
+    p = m.params()
+    n = 19
+    x, h, e = (torch.randn(n, 48) for _ in range(3))
+    results = []
+    for alias in (False, True):
+        st = ACTState.allocate(n, 48, torch.float32, "cpu").reset(n)
+        hh, xx = h.clone(), x.clone()
+        nc = xx if alias else torch.empty_like(x)
+        epilogue(xx, hh, e, p, 1, st, nc)
+        results.append((hh, st.h_out, st.cum_p, nc))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the Triton launchers of mythos-rt (no kernels here)."""
+"""Host-side helpers of the row-wise Triton kernels (rmsnorm, swiglu, recurrent_step)."""
 
 from __future__ import annotations
 
