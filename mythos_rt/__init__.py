@@ -1,10 +1,24 @@
 """mythos-rt: compile OpenMythos recurrent-depth transformers into fused-kernel runtimes.
 
 Pipeline (DESIGN.md): checkpoint → trace → IR → passes → lower → plan → Runtime.
+
+On a machine without CUDA, Triton kernels can only run in Triton's interpreter, and the
+interpreter must be switched on before Triton is first imported (its standard library
+is decorated at import). So importing mythos_rt there sets TRITON_INTERPRET=1.
 """
 
-from .config import ConfigError, MythosConfig
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from .config import ConfigError, MythosConfig  # noqa: E402
+from .runtime import InputError, Runtime, compile  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["MythosConfig", "ConfigError", "__version__"]
+__all__ = ["MythosConfig", "ConfigError", "CheckpointError", "InputError", "Runtime",
+           "compile", "load_checkpoint", "save_checkpoint", "__version__"]

@@ -1,16 +1,22 @@
 """Triton kernels of mythos-rt, one op family per module (installed as mythos_rt.triton_kernels).
 
 Triton kernels only run on a CUDA device or in Triton's interpreter. On a machine
-without CUDA, importing this package turns the interpreter on (TRITON_INTERPRET=1)
-before any kernel is decorated, so the same kernels run on CPU tensors for testing.
-The interpreter cannot run bf16 ``tl.dot``: use fp32/fp16 there.
+without CUDA, ``import mythos_rt`` turns the interpreter on (TRITON_INTERPRET=1)
+before Triton is imported, so the same kernels run on CPU tensors for testing. The
+interpreter cannot run bf16 ``tl.dot``: use fp32/fp16 there.
 """
 
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ImportError(
+            "mythos_rt.triton_kernels: no CUDA device and Triton was imported without "
+            "TRITON_INTERPRET=1, so its kernels cannot run here; set TRITON_INTERPRET=1 "
+            "before importing triton (or import mythos_rt first)")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
