@@ -591,6 +591,8 @@ def moe_route_triton(x: torch.Tensor, router_w: torch.Tensor, router_bias: torch
         ids = torch.empty(N, top_k, dtype=torch.int32, device=x.device)
         wts = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
     else:
+        if out[0].shape[0] < N or out[1].shape[0] < N or out[0].shape[1] != top_k:
+            raise ValueError(f"out buffers must hold ({N}, {top_k}) rows")
         ids, wts = out[0][:N], out[1][:N]
     if N:
         _launch_router(x, router_w, router_bias, top_k, ids, wts, ids, write_hist=False)
