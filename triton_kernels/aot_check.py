@@ -1,6 +1,6 @@
 """Compile this package's recurrent/norm kernels for sm_90a without a GPU.
 
-``TRITON_INTERPRET=0 python -m mythos_rt.triton_kernels.aot_check [--verbose]`` lowers the
+``TRITON_INTERPRET=0 python -m mythos_rt.triton_kernels.aot_check [--verbose] [--dtypes ..]`` lowers the
 kernels through Triton's full NVIDIA pipeline (TTIR → TTGIR → LLVM → PTX → ptxas cubin)
 for an H100 target on a CPU-only machine, so a kernel that only the interpreter accepts
 fails here rather than on the GPU. ``--verbose`` prints ptxas register / spill usage.
@@ -82,9 +82,14 @@ def _ptxas_usage(ptx: str) -> str:
 
 
 def main(argv=None) -> int:
-    verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
+    import argparse
+    ap = argparse.ArgumentParser(description="compile the kernels for sm_90a, no GPU needed")
+    ap.add_argument("--verbose", action="store_true", help="print ptxas register/spill use")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma list of bf16/fp16/fp32")
+    args = ap.parse_args(argv)
+    verbose = args.verbose
     failed = 0
-    for label, fn, sig, consts, nw in cases():
+    for label, fn, sig, consts, nw in cases(tuple(args.dtypes.split(","))):
         try:
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                target=TARGET, options={"num_warps": nw})

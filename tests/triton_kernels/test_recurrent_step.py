@@ -131,10 +131,12 @@ def test_gpu_epilogue_graph_capture():
             assert torch.equal(a, b)
 
 
-def test_kernels_compile_for_sm90():
-    """Every kernel of this family (and rmsnorm / swiglu) lowers to an sm_90a cubin, in all
-    three dtypes, on this CPU machine: Triton's NVIDIA pipeline down to ptxas, in a
-    subprocess because this process's kernels are bound to the interpreter."""
+def test_kernels_compile_for_sm90(tmp_path):
+    """Every kernel of this family (and rmsnorm / swiglu) lowers to an sm_90a cubin in bf16,
+    the GPU dtype, on this CPU machine: Triton's NVIDIA pipeline down to ptxas, in a
+    subprocess (this process's kernels are bound to the interpreter) with a private Triton
+    cache (so the compile really happens and shares nothing). All three dtypes:
+    ``TRITON_INTERPRET=0 python -m mythos_rt.triton_kernels.aot_check``."""
     import os
     import subprocess
     import sys
@@ -143,8 +145,9 @@ def test_kernels_compile_for_sm90():
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("triton wheel without the bundled ptxas")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-m", "mythos_rt.triton_kernels.aot_check"],
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "mythos_rt.triton_kernels.aot_check",
+                        "--dtypes", "bf16"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
 
