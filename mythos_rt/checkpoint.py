@@ -249,10 +249,64 @@ def _canonicalize(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def expected_shapes(cfg: MythosConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name → (shape, dtype) of every tensor in the reference model's state_dict."""
-    with torch.device("meta"):
-        model = OpenMythos(cfg)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    """Name → (shape, dtype) of every tensor in the reference model's state_dict.
+
+    Written out from the config (a test checks it against ``OpenMythos(cfg).state_dict()``)
+    because building even a meta-device model costs seconds of imports.
+    """
+    D, H, f32 = cfg.dim, cfg.n_heads, torch.float32
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, D)}
+
+    def attention(p: str) -> None:
+        if cfg.attn_type == "mla":
+            qk = cfg.qk_nope_head_dim + cfg.v_head_dim
+            shapes.update({
+                p + "q_down.weight": (cfg.q_lora_rank, D), p + "q_norm.weight": (cfg.q_lora_rank,),
+                p + "q_up_nope.weight": (H * cfg.qk_nope_head_dim, cfg.q_lora_rank),
+                p + "q_up_rope.weight": (H * cfg.qk_rope_head_dim, cfg.q_lora_rank),
+                p + "kv_down.weight": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, D),
+                p + "kv_norm.weight": (cfg.kv_lora_rank,),
+                p + "kv_up.weight": (H * qk, cfg.kv_lora_rank),
+                p + "wo.weight": (D, H * cfg.v_head_dim)})
+        else:
+            kv = cfg.n_kv_heads * cfg.head_dim
+            shapes.update({p + "wq.weight": (H * cfg.head_dim, D), p + "wk.weight": (kv, D),
+                           p + "wv.weight": (kv, D), p + "wo.weight": (D, H * cfg.head_dim)})
+
+    def expert(p: str, hidden: int) -> None:
+        shapes.update({p + "gate.weight": (hidden, D), p + "up.weight": (hidden, D),
+                       p + "down.weight": (D, hidden)})
+
+    def block(p: str, moe: bool) -> None:
+        shapes.update({p + "attn_norm.weight": (D,), p + "ffn_norm.weight": (D,)})
+        attention(p + "attn.")
+        if not moe:
+            expert(p + "ffn.", cfg.dense_hidden)
+            return
+        shapes.update({p + "ffn.router.weight": (cfg.n_experts, D),
+                       p + "ffn.router_bias": (cfg.n_experts,)})
+        for i in range(cfg.n_experts):
+            expert(f"{p}ffn.routed_experts.{i}.", cfg.expert_dim)
+        for j in range(cfg.n_shared_experts):
+            expert(f"{p}ffn.shared_experts.{j}.", cfg.shared_expert_dim)
+
+    for i in range(cfg.prelude_layers):
+        block(f"prelude.{i}.", moe=False)
+    block("recurrent.block.", moe=True)
+    shapes.update({
+        "recurrent.injection.log_A": (D,), "recurrent.injection.log_dt": (1,),
+        "recurrent.injection.B": (D,), "recurrent.act.halt.weight": (1, D),
+        "recurrent.act.halt.bias": (1,), "recurrent.lora.down.weight": (cfg.lora_rank, D),
+        "recurrent.lora.B": (cfg.lora_rank, D),
+        "recurrent.lora.scale.weight": (cfg.max_loop_iters, cfg.lora_rank),
+        "recurrent.norm.weight": (D,)})
+    for i in range(cfg.coda_layers):
+        block(f"coda.{i}.", moe=False)
+    shapes.update({"norm.weight": (D,), "head.weight": (cfg.vocab_size, D)})
+    out = {k: (v, f32) for k, v in shapes.items()}
+    out["freqs_cis"] = ((cfg.max_seq_len, cfg.head_dim // 2), torch.complex64)
+    out["freqs_cis_mla"] = ((cfg.max_seq_len, cfg.qk_rope_head_dim // 2), torch.complex64)
+    return out
 
 
 def _check_against_config(sd: dict[str, torch.Tensor], cfg: MythosConfig, where: str,

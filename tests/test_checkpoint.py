@@ -179,3 +179,11 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, model):
     with pytest.raises(CheckpointError, match="evil.pt: refused to unpickle"):
         load_checkpoint(tmp_path / "evil.pt", config=model.cfg)
     assert not target.exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny_mla", "tiny_gqa", "small_mla"])
+def test_expected_shapes_match_the_reference_model(preset):
+    from mythos_rt.checkpoint import expected_shapes
+    cfg = MythosConfig.from_preset(preset)
+    model_shapes = {k: (tuple(v.shape), v.dtype) for k, v in OpenMythos(cfg).state_dict().items()}
+    assert expected_shapes(cfg) == model_shapes

@@ -1,0 +1,110 @@
+"""Compiled Runtime vs the eager reference (CPU): torch and interpreted Triton backends."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import mythos_rt
+from mythos_rt.checkpoint import save_checkpoint
+from mythos_rt.config import MythosConfig
+from mythos_rt.reference import OpenMythos
+from mythos_rt.runtime import InputError
+from mythos_rt.testing import TOL_FP32_INTERPRET, TOL_FP32_TORCH, assert_rel_close, spread_act_halting
+
+TOL = {"torch": TOL_FP32_TORCH, "triton": TOL_FP32_INTERPRET}
+
+CONFIGS = {
+    "mla": lambda: MythosConfig.from_preset("tiny_mla"),
+    "gqa": lambda: MythosConfig.from_preset("tiny_gqa"),
+    "mla-noshared": lambda: dataclasses.replace(MythosConfig.from_preset("tiny_mla"),
+                                                n_shared_experts=0, coda_layers=2),
+}
+
+
+def _model(cfg, ids):
+    model = OpenMythos(cfg).eval()
+    spread_act_halting(model, ids)
+    return model
+
+
+CASES = [(name, "torch") for name in sorted(CONFIGS)] + [("mla", "triton"), ("gqa", "triton")]
+
+
+@pytest.mark.parametrize("name, backend", CASES)
+def test_forward_and_decode_match_reference(name, backend):
+    cfg = CONFIGS[name]()
+    B, T = 3, 6
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    model = _model(cfg, ids)
+    # The interpreter runs each launch in Python: fewer loop depths and steps for Triton,
+    # and one prefill chunk (chunked prefill is covered with the torch backend).
+    interpreted = backend == "triton"
+    rt = mythos_rt.compile(model, backend=backend, max_batch_size=4, chunk=8 if interpreted else 4,
+                           max_loops=2 * cfg.max_loop_iters)
+    assert set(rt.backends.values()) == {backend}
+    depths = (1, 2 * cfg.max_loop_iters) if interpreted else (1, cfg.max_loop_iters, 2 * cfg.max_loop_iters)
+    for n_loops in depths:
+        with torch.no_grad():
+            assert_rel_close(rt.forward(ids, n_loops=n_loops), model(ids, n_loops=n_loops),
+                             TOL[backend], f"forward n_loops={n_loops}")
+    n_loops, new = cfg.max_loop_iters + 1, (2 if interpreted else 3)
+    out, logits = rt.generate(ids, new, n_loops=n_loops, return_logits=True)
+    assert torch.equal(out, model.generate(ids, new, n_loops=n_loops, temperature=0.0))
+    with torch.no_grad():  # every decode step's logits, teacher-forced through the reference
+        ref = model(out[:, :-1], n_loops=n_loops)[:, T - 1:]
+    assert_rel_close(logits, ref, TOL[backend], "per-step logits")
+
+
+def test_checkpoint_path_compiles_and_prefill_chunks_are_exact(tmp_path):
+    cfg = MythosConfig.from_preset("tiny_mla")
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    model = _model(cfg, ids)
+    save_checkpoint(tmp_path, cfg, model.state_dict())
+    one_shot = mythos_rt.compile(tmp_path, backend="torch", chunk=64)
+    chunked = mythos_rt.compile(tmp_path, backend="torch", chunk=3)
+    a, b = one_shot.forward(ids, n_loops=2), chunked.forward(ids, n_loops=2)
+    assert_rel_close(b, a, TOL_FP32_TORCH)
+    with torch.no_grad():
+        assert_rel_close(a, model(ids, n_loops=2), TOL_FP32_TORCH)
+
+
+def test_sampling_is_seeded_and_reproducible():
+    cfg = MythosConfig.from_preset("tiny_gqa")
+    rt = mythos_rt.compile(OpenMythos(cfg), backend="torch", max_batch_size=2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 4))
+    kw = dict(n_loops=2, temperature=1.3, top_k=20, top_p=0.9)
+    a = rt.generate(ids, 6, seed=7, **kw)
+    assert torch.equal(a, rt.generate(ids, 6, seed=7, **kw))
+    assert a.shape == (2, 10) and torch.equal(a[:, :4], ids)
+
+
+def test_repr_says_which_backend_runs_each_op():
+    rt = mythos_rt.compile(OpenMythos(MythosConfig.from_preset("tiny_mla")), backend="auto",
+                           overrides={"moe_ffn": "triton"})
+    text = repr(rt)
+    assert "moe_ffn=triton" in text and "mla_attention=torch" in text
+    assert rt.config.attn_type == "mla" and rt.device.type == "cpu" and rt.dtype == torch.float32
+
+
+def test_input_errors_are_clear():
+    cfg = MythosConfig.from_preset("tiny_mla")
+    rt = mythos_rt.compile(OpenMythos(cfg), backend="torch", max_batch_size=2, max_seq_len=16)
+    ok = torch.randint(0, cfg.vocab_size, (1, 4))
+    cases = [
+        (lambda: rt.forward(torch.tensor([[1, 97]])), "token id 97 is outside the vocabulary \\[0, 97\\)"),
+        (lambda: rt.forward(torch.tensor([[-1, 2]])), "token id -1 is outside"),
+        (lambda: rt.forward(torch.zeros(3, 2, dtype=torch.long)), "batch size 3 exceeds max_batch_size=2"),
+        (lambda: rt.forward(torch.zeros(1, 2, 2, dtype=torch.long)), "shape \\(B, T\\)"),
+        (lambda: rt.forward(torch.zeros(1, 2)), "integer tensor"),
+        (lambda: rt.forward([1, 2]), "must be a torch.Tensor"),
+        (lambda: rt.forward(ok, n_loops=0), "n_loops must be an integer >= 1"),
+        (lambda: rt.forward(ok, n_loops=5), "n_loops=5 exceeds the compiled max_loops=4"),
+        (lambda: rt.generate(ok, 13), "4 \\+ max_new_tokens 13 = 17 exceeds max_seq_len=16"),
+        (lambda: rt.generate(ok, 2, top_p=0.0), "invalid sampling parameters"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InputError, match=message):
+            call()
+    with pytest.raises(InputError, match="max_seq_len=100 exceeds the model's max_seq_len=64"):
+        mythos_rt.compile(OpenMythos(cfg), max_seq_len=100)
