@@ -20,12 +20,12 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Union
 
 import torch
 
 from .config import ConfigError, MythosConfig
-from .reference import OpenMythos, precompute_rope_freqs
+from .reference import precompute_rope_freqs
 
 PathLike = Union[str, os.PathLike]
 ConfigLike = Union[MythosConfig, Mapping[str, Any], PathLike, None]

@@ -24,7 +24,6 @@ Triton versions are capturable on the decode path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

@@ -15,9 +15,6 @@ from mythos_rt.testing import (TOL_FP16_INTERPRET, TOL_FP32_INTERPRET, TOL_FP32_
 
 from ._attn_ref import Harness
 
-# Triton 3.6's interpreter trips a NumPy deprecation on every dynamic loop bound.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning")
 
 CASES = [  # (backend, dtype, tolerance)
     pytest.param("torch", torch.float32, TOL_FP32_TORCH, id="torch-fp32"),

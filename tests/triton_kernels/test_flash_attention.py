@@ -8,9 +8,6 @@ from mythos_rt.testing import (TOL_BF16_KERNEL, TOL_FP16_INTERPRET, TOL_FP32_INT
                                assert_rel_close)
 from mythos_rt.triton_kernels.flash_attention import flash_attention, split_dim
 
-# Triton 3.6's interpreter trips a NumPy deprecation on every dynamic loop bound.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
 def _inputs(B, T, H, Hk, S, dqk, dv, dtype=torch.float32, device="cpu"):

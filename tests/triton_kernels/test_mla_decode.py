@@ -9,9 +9,6 @@ from mythos_rt.testing import (TOL_BF16_KERNEL, TOL_FP16_INTERPRET, TOL_FP32_INT
 from mythos_rt.triton_kernels.mla_decode import default_num_splits, mla_decode
 from mythos_rt.triton_kernels.split_kv import decode_workspace
 
-# Triton 3.6's interpreter trips a NumPy deprecation on every dynamic loop bound.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
 def _inputs(B, H, R, P, S_max, lens, dtype=torch.float32, device="cpu"):

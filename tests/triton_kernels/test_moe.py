@@ -23,9 +23,6 @@ from mythos_rt.triton_kernels.moe import (MoEConfig, MoEWorkspace, moe_ffn_trito
                                           moe_route_triton)
 from tests.ops.test_moe import make_moe, moe_cfg, ref_forward
 
-# triton 3.6's interpreter converts 1-element arrays with int(); numpy 2.x warns about it
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: TOL_FP32_INTERPRET, torch.float16: TOL_FP16_INTERPRET}

@@ -7,7 +7,7 @@ real sizes, and capture of the step in a CUDA graph.
 import pytest
 import torch
 
-from mythos_rt.ops.recurrent import (ACTState, loop_epilogue_torch, loop_prologue_torch)
+from mythos_rt.ops.recurrent import ACTState, loop_epilogue_torch
 from mythos_rt.testing import (TOL_BF16_KERNEL, TOL_FP16_INTERPRET, TOL_FP32_INTERPRET,
                                assert_rel_close)
 from mythos_rt.triton_kernels.recurrent_step import (epilogue_config, loop_epilogue_triton,

@@ -7,9 +7,6 @@ from mythos_rt.ops import attention as A
 from mythos_rt.testing import TOL_FP16_INTERPRET, TOL_FP32_INTERPRET, assert_rel_close
 from mythos_rt.triton_kernels import rope as R
 
-# Triton 3.6's interpreter trips a NumPy deprecation on every dynamic loop bound.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL_FP32_INTERPRET),
