@@ -16,9 +16,10 @@ if not _torch.cuda.is_available():
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from .config import ConfigError, MythosConfig  # noqa: E402
+from .artifact import ArtifactError, load  # noqa: E402
 from .runtime import InputError, Runtime, compile  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["MythosConfig", "ConfigError", "CheckpointError", "InputError", "Runtime",
-           "compile", "load_checkpoint", "save_checkpoint", "__version__"]
+           "compile", "load", "ArtifactError", "load_checkpoint", "save_checkpoint", "__version__"]

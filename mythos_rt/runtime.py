@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .config import MythosConfig
+from .graphs import DecodeGraphs
 from .ir import Graph
 from .lower import Lowered, Shape, Step, lower
 from .passes import run_passes
+from .progress import stage
 from .sampling import sample
 from .trace import trace
 from .weights import materialize
@@ -38,7 +41,8 @@ class Runtime:
     """A compiled model: ``forward`` (stateless) and ``generate`` (KV-cached decode)."""
 
     def __init__(self, lowered: Lowered, graph_before_passes: Optional[Graph] = None,
-                 timings: Optional[dict[str, float]] = None):
+                 timings: Optional[dict[str, float]] = None, cuda_graphs: bool = True,
+                 debug: bool = False):
         self._low = lowered
         self.config: MythosConfig = lowered.cfg
         self.device: torch.device = lowered.device
@@ -48,8 +52,15 @@ class Runtime:
         self.max_batch_size = lowered.max_batch
         self.max_seq_len = lowered.buffers.cos.shape[0]
         self.max_loops = lowered.max_loops
+        self.options: Optional[CompileOptions] = None
         self.timings = dict(timings or {})
         self._plans: dict[int, list[Step]] = {}
+        buf = lowered.buffers
+        self.graphs = DecodeGraphs(
+            lambda B, n: self._execute(Shape(B, 1), n), self.device, self.max_batch_size,
+            buf.cache_lens, buf.input_ids, static=[buf.cache_lens, buf.input_ids,
+                                                   buf.arena["logits"]],
+            enabled=cuda_graphs, debug=debug)
 
     # ---- introspection --------------------------------------------------------------------
     @property
@@ -64,32 +75,60 @@ class Runtime:
                 f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
                 f"max_loops={self.max_loops}, ops: {ops})")
 
+    def save(self, directory: Union[str, os.PathLike]) -> str:
+        """Write a runtime artifact (packed weights, optimized IR, config, options,
+        autotune cache) that ``mythos_rt.load`` restores without tracing or packing."""
+        from .artifact import save_artifact
+        return str(save_artifact(self, directory))
+
     def plan(self, n_loops: int) -> list[Step]:
         if n_loops not in self._plans:
             self._plans[n_loops] = self._low.plan(n_loops)
         return self._plans[n_loops]
 
     # ---- input checks -----------------------------------------------------------------------
-    def _check_ids(self, input_ids: Any) -> torch.Tensor:
+    def _check_prompts(self, input_ids: Any) -> tuple[list[torch.Tensor], bool]:
+        """Return the prompts as 1-D int64 device tensors and whether the input was ragged."""
+        if isinstance(input_ids, (list, tuple)):
+            if not input_ids:
+                raise InputError("input_ids is an empty list")
+            if all(isinstance(x, int) for x in input_ids):
+                input_ids = torch.tensor([list(input_ids)])
+            else:
+                rows = []
+                for i, row in enumerate(input_ids):
+                    row = torch.as_tensor(row) if not isinstance(row, torch.Tensor) else row
+                    if row.dim() != 1 or row.numel() == 0:
+                        raise InputError(f"input_ids[{i}] must be a non-empty 1-D sequence of "
+                                         f"token ids, got shape {tuple(row.shape)}")
+                    rows.append(self._check_ids(row[None], what=f"input_ids[{i}]")[0])
+                if len(rows) > self.max_batch_size:
+                    raise InputError(f"batch size {len(rows)} exceeds max_batch_size="
+                                     f"{self.max_batch_size} (recompile with a larger max_batch_size)")
+                return rows, True
+        ids = self._check_ids(input_ids)
+        return list(ids), False
+
+    def _check_ids(self, input_ids: Any, what: str = "input_ids") -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
-            raise InputError(f"input_ids must be a torch.Tensor of token ids, got "
-                             f"{type(input_ids).__name__}")
+            raise InputError(f"{what} must be a torch.Tensor (or a list of 1-D sequences) of "
+                             f"token ids, got {type(input_ids).__name__}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2:
-            raise InputError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+            raise InputError(f"{what} must have shape (B, T), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise InputError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+            raise InputError(f"{what} must be an integer tensor, got {input_ids.dtype}")
         B, T = input_ids.shape
         if B < 1 or T < 1:
-            raise InputError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+            raise InputError(f"{what} is empty: shape {tuple(input_ids.shape)}")
         if B > self.max_batch_size:
             raise InputError(f"batch size {B} exceeds max_batch_size={self.max_batch_size} "
                              "(recompile with a larger max_batch_size)")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
-            raise InputError(f"token id {bad} is outside the vocabulary [0, "
+            raise InputError(f"token id {bad} in {what} is outside the vocabulary [0, "
                              f"{self.config.vocab_size})")
         return input_ids.to(device=self.device, dtype=torch.long)
 
@@ -102,25 +141,57 @@ class Runtime:
                              "(recompile with max_loops >= n_loops)")
         return n
 
+    def _check_sampling(self, max_new_tokens, temperature, top_k, top_p, longest: int) -> None:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if longest + max_new_tokens > self.max_seq_len:
+            raise InputError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
+                             f"{longest + max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise InputError(f"invalid sampling parameters: temperature={temperature} (>= 0), "
+                             f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")
+
     # ---- execution --------------------------------------------------------------------------
+    def _execute(self, shape: Shape, n_loops: int) -> None:
+        for step in self.plan(n_loops):
+            step.run(shape)
+
     def _run_chunk(self, ids: torch.Tensor, n_loops: int) -> torch.Tensor:
         """Run one chunk (B, T) at the current cache lengths; return logits (B, T, V) view."""
         B, T = ids.shape
-        s = Shape(B, T)
-        self._low.buffers.input_ids[:s.N].copy_(ids.reshape(-1))
-        for step in self.plan(n_loops):
-            step.run(s)
-        return self._low.buffers.arena["logits"][:s.N].view(B, T, -1)
+        self._low.buffers.input_ids[:B * T].copy_(ids.reshape(-1))
+        if T == 1:
+            self.graphs.step(B, n_loops)
+        else:
+            self._execute(Shape(B, T), n_loops)
+        return self._low.buffers.arena["logits"][:B * T].view(B, T, -1)
 
-    def _prefill(self, ids: torch.Tensor, n_loops: int, want_all: bool) -> torch.Tensor:
-        B, T = ids.shape
+    def _prefill(self, prompts: list[torch.Tensor], n_loops: int, want_all: bool):
+        """Prefill right-padded prompts in chunks; return last-token logits (B, V) or all.
+
+        Padding only follows a row's real tokens: causal attention keeps real queries off
+        it, and each row's cache length is set to its real length afterwards, so decode
+        overwrites the padded cache slots.
+        """
+        B = len(prompts)
+        lens = [int(p.numel()) for p in prompts]
+        T = max(lens)
+        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            ids[b, :lens[b]] = p
+        buffers = self._low.buffers
+        buffers.cache_lens.zero_()
         chunk = self._low.chunk
-        self._low.buffers.cache_lens.zero_()
-        outs = []
+        outs, last = [], torch.empty(B, self.config.vocab_size, dtype=self.dtype, device=self.device)
         for start in range(0, T, chunk):
             logits = self._run_chunk(ids[:, start:start + chunk], n_loops)
-            outs.append(logits.clone() if want_all else logits[:, -1:].clone())
-        return torch.cat(outs, dim=1) if want_all else outs[-1]
+            if want_all:
+                outs.append(logits.clone())
+            for b, n in enumerate(lens):
+                if start <= n - 1 < start + chunk:
+                    last[b] = logits[b, n - 1 - start]
+        buffers.cache_lens[:B] = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        return torch.cat(outs, dim=1) if want_all else last
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, n_loops: Optional[int] = None) -> torch.Tensor:
@@ -130,88 +201,163 @@ class Runtime:
         if ids.shape[1] > self.max_seq_len:
             raise InputError(f"sequence length {ids.shape[1]} exceeds max_seq_len="
                              f"{self.max_seq_len}")
-        return self._prefill(ids, n, want_all=True)
+        return self._prefill(list(ids), n, want_all=True)
 
     __call__ = forward
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
-                 n_loops: Optional[int] = None, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: Optional[int] = None, return_logits: bool = False):
+    def stream(self, input_ids, max_new_tokens: int, *, n_loops: Optional[int] = None,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: Optional[int] = None, stop_ids: Sequence[int] = ()) -> Iterator[list[Optional[int]]]:
+        """Yield, after each decode step, one new token id per row (None once a row stopped)."""
+        finished = None
+        for nxt, _, done in self._decode(input_ids, max_new_tokens, n_loops, temperature,
+                                          top_k, top_p, seed, stop_ids, want_logits=False):
+            ids = nxt.tolist()
+            yield [None if (finished is not None and finished[b]) else t for b, t in enumerate(ids)]
+            finished = done.tolist() if done is not None else None
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, *, n_loops: Optional[int] = None,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: Optional[int] = None, stop_ids: Sequence[int] = (),
+                 return_logits: bool = False):
         """Prefill once, then decode one token per step with the KV caches.
 
-        Returns ids (B, T + max_new_tokens), and per-step logits (B, new, vocab) when
-        ``return_logits``. temperature 0 is greedy; ``seed`` makes sampling reproducible.
+        ``input_ids``: a (B, T) tensor, or a list of 1-D sequences of different lengths
+        (ragged batch: each row keeps its own positions and cache length, and equals
+        running it alone). Returns ids (B, T + new) for a tensor input — rows that hit a
+        stop id are padded with it — or a list of 1-D tensors (prompt + generated, ending
+        at the stop id) for a list input; plus per-step logits (B, steps, vocab) when
+        ``return_logits``. temperature 0 is greedy; ``seed`` makes sampling reproducible;
+        generation ends early once every row produced one of ``stop_ids``.
         """
-        ids = self._check_ids(input_ids)
+        prompts, ragged = self._check_prompts(input_ids)
+        steps, logits = [], []
+        done = None
+        for nxt, lg, done in self._decode(prompts, max_new_tokens, n_loops, temperature,
+                                           top_k, top_p, seed, stop_ids, return_logits):
+            steps.append(nxt)
+            if return_logits:
+                logits.append(lg)
+        B, V = len(prompts), self.config.vocab_size
+        new = torch.stack(steps, 1) if steps else torch.empty(B, 0, dtype=torch.long, device=self.device)
+        stacked = torch.stack(logits, 1) if logits else torch.empty(B, 0, V, device=self.device)
+        if ragged:
+            out = []
+            for b, p in enumerate(prompts):
+                row = new[b]
+                if stop_ids:
+                    hit = torch.isin(row, torch.tensor(list(stop_ids), device=row.device)).nonzero()
+                    if len(hit):
+                        row = row[: int(hit[0]) + 1]
+                out.append(torch.cat([p, row]))
+        else:
+            out = torch.cat([torch.stack(prompts), new], dim=1)
+        return (out, stacked) if return_logits else out
+
+    def _decode(self, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p, seed,
+                stop_ids, want_logits):
+        """Yield (next ids (B,), logits (B, V) or None, finished (B,) or None) per step."""
+        prompts = input_ids if isinstance(input_ids, list) and all(
+            isinstance(p, torch.Tensor) and p.dim() == 1 for p in input_ids) else None
+        if prompts is None:
+            prompts, _ = self._check_prompts(input_ids)
         n = self._check_loops(n_loops)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        B, T = ids.shape
-        if T + max_new_tokens > self.max_seq_len:
-            raise InputError(f"prompt length {T} + max_new_tokens {max_new_tokens} = "
-                             f"{T + max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise InputError(f"invalid sampling parameters: temperature={temperature} (>= 0), "
-                             f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=self.device)
-        out[:, :T] = ids
-        step_logits = []
-        if max_new_tokens:
-            logits = self._prefill(ids, n, want_all=False)[:, -1]
-            for i in range(max_new_tokens):
-                if return_logits:
-                    step_logits.append(logits.float().clone())
-                nxt = sample(logits, temperature, top_k, top_p, gen)
-                out[:, T + i] = nxt
-                if i + 1 < max_new_tokens:
-                    logits = self._run_chunk(nxt[:, None], n)[:, -1]
-        if return_logits:
-            V = self.config.vocab_size
-            stacked = (torch.stack(step_logits, 1) if step_logits
-                       else torch.empty(B, 0, V, device=self.device))
-            return out, stacked
-        return out
+        self._check_sampling(max_new_tokens, temperature, top_k, top_p,
+                             max(int(p.numel()) for p in prompts))
+        if max_new_tokens == 0:
+            return
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
+        B = len(prompts)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device) if len(stops) else None
+        logits = self._prefill(prompts, n, want_all=False)
+        for i in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, gen)
+            if finished is not None:
+                nxt = torch.where(finished, stops[0].expand_as(nxt), nxt)
+                finished = finished | torch.isin(nxt, stops)
+            yield nxt, (logits.float().clone() if want_logits else None), finished
+            # One host check per step, only when stop ids were given.
+            if i + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
+                return
+            logits = self._run_chunk(nxt[:, None], n)[:, -1]
+
+
+@dataclass
+class CompileOptions:
+    """Everything compile() was asked for besides the model (saved with artifacts)."""
+    dtype: str
+    backend: str = "auto"
+    max_batch_size: int = 8
+    max_seq_len: int = 4096
+    max_loops: int = 16
+    chunk: int = DEFAULT_CHUNK
+    overrides: dict = field(default_factory=dict)
+    cuda_graphs: bool = True
+    debug: bool = False
+
+    def validate(self, cfg: MythosConfig) -> "CompileOptions":
+        for name, upper in (("max_batch_size", None), ("max_seq_len", cfg.max_seq_len),
+                            ("max_loops", None), ("chunk", None)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+            if upper is not None and value > upper:
+                raise InputError(f"{name}={value} exceeds the model's {name}={upper} (RoPE tables)")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise InputError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        return self
+
+
+def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
+                  device: torch.device, options: CompileOptions,
+                  traced: Optional[Graph] = None, timings: Optional[dict] = None) -> Runtime:
+    """Lower an optimized graph with materialized weights into a Runtime."""
+    t0 = time.perf_counter()
+    lowered = lower(optimized, cfg, weights, device, getattr(torch, options.dtype),
+                    max_batch=options.max_batch_size,
+                    chunk=min(options.chunk, options.max_seq_len),
+                    max_seq_len=options.max_seq_len, max_loops=options.max_loops,
+                    backend=options.backend, overrides=options.overrides)
+    timings = dict(timings or {}, lower_s=time.perf_counter() - t0)
+    rt = Runtime(lowered, traced, timings, cuda_graphs=options.cuda_graphs, debug=options.debug)
+    rt.options = options
+    return rt
 
 
 def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, dtype=None,
             backend: str = "auto", max_batch_size: int = 8, max_seq_len: Optional[int] = None,
             max_loops: Optional[int] = None, config: Any = None, chunk: int = DEFAULT_CHUNK,
-            overrides: Optional[Mapping[str, str]] = None) -> Runtime:
+            overrides: Optional[Mapping[str, str]] = None, cuda_graphs: bool = True,
+            debug: bool = False, progress: bool = False) -> Runtime:
     """Compile an OpenMythos model (module or checkpoint path) into a Runtime.
 
     device: default CUDA if available else CPU. dtype: default the weights' dtype.
     backend: "auto" | "torch" | "triton" | "cuda" (per-op ``overrides`` win).
     max_seq_len: KV-cache length (default the config's). max_loops: the largest n_loops
     you will ask for (default max_loop_iters). chunk: prefill tokens per row per launch.
+    cuda_graphs: capture decode steps in CUDA graphs (on a CUDA device). debug: check
+    that captured graphs' buffers never move. progress: report steps on stderr.
     """
     t0 = time.perf_counter()
-    graph, cfg, sd = trace(model_or_path, config)
+    with stage("loading and tracing", progress):
+        graph, cfg, sd = trace(model_or_path, config)
     t1 = time.perf_counter()
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype if dtype is not None else sd["embed.weight"].dtype
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
-    max_loops = cfg.max_loop_iters if max_loops is None else max_loops
-    for name, value, upper in (("max_batch_size", max_batch_size, None),
-                               ("max_seq_len", max_seq_len, cfg.max_seq_len),
-                               ("max_loops", max_loops, None), ("chunk", chunk, None)):
-        if not isinstance(value, int) or value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if upper is not None and value > upper:
-            raise InputError(f"{name}={value} exceeds the model's {name}={upper} (RoPE tables)")
-    optimized = run_passes(graph, dtype=_dtype_name(dtype))
+    options = CompileOptions(
+        dtype=dtype if isinstance(dtype, str) else _dtype_name(dtype), backend=backend,
+        max_batch_size=max_batch_size,
+        max_seq_len=cfg.max_seq_len if max_seq_len is None else max_seq_len,
+        max_loops=cfg.max_loop_iters if max_loops is None else max_loops, chunk=chunk,
+        overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug).validate(cfg)
+    with stage("running passes", progress):
+        optimized = run_passes(graph, dtype=options.dtype)
     t2 = time.perf_counter()
-    weights = materialize(optimized, sd, device)
+    weights = materialize(optimized, sd, device, progress=progress)
     t3 = time.perf_counter()
-    lowered = lower(optimized, cfg, weights, device, dtype, max_batch=max_batch_size,
-                    chunk=min(chunk, max_seq_len), max_seq_len=max_seq_len,
-                    max_loops=max_loops, backend=backend, overrides=overrides)
-    t4 = time.perf_counter()
-    return Runtime(lowered, graph, {"trace_s": t1 - t0, "passes_s": t2 - t1,
-                                    "weights_s": t3 - t2, "lower_s": t4 - t3})
+    return build_runtime(optimized, cfg, weights, device, options, traced=graph,
+                         timings={"trace_s": t1 - t0, "passes_s": t2 - t1, "weights_s": t3 - t2})

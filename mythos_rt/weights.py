@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .ir import Graph, WeightSpec
+from .progress import bar
 
 
 def _mla_absorb(kv_up: torch.Tensor, n_heads: int, nope: int, v_dim: int, part: str) -> torch.Tensor:
@@ -55,7 +56,7 @@ RECIPES: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def materialize(g: Graph, state_dict: dict[str, torch.Tensor], device: torch.device,
-                only_used: bool = True) -> dict[str, torch.Tensor]:
+                only_used: bool = True, progress: bool = False) -> dict[str, torch.Tensor]:
     """Return name → tensor for every weight the graph's ops read, in the IR's dtypes.
 
     Derived weights are computed from their sources in float32 and then cast; source-only
@@ -63,9 +64,9 @@ def materialize(g: Graph, state_dict: dict[str, torch.Tensor], device: torch.dev
     """
     used = g.weight_names_used()
     out: dict[str, torch.Tensor] = {}
-    for name, spec in g.weights.items():
-        if only_used and name not in used:
-            continue
+    names = [n for n in g.weights if n in used or not only_used]
+    for name in bar(names, desc="packing weights", enabled=progress):
+        spec = g.weights[name]
         out[name] = _make(name, spec, g, state_dict).to(device=device, dtype=_dtype(spec))
     return out
 

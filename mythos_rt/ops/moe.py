@@ -177,6 +177,9 @@ def moe_route_torch(x: torch.Tensor, router_w: torch.Tensor, router_bias: torch.
     return ids, w
 
 
+_GATHER_MAX_PAIRS = 64  # (token, slot) pairs up to which moe_ffn_torch gathers weights
+
+
 def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoE FFN in composite PyTorch (same signature as the Triton backend).
@@ -192,18 +195,26 @@ def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
     -------
     (N, D) in x's dtype: ``Σ_j w_j·expert_{ids_j}(x)`` in slot order, plus the shared
     slots (weight 1), accumulated in float32. Each expert runs in the storage dtype, as
-    the reference does. Loops over the experts present (host sync): not graph-capturable.
+    the reference does. Up to 64 (token, slot) pairs it gathers the selected experts' weights (decode);
+    beyond, it loops over the experts present (host sync): not graph-capturable.
     """
     del workspace
     N, D = x.shape
     E, k, S, I = packed.n_routed, packed.top_k, packed.n_shared_slots, packed.expert_dim
     ids, weights = moe_route_torch(x, packed.router_w, packed.router_bias, k)
-    y = x.new_zeros(N, k, D)
     ids_l = ids.long()
-    for e in ids_l.unique().tolist():
-        tok, slot = (ids_l == e).nonzero(as_tuple=True)
-        gu = F.linear(x[tok], packed.w13[e])
-        y[tok, slot] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], packed.w2[e])
+    if N * k <= _GATHER_MAX_PAIRS:
+        # Decode: gather each (token, slot)'s expert weights and run one batched matmul —
+        # reads exactly the selected experts, no per-expert Python loop or host sync.
+        gu = torch.bmm(packed.w13[ids_l.reshape(-1)], x.repeat_interleave(k, 0)[:, :, None])
+        h = F.silu(gu[:, :I, 0]) * gu[:, I:, 0]                                 # (N·k, I)
+        y = torch.bmm(packed.w2[ids_l.reshape(-1)], h[:, :, None]).view(N, k, D)
+    else:
+        y = x.new_zeros(N, k, D)
+        for e in ids_l.unique().tolist():
+            tok, slot = (ids_l == e).nonzero(as_tuple=True)
+            gu = F.linear(x[tok], packed.w13[e])
+            y[tok, slot] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], packed.w2[e])
     acc = torch.zeros(N, D, dtype=torch.float32, device=x.device)
     for j in range(k):
         acc = acc + weights[:, j:j + 1] * y[:, j].float()

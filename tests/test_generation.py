@@ -1,0 +1,93 @@
+"""Generation API: sampling modes, ragged batches, stop ids, streaming (CPU, torch backend)."""
+
+import pytest
+import torch
+
+import mythos_rt
+from mythos_rt.config import MythosConfig
+from mythos_rt.reference import OpenMythos
+from mythos_rt.sampling import sample
+from mythos_rt.testing import spread_act_halting
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    cfg = MythosConfig.from_preset("tiny_mla")
+    model = OpenMythos(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 9))
+    spread_act_halting(model, ids)
+    with torch.no_grad():  # a livelier head so greedy output is not one repeated token
+        model.embed.weight.mul_(20)
+    return model, mythos_rt.compile(model, backend="torch", max_batch_size=4, chunk=4), ids
+
+
+def test_sampling_masks():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, top_k=2, generator=gen)) for _ in range(200)}
+    assert draws == {0, 1}
+    probs = torch.softmax(logits, -1)[0]  # 0.64, 0.24, ... : top_p 0.7 keeps two tokens
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    draws = {int(sample(logits, 1.0, top_p=0.7, generator=gen)) for _ in range(200)}
+    assert draws == {0, 1}
+    assert int(sample(logits, 1.0, top_p=0.5, generator=gen)) == 0  # first token alone > 0.5
+    assert sample(logits, 0.0).tolist() == [0]
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.bincount(torch.stack([sample(logits, 1.0, generator=gen) for _ in range(3000)])[:, 0],
+                            minlength=3).float() / 3000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+
+
+def test_seeded_generation_is_reproducible(setup):
+    _, rt, ids = setup
+    kw = dict(n_loops=2, temperature=1.0, top_k=30, top_p=0.95)
+    a, b = rt.generate(ids, 5, seed=3, **kw), rt.generate(ids, 5, seed=3, **kw)
+    assert torch.equal(a, b)
+    assert not all(torch.equal(a, rt.generate(ids, 5, seed=s, **kw)) for s in (4, 5, 6))
+
+
+def test_ragged_batch_rows_equal_each_sequence_alone(setup):
+    model, rt, ids = setup
+    prompts = [ids[0, :3], ids[1, :9], ids[2, :6]]
+    out = rt.generate(prompts, 5, n_loops=3)
+    assert isinstance(out, list) and [len(o) for o in out] == [8, 14, 11]
+    for p, row in zip(prompts, out):
+        assert torch.equal(row, rt.generate(p[None], 5, n_loops=3)[0])
+        assert torch.equal(row, model.generate(p[None], 5, n_loops=3, temperature=0.0)[0])
+
+
+def test_stop_ids_end_rows_and_generation(setup):
+    _, rt, ids = setup
+    free = rt.generate(ids, 6, n_loops=2)
+    stop = int(free[0, 10])  # row 0's second new token
+    out = rt.generate(ids, 6, n_loops=2, stop_ids=[stop])
+    row0 = out[0, 9:].tolist()
+    assert row0[: row0.index(stop) + 1] == free[0, 9:9 + row0.index(stop) + 1].tolist()
+    assert all(t == stop for t in row0[row0.index(stop):])
+    ragged = rt.generate(list(ids), 6, n_loops=2, stop_ids=[stop])
+    assert ragged[0].tolist() == ids[0].tolist() + row0[: row0.index(stop) + 1]
+
+
+def test_stream_yields_each_step(setup):
+    _, rt, ids = setup
+    steps = list(rt.stream(ids, 4, n_loops=2))
+    full = rt.generate(ids, 4, n_loops=2)
+    assert torch.equal(torch.tensor(steps).T, full[:, 9:])
+    stop = steps[0][0]
+    streamed = list(rt.stream(ids, 4, n_loops=2, stop_ids=[stop]))
+    assert all(step[0] is None for step in streamed[1:])
+
+
+def test_max_seq_len_is_checked_before_any_work(setup):
+    _, rt, ids = setup
+    with pytest.raises(mythos_rt.InputError, match="exceeds max_seq_len=64"):
+        rt.generate([ids[0], torch.arange(60)], 10)
+    with pytest.raises(mythos_rt.InputError, match=r"input_ids\[1\] must be a non-empty 1-D"):
+        rt.generate([ids[0], torch.tensor([])], 2)
+    with pytest.raises(mythos_rt.InputError, match="max_new_tokens must be a non-negative"):
+        rt.generate(ids, -1)
