@@ -27,6 +27,8 @@ def write_demo_checkpoint(directory: str | Path, preset: str = DEMO_PRESET) -> P
     cfg = MythosConfig.from_preset(preset)
     torch.manual_seed(0)
     model = OpenMythos(cfg).eval()
+    with torch.no_grad():  # N(0, 0.02) weights make greedy decoding repeat one token
+        model.embed.weight.normal_(0.0, 0.5)
     spread_act_halting(model, torch.tensor(DEMO_PROMPT) % cfg.vocab_size, seed=0)
     return save_checkpoint(directory, cfg, model.state_dict())
 
