@@ -215,6 +215,9 @@ def mla_decode(q_lat, q_pe, ckv, kpe, kv_lens, scale, num_splits=None, out=None)
     o_lat : (B, H, R) in q_lat's dtype, ``softmax(scale·(q_lat·ckv + q_pe·kpe)) @ ckv``.
     """
     B = q_lat.shape[0]
+    if ckv.device.type == "cpu":  # reading a length is free on CPU: skip the unused tail
+        S = max(1, min(int(kv_lens[:B].max()), ckv.shape[1]))
+        ckv, kpe = ckv[:, :S], kpe[:, :S]
     keep = torch.arange(ckv.shape[1], device=ckv.device)[None, :] < kv_lens[:, None]
     # Unwritten slots may hold anything (NaN): zero them so 0-probability * NaN can't leak.
     c = ckv[:B].float().masked_fill(~keep[..., None], 0.0)
@@ -237,6 +240,9 @@ def gqa_decode(q, k_cache, v_cache, kv_lens, scale, num_splits=None, out=None):
     """
     B, H, _ = q.shape
     g = H // k_cache.shape[2]
+    if k_cache.device.type == "cpu":  # reading a length is free on CPU: skip the unused tail
+        S = max(1, min(int(kv_lens[:B].max()), k_cache.shape[1]))
+        k_cache, v_cache = k_cache[:, :S], v_cache[:, :S]
     keep = torch.arange(k_cache.shape[1], device=q.device)[None, :] < kv_lens[:, None]
     k = k_cache[:B].float().masked_fill(~keep[..., None, None], 0.0).repeat_interleave(g, 2)
     v = v_cache[:B].float().masked_fill(~keep[..., None, None], 0.0).repeat_interleave(g, 2)
@@ -310,7 +316,7 @@ def mla_attention(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out=N
     per-head K/V from the cache (prefix + chunk) and runs causal attention.
     """
     B, T, _ = x.shape
-    H, nope, R = w.n_heads, w.nope, w.kv_lora_rank
+    H, nope = w.n_heads, w.nope
     q_nope, q_pe = mla_query(x, w)
     q_pe = rope(q_pe, cos, sin, cache_lens)
     mla_cache_write(x @ w.kv_down.t(), w.kv_norm, w.eps, cos, sin, cache_lens, ckv, kpe)
