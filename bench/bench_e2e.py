@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import env_threads  # noqa: E402
 from mythos_rt import costmodel  # noqa: E402
 from mythos_rt.config import MythosConfig  # noqa: E402
 
@@ -349,7 +350,7 @@ def run_e2e(specs: Optional[list[dict]] = None, *, quick: bool = False,
         job = {"spec": spec, "label": label, "system": system, "device": device, "dtype": dtype,
                "cases": [dataclasses.asdict(c) for c in spec_cases], "sizes": _sizes(spec_cases),
                "reps": 2 if (quick or not on_gpu) else 3, "ceilings": ceilings.to_dict(),
-               "threads": threads or torch.get_num_threads()}
+               "threads": threads or (torch.get_num_threads() if on_gpu else env_threads())}
         t0 = time.perf_counter()
         got, status = _run_worker(job, share, log)
         log(f"e2e {label} {system}: {len(got)}/{len(spec_cases)} cases in "
