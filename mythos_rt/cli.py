@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--after-pass", default=None, help="run passes up to NAME (or 'all')")
     i.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     i.set_defaults(fn=_cmd_inspect)
+    __import__("mythos_rt.profiling", fromlist=["add_commands"]).add_commands(sub)  # bench, profile
     return p
 
 
