@@ -43,6 +43,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 E2E_MODULE = "bench_e2e"
 GPU_ONLY_SKIP = {"bench_runtime_cpu": "CPU benchmark (compares against CPU eager runs)"}
 ROWS_TAG = "SUITE_ROWS "
+PARTS = ("tests", "micro", "e2e")
 # Shares of the budget per part (tests, microbenchmarks, e2e); the rest is a reserve.
 SHARES = {"gpu": (0.35, 0.30, 0.30), "cpu": (0.12, 0.50, 0.33)}
 
@@ -153,10 +154,12 @@ def summary_rows(result: dict) -> list[dict]:
              "not measured", "wall_s": result.get("ceilings_wall_s", 0.0),
              "detail": f"{result['ceilings']['copy_gbps']} GB/s copy, "
                        f"{result['ceilings']['bf16_tflops']} TFLOP/s bf16"},
-            {"part": "tests", "status": t["status"], "wall_s": t["wall_s"], "detail": t.get("summary", "")},
+            {"part": "tests", "status": t["status"], "wall_s": t["wall_s"],
+             "detail": t.get("summary", t.get("reason", ""))},
             {"part": "microbench", "status": p["microbench"]["status"],
              "wall_s": p["microbench"]["wall_s"],
-             "detail": ", ".join(f"{n}: {m['status']}" for n, m in mods.items())}]
+             "detail": ", ".join(f"{n}: {m['status']}" for n, m in mods.items())
+                       or p["microbench"].get("reason", "")}]
     e_rows = e.get("rows", [])
     detail = (f"{sum(r.get('status') == 'ok' for r in e_rows)} ok, "
               f"{len(e.get('skipped', []))} skipped")
@@ -180,7 +183,7 @@ def to_markdown(result: dict) -> str:
           f"Ceilings: {c['copy_gbps']} GB/s device copy, {c['bf16_tflops']} TFLOP/s bf16 "
           f"({c['source']})\n", "## Summary\n", harness.markdown_table(result["summary"])]
     t = result["parts"]["tests"]
-    md += ["## GPU tests\n", f"`{t.get('command', '')}`: {t.get('summary', t['status'])}\n"]
+    md += ["## GPU tests\n", f"`{t.get('command', '')}`: {t.get('summary', t.get('reason', t['status']))}\n"]
     md.append("## Microbenchmarks\n")
     for name, m in result["parts"]["microbench"]["modules"].items():
         md.append(f"### {name} — {m['status']}\n")
@@ -233,7 +236,8 @@ def validate(result: dict) -> None:
 
 
 def run_suite(out_dir: Optional[Path] = None, quick: bool = False,
-              budget_s: Optional[float] = None) -> tuple[dict, Path, Path]:
+              budget_s: Optional[float] = None,
+              parts: Optional[list[str]] = None) -> tuple[dict, Path, Path]:
     t_start = time.perf_counter()
     budget = default_budget(quick) if budget_s is None else budget_s
     prov = harness.provenance()
@@ -242,9 +246,14 @@ def run_suite(out_dir: Optional[Path] = None, quick: bool = False,
     ceilings_wall = round(time.perf_counter() - t0, 2)
     s_tests, s_micro, s_e2e = SHARES["gpu" if ON_GPU else "cpu"]
     spent = lambda: time.perf_counter() - t_start  # noqa: E731
-    tests = run_tests(s_tests * budget)
-    micro = run_microbench(quick, (s_tests + s_micro) * budget - spent())
-    e2e = run_e2e_part(quick, (s_tests + s_micro + s_e2e) * budget - spent(), ceilings)
+    parts = set(parts or PARTS)
+    tests = (run_tests(s_tests * budget) if "tests" in parts else
+             {"status": "skipped", "wall_s": 0.0, "reason": "not in --parts"})
+    micro = (run_microbench(quick, (s_tests + s_micro) * budget - spent()) if "micro" in parts
+             else {"status": "skipped", "wall_s": 0.0, "reason": "not in --parts", "modules": {}})
+    e2e = (run_e2e_part(quick, (s_tests + s_micro + s_e2e) * budget - spent(), ceilings)
+           if "e2e" in parts else
+           {"status": "skipped", "wall_s": 0.0, "reason": "not in --parts", "rows": [], "skipped": []})
     result = {"schema": harness.SCHEMA, "provenance": prov, "ceilings": ceilings.to_dict(),
               "ceilings_wall_s": ceilings_wall, "budget_s": budget, "quick": quick,
               "parts": {"tests": tests, "microbench": micro, "e2e": e2e}}
@@ -274,6 +283,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help=f"directory for the result files (default {RESULTS_DIR})")
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats")
     p.add_argument("--budget-s", type=float, help="total time budget (default 480 s on GPU)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="run only these parts (default: all)")
     p.add_argument("--run-module", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_module:
@@ -281,7 +292,7 @@ def main(argv=None) -> int:
     if not ON_GPU:
         print("[gpu_suite] no CUDA device: running the CPU subset (tiny cases, Triton "
               "interpreter; H100 ceilings from DESIGN.md, not measured)", file=sys.stderr)
-    result, json_path, md_path = run_suite(args.out, args.quick, args.budget_s)
+    result, json_path, md_path = run_suite(args.out, args.quick, args.budget_s, args.parts)
     print(f"wrote {json_path} and {md_path}")
     print(harness.markdown_table(result["summary"]), end="")
     return 0

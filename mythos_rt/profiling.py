@@ -438,10 +438,27 @@ def profile(runtime_or_path: Union[Any, str, Path], prompt_len: int = 128,
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g)
     cuda = rt.device.type == "cuda"
-    n_prefill = math.ceil(prompt_len / rt._low.chunk)
+    chunk = getattr(getattr(rt, "_low", None), "chunk", None) or prompt_len
+    n_prefill = math.ceil(prompt_len / chunk)
     steps = rt.plan(n)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    notes = []
+    # Stage timers wrap the plan's steps; a replayed CUDA graph would bypass them, so the
+    # profile runs the plan eagerly (graph replay timings come from bench_e2e).
+    graphs_were = getattr(rt, "use_cuda_graphs", None)
+    if graphs_were:
+        rt.use_cuda_graphs = False
+        notes.append("CUDA graphs switched off while profiling (stage timers wrap plan steps)")
+    try:
+        return _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill,
+                             steps, sync, cuda, telemetry_interval_s, ceilings, notes)
+    finally:
+        if graphs_were:
+            rt.use_cuda_graphs = graphs_were
 
+
+def _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill, steps,
+                  sync, cuda, telemetry_interval_s, ceilings, notes) -> dict:
     rt.generate(ids, new_tokens, n_loops=n)  # warm-up: compile, autotune, first-touch
     sync()
     with Telemetry(rt.device, telemetry_interval_s) as tel:
@@ -505,6 +522,7 @@ def profile(runtime_or_path: Union[Any, str, Path], prompt_len: int = 128,
         "roofline": {"points": points, **plot},
         "files": {"profile": str(out / "profile.json"), "trace": str(trace_path),
                   "roofline": plot["path"]},
+        "notes": notes,
     }
     (out / "profile.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
