@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
 import statistics
 import subprocess
 import sys

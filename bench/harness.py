@@ -141,23 +141,28 @@ def measure_ceilings(quick: bool = False, device: Optional[torch.device] = None)
     if not cuda:
         return H100
     dev = device or torch.device("cuda")
+    reps = 10 if quick else 30
     nbytes = (256 if quick else 1024) * 2**20
-    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    copy = measure(lambda: dst.copy_(src), warmup=3, reps=10 if quick else 30, device=dev)
-    del src, dst
     n = 4096 if quick else 8192
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
-    mm = measure(lambda: torch.matmul(a, b, out=c), warmup=5, reps=10 if quick else 30, device=dev)
-    del a, b, c
+    copy_ms, mm_ms = _copy_ms(dev, nbytes, reps), _matmul_ms(dev, n, reps)
     torch.cuda.empty_cache()
-    return Ceilings(copy_gbps=round(2 * nbytes / (copy.median_ms * 1e-3) / 1e9, 1),
-                    bf16_tflops=round(2 * n**3 / (mm.median_ms * 1e-3) / 1e12, 1),
+    return Ceilings(copy_gbps=round(2 * nbytes / (copy_ms * 1e-3) / 1e9, 1),
+                    bf16_tflops=round(2 * n**3 / (mm_ms * 1e-3) / 1e12, 1),
                     measured=True,
                     source=f"measured: {nbytes >> 20} MiB D2D copy (read+write), "
                            f"{n}^3 bf16 matmul, median")
+
+
+def _copy_ms(dev: torch.device, nbytes: int, reps: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return measure(lambda: dst.copy_(src), warmup=3, reps=reps, device=dev).median_ms
+
+
+def _matmul_ms(dev: torch.device, n: int, reps: int) -> float:
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+    return measure(lambda: torch.matmul(a, b, out=c), warmup=5, reps=reps, device=dev).median_ms
 
 
 # ---- provenance ------------------------------------------------------------------------

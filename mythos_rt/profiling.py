@@ -24,7 +24,6 @@ intensity from ``mythos_rt.costmodel`` at its measured TFLOP/s.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import re
