@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", default="auto", choices=backends)
     d.add_argument("--device", default=None)
     d.set_defaults(fn=_cmd_demo)
+
+    from .profiling import add_commands  # bench, profile
+    add_commands(sub)
     return p
 
 
