@@ -8,7 +8,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#ifndef __CUDACC_RTC__
+#if !defined(__CUDACC_RTC__)
 #include <cuda_runtime.h>
 #endif
 

@@ -18,6 +18,7 @@
 // Every lane writes only the elements it read itself, which is why `next` may alias `x`
 // (the runtime ping-pongs one activation buffer between the block and this kernel).
 //
+// MYTHOS_RT_DEVICE_ONLY drops the host launchers (the JIT sources define it).
 // D_CT / R_CT > 0 make the width / LoRA rank compile-time constants (the JIT path,
 // mythos_rt/cuda/codegen.py); 0 reads them from the params (the AOT path).
 #pragma once
@@ -105,11 +106,17 @@ __device__ __forceinline__ void prologue_row(const PrologueParams<T>& p, int row
   }
 }
 
+// A block of warps, one row each (shared by the AOT kernel below and the JIT kernels).
 template <typename T, int VEC, int D_CT>
-__global__ void loop_prologue_kernel(PrologueParams<T> p) {
+__device__ __forceinline__ void prologue_block(const PrologueParams<T>& p) {
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row < p.n_rows) prologue_row<T, VEC, D_CT>(p, row, lane);
+}
+
+template <typename T, int VEC, int D_CT>
+__global__ void loop_prologue_kernel(PrologueParams<T> p) {
+  prologue_block<T, VEC, D_CT>(p);
 }
 
 // ---- epilogue ---------------------------------------------------------------------
@@ -235,24 +242,32 @@ __device__ __forceinline__ bool epilogue_row(const EpilogueParams<T>& p, int row
   return newly;
 }
 
-// Dynamic shared memory: (blockDim.x / 32) · R floats (each warp's z).
+// A block of warps, one row each; z_smem holds (blockDim.x / 32) · R floats (each warp's
+// z). Every thread must call this (it ends in a block barrier).
 template <typename T, int VEC, bool HAS_NEXT, int D_CT, int R_CT>
-__global__ void loop_epilogue_kernel(EpilogueParams<T> p) {
-  extern __shared__ float z_smem[];
+__device__ __forceinline__ void epilogue_block(const EpilogueParams<T>& p, float* z_smem) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int R = R_CT > 0 ? R_CT : p.rank;
   const int row = blockIdx.x * (blockDim.x >> 5) + warp;
   bool newly = false;
-  if (row < p.n_rows) newly = epilogue_row<T, VEC, HAS_NEXT, D_CT, R_CT>(p, row, lane, z_smem + warp * R);
+  if (row < p.n_rows)
+    newly = epilogue_row<T, VEC, HAS_NEXT, D_CT, R_CT>(p, row, lane, z_smem + warp * R);
   // one atomic per block: every thread reaches this barrier (no early return above)
   const int n_new = __syncthreads_count(lane == 0 && newly);
   if (threadIdx.x == 0 && n_new > 0) atomicSub(p.n_running, n_new);
 }
 
+// Dynamic shared memory: (blockDim.x / 32) · rank floats.
+template <typename T, int VEC, bool HAS_NEXT, int D_CT, int R_CT>
+__global__ void loop_epilogue_kernel(EpilogueParams<T> p) {
+  extern __shared__ float z_smem[];
+  epilogue_block<T, VEC, HAS_NEXT, D_CT, R_CT>(p, z_smem);
+}
+
 constexpr int kRowWarps = 4;  // rows (warps) per block of both kernels
 
-#ifndef __CUDACC_RTC__
+#if !defined(__CUDACC_RTC__) && !defined(MYTHOS_RT_DEVICE_ONLY)
 }  // namespace mythos_rt
 #include <initializer_list>
 namespace mythos_rt {
@@ -307,6 +322,6 @@ Status launch_loop_epilogue(const EpilogueParams<T>& p, cudaStream_t stream) {
   return cudaPeekAtLastError() == cudaSuccess ? kOk : kCudaError;
 }
 
-#endif  // __CUDACC_RTC__
+#endif  // host launchers
 
 }  // namespace mythos_rt
