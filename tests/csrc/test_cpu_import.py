@@ -66,3 +66,16 @@ def test_extension_may_exist_but_cpu_tensors_are_rejected():
     x = torch.randn(3, 16)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         moe_route_cuda(x, torch.randn(8, 16), torch.zeros(8), 2)
+
+
+@pytest.mark.parametrize("op", CUDA_OPS)
+def test_cuda_signatures_extend_torch(op):
+    """Same parameters, names and defaults as the torch implementation (extra trailing
+    keyword-only-in-practice options such as ``workspace=`` are allowed)."""
+    import inspect
+    pytest.importorskip("mythos_rt._C", reason="mythos_rt._C not built")
+    t_sig = list(inspect.signature(registry.load(op, "torch")).parameters.values())
+    c_sig = list(inspect.signature(registry.load(op, "cuda")).parameters.values())
+    assert [(p.name, p.default) for p in c_sig[:len(t_sig)]] == \
+        [(p.name, p.default) for p in t_sig], op
+    assert all(p.default is not inspect.Parameter.empty for p in c_sig[len(t_sig):]), op
