@@ -97,10 +97,13 @@ def moe_route_cuda(x: torch.Tensor, router_w: torch.Tensor, router_bias: torch.T
         check_contiguous("out[1] (weights)", wts)
         ids, wts = ids[:N], wts[:N]
     ws = workspace if workspace is not None else _default_workspace(N, E, x.device)
+    if not ws.fits(N, E, x.device):
+        raise ValueError(f"workspace holds logits {tuple(ws.logits.shape)} on "
+                         f"{ws.logits.device}; this call needs ({N}, {E}) on {x.device}")
     _C.moe_route(x=ptr(x), n_tokens=N, dim=D, stride_x=x.stride(0), w=ptr(router_w),
                  n_experts=E, bias=ptr(router_bias), top_k=top_k, dtype=code, ids=ptr(ids),
                  weights=ptr(wts), out_rows=ids.shape[0], logits=ptr(ws.logits),
-                 logits_numel=ws.logits.numel() if ws.logits.shape[1] == E else 0,
+                 logits_numel=ws.logits.numel(),
                  counters=ptr(ws.counters), counters_numel=ws.counters.numel(),
                  stream=stream(x.device))
     return ids, wts
