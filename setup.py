@@ -23,20 +23,32 @@ def _want_cuda_extension() -> bool:
 
 
 class CMakeBuild(build_ext):
-    """Configure and build csrc/ with CMake into the extension's output directory."""
+    """Configure and build csrc/ with CMake into ``get_ext_fullpath``'s directory.
+
+    setuptools then packs it into the wheel, or, for editable installs (``pip install
+    -e .``, which set ``inplace``), copies it next to the sources as ``mythos_rt/_C*.so``.
+    CMake's build tree lives in ``build_temp`` so rebuilds are incremental.
+    """
 
     def build_extension(self, ext):
         out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        os.makedirs(out_dir, exist_ok=True)
         build_tmp = os.path.join(os.path.abspath(self.build_temp), "cmake")
         os.makedirs(build_tmp, exist_ok=True)
         import pybind11
 
         cfg = ["-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
-               f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+               f"-DCMAKE_CUDA_COMPILER={shutil.which('nvcc')}",
+               f"-DMYTHOS_RT_OUTPUT_DIR={out_dir}",
                f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+        if os.environ.get("MYTHOS_RT_CUDA_GENCODE"):
+            cfg.append(f"-DMYTHOS_RT_CUDA_GENCODE={os.environ['MYTHOS_RT_CUDA_GENCODE']}")
         subprocess.check_call(["cmake", ROOT, *cfg], cwd=build_tmp)
         subprocess.check_call(["cmake", "--build", ".", "-j", str(os.cpu_count() or 2)],
                               cwd=build_tmp)
+        built = self.get_ext_filename(ext.name).split(os.sep)[-1]
+        if not os.path.exists(os.path.join(out_dir, built)):
+            raise RuntimeError(f"CMake did not produce {built} in {out_dir}")
 
 
 ext_modules, cmdclass = [], {}
@@ -55,7 +67,8 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mythos_rt", "mythos_rt.ops", "mythos_rt.triton_kernels", "mythos_rt.graphs"],
+    packages=["mythos_rt", "mythos_rt.ops", "mythos_rt.cuda", "mythos_rt.triton_kernels",
+              "mythos_rt.graphs"],
     package_dir={"mythos_rt": "mythos_rt", "mythos_rt.triton_kernels": "triton_kernels",
                  "mythos_rt.graphs": "graphs"},
     install_requires=[

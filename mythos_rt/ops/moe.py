@@ -237,3 +237,103 @@ register("moe_route", "torch", "mythos_rt.ops.moe:moe_route_torch")
 register("moe_route", "triton", "mythos_rt.triton_kernels.moe:moe_route_triton")
 register("moe_ffn", "torch", "mythos_rt.ops.moe:moe_ffn_torch")
 register("moe_ffn", "triton", "mythos_rt.triton_kernels.moe:moe_ffn_triton")
+
+
+# ---------------------------------------------------------------------------------------
+# moe_align: sort (token, slot) pairs by expert (the grouped GEMMs' metadata)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class MoEAlignment:
+    """Expert-sorted pair layout (the contract of ``triton_kernels.moe.moe_align_triton``).
+
+    counts (E+S,) int32, offsets (E+S,) int32, sorted_pairs (rows,) int32 (pair id
+    ``token·(k+S) + slot``, -1 = padding), block_expert (blocks,) int32 (-1 = dead block);
+    rb_max / n_blocks: host ints, the routed / total GEMM block counts (upper bounds).
+    """
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    sorted_pairs: torch.Tensor
+    block_expert: torch.Tensor
+    rb_max: int
+    n_blocks: int
+
+
+def moe_align_sizes(n_tokens: int, n_experts: int, top_k: int, n_shared_slots: int,
+                    block_m: int) -> Tuple[int, int, int, int]:
+    """(rb_max, sb_per, rows, blocks): routed-block bound ``cdiv(N·k, BM) + min(E, N·k)``,
+    blocks per shared slot ``cdiv(N, BM)``, sorted_pairs length, block_expert length."""
+    p = n_tokens * top_k
+    rb_max = -(-p // block_m) + min(n_experts, p)
+    sb_per = -(-n_tokens // block_m)
+    blocks = rb_max + n_shared_slots * sb_per
+    return rb_max, sb_per, blocks * block_m, blocks
+
+
+def moe_align_torch(ids: torch.Tensor, n_experts: int, n_shared_slots: int, block_m: int,
+                    out: Optional[Tuple[torch.Tensor, ...]] = None) -> MoEAlignment:
+    """Sort routed (token, slot) pairs by expert into ``block_m``-padded segments.
+
+    Parameters
+    ----------
+    ids : (N, k) int32 expert ids from ``moe_route``.
+    n_experts : E routed experts; n_shared_slots : S always-on slots after them.
+    block_m : GEMM rows per block (a power of two).
+    out : optional (counts, offsets, sorted_pairs, block_expert) buffers of at least the
+        sizes ``moe_align_sizes`` gives.
+
+    Returns
+    -------
+    MoEAlignment. Segment e starts at ``offsets[e]`` (segments in expert order, each
+    padded to a multiple of block_m) and lists e's pairs in ascending pair order;
+    padding and dead routed rows hold -1. Shared slot s owns the fixed segment
+    ``rb_max·BM + s·sb_per·BM`` holding ``t·(k+S) + k + s`` for every token t.
+    """
+    N, k = ids.shape
+    E, S, bm, dev = n_experts, n_shared_slots, block_m, ids.device
+    rb_max, sb_per, rows, blocks = moe_align_sizes(N, E, k, S, bm)
+    i32 = dict(dtype=torch.int32, device=dev)
+    flat = ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    counts = torch.bincount(flat[valid], minlength=E)
+    padded = (counts + bm - 1) // bm * bm
+    starts = torch.cumsum(padded, 0) - padded
+    q = torch.arange(N * k, device=dev)[valid]
+    ex = flat[valid]
+    order = torch.sort(ex, stable=True).indices            # expert-major, pair order within
+    ex_sorted = ex[order]
+    first_of = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(ex_sorted.numel(), device=dev) - first_of[ex_sorted]
+    sorted_pairs = torch.full((rows,), -1, **i32)
+    qs = q[order]
+    sorted_pairs[starts[ex_sorted] + rank] = ((qs // k) * (k + S) + qs % k).to(torch.int32)
+    t = torch.arange(sb_per * bm, device=dev)
+    for s in range(S):
+        seg = torch.where(t < N, t * (k + S) + k + s, -1).to(torch.int32)
+        base = rb_max * bm + s * sb_per * bm
+        sorted_pairs[base:base + sb_per * bm] = seg
+    ends = starts + padded
+    rows_of_block = torch.arange(rb_max, device=dev) * bm
+    be = torch.searchsorted(ends, rows_of_block, right=True)
+    be = torch.where(be < E, be, -1)
+    block_expert = torch.cat([be.to(torch.int32),
+                              (E + torch.arange(S * sb_per, device=dev) // max(sb_per, 1))
+                              .to(torch.int32)])
+    counts_all = torch.cat([counts.to(torch.int32), torch.full((S,), N, **i32)])
+    offsets_all = torch.cat([starts.to(torch.int32),
+                             (rb_max * bm + torch.arange(S, device=dev) * sb_per * bm)
+                             .to(torch.int32)])
+    res = (counts_all, offsets_all, sorted_pairs, block_expert)
+    if out is not None:
+        for buf, val in zip(out, res):
+            if buf.numel() < val.numel():
+                raise ValueError(f"out buffer holds {buf.numel()} elements, needs {val.numel()}")
+            buf[:val.numel()].copy_(val)
+        res = tuple(buf[:val.numel()] for buf, val in zip(out, res))
+    return MoEAlignment(*res, rb_max=rb_max, n_blocks=blocks)
+
+
+register("moe_align", "torch", "mythos_rt.ops.moe:moe_align_torch")
+# CUDA backends (mythos_rt._C, built with MYTHOS_RT_BUILD_CUDA=1); see docs/cuda.md.
+register("moe_route", "cuda", "mythos_rt.cuda.moe:moe_route_cuda")
+register("moe_align", "cuda", "mythos_rt.cuda.moe:moe_align_cuda")

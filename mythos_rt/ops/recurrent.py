@@ -317,3 +317,6 @@ register("loop_prologue", "torch", "mythos_rt.ops.recurrent:loop_prologue_torch"
 register("loop_prologue", "triton", "mythos_rt.triton_kernels.recurrent_step:loop_prologue_triton")
 register("loop_epilogue", "torch", "mythos_rt.ops.recurrent:loop_epilogue_torch")
 register("loop_epilogue", "triton", "mythos_rt.triton_kernels.recurrent_step:loop_epilogue_triton")
+# CUDA backends (mythos_rt._C, built with MYTHOS_RT_BUILD_CUDA=1); see docs/cuda.md.
+register("loop_prologue", "cuda", "mythos_rt.cuda.recurrent:loop_prologue_cuda")
+register("loop_epilogue", "cuda", "mythos_rt.cuda.recurrent:loop_epilogue_cuda")

@@ -100,7 +100,8 @@ def test_loop_torch_vs_reference(scenario, T):
 
 def test_registry_and_signatures():
     for op in ("loop_prologue", "loop_epilogue", "rmsnorm", "swiglu"):
-        assert registry.backends_of(op) == ["torch", "triton"]
+        # loop_prologue/epilogue also have a cuda backend (tests/csrc checks its signature)
+        assert registry.backends_of(op)[:2] == ["torch", "triton"]
         t_sig = inspect.signature(registry.load(op, "torch"))
         k_sig = inspect.signature(registry.load(op, "triton"))
         public = [p for p in k_sig.parameters.values() if not p.name.startswith("_")]

@@ -1,0 +1,209 @@
+"""CUDA source of the recurrent step, specialized to one model (the JIT path's generator).
+
+``loop_step_source(spec)`` emits one self-contained translation unit: the shared device
+headers (``csrc/include/mythos_rt/{common,recurrent_step}.cuh``, inlined verbatim, so
+the source hash covers them) and three ``extern "C"`` kernels whose width D, LoRA rank
+R, loop-embedding width, epsilon, ACT threshold, storage dtype and vector width are
+compile-time constants:
+
+    mythos_loop_prologue        prologue_block<T, VEC, D>
+    mythos_loop_epilogue        epilogue_block<T, VEC, false, D, R>
+    mythos_loop_epilogue_next   epilogue_block<T, VEC, true, D, R>   (+ next prologue)
+
+They run the same device functions as the AOT kernels of ``mythos_rt._C``; only the
+constants differ (the compiler unrolls the row loops and the LoRA rank loop). Kernel
+arguments are flat (device addresses as ``unsigned long long``) so CuPy can pass them
+as NumPy scalars. Generating needs no GPU and no CuPy; ``mythos_rt.cuda.jit`` compiles.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["LoopSpec", "loop_step_source", "include_dir", "KERNEL_NAMES", "ROW_WARPS"]
+
+KERNEL_NAMES = ("mythos_loop_prologue", "mythos_loop_epilogue", "mythos_loop_epilogue_next")
+ROW_WARPS = 4   # = mythos_rt::kRowWarps: rows (warps) per block
+LOOP_THETA = 10000.0
+_CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+_ELT = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What a specialized recurrent-step module is compiled for (its cache identity)."""
+    dim: int
+    rank: int
+    loop_dim: int
+    dtype: str          # "float32" | "float16" | "bfloat16"
+    eps: float
+    threshold: float
+
+    def __post_init__(self):
+        if self.dtype not in _CTYPE:
+            raise ValueError(f"LoopSpec.dtype must be one of {sorted(_CTYPE)}, got {self.dtype!r}")
+        if self.dim < 1 or self.rank < 1:
+            raise ValueError(f"LoopSpec: dim and rank must be >= 1 (got {self.dim}, {self.rank})")
+        if self.loop_dim < 2 or self.loop_dim % 2 or self.loop_dim > self.dim:
+            raise ValueError(f"LoopSpec.loop_dim must be even, >= 2 and <= dim; got {self.loop_dim}")
+
+    @property
+    def vec(self) -> int:
+        """Elements per 16-byte access (1 when D is not a multiple of it)."""
+        v = 16 // _ELT[self.dtype]
+        return v if self.dim % v == 0 else 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @classmethod
+    def from_params(cls, params, dtype: torch.dtype) -> "LoopSpec":
+        """The spec of a ``LoopParams`` run with activations of ``dtype``."""
+        return cls(dim=params.dim, rank=params.rank, loop_dim=params.loop_dim,
+                   dtype=str(dtype).replace("torch.", ""), eps=float(params.eps),
+                   threshold=float(params.threshold))
+
+    @classmethod
+    def from_config(cls, cfg, dtype: torch.dtype, eps: float = 1e-6) -> "LoopSpec":
+        """The spec of a ``MythosConfig``'s loop (no weights needed)."""
+        return cls(dim=cfg.dim, rank=cfg.lora_rank, loop_dim=cfg.loop_dim,
+                   dtype=str(dtype).replace("torch.", ""), eps=eps,
+                   threshold=float(cfg.act_threshold))
+
+
+def include_dir() -> Path:
+    """Directory holding ``mythos_rt/*.cuh``: $MYTHOS_RT_CSRC_INCLUDE, else the checkout's
+    ``csrc/include`` (editable installs, the documented way to build the CUDA backend)."""
+    env = os.environ.get("MYTHOS_RT_CSRC_INCLUDE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "csrc" / "include"
+
+
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"(mythos_rt/[^"]+)"\s*$', re.M)
+
+
+def _inline(name: str, seen: set) -> str:
+    if name in seen:
+        return ""
+    seen.add(name)
+    path = include_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"codegen: header {path} not found (set MYTHOS_RT_CSRC_INCLUDE "
+                                "to the checkout's csrc/include)")
+    text = path.read_text(encoding="utf-8").replace("#pragma once\n", "")
+    text = _INCLUDE_RE.sub(lambda m: _inline(m.group(1), seen), text)
+    return f"// ---- begin {name} ----\n{text}// ---- end {name} ----\n"
+
+
+def _f32(x: float) -> str:
+    """A float32 literal that round-trips exactly (what the AOT path computes as float)."""
+    v = struct.unpack("f", struct.pack("f", x))[0]
+    if not math.isfinite(v):
+        raise ValueError(f"codegen: non-finite constant {x}")
+    return f"{v:.9g}f"
+
+
+def loop_step_source(spec: LoopSpec) -> str:
+    """One CUDA translation unit with the three specialized kernels (see module docstring)."""
+    emb_c = -2.0 * math.log(LOOP_THETA) / spec.loop_dim
+    u64 = "unsigned long long"
+    header = _inline("mythos_rt/recurrent_step.cuh", set())
+    return f"""// Generated by mythos_rt.cuda.codegen for {spec}. Do not edit.
+#define MYTHOS_RT_DEVICE_ONLY 1
+{header}
+namespace {{
+using T = {_CTYPE[spec.dtype]};
+constexpr int kD = {spec.dim};
+constexpr int kR = {spec.rank};
+constexpr int kVec = {spec.vec};
+constexpr int kLoopDim = {spec.loop_dim};
+constexpr int kWarps = {ROW_WARPS};
+static_assert(kWarps == mythos_rt::kRowWarps, "codegen ROW_WARPS != kRowWarps");
+static_assert(kD % kVec == 0, "D must be a multiple of the vector width");
+}}  // namespace
+
+extern "C" __global__ void __launch_bounds__(32 * kWarps)
+{KERNEL_NAMES[0]}({u64} h, {u64} e, {u64} norm_w, {u64} out, long long stride_h,
+                     long long stride_e, long long stride_out, int n_rows, int t) {{
+  mythos_rt::PrologueParams<T> p;
+  p.h = reinterpret_cast<const T*>(h);
+  p.e = reinterpret_cast<const T*>(e);
+  p.norm_w = reinterpret_cast<const T*>(norm_w);
+  p.out = reinterpret_cast<T*>(out);
+  p.stride_h = stride_h;
+  p.stride_e = stride_e;
+  p.stride_out = stride_out;
+  p.n_rows = n_rows;
+  p.dim = kD;
+  p.t = t;
+  p.loop_dim = kLoopDim;
+  p.emb_c = {_f32(emb_c)};
+  p.eps = {_f32(spec.eps)};
+  mythos_rt::prologue_block<T, kVec, kD>(p);
+}}
+
+template <bool HAS_NEXT>
+__device__ __forceinline__ void epilogue(
+    {u64} x, {u64} h, {u64} e, {u64} h_out, {u64} cum_p, {u64} halted, {u64} n_running,
+    {u64} next, {u64} norm_w, {u64} lora_down, {u64} lora_B, {u64} lora_scale, {u64} A,
+    {u64} inj_B, {u64} halt_w, {u64} halt_b, long long stride_x, long long stride_h,
+    long long stride_e, long long stride_out, long long stride_next, int n_rows, int t, int tc) {{
+  __shared__ float z[kWarps * kR];
+  mythos_rt::EpilogueParams<T> p;
+  p.x = reinterpret_cast<const T*>(x);
+  p.h = reinterpret_cast<T*>(h);
+  p.e = reinterpret_cast<const T*>(e);
+  p.h_out = reinterpret_cast<T*>(h_out);
+  p.cum_p = reinterpret_cast<float*>(cum_p);
+  p.halted = reinterpret_cast<unsigned char*>(halted);
+  p.n_running = reinterpret_cast<int*>(n_running);
+  p.next = reinterpret_cast<T*>(next);
+  p.norm_w = reinterpret_cast<const T*>(norm_w);
+  p.lora_down = reinterpret_cast<const T*>(lora_down);
+  p.lora_B = reinterpret_cast<const T*>(lora_B);
+  p.lora_scale = reinterpret_cast<const T*>(lora_scale);
+  p.A = reinterpret_cast<const float*>(A);
+  p.inj_B = reinterpret_cast<const T*>(inj_B);
+  p.halt_w = reinterpret_cast<const T*>(halt_w);
+  p.halt_b = reinterpret_cast<const T*>(halt_b);
+  p.stride_x = stride_x;
+  p.stride_h = stride_h;
+  p.stride_e = stride_e;
+  p.stride_out = stride_out;
+  p.stride_next = stride_next;
+  p.n_rows = n_rows;
+  p.dim = kD;
+  p.rank = kR;
+  p.t = t;
+  p.tc = tc;
+  p.loop_dim = kLoopDim;
+  p.emb_c = {_f32(emb_c)};
+  p.eps = {_f32(spec.eps)};
+  p.threshold = {_f32(spec.threshold)};
+  mythos_rt::epilogue_block<T, kVec, HAS_NEXT, kD, kR>(p, z);
+}}
+
+#define MYTHOS_EPILOGUE_ARGS \\
+    {u64} x, {u64} h, {u64} e, {u64} h_out, {u64} cum_p, {u64} halted, {u64} n_running, \\
+    {u64} next, {u64} norm_w, {u64} lora_down, {u64} lora_B, {u64} lora_scale, {u64} A, \\
+    {u64} inj_B, {u64} halt_w, {u64} halt_b, long long stride_x, long long stride_h, \\
+    long long stride_e, long long stride_out, long long stride_next, int n_rows, int t, int tc
+#define MYTHOS_EPILOGUE_PASS \\
+    x, h, e, h_out, cum_p, halted, n_running, next, norm_w, lora_down, lora_B, lora_scale, \\
+    A, inj_B, halt_w, halt_b, stride_x, stride_h, stride_e, stride_out, stride_next, n_rows, t, tc
+
+extern "C" __global__ void __launch_bounds__(32 * kWarps)
+{KERNEL_NAMES[1]}(MYTHOS_EPILOGUE_ARGS) {{ epilogue<false>(MYTHOS_EPILOGUE_PASS); }}
+
+extern "C" __global__ void __launch_bounds__(32 * kWarps)
+{KERNEL_NAMES[2]}(MYTHOS_EPILOGUE_ARGS) {{ epilogue<true>(MYTHOS_EPILOGUE_PASS); }}
+"""
