@@ -3,7 +3,7 @@
 Systems (same random weights, greedy):
   * ``mythos-rt``            — ``mythos_rt.compile(...)`` + ``Runtime.generate`` (graphs off)
   * ``mythos-rt+graphs``     — the same with CUDA graphs, when the runtime exposes a switch
-                               (a ``graphs=`` compile kwarg or ``Runtime.use_cuda_graphs``);
+                               (a ``cuda_graphs=`` compile kwarg or ``Runtime.use_cuda_graphs``);
                                otherwise reported as ``n/a``
   * ``eager``                — ``mythos_rt.reference.OpenMythos`` with its KV-cache dict
   * ``compile:<mode>``       — ``torch.compile`` of the eager reference's forward, modes
@@ -147,7 +147,7 @@ def _ref_generate(fwd: Callable, ids: torch.Tensor, new: int, n_loops: int) -> N
 
 def _graphs_switch() -> Optional[str]:
     import mythos_rt
-    if "graphs" in inspect.signature(mythos_rt.compile).parameters:
+    if "cuda_graphs" in inspect.signature(mythos_rt.compile).parameters:
         return "kwarg"
     if hasattr(mythos_rt.Runtime, "use_cuda_graphs"):
         return "attr"
@@ -172,7 +172,7 @@ class _RtSystem:
                       max_loops=sizes["max_loops"])
             switch = _graphs_switch()
             if switch == "kwarg":
-                kw["graphs"] = self.graphs
+                kw["cuda_graphs"] = self.graphs
             t0 = time.perf_counter()
             rt = self.mythos_rt.compile(self.model, **kw)
             if switch == "attr":

@@ -112,6 +112,12 @@ class DecodeGraphs:
             raise RuntimeError(f"CUDA graph {key}: a static buffer moved since capture "
                                "(replaying would read stale memory)")
 
+    def set_enabled(self, on: bool) -> None:
+        """Turn capture on or off (always off on a non-CUDA device)."""
+        self.enabled = bool(on) and self.device.type == "cuda"
+        if self.enabled and self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+
     def reset(self) -> None:
         """Drop every captured graph (e.g. after buffers were reallocated)."""
         self._graphs.clear()

@@ -274,6 +274,8 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                 else:
                     cache_for(key)
 
+    if impls["loop_epilogue"].backend == "cuda" and "loop" in args:
+        _specialize_cuda_loop(args["loop"], dtype, device)
     rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
     cos, sin = rope_tables(rope_dim, max_seq_len, cfg.rope_theta, device=device)
     workspace = None
@@ -289,3 +291,21 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
         cos=cos, sin=sin, moe_workspace=workspace)
     return Lowered(cfg, graph, device, dtype, max_batch, chunk, max_loops, impls, buffers,
                    args, W)
+
+
+def _specialize_cuda_loop(params: LoopParams, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the recurrent step with this model's sizes baked in (NVRTC), if possible.
+
+    Falls back to the ahead-of-time CUDA kernels when CuPy/NVRTC is unavailable or
+    disabled (MYTHOS_RT_CUDA_JIT=0); always before any graph capture.
+    """
+    import os
+    import warnings
+    if os.environ.get("MYTHOS_RT_CUDA_JIT", "1") == "0":
+        return
+    from .cuda.jit import JITError, specialize_loop
+    try:
+        specialize_loop(params, dtype, device)
+    except JITError as exc:
+        warnings.warn(f"recurrent step: NVRTC specialization unavailable ({exc}); "
+                      "using the ahead-of-time CUDA kernels", stacklevel=3)

@@ -62,6 +62,15 @@ class Runtime:
                                                    buf.arena["logits"]],
             enabled=cuda_graphs, debug=debug)
 
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """Whether decode steps are captured/replayed as CUDA graphs (settable)."""
+        return self.graphs.enabled
+
+    @use_cuda_graphs.setter
+    def use_cuda_graphs(self, on: bool) -> None:
+        self.graphs.set_enabled(on)
+
     # ---- introspection --------------------------------------------------------------------
     @property
     def backends(self) -> dict[str, str]:

@@ -92,8 +92,8 @@ def test_input_errors_are_clear():
     rt = mythos_rt.compile(OpenMythos(cfg), backend="torch", max_batch_size=2, max_seq_len=16)
     ok = torch.randint(0, cfg.vocab_size, (1, 4))
     cases = [
-        (lambda: rt.forward(torch.tensor([[1, 97]])), "token id 97 is outside the vocabulary \\[0, 97\\)"),
-        (lambda: rt.forward(torch.tensor([[-1, 2]])), "token id -1 is outside"),
+        (lambda: rt.forward(torch.tensor([[1, 97]])), "token id 97 in input_ids is outside the vocabulary \\[0, 97\\)"),
+        (lambda: rt.forward(torch.tensor([[-1, 2]])), "token id -1 in input_ids is outside"),
         (lambda: rt.forward(torch.zeros(3, 2, dtype=torch.long)), "batch size 3 exceeds max_batch_size=2"),
         (lambda: rt.forward(torch.zeros(1, 2, 2, dtype=torch.long)), "shape \\(B, T\\)"),
         (lambda: rt.forward(torch.zeros(1, 2)), "integer tensor"),
