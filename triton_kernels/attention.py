@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.attention import GQAWeights, MLAWeights, _finish, mla_query
+from ..ops.attention import GQAWeights, MLAWeights, _finish, gqa_sublayer, mla_query
 from .flash_attention import _launch as _flash_launch
 from .flash_attention import flash_attention
 from .gqa_decode import gqa_decode
@@ -26,7 +26,7 @@ def mla_attention(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out=N
     flash attention with the shared rope key passed separately (head stride 0).
     """
     B, T, _ = x.shape
-    H, nope, R, vd = w.n_heads, w.nope, w.kv_lora_rank, w.v_dim
+    H, nope, vd = w.n_heads, w.nope, w.v_dim
     S_max = ckv.shape[1]
     q_nope, q_pe = mla_query(x, w)
     q_pe = rope(q_pe, cos, sin, cache_lens)
@@ -50,17 +50,5 @@ def mla_attention(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out=N
 def gqa_attention(x, w: GQAWeights, k_cache, v_cache, cache_lens, cos, sin, scale, out=None):
     """GQA sublayer: normed x (B, T, D) -> (B, T, D); writes roped K and V at
     cache_lens[b] + i. T == 1: split-KV decode; T > 1: causal flash attention."""
-    B, T, _ = x.shape
-    H, Hkv, d = w.n_heads, w.n_kv_heads, w.head_dim
-    S_max = k_cache.shape[1]
-    q = rope((x @ w.wq.t()).view(B, T, H, d), cos, sin, cache_lens)
-    rope_cache_write((x @ w.wk.t()).view(B, T, Hkv, d), cos, sin, cache_lens, k_cache,
-                     (x @ w.wv.t()).view(B, T, Hkv, d), v_cache)
-    if T == 1:
-        kv_lens = (cache_lens + 1).clamp(max=S_max).to(torch.int32)
-        o = gqa_decode(q[:, 0], k_cache, v_cache, kv_lens, scale)
-        return _finish(o.reshape(B, 1, H * d), w.wo, out)
-    S = min(int(cache_lens.max()) + T, S_max)  # prefill only: host sync to size the range
-    kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
-    o = flash_attention(q, k_cache[:B, :S], v_cache[:B, :S], cache_lens, kv_len, scale)
-    return _finish(o.reshape(B, T, H * d), w.wo, out)
+    return gqa_sublayer(x, w, k_cache, v_cache, cache_lens, cos, sin, scale, out,
+                        (rope, rope_cache_write, gqa_decode, flash_attention))

@@ -336,26 +336,37 @@ def mla_attention(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out=N
     return _finish(o.reshape(B, T, H * w.v_dim), w.wo, out)
 
 
+def gqa_sublayer(x, w: GQAWeights, k_cache, v_cache, cache_lens, cos, sin, scale, out,
+                 kernels) -> torch.Tensor:
+    """The GQA sublayer's composition, shared by the torch and Triton backends.
+
+    ``kernels`` = (rope, rope_cache_write, gqa_decode, flash_attention) of one backend.
+    """
+    rope_fn, cache_write_fn, decode_fn, flash_fn = kernels
+    B, T, _ = x.shape
+    H, Hkv, d = w.n_heads, w.n_kv_heads, w.head_dim
+    q = rope_fn((x @ w.wq.t()).view(B, T, H, d), cos, sin, cache_lens)
+    cache_write_fn((x @ w.wk.t()).view(B, T, Hkv, d), cos, sin, cache_lens, k_cache,
+                   (x @ w.wv.t()).view(B, T, Hkv, d), v_cache)
+    S_max = k_cache.shape[1]
+    if T == 1:
+        kv_lens = (cache_lens + 1).clamp(max=S_max).to(torch.int32)
+        o = decode_fn(q[:, 0], k_cache, v_cache, kv_lens, scale)
+        return _finish(o.reshape(B, 1, H * d), w.wo, out)
+    S = min(int(cache_lens.max()) + T, S_max)  # prefill only: host sync to size the range
+    kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
+    o = flash_fn(q, k_cache[:B, :S], v_cache[:B, :S], cache_lens, kv_len, scale)
+    return _finish(o.reshape(B, T, H * d), w.wo, out)
+
+
 def gqa_attention(x, w: GQAWeights, k_cache, v_cache, cache_lens, cos, sin, scale, out=None):
     """The GQA attention sublayer: normed input x (B, T, D) -> wo(attention) (B, T, D).
 
     Writes roped K and V into the caches at positions ``cache_lens[b] + i``. T == 1 runs
     decode attention over the cache, T > 1 causal attention over prefix + chunk.
     """
-    B, T, _ = x.shape
-    H, Hkv, d = w.n_heads, w.n_kv_heads, w.head_dim
-    q = rope((x @ w.wq.t()).view(B, T, H, d), cos, sin, cache_lens)
-    rope_cache_write((x @ w.wk.t()).view(B, T, Hkv, d), cos, sin, cache_lens, k_cache,
-                     (x @ w.wv.t()).view(B, T, Hkv, d), v_cache)
-    S_max = k_cache.shape[1]
-    if T == 1:
-        kv_lens = (cache_lens + 1).clamp(max=S_max).to(torch.int32)
-        o = gqa_decode(q[:, 0], k_cache, v_cache, kv_lens, scale)
-        return _finish(o.reshape(B, 1, H * d), w.wo, out)
-    S = min(int(cache_lens.max()) + T, S_max)  # prefill only: host sync to size the range
-    kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
-    o = flash_attention(q, k_cache[:B, :S], v_cache[:B, :S], cache_lens, kv_len, scale)
-    return _finish(o.reshape(B, T, H * d), w.wo, out)
+    return gqa_sublayer(x, w, k_cache, v_cache, cache_lens, cos, sin, scale, out,
+                        (rope, rope_cache_write, gqa_decode, flash_attention))
 
 
 # ----------------------------------------------------------------------------- registry
