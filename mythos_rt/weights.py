@@ -67,7 +67,7 @@ def materialize(g: Graph, state_dict: dict[str, torch.Tensor], device: torch.dev
     names = [n for n in g.weights if n in used or not only_used]
     for name in bar(names, desc="packing weights", enabled=progress):
         spec = g.weights[name]
-        out[name] = _make(name, spec, g, state_dict).to(device=device, dtype=_dtype(spec))
+        out[name] = _make(name, spec, g, state_dict).detach().to(device=device, dtype=_dtype(spec))
     return out
 
 
