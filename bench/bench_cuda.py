@@ -18,8 +18,6 @@ from the results file this writes through bench/gpu_suite.py.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -28,7 +26,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.harness import row, time_ms  # noqa: E402
+from bench.harness import bench_main, row, time_ms  # noqa: E402
 
 DT = torch.bfloat16
 
@@ -178,18 +176,7 @@ def run(quick: bool) -> list[dict]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print rows as JSON")
-    args = ap.parse_args(argv)
-    rows = run(args.quick)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return
-    cols = ["name", "ms", "gbps", "pct_hbm", "speedup_vs_triton"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
+    bench_main(run, ["name", "ms", "gbps", "pct_hbm", "speedup_vs_triton"], __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

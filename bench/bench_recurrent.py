@@ -17,8 +17,6 @@ CPU times mean nothing.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -29,7 +27,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import row, time_ms  # noqa: E402
+from bench.harness import bench_main, row, time_ms  # noqa: E402
 from mythos_rt import reference as R  # noqa: E402
 from mythos_rt.config import MythosConfig  # noqa: E402
 from mythos_rt.ops.recurrent import (ACTState, LoopParams, loop_epilogue_torch)  # noqa: E402
@@ -155,18 +153,7 @@ def run(quick: bool) -> list[dict]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print rows as JSON")
-    args = ap.parse_args(argv)
-    rows = run(args.quick)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return
-    cols = ["name", "ms", "gbps", "pct_hbm", "launches_per_loop", "speedup_vs_eager"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
+    bench_main(run, ["name", "ms", "gbps", "pct_hbm", "launches_per_loop", "speedup_vs_eager"], __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

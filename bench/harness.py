@@ -298,3 +298,19 @@ def env_threads() -> int:
     oversubscribe and a tiny forward varies 50x (20 ms vs 1.4 s), one thread does not.
     """
     return max(1, int(os.environ.get("MYTHOS_BENCH_THREADS", "1")))
+
+
+def bench_main(run, cols: list[str], description: str, argv=None) -> None:
+    """The command line every ``bench_<op>.py`` shares: ``[--quick] [--json]``, then a table."""
+    import argparse
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print rows as JSON")
+    args = ap.parse_args(argv)
+    rows = run(args.quick)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")) for c in cols))
