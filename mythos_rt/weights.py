@@ -65,9 +65,17 @@ def materialize(g: Graph, state_dict: dict[str, torch.Tensor], device: torch.dev
     used = g.weight_names_used()
     out: dict[str, torch.Tensor] = {}
     names = [n for n in g.weights if n in used or not only_used]
+    tied: dict[tuple, torch.Tensor] = {}  # checkpoint tensors sharing storage stay shared
     for name in bar(names, desc="packing weights", enabled=progress):
         spec = g.weights[name]
-        out[name] = _make(name, spec, g, state_dict).detach().to(device=device, dtype=_dtype(spec))
+        src = _make(name, spec, g, state_dict)
+        if spec.derive is not None:
+            out[name] = src.to(device=device, dtype=_dtype(spec))
+            continue
+        key = (src.data_ptr(), tuple(src.shape), src.stride(), spec.dtype)
+        if key not in tied:
+            tied[key] = src.detach().to(device=device, dtype=_dtype(spec))
+        out[name] = tied[key]
     return out
 
 
