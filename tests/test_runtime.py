@@ -10,7 +10,8 @@ from mythos_rt.checkpoint import save_checkpoint
 from mythos_rt.config import MythosConfig
 from mythos_rt.reference import OpenMythos
 from mythos_rt.runtime import InputError
-from mythos_rt.testing import TOL_FP32_INTERPRET, TOL_FP32_TORCH, assert_rel_close, spread_act_halting
+from mythos_rt.testing import (TOL_BF16_E2E, TOL_FP32_INTERPRET, TOL_FP32_TORCH, assert_rel_close,
+                               spread_act_halting)
 
 TOL = {"torch": TOL_FP32_TORCH, "triton": TOL_FP32_INTERPRET}
 
@@ -119,4 +120,4 @@ def test_bf16_compile_runs_and_keeps_tied_weights_tied():
     assert w["head.weight"] is w["embed.weight"] and w["embed.weight"].dtype == torch.bfloat16
     assert w["recurrent.injection.A"].dtype == torch.float32
     with torch.no_grad():  # DESIGN.md's end-to-end bf16 bound, here on CPU
-        assert_rel_close(rt.forward(ids, n_loops=4).float(), model(ids, n_loops=4), 3e-2)
+        assert_rel_close(rt.forward(ids, n_loops=4).float(), model(ids, n_loops=4), TOL_BF16_E2E)
