@@ -16,7 +16,6 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from . import ops as _ops  # noqa: F401  (registers every op)
 from .config import MythosConfig
 from .ir import Graph, Op
 from .ops.attention import GQAWeights, MLAWeights, rope_tables
@@ -142,10 +141,9 @@ class Lowered:
         elif k == "moe":
             fn, packed, ws = self._impl(op).fn, self.args[op.name], self.buffers.moe_workspace
             x, out = buf(op.inputs[0]), buf(op.outputs[0])
-            kw = {"workspace": ws} if self._impl(op).backend == "triton" else {}
 
             def run(s: Shape):
-                fn(x[:s.N], packed, out=out[:s.N], **kw)
+                fn(x[:s.N], packed, ws, out=out[:s.N])
         elif k == "head":
             w, x, out = self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
 

@@ -219,8 +219,9 @@ class Runtime:
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: Optional[int] = None, stop_ids: Sequence[int] = ()) -> Iterator[list[Optional[int]]]:
         """Yield, after each decode step, one new token id per row (None once a row stopped)."""
+        prompts, _ = self._check_prompts(input_ids)
         finished = None
-        for nxt, _, done in self._decode(input_ids, max_new_tokens, n_loops, temperature,
+        for nxt, _, done in self._decode(prompts, max_new_tokens, n_loops, temperature,
                                           top_k, top_p, seed, stop_ids, want_logits=False):
             ids = nxt.tolist()
             yield [None if (finished is not None and finished[b]) else t for b, t in enumerate(ids)]
@@ -243,7 +244,6 @@ class Runtime:
         """
         prompts, ragged = self._check_prompts(input_ids)
         steps, logits = [], []
-        done = None
         for nxt, lg, done in self._decode(prompts, max_new_tokens, n_loops, temperature,
                                            top_k, top_p, seed, stop_ids, return_logits):
             steps.append(nxt)
@@ -265,13 +265,12 @@ class Runtime:
             out = torch.cat([torch.stack(prompts), new], dim=1)
         return (out, stacked) if return_logits else out
 
-    def _decode(self, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p, seed,
-                stop_ids, want_logits):
-        """Yield (next ids (B,), logits (B, V) or None, finished (B,) or None) per step."""
-        prompts = input_ids if isinstance(input_ids, list) and all(
-            isinstance(p, torch.Tensor) and p.dim() == 1 for p in input_ids) else None
-        if prompts is None:
-            prompts, _ = self._check_prompts(input_ids)
+    def _decode(self, prompts: list[torch.Tensor], max_new_tokens, n_loops, temperature,
+                top_k, top_p, seed, stop_ids, want_logits):
+        """Yield (next ids (B,), logits (B, V) or None, finished (B,) or None) per step.
+
+        ``prompts`` are the checked 1-D prompts of ``_check_prompts``.
+        """
         n = self._check_loops(n_loops)
         self._check_sampling(max_new_tokens, temperature, top_k, top_p,
                              max(int(p.numel()) for p in prompts))
