@@ -254,12 +254,12 @@ class Runtime:
         stacked = torch.stack(logits, 1) if logits else torch.empty(B, 0, V, device=self.device)
         if ragged:
             out = []
+            stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
             for b, p in enumerate(prompts):
                 row = new[b]
-                if stop_ids:
-                    hit = torch.isin(row, torch.tensor(list(stop_ids), device=row.device)).nonzero()
-                    if len(hit):
-                        row = row[: int(hit[0]) + 1]
+                hit = torch.isin(row, stops).nonzero()
+                if len(hit):
+                    row = row[: int(hit[0]) + 1]
                 out.append(torch.cat([p, row]))
         else:
             out = torch.cat([torch.stack(prompts), new], dim=1)
@@ -281,11 +281,14 @@ class Runtime:
         B = len(prompts)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device) if len(stops) else None
         logits = self._prefill(prompts, n, want_all=False)
+        prev = None
         for i in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k, top_p, gen)
             if finished is not None:
-                nxt = torch.where(finished, stops[0].expand_as(nxt), nxt)
+                if prev is not None:  # a stopped row repeats the stop id it produced
+                    nxt = torch.where(finished, prev, nxt)
                 finished = finished | torch.isin(nxt, stops)
+                prev = nxt
             yield nxt, (logits.float().clone() if want_logits else None), finished
             # One host check per step, only when stop ids were given.
             if i + 1 == max_new_tokens or (finished is not None and bool(finished.all())):

@@ -91,3 +91,19 @@ def test_max_seq_len_is_checked_before_any_work(setup):
         rt.generate([ids[0], torch.tensor([])], 2)
     with pytest.raises(mythos_rt.InputError, match="max_new_tokens must be a non-negative"):
         rt.generate(ids, -1)
+
+
+def test_stopped_rows_repeat_their_own_stop_id(setup):
+    _, rt, ids = setup
+    kw = dict(n_loops=2, temperature=5.0, seed=0)  # hot sampling: varied, reproducible ids
+    free = rt.generate(ids[:2], 8, **kw)
+    own = int(free[0, 9])  # row 0 stops at its first new token
+    row1 = free[1, 9:].tolist()
+    # row 1 stops later, on a token different from its first one (and from row 0's)
+    j = next(i for i, t in enumerate(row1) if i > 0 and t != row1[0] and t != own)
+    other = row1[j]
+    assert own not in row1[:j + 1] and other not in row1[:j]
+    out = rt.generate(ids[:2], 8, stop_ids=[other, own], **kw)
+    assert out.shape[1] == 9 + j + 1
+    assert out[0, 9:].tolist() == [own] * (j + 1)
+    assert out[1, 9:].tolist() == row1[:j + 1]
