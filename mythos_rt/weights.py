@@ -1,8 +1,8 @@
 """Compile-time weight transforms: materialize a graph's weights from a state_dict.
 
 This is the one place where weight layouts change. Each derived weight in the IR names
-a recipe below and its source tensors; the recipes are small and exact (reshapes,
-concatenations, and the LTI decay computed once in float32).
+a recipe below and its source tensors; the recipes call the op families' own layout
+helpers (MLA absorption, expert splitting, the LTI decay), so a layout is defined once.
 """
 
 from __future__ import annotations
@@ -12,46 +12,22 @@ from typing import Callable
 import torch
 
 from .ir import Graph, WeightSpec
+from .ops.attention import absorb_mla_weights
+from .ops.moe import split_w13, split_w2
+from .ops.recurrent import lti_decay
 from .progress import bar
 
 
-def _mla_absorb(kv_up: torch.Tensor, n_heads: int, nope: int, v_dim: int, part: str) -> torch.Tensor:
-    """kv_up (H·(nope+v), R) → W_UK (H, nope, R) or W_UV (H, v, R)."""
-    per_head = kv_up.reshape(n_heads, nope + v_dim, kv_up.shape[-1])
-    return (per_head[:, :nope] if part == "uk" else per_head[:, nope:]).contiguous()
-
-
-def _moe_pack_w13(srcs: list[torch.Tensor], expert_dim: int) -> torch.Tensor:
-    """[gate0, up0, gate1, up1, ...] → [E_tot, 2I, D]; a shared expert (k·I) splits into k."""
-    packed = []
-    for gate, up in zip(srcs[0::2], srcs[1::2]):
-        for s in range(gate.shape[0] // expert_dim):
-            rows = slice(s * expert_dim, (s + 1) * expert_dim)
-            packed.append(torch.cat([gate[rows], up[rows]], dim=0))
-    return torch.stack(packed)
-
-
-def _moe_pack_w2(srcs: list[torch.Tensor], expert_dim: int) -> torch.Tensor:
-    """[down0, down1, ...] (D, k·I) → [E_tot, D, I], slicing shared experts' columns."""
-    packed = []
-    for down in srcs:
-        for s in range(down.shape[1] // expert_dim):
-            packed.append(down[:, s * expert_dim:(s + 1) * expert_dim])
-    return torch.stack(packed).contiguous()
-
-
-def _lti_decay(log_A: torch.Tensor, log_dt: torch.Tensor) -> torch.Tensor:
-    """A = exp(-exp(clamp(log_dt + log_A, -20, 20))), in float32 (as in the reference)."""
-    return torch.exp(-torch.exp((log_dt.float() + log_A.float()).clamp(-20, 20)))
-
-
-RECIPES: dict[str, Callable[..., torch.Tensor]] = {
-    "mla_absorb_uk": lambda srcs, d: _mla_absorb(srcs[0], d["n_heads"], d["nope"], d["v_dim"], "uk"),
-    "mla_absorb_uv": lambda srcs, d: _mla_absorb(srcs[0], d["n_heads"], d["nope"], d["v_dim"], "uv"),
-    "moe_pack_w13": lambda srcs, d: _moe_pack_w13(srcs, d["expert_dim"]),
-    "moe_pack_w2": lambda srcs, d: _moe_pack_w2(srcs, d["expert_dim"]),
+RECIPES: dict[str, Callable[[list[torch.Tensor], dict], torch.Tensor]] = {
+    "mla_absorb_uk": lambda srcs, d: absorb_mla_weights(srcs[0], d["n_heads"], d["nope"], d["v_dim"])[0],
+    "mla_absorb_uv": lambda srcs, d: absorb_mla_weights(srcs[0], d["n_heads"], d["nope"], d["v_dim"])[1],
+    # sources: [gate0, up0, gate1, up1, ...] and [down0, down1, ...]
+    "moe_pack_w13": lambda srcs, d: torch.stack([blk for gate, up in zip(srcs[0::2], srcs[1::2])
+                                                 for blk in split_w13(gate, up, d["expert_dim"])]),
+    "moe_pack_w2": lambda srcs, d: torch.stack([blk for down in srcs
+                                                for blk in split_w2(down, d["expert_dim"])]),
     "concat_rows": lambda srcs, d: torch.cat(srcs, dim=0),
-    "lti_decay": lambda srcs, d: _lti_decay(*srcs),
+    "lti_decay": lambda srcs, d: lti_decay(*srcs),
 }
 
 

@@ -90,6 +90,21 @@ class PackedMoE:
         return per * n_experts
 
 
+def split_w13(gate: torch.Tensor, up: torch.Tensor, expert_dim: int) -> list[torch.Tensor]:
+    """An expert's gate/up (m·I, D) as m packed (2I, D) blocks [gate slice; up slice].
+
+    m = 1 for a routed expert; a shared expert of hidden k·I is exactly k experts of
+    hidden I on its slices (the SwiGLU is elementwise over the hidden dim).
+    """
+    return [torch.cat([gate[s:s + expert_dim], up[s:s + expert_dim]])
+            for s in range(0, gate.shape[0], expert_dim)]
+
+
+def split_w2(down: torch.Tensor, expert_dim: int) -> list[torch.Tensor]:
+    """An expert's down (D, m·I) as m (D, I) blocks, matching ``split_w13``'s slices."""
+    return [down[:, s:s + expert_dim] for s in range(0, down.shape[1], expert_dim)]
+
+
 def pack_moe(state_dict: Mapping[str, torch.Tensor], prefix: str, cfg,
              dtype: Optional[torch.dtype] = None,
              device: Optional[torch.device | str] = None) -> PackedMoE:
@@ -117,19 +132,12 @@ def pack_moe(state_dict: Mapping[str, torch.Tensor], prefix: str, cfg,
         return t
 
     w13, w2 = [], []
-    for i in range(E):
-        base = f"routed_experts.{i}."
-        w13.append(torch.cat([get(base + "gate.weight", (I, D)), get(base + "up.weight", (I, D))]))
-        w2.append(get(base + "down.weight", (D, I)))
-    for j in range(n_shared):
-        base = f"shared_experts.{j}."
-        gate = get(base + "gate.weight", (k * I, D))
-        up = get(base + "up.weight", (k * I, D))
-        down = get(base + "down.weight", (D, k * I))
-        for s in range(k):
-            sl = slice(s * I, (s + 1) * I)
-            w13.append(torch.cat([gate[sl], up[sl]]))
-            w2.append(down[:, sl])
+    experts = [(f"routed_experts.{i}.", I) for i in range(E)] + [
+        (f"shared_experts.{j}.", k * I) for j in range(n_shared)]
+    for base, hidden in experts:
+        w13 += split_w13(get(base + "gate.weight", (hidden, D)),
+                         get(base + "up.weight", (hidden, D)), I)
+        w2 += split_w2(get(base + "down.weight", (D, hidden)), I)
     router_w = get("router.weight", (E, D))
     router_bias = get("router_bias", (E,))
     dtype = dtype or router_w.dtype

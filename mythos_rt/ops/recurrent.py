@@ -48,6 +48,11 @@ __all__ = ["LoopParams", "ACTState", "loop_prologue", "loop_epilogue",
 LOOP_THETA = 10000.0
 
 
+def lti_decay(log_A: torch.Tensor, log_dt: torch.Tensor) -> torch.Tensor:
+    """The LTI decay A = exp(-exp(clamp(log_dt + log_A, -20, 20))), in float32."""
+    return torch.exp(-torch.exp((log_dt.float() + log_A.float()).clamp(-20, 20)))
+
+
 @dataclass
 class LoopParams:
     """Compile-time constants of the recurrent loop (one per model).
@@ -133,9 +138,7 @@ class LoopParams:
             t = get(name)
             return (t.to(dtype) if dtype is not None else t).contiguous()
 
-        log_a = get("injection.log_A").float()
-        log_dt = get("injection.log_dt").float()
-        A = torch.exp(-torch.exp((log_dt + log_a).clamp(-20, 20))).contiguous()
+        A = lti_decay(get("injection.log_A"), get("injection.log_dt")).contiguous()
         return cls(norm_w=w("norm.weight"), lora_down=w("lora.down.weight"),
                    lora_B=w("lora.B"), lora_scale=w("lora.scale.weight"), A=A,
                    inj_B=w("injection.B"), halt_w=w("act.halt.weight").reshape(-1),
