@@ -101,7 +101,7 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .runtime import CompileOptions, build_runtime
+    from .runtime import CompileOptions, build_runtime, resolve_device
 
     t0 = time.perf_counter()
     d = Path(directory)
@@ -145,8 +145,7 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
         options.overrides = dict(overrides)
     if cuda_graphs is not None:
         options.cuda_graphs = cuda_graphs
-    device = torch.device(device if device is not None else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     moved: dict[int, torch.Tensor] = {}  # keep aliases aliased on the device
     # Fresh, aligned copies: kernels (and BLAS) may pick different paths for the unaligned
     # views safetensors returns, which would change results in the last bits.

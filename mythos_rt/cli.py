@@ -15,8 +15,9 @@ from .ops.registry import BackendError
 from .runtime import InputError
 from .trace import TraceError
 
+# Errors that describe a user's mistake; anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ConfigError, TraceError, IRError, BackendError, InputError,
-               ArtifactError, FileNotFoundError, ValueError)
+               ArtifactError, FileNotFoundError)
 
 
 def _runtime(path: str, args, **compile_kw):

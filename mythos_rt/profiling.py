@@ -39,6 +39,7 @@ import torch
 from . import costmodel
 from .config import MythosConfig
 from .lower import Shape, Step
+from .runtime import InputError
 
 PROFILE_SCHEMA = "mythos-rt-profile/1"
 
@@ -259,7 +260,7 @@ def _as_runtime(runtime_or_path, *, batch: int, max_seq_len: int, max_loops: Opt
 def _check_positive(**kw) -> None:
     for name, v in kw.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
 
 
 def _group_stages(times, n_decode_tokens: int) -> dict:
@@ -423,7 +424,7 @@ def profile(runtime_or_path: Union[Any, str, Path], prompt_len: int = 128,
 
     runtime_or_path: a compiled ``Runtime``, an nn.Module or a checkpoint path (compiled
     here for ``batch`` rows and ``prompt_len + new_tokens`` positions). Returns the
-    profile dict (what profile.json holds). Raises ValueError on bad arguments.
+    profile dict (what profile.json holds). Raises InputError on bad arguments.
     """
     _check_positive(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch)
     if n_loops is not None:
@@ -580,9 +581,9 @@ def format_stages(result: dict) -> str:
 def _cmd_profile(args) -> int:
     from .runtime import compile as rt_compile
     if args.preset and args.checkpoint:
-        raise ValueError("give a checkpoint or --preset, not both")
+        raise InputError("give a checkpoint or --preset, not both")
     if not args.preset and not args.checkpoint:
-        raise ValueError("give a checkpoint path (CKPT|DIR) or --preset NAME")
+        raise InputError("give a checkpoint path (CKPT|DIR) or --preset NAME")
     _check_positive(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch)
     if args.n_loops is not None:
         _check_positive(n_loops=args.n_loops)
@@ -628,7 +629,7 @@ def _bench_module():
     import sys
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "bench" / "bench_e2e.py").is_file():
-        raise ValueError(f"mythos-rt bench needs a source checkout: {repo / 'bench'} not found "
+        raise InputError(f"mythos-rt bench needs a source checkout: {repo / 'bench'} not found "
                          "(install with pip install -e .)")
     if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
@@ -638,7 +639,7 @@ def _bench_module():
 def _cmd_bench(args) -> int:
     e2e = _bench_module()
     if args.checkpoint and args.preset:
-        raise ValueError("give a checkpoint or --preset, not both")
+        raise InputError("give a checkpoint or --preset, not both")
     if args.checkpoint:
         path = Path(args.checkpoint)
         if not path.exists():
@@ -654,7 +655,7 @@ def _cmd_bench(args) -> int:
     else:
         specs = None
     if args.budget_s <= 0:
-        raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
+        raise InputError(f"--budget-s must be positive, got {args.budget_s}")
     if not torch.cuda.is_available():
         print("mythos-rt bench: no CUDA device: CPU timers, tiny lengths, floors are "
               "DESIGN.md's H100 numbers (not measured)")

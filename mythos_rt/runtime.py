@@ -33,6 +33,16 @@ class InputError(ValueError):
     """A call's arguments are invalid (names the argument, its value and the limit)."""
 
 
+def resolve_device(device) -> torch.device:
+    """The device to run on: as given, else CUDA if available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"invalid device {device!r}: {str(exc).splitlines()[0]}") from None
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -356,8 +366,7 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
     with stage("loading and tracing", progress):
         graph, cfg, sd = trace(model_or_path, config)
     t1 = time.perf_counter()
-    device = torch.device(device if device is not None else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = dtype if dtype is not None else sd["embed.weight"].dtype
     options = CompileOptions(
         dtype=dtype if isinstance(dtype, str) else _dtype_name(dtype), backend=backend,

@@ -66,6 +66,7 @@ def test_compile_generate_inspect(ckpt, tmp_path, capsys):
     (["compile", "{tmp}/missing", "-o", "{tmp}/x"], "no such file or directory"),
     (["compile", "{ckpt}", "-o", "{art}"], "is not empty"),
     (["inspect", "{ckpt}", "--after-pass", "nope"], "unknown pass 'nope'"),
+    (["generate", "{art}", "--prompt-ids", "1", "--device", "bogus"], "invalid device 'bogus'"),
 ])
 def test_user_errors_are_one_line(ckpt, art, tmp_path, args, message, capsys):
     fill = {"art": art, "ckpt": ckpt, "tmp": tmp_path}
