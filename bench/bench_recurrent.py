@@ -56,12 +56,7 @@ class _EagerLoop(torch.nn.Module):
         thr = self.cfg.act_threshold
         out = block_out + self.lora(block_out, t)
         h = self.injection(h, e, out)
-        p = self.act(h)
-        running = (~halted).float()
-        weight = torch.where(cum + p >= thr, (1.0 - cum).clamp(min=0), p) * running
-        h_out = h_out + weight.unsqueeze(-1).to(h.dtype) * h
-        cum = cum + p * running
-        halted = halted | (cum >= thr)
+        h_out, cum, halted = R.act_update(h, self.act(h), cum, halted, h_out, thr)
         combined = self.norm(R.loop_index_embedding(h, t + 1, self.loop_dim) + e)
         return h, cum, halted, h_out, combined
 

@@ -279,6 +279,20 @@ class ACTHalting(nn.Module):
         return torch.sigmoid(self.halt(h)).squeeze(-1)
 
 
+def act_update(h, p, cumulative_p, halted, h_out, thr):
+    """One loop's ACT accumulation; returns (h_out, cumulative_p, halted).
+
+    The step that crosses thr contributes 1 - cum; positions already halted contribute
+    nothing; positions that never halt get no remainder. p, cumulative_p, halted: (B, T).
+    """
+    running = (~halted).float()
+    weight = torch.where(cumulative_p + p >= thr, (1.0 - cumulative_p).clamp(min=0), p)
+    weight = weight * running
+    h_out = h_out + weight.unsqueeze(-1).to(h.dtype) * h
+    cumulative_p = cumulative_p + p * running
+    return h_out, cumulative_p, halted | (cumulative_p >= thr)
+
+
 class RecurrentBlock(nn.Module):
     """One TransformerBlock looped n_loops times with LTI injection, LoRA and ACT halting."""
 
@@ -305,15 +319,8 @@ class RecurrentBlock(nn.Module):
             out = out + self.lora(out, t)
             h = self.injection(h, e, out)
 
-            p = self.act(h)  # (B, T)
-            running = (~halted).float()
-            # ACT remainder rule: the step that crosses thr contributes 1 - cum; positions
-            # already halted contribute nothing; positions that never halt get no remainder.
-            weight = torch.where(cumulative_p + p >= thr, (1.0 - cumulative_p).clamp(min=0), p)
-            weight = weight * running
-            h_out = h_out + weight.unsqueeze(-1).to(h.dtype) * h
-            cumulative_p = cumulative_p + p * running
-            halted = halted | (cumulative_p >= thr)
+            h_out, cumulative_p, halted = act_update(h, self.act(h), cumulative_p, halted,
+                                                     h_out, thr)
             # With a cache every depth must run so later decode steps find every loop's keys.
             if kv_cache is None and bool(halted.all()):
                 break

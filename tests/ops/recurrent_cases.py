@@ -79,12 +79,7 @@ def ref_step(m, block_out, h, e, t, cum, halted, h_out):
     thr = m.thr if hasattr(m, "thr") else m.cfg.act_threshold
     out = block_out + m.lora(block_out, t)
     h = m.injection(h, e, out)
-    p = m.act(h)
-    running = (~halted).float()
-    weight = torch.where(cum + p >= thr, (1.0 - cum).clamp(min=0), p) * running
-    h_out = h_out + weight.unsqueeze(-1).to(h.dtype) * h
-    cum = cum + p * running
-    halted = halted | (cum >= thr)
+    h_out, cum, halted = R.act_update(h, m.act(h), cum, halted, h_out, thr)
     return h, cum, halted, h_out
 
 
