@@ -234,10 +234,14 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                            torch.zeros(shape, dtype=dtype, device=device))
 
     moe_packed = None
+    h_state = torch.empty(n_max, cfg.dim, dtype=dtype, device=device)  # the loop's h
     for g in [graph] + [op.body for op in graph.ops if op.body is not None]:
         for op in g.ops:
             for v in op.outputs:
-                alloc(v, width_of(v, g))
+                if op.kind == "loop_epilogue":  # it updates h in place: its output is h
+                    arena[v] = h_state
+                else:
+                    alloc(v, width_of(v, g))
             if op.kind == "mla_attention":
                 names = ["q_down", "q_norm", "q_up_nope", "q_up_rope", "kv_down", "kv_norm",
                          "kv_up", "wo", "w_uk", "w_uv"]
@@ -285,7 +289,7 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
         cache_lens=torch.zeros(max_batch, dtype=torch.int32, device=device),
         input_ids=torch.zeros(n_max, dtype=torch.long, device=device),
         act=ACTState.allocate(n_max, cfg.dim, dtype, device),
-        h=torch.empty(n_max, cfg.dim, dtype=dtype, device=device),
+        h=h_state,
         cos=cos, sin=sin, moe_workspace=workspace)
     return Lowered(cfg, graph, device, dtype, max_batch, chunk, max_loops, impls, buffers,
                    args, W)
