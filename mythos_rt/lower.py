@@ -52,6 +52,26 @@ class Step:
     run: Callable[[Shape], None]
 
 
+class RowViews:
+    """``buf[:n]`` (optionally viewed as ``shape``), made once per (buffer, n, shape).
+
+    Slicing a buffer is a PyTorch dispatch; on a CPU, where a decode step is bound by
+    dispatches, steps look their views up here instead of slicing on every run. The
+    buffers never move, so a view stays valid for the runtime's lifetime.
+    """
+
+    def __init__(self):
+        self._views: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, buf: torch.Tensor, n: int, shape: Optional[tuple] = None) -> torch.Tensor:
+        key = (id(buf), n, shape)
+        v = self._views.get(key)
+        if v is None:
+            v = buf[:n] if shape is None else buf[:n].view(shape)
+            self._views[key] = v
+        return v
+
+
 @dataclass
 class Buffers:
     """Everything a plan touches, allocated once at compile time."""
@@ -80,6 +100,7 @@ class Lowered:
     buffers: Buffers
     args: dict[str, object] = field(default_factory=dict)  # op name → prepared weights
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: RowViews = field(default_factory=RowViews)
 
     def plan(self, n_loops: int) -> list[Step]:
         """The flat step list for one forward chunk with ``n_loops`` iterations."""
@@ -102,53 +123,54 @@ class Lowered:
         return self.impls[KERNEL_OF[op.kind]]
 
     def _step(self, op: Op, t: Optional[int] = None, cache_key: Optional[str] = None) -> Step:
-        k, W, buf = op.kind, op.weights, self._buf
+        k, W, buf, rows = op.kind, op.weights, self._buf, self.rows
         backend = self.impls[KERNEL_OF[k]].backend if k in KERNEL_OF else "torch"
         if k == "embed":
             w, ids, out = self.weights[W["w"]], self.buffers.input_ids, buf(op.outputs[0])
 
             def run(s: Shape):
-                torch.index_select(w, 0, ids[:s.N], out=out[:s.N])
+                torch.index_select(w, 0, rows(ids, s.N), out=rows(out, s.N))
         elif k == "rmsnorm":
             fn, w, x, out = self._impl(op).fn, self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
 
             def run(s: Shape):
-                fn(x[:s.N], w, 1e-6, out=out[:s.N])
+                fn(rows(x, s.N), w, 1e-6, out=rows(out, s.N))
         elif k == "add_rmsnorm":
             fn, w = self._impl(op).fn, self.weights[W["w"]]
             a, b = buf(op.inputs[0]), buf(op.inputs[1])
             normed, summed = buf(op.outputs[0]), buf(op.outputs[1])
 
             def run(s: Shape):
-                fn(a[:s.N], w, 1e-6, residual=b[:s.N], out=normed[:s.N], residual_out=summed[:s.N])
+                fn(rows(a, s.N), w, 1e-6, residual=rows(b, s.N), out=rows(normed, s.N),
+                   residual_out=rows(summed, s.N))
         elif k == "add":
             a, b, out = buf(op.inputs[0]), buf(op.inputs[1]), buf(op.outputs[0])
 
             def run(s: Shape):
-                torch.add(a[:s.N], b[:s.N], out=out[:s.N])
+                torch.add(rows(a, s.N), rows(b, s.N), out=rows(out, s.N))
         elif k in ("mla_attention", "gqa_attention"):
             run = self._attention_run(op, cache_key or op.attrs["cache"])
         elif k == "dense_ffn":
             fn = self._impl(op).fn
-            w13, down = self.weights[W["w13"]], self.weights[W["down"]]
+            w13_t, down_t = self.weights[W["w13"]].t(), self.weights[W["down"]].t()
             x, out = buf(op.inputs[0]), buf(op.outputs[0])
             gu, act = buf(f"{op.name}.gate_up"), buf(f"{op.name}.act")
 
             def run(s: Shape):
-                torch.matmul(x[:s.N], w13.t(), out=gu[:s.N])
-                fn(gu[:s.N], out=act[:s.N])
-                torch.matmul(act[:s.N], down.t(), out=out[:s.N])
+                torch.matmul(rows(x, s.N), w13_t, out=rows(gu, s.N))
+                fn(rows(gu, s.N), out=rows(act, s.N))
+                torch.matmul(rows(act, s.N), down_t, out=rows(out, s.N))
         elif k == "moe":
             fn, packed, ws = self._impl(op).fn, self.args[op.name], self.buffers.moe_workspace
             x, out = buf(op.inputs[0]), buf(op.outputs[0])
 
             def run(s: Shape):
-                fn(x[:s.N], packed, ws, out=out[:s.N])
+                fn(rows(x, s.N), packed, ws, out=rows(out, s.N))
         elif k == "head":
-            w, x, out = self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
+            w_t, x, out = self.weights[W["w"]].t(), buf(op.inputs[0]), buf(op.outputs[0])
 
             def run(s: Shape):
-                torch.matmul(x[:s.N], w.t(), out=out[:s.N])
+                torch.matmul(rows(x, s.N), w_t, out=rows(out, s.N))
         else:
             raise LoweringError(f"cannot lower op {op.name!r} of kind {k!r}")
         return Step(op.name if t is None else f"{op.name}[t={t}]", k, backend, run)
@@ -158,32 +180,33 @@ class Lowered:
         first, second = self.buffers.caches[cache_key]
         x, out = self._buf(op.inputs[0]), self._buf(op.outputs[0])
         lens, cos, sin, D = self.buffers.cache_lens, self.buffers.cos, self.buffers.sin, self.cfg.dim
-        cfg = self.cfg
+        cfg, rows = self.cfg, self.rows
         scale = ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 if op.kind == "mla_attention"
                  else cfg.head_dim ** -0.5)
 
         def run(s: Shape):
-            fn(x[:s.N].view(s.B, s.T, D), w, first, second, lens[:s.B], cos, sin, scale,
-               out=out[:s.N].view(s.B, s.T, D))
+            shape = (s.B, s.T, D)
+            fn(rows(x, s.N, shape), w, first, second, rows(lens, s.B), cos, sin, scale,
+               out=rows(out, s.N, shape))
         return run
 
     def _loop_steps(self, loop: Op, n_loops: int) -> list[Step]:
         body = loop.body
-        e, h, act = self._buf(loop.inputs[1]), self.buffers.h, self.buffers.act
+        e, h, act, rows = self._buf(loop.inputs[1]), self.buffers.h, self.buffers.act, self.rows
         ops = body.ops
         if ops[0].kind != "loop_prologue" or ops[-1].kind != "loop_epilogue":
             raise LoweringError("the loop body must start with loop_prologue and end with "
                                 "loop_epilogue (run the fuse_recurrent_step pass)")
-        params = self.args["loop"]
         pro, epi = self.impls["loop_prologue"], self.impls["loop_epilogue"]
+        pro_params, epi_params = self.args["loop_prologue"], self.args["loop_epilogue"]
         combined = self._buf(ops[0].outputs[0])
         block_out = self._buf(ops[-1].inputs[0])
         out = self._buf(loop.outputs[0])
 
         def start(s: Shape):
-            h[:s.N].copy_(e[:s.N])
+            rows(h, s.N).copy_(rows(e, s.N))
             act.reset(s.N)
-            pro.fn(h[:s.N], e[:s.N], params, 0, out=combined[:s.N])
+            pro.fn(rows(h, s.N), rows(e, s.N), pro_params, 0, out=rows(combined, s.N))
 
         steps = [Step("loop_start+prologue[t=0]", "loop_prologue", pro.backend, start)]
         for t in range(n_loops):
@@ -192,17 +215,17 @@ class Lowered:
             last = t == n_loops - 1
 
             def epilogue(s: Shape, t=t, last=last):
-                epi.fn(block_out[:s.N], h[:s.N], e[:s.N], params, t, act,
-                       next_combined=None if last else combined[:s.N])
+                epi.fn(rows(block_out, s.N), rows(h, s.N), rows(e, s.N), epi_params, t, act,
+                       next_combined=None if last else rows(combined, s.N))
             steps.append(Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend, epilogue))
 
         def finish(s: Shape):
-            out[:s.N].copy_(act.h_out[:s.N])
+            rows(out, s.N).copy_(rows(act.h_out, s.N))
         steps.append(Step("loop_result", "copy", "torch", finish))
         return steps
 
     def _advance(self, s: Shape) -> None:
-        self.buffers.cache_lens[:s.B] += s.T
+        self.rows(self.buffers.cache_lens, s.B).add_(s.T)
 
 
 def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
@@ -278,6 +301,15 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
 
     if impls["loop_epilogue"].backend == "cuda" and "loop" in args:
         _specialize_cuda_loop(args["loop"], dtype, device)
+    # Each implementation's own form of its arguments (identity unless it registered a
+    # prepare step, e.g. the cpu backend's fused weights), made once here.
+    for g in [graph] + [op.body for op in graph.ops if op.body is not None]:
+        for op in g.ops:
+            if op.name in args:
+                args[op.name] = impls[KERNEL_OF[op.kind]].prepare(args[op.name])
+    if "loop" in args:
+        for name in ("loop_prologue", "loop_epilogue"):
+            args[name] = impls[name].prepare(args["loop"])
     rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
     cos, sin = rope_tables(rope_dim, max_seq_len, cfg.rope_theta, device=device)
     workspace = None

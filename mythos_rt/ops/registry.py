@@ -1,12 +1,19 @@
-"""Ops registry: each fused op has a `torch` implementation and optionally `triton`/`cuda` ones.
+"""Ops registry: each fused op has a `torch` implementation and optionally `triton`,
+`cuda` and `cpu` ones.
 
 Implementations are registered by dotted path ("module:function") and imported only
 when selected, so importing mythos-rt never imports Triton or the CUDA extension.
+``torch`` is the per-op reference (composite PyTorch, any device); ``cpu`` is the lean
+CPU decode path of ``mythos_rt.cpu`` (few dispatches per token, weights pre-fused).
 
 Selection (``select``): ``backend="auto"`` picks triton > cuda > torch on a CUDA device
-(the first one registered and importable) and torch elsewhere; a named backend is used
-as asked, or is a clear error if that op has no such implementation. Per-op overrides
-(``{"moe_ffn": "torch"}``) win over the global choice, for debugging.
+and cpu > torch on the CPU (the first one registered and importable); a named backend
+is used as asked, or is a clear error if that op has no such implementation. Per-op
+overrides (``{"moe_ffn": "torch"}``) win over the global choice, for debugging.
+
+An implementation may come with a ``prepare`` function that turns the op's generic
+arguments (``MLAWeights``, ``PackedMoE``, ``LoopParams``) into the form it runs on; the
+lowering calls it once, at compile time.
 """
 
 from __future__ import annotations
@@ -18,25 +25,31 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "cpu")
 # Triton first until the GPU benchmarks show where a hand-written CUDA kernel wins
 # (docs/cuda.md); ask for "cuda" explicitly or per op through overrides meanwhile.
 _AUTO_ORDER_GPU = ("triton", "cuda", "torch")
+_AUTO_ORDER_CPU = ("cpu", "torch")
 
 _REGISTRY: dict[str, dict[str, str]] = {}
+_PREPARE: dict[tuple[str, str], str] = {}
 
 
 class BackendError(RuntimeError):
     """The requested backend cannot run this op here."""
 
 
-def register(op: str, backend: str, target: str) -> None:
-    """Register ``target`` ("package.module:function") as ``op``'s ``backend`` implementation."""
+def register(op: str, backend: str, target: str, prepare: Optional[str] = None) -> None:
+    """Register ``target`` ("package.module:function") as ``op``'s ``backend`` implementation,
+    with an optional ``prepare`` ("module:function") for its arguments."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if ":" not in target:
-        raise ValueError(f"target must look like 'module:function', got {target!r}")
+    for path in (target, prepare):
+        if path is not None and ":" not in path:
+            raise ValueError(f"target must look like 'module:function', got {path!r}")
     _REGISTRY.setdefault(op, {})[backend] = target
+    if prepare is not None:
+        _PREPARE[(op, backend)] = prepare
 
 
 def ops() -> list[str]:
@@ -50,24 +63,40 @@ def backends_of(op: str) -> list[str]:
     return [b for b in BACKENDS if b in _REGISTRY[op]]
 
 
-def load(op: str, backend: str) -> Callable:
-    """Import and return ``op``'s ``backend`` implementation."""
-    if backend not in backends_of(op):
-        raise BackendError(f"op {op!r} has no {backend!r} implementation "
-                           f"(available: {', '.join(backends_of(op))})")
-    module, _, name = _REGISTRY[op][backend].partition(":")
+def _import(op: str, backend: str, path: str) -> Callable:
+    module, _, name = path.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as exc:
         raise BackendError(f"op {op!r}: the {backend!r} backend cannot be imported: {exc}") from exc
 
 
+def load(op: str, backend: str) -> Callable:
+    """Import and return ``op``'s ``backend`` implementation."""
+    if backend not in backends_of(op):
+        raise BackendError(f"op {op!r} has no {backend!r} implementation "
+                           f"(available: {', '.join(backends_of(op))})")
+    return _import(op, backend, _REGISTRY[op][backend])
+
+
+def _identity(args):
+    return args
+
+
 @dataclass(frozen=True)
 class Selected:
-    """A resolved implementation: which backend, and the callable."""
+    """A resolved implementation: which backend, the callable, and its argument prepare
+    step (identity unless the implementation registered one)."""
     op: str
     backend: str
     fn: Callable
+    prepare: Callable = _identity
+
+
+def _selected(op: str, backend: str) -> Selected:
+    path = _PREPARE.get((op, backend))
+    prepare = _import(op, backend, path) if path else _identity
+    return Selected(op, backend, load(op, backend), prepare)
 
 
 def _cuda_extension_available() -> bool:
@@ -81,6 +110,8 @@ def _cuda_extension_available() -> bool:
 def _usable(backend: str, device: torch.device) -> bool:
     if backend == "torch":
         return True
+    if backend == "cpu":
+        return device.type == "cpu"
     if device.type != "cuda":
         return False
     if backend == "cuda":
@@ -94,10 +125,10 @@ def select(op: str, device: torch.device | str, backend: str = "auto",
     device = torch.device(device)
     wanted = (overrides or {}).get(op, backend)
     if wanted == "auto":
-        order = _AUTO_ORDER_GPU if device.type == "cuda" else ("torch",)
+        order = _AUTO_ORDER_GPU if device.type == "cuda" else _AUTO_ORDER_CPU
         for b in order:
             if b in backends_of(op) and _usable(b, device):
-                return Selected(op, b, load(op, b))
+                return _selected(op, b)
         raise BackendError(f"op {op!r}: no usable implementation on {device}")
     if wanted not in BACKENDS:
         raise BackendError(f"unknown backend {wanted!r} for op {op!r}; "
@@ -107,5 +138,7 @@ def select(op: str, device: torch.device | str, backend: str = "auto",
     if wanted == "cuda" and not _cuda_extension_available():
         raise BackendError(f"op {op!r}: the 'cuda' backend needs the mythos_rt._C extension "
                            "(reinstall with MYTHOS_RT_BUILD_CUDA=1)")
+    if wanted == "cpu" and device.type != "cpu":
+        raise BackendError(f"op {op!r}: the 'cpu' backend runs on the CPU only, got {device}")
     # "triton" on CPU is allowed: mythos_rt.triton_kernels runs it under the interpreter.
-    return Selected(op, wanted, load(op, wanted))
+    return _selected(op, wanted)
