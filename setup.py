@@ -67,7 +67,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mythos_rt", "mythos_rt.ops", "mythos_rt.cuda", "mythos_rt.triton_kernels",
+    packages=["mythos_rt", "mythos_rt.ops", "mythos_rt.cpu", "mythos_rt.cuda", "mythos_rt.triton_kernels",
               "mythos_rt.graphs"],
     package_dir={"mythos_rt": "mythos_rt", "mythos_rt.triton_kernels": "triton_kernels",
                  "mythos_rt.graphs": "graphs"},

@@ -55,8 +55,8 @@ def run(quick: bool = False) -> list[dict]:
     torch.manual_seed(0)
     ref = OpenMythos(cfg).eval()
     n_loops, steps = cfg.max_loop_iters, (3 if quick else 8)
-    rt = mythos_rt.compile(ref, backend="torch", max_batch_size=1)
-    models = {"mythos-rt (torch backend)": rt, "eager reference": ref}
+    rt = mythos_rt.compile(ref, backend="auto", max_batch_size=1)
+    models = {"mythos-rt (cpu backend)": rt, "eager reference": ref}
     up = _upstream(cfg)
     if up is not None:
         up.load_state_dict(ref.state_dict())

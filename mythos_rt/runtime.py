@@ -176,14 +176,19 @@ class Runtime:
             step.run(shape)
 
     def _run_chunk(self, ids: torch.Tensor, n_loops: int) -> torch.Tensor:
-        """Run one chunk (B, T) at the current cache lengths; return logits (B, T, V) view."""
+        """Run one chunk (B, T) at the current cache lengths; return logits (B, T, V) view.
+
+        Inference mode: no autograd bookkeeping on the plan's views and in-place updates,
+        which is a large share of a CPU decode step's cost.
+        """
         B, T = ids.shape
-        self._low.buffers.input_ids[:B * T].copy_(ids.reshape(-1))
-        if T == 1:
-            self.graphs.step(B, n_loops)
-        else:
-            self._execute(Shape(B, T), n_loops)
-        return self._low.buffers.arena["logits"][:B * T].view(B, T, -1)
+        with torch.inference_mode():
+            self._low.buffers.input_ids[:B * T].copy_(ids.reshape(-1))
+            if T == 1:
+                self.graphs.step(B, n_loops)
+            else:
+                self._execute(Shape(B, T), n_loops)
+            return self._low.buffers.arena["logits"][:B * T].view(B, T, -1)
 
     def _prefill(self, prompts: list[torch.Tensor], n_loops: int, want_all: bool):
         """Prefill right-padded prompts in chunks; return last-token logits (B, V) or all.

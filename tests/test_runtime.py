@@ -13,7 +13,7 @@ from mythos_rt.runtime import InputError
 from mythos_rt.testing import (TOL_BF16_E2E, TOL_FP32_INTERPRET, TOL_FP32_TORCH, assert_rel_close,
                                spread_act_halting)
 
-TOL = {"torch": TOL_FP32_TORCH, "triton": TOL_FP32_INTERPRET}
+TOL = {"torch": TOL_FP32_TORCH, "cpu": TOL_FP32_TORCH, "triton": TOL_FP32_INTERPRET}
 
 CONFIGS = {
     "mla": lambda: MythosConfig.from_preset("tiny_mla"),
@@ -29,7 +29,8 @@ def _model(cfg, ids):
     return model
 
 
-CASES = [(name, "torch") for name in sorted(CONFIGS)] + [("mla", "triton"), ("gqa", "triton")]
+CASES = ([(name, b) for name in sorted(CONFIGS) for b in ("torch", "cpu")]
+         + [("mla", "triton"), ("gqa", "triton")])
 
 
 @pytest.mark.parametrize("name, backend", CASES)
@@ -84,7 +85,7 @@ def test_repr_says_which_backend_runs_each_op():
     rt = mythos_rt.compile(OpenMythos(MythosConfig.from_preset("tiny_mla")), backend="auto",
                            overrides={"moe_ffn": "triton"})
     text = repr(rt)
-    assert "moe_ffn=triton" in text and "mla_attention=torch" in text
+    assert "moe_ffn=triton" in text and "mla_attention=cpu" in text
     assert rt.config.attn_type == "mla" and rt.device.type == "cpu" and rt.dtype == torch.float32
 
 

@@ -306,20 +306,24 @@ def loop_epilogue_torch(block_out: torch.Tensor, h: torch.Tensor, e: torch.Tenso
 def loop_prologue(h, e, params, t, out=None, backend="auto"):
     """Dispatch ``loop_prologue`` to the backend chosen for h's device."""
     from .registry import select
-    return select("loop_prologue", h.device, backend).fn(h, e, params, t, out)
+    sel = select("loop_prologue", h.device, backend)
+    return sel.fn(h, e, sel.prepare(params), t, out)
 
 
 def loop_epilogue(block_out, h, e, params, t, state, next_combined=None, backend="auto"):
     """Dispatch ``loop_epilogue`` to the backend chosen for h's device."""
     from .registry import select
-    return select("loop_epilogue", h.device, backend).fn(block_out, h, e, params, t, state,
-                                                        next_combined)
+    sel = select("loop_epilogue", h.device, backend)
+    return sel.fn(block_out, h, e, sel.prepare(params), t, state, next_combined)
 
 
 register("loop_prologue", "torch", "mythos_rt.ops.recurrent:loop_prologue_torch")
 register("loop_prologue", "triton", "mythos_rt.triton_kernels.recurrent_step:loop_prologue_triton")
 register("loop_epilogue", "torch", "mythos_rt.ops.recurrent:loop_epilogue_torch")
 register("loop_epilogue", "triton", "mythos_rt.triton_kernels.recurrent_step:loop_epilogue_triton")
+for _op in ("loop_prologue", "loop_epilogue"):
+    register(_op, "cpu", f"mythos_rt.cpu.recurrent:{_op}_cpu",
+             prepare="mythos_rt.cpu.recurrent:prepare_loop")
 # CUDA backends (mythos_rt._C, built with MYTHOS_RT_BUILD_CUDA=1); see docs/cuda.md.
 register("loop_prologue", "cuda", "mythos_rt.cuda.recurrent:loop_prologue_cuda")
 register("loop_epilogue", "cuda", "mythos_rt.cuda.recurrent:loop_epilogue_cuda")

@@ -107,13 +107,16 @@ def test_registry_and_signatures():
         public = [p for p in k_sig.parameters.values() if not p.name.startswith("_")]
         assert list(t_sig.parameters) == [p.name for p in public], op
         assert [p.default for p in t_sig.parameters.values()] == [p.default for p in public]
-    assert registry.select("loop_epilogue", "cpu").fn is loop_epilogue_torch
+    assert registry.select("loop_epilogue", "cpu", "torch").fn is loop_epilogue_torch
 
 
-def test_dispatch_wrappers_use_torch_on_cpu():
+def test_dispatch_wrappers_prepare_the_selected_backend():
     m = make_ref_loop(48)
     h, e = torch.randn(5, 48), torch.randn(5, 48)
-    assert torch.equal(loop_prologue(h, e, m.params(), 2), loop_prologue_torch(h, e, m.params(), 2))
+    want = loop_prologue_torch(h, e, m.params(), 2)
+    assert torch.equal(loop_prologue(h, e, m.params(), 2, backend="torch"), want)
+    # auto on a CPU is the cpu backend, which needs its prepared LoopParams
+    assert_rel_close(loop_prologue(h, e, m.params(), 2), want, TOL_FP32_TORCH)
     st = ACTState.allocate(5, 48, torch.float32, "cpu").reset(5)
     assert loop_epilogue(torch.randn(5, 48), h, e, m.params(), 0, st) is None
 

@@ -1,0 +1,24 @@
+"""CPU backend of mythos-rt: the lean decode path (registry backend ``"cpu"``).
+
+On a CPU, a decode step of a small or medium model is bound by dispatch, not arithmetic:
+each PyTorch call costs a few microseconds whatever its size, and the torch reference
+implementations (``mythos_rt.ops``) spend 100+ calls per sublayer on generality (masks,
+dtype round trips, host-synchronizing scatters). These implementations run the same ops
+in as few calls as possible:
+
+* weights are fused once at compile time by each op's ``prepare`` function (MLA
+  absorption into the query and output projections, norm weights and the softmax scale
+  folded into matrices, concatenated projections, per-loop LoRA matrices, per-expert
+  views);
+* positions and routing decisions are read on the host, where that is free;
+* RoPE is one in-place complex multiply.
+
+Same signatures and cache contracts as the torch implementations, which they fall back
+to outside the decode fast path (chunks of more than one token, dtypes other than
+float32), so every input gives the reference's answer.
+
+* ``mythos_rt.cpu.attention``  ``mla_attention_cpu``, ``gqa_attention_cpu``
+* ``mythos_rt.cpu.moe``        ``moe_ffn_cpu``
+* ``mythos_rt.cpu.recurrent``  ``loop_prologue_cpu``, ``loop_epilogue_cpu``
+* ``mythos_rt.cpu.norm``       ``rmsnorm_cpu``, ``swiglu_cpu``
+"""

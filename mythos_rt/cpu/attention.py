@@ -1,0 +1,242 @@
+"""Lean CPU decode attention (MLA and GQA): one new token per row in ~25 PyTorch calls.
+
+``prepare_mla`` / ``prepare_gqa`` fuse the projections once; ``mla_attention_cpu`` /
+``gqa_attention_cpu`` take the torch implementations' arguments and cache contract
+(``mythos_rt.ops.attention``) and run the decode step as:
+
+MLA   one down-projection for [k_pe | latent | c_q]; c_q's RMSNorm weight and the softmax
+      scale folded into one up-projection for [q_pe | q_latent] (``w_uk`` absorbed into it
+      when that keeps the matrix small, else one batched matmul); scores
+      ``q_latent·ckv + q_pe·kpe`` and values ``p·ckv`` read straight from the compact
+      cache; one output projection (``w_uv`` absorbed into ``wo`` under the same rule).
+GQA   one projection for [q | k | v] (scale folded into q), grouped matmuls over the cache.
+
+Positions are read on the host (free on a CPU). Chunks of more than one token (prefill),
+dtypes other than float32 and positions past the cache run the torch implementation.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..ops.attention import GQAWeights, MLAWeights, gqa_attention, mla_attention
+from .norm import inv_rms
+
+__all__ = ["CpuMLA", "CpuGQA", "prepare_mla", "prepare_gqa", "mla_attention_cpu",
+           "gqa_attention_cpu"]
+
+# Absorb w_uk / w_uv into a projection only while the fused matrix holds at most this
+# many times the parameters of the two it replaces: below, one call beats two; above,
+# the extra bytes read per token would cost more than the call saved.
+FOLD_LIMIT = 2.0
+
+
+@dataclass
+class CpuMLA:
+    """MLA weights fused for decode (float32, nn.Linear layout unless named ``*_t``)."""
+    base: MLAWeights            # the torch implementation's weights (prefill, other dtypes)
+    down_t: torch.Tensor        # (D, rope + R + q_lora): [kv_down rope rows; latent; q_down]ᵀ
+    q_up_t: torch.Tensor        # (q_lora, H·rope + H·(R or nope)), q_norm and scale folded
+    w_uk: Optional[torch.Tensor]  # (H, nope, R) when not absorbed into q_up
+    o_t: torch.Tensor           # (H·R, D) = (wo∘w_uv)ᵀ, or (H·v, D) = woᵀ when not absorbed
+    w_uv_t: Optional[torch.Tensor]  # (H, R, v) when not absorbed into o_t
+    kv_norm: torch.Tensor       # (R,)
+    scale: float                # the softmax scale folded into q_up
+    n_heads: int
+    rank: int
+    rope: int
+    eps: float
+
+
+@dataclass
+class CpuGQA:
+    """GQA weights fused for decode: [wq·scale; wk; wv] and woᵀ."""
+    base: GQAWeights
+    qkv_t: torch.Tensor         # (D, (H + 2·Hkv)·d)
+    wo_t: torch.Tensor          # (H·d, D)
+    scale: float
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+def _fold(big: int, parts: int) -> bool:
+    return big <= FOLD_LIMIT * parts
+
+
+def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
+    """Fuse an MLA sublayer's weights for ``mla_attention_cpu`` (folds in float64)."""
+    limit = FOLD_LIMIT if fold_limit is None else fold_limit
+    H, nope, R, P, v = w.n_heads, w.nope, w.kv_lora_rank, w.rope_dim, w.v_dim
+    q_lora, D = w.q_down.shape
+    scale = (nope + P) ** -0.5
+    d = torch.float64
+    col = w.q_norm.to(d)[None, :] * scale
+    rope_rows = w.q_up_rope.to(d) * col                          # (H·P, q_lora)
+    nope_rows = (w.q_up_nope.to(d) * col).view(H, nope, q_lora)
+    fold_q = _fold(H * R * q_lora, H * nope * (q_lora + R)) and limit > 0
+    if fold_q:  # q_lat[h] = w_uk[h]ᵀ q_nope[h]
+        lat_rows = torch.einsum("hnr,hnq->hrq", w.w_uk.to(d), nope_rows).reshape(H * R, q_lora)
+    else:
+        lat_rows = nope_rows.reshape(H * nope, q_lora)
+    fold_o = _fold(H * R * D, H * v * (D + R)) and limit > 0
+    wo = w.wo.to(d).view(D, H, v)
+    o_t = (torch.einsum("dhv,hvr->hrd", wo, w.w_uv.to(d)).reshape(H * R, D) if fold_o
+           else wo.reshape(D, H * v).t())
+    f32 = dict(dtype=torch.float32)
+    return CpuMLA(
+        base=w,
+        down_t=torch.cat([w.kv_down[R:], w.kv_down[:R], w.q_down]).to(**f32).contiguous().t(),
+        q_up_t=torch.cat([rope_rows, lat_rows]).to(**f32).contiguous().t(),
+        w_uk=None if fold_q else w.w_uk.to(**f32).contiguous(),
+        o_t=o_t.to(**f32).contiguous(),
+        w_uv_t=None if fold_o else w.w_uv.transpose(1, 2).to(**f32).contiguous(),
+        kv_norm=w.kv_norm.to(**f32), scale=scale, n_heads=H, rank=R, rope=P, eps=w.eps)
+
+
+def prepare_gqa(w: GQAWeights) -> CpuGQA:
+    """Fuse a GQA sublayer's weights for ``gqa_attention_cpu``."""
+    scale = w.head_dim ** -0.5
+    qkv = torch.cat([w.wq.double() * scale, w.wk.double(), w.wv.double()])
+    return CpuGQA(base=w, qkv_t=qkv.float().contiguous().t(), wo_t=w.wo.float().t().contiguous(),
+                  scale=scale, n_heads=w.n_heads, n_kv_heads=w.n_kv_heads,
+                  head_dim=w.head_dim)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_ZERO = torch.zeros(())
+_TABLES: dict[int, tuple] = {}  # id(cos) -> (weakref to cos, complex table)
+
+
+def _phasor_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The complex RoPE table cos + i·sin (S_max, rope/2), built once per table pair."""
+    hit = _TABLES.get(id(cos))
+    if hit is None or hit[0]() is not cos:
+        for key in [k for k, (ref, _) in _TABLES.items() if ref() is None]:
+            del _TABLES[key]
+        hit = _TABLES[id(cos)] = (weakref.ref(cos), torch.complex(cos, sin))
+    return hit[1]
+
+
+def _phasors(cos, sin, pos: list[int], cache_lens):
+    """RoPE phasors of the rows' positions: (rope/2,) complex for one row, else (B, 1, rope/2)."""
+    table = _phasor_table(cos, sin)
+    if len(pos) == 1:
+        return table[pos[0]]
+    return table[cache_lens[:len(pos)].long()][:, None, :]
+
+
+def _mm_scaled(x: torch.Tensor, w_t: torch.Tensor, r) -> torch.Tensor:
+    """(x @ w_t) scaled per row by r (a float or (B, 1))."""
+    if isinstance(r, float):
+        return torch.addmm(_ZERO, x, w_t, beta=0, alpha=r)
+    return torch.mm(x, w_t).mul_(r)
+
+
+def _complex_view(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x (..., rope) as a complex view of its adjacent pairs, or None if its layout can't."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        return None
+    return torch.view_as_complex(pairs)
+
+
+def _rotate_(x: torch.Tensor, ph: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, h, rope)'s adjacent pairs in place by ph (the reference's complex RoPE)."""
+    c = _complex_view(x)
+    if c is not None:
+        c.mul_(ph)
+    else:
+        x.copy_(torch.view_as_real(torch.view_as_complex(
+            x.unflatten(-1, (-1, 2)).contiguous()) * ph).flatten(-2))
+    return x
+
+
+def _store(cache: torch.Tensor, pos: list[int], cache_lens, values: torch.Tensor) -> None:
+    """cache[b, pos[b]] = values[b] for the B rows (values (B, ...))."""
+    if len(pos) == 1:
+        cache[0, pos[0]:pos[0] + 1].copy_(values)
+    else:
+        B = len(pos)
+        cache[torch.arange(B), cache_lens[:B].long()] = values
+
+
+def _decode_positions(x, cache_lens, S_max: int) -> Optional[list[int]]:
+    """Host positions of a float32 one-token chunk that fits the cache, else None."""
+    if x.shape[1] != 1 or x.dtype != torch.float32:
+        return None
+    pos = cache_lens.tolist()  # (B,) by contract
+    return pos if max(pos) < S_max else None
+
+
+def _mask_ragged_(s: torch.Tensor, pos: list[int], cache_lens) -> None:
+    """Keys past a row's own position get -inf (only when rows' lengths differ)."""
+    if min(pos) != max(pos):
+        B, L = len(pos), s.shape[-1]
+        far = torch.arange(L) > cache_lens[:B].long()[:, None]
+        s.masked_fill_(far.view(B, *([1] * (s.dim() - 2)), L), float("-inf"))
+
+
+def _output(o: torch.Tensor, wo_t: torch.Tensor, out: Optional[torch.Tensor], B: int):
+    D = wo_t.shape[1]
+    res = torch.mm(o, wo_t) if out is None else torch.mm(o, wo_t, out=out.view(B, D))
+    return res.view(B, 1, D)
+
+
+# ----------------------------------------------------------------------------- sublayers
+
+def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=None):
+    """MLA attention sublayer, lean decode (same contract as ``ops.attention.mla_attention``)."""
+    pos = _decode_positions(x, cache_lens, ckv.shape[1])
+    if pos is None:
+        return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
+    B, H, R, P = x.shape[0], w.n_heads, w.rank, w.rope
+    L = max(pos) + 1
+    y = torch.mm(x.view(B, -1), w.down_t)                        # [k_pe | latent | c_q]
+    c_q = y[:, P + R:]
+    q = _mm_scaled(c_q, w.q_up_t, inv_rms(c_q, w.eps))          # [q_pe | q_latent]
+    q_pe, q_lat = q[:, :H * P].view(B, H, P), q[:, H * P:].view(B, H, -1)
+    if w.w_uk is not None:
+        q_lat = torch.matmul(q_lat.transpose(0, 1), w.w_uk).transpose(0, 1)
+    ph = _phasors(cos, sin, pos, cache_lens)
+    _rotate_(q_pe, ph)
+    lat, k_pe = y[:, P:P + R], _rotate_(y[:, :P].view(B, 1, P), ph)[:, 0]
+    normed = torch.mul(lat, w.kv_norm).mul_(inv_rms(lat, w.eps))
+    _store(ckv, pos, cache_lens, normed)
+    _store(kpe, pos, cache_lens, k_pe)
+    keys, keys_pe = ckv[:B, :L], kpe[:B, :L]
+    s = torch.baddbmm(torch.bmm(q_pe, keys_pe.transpose(1, 2)), q_lat, keys.transpose(1, 2))
+    if scale != w.scale:
+        s.mul_(scale / w.scale)
+    _mask_ragged_(s, pos, cache_lens)
+    o = torch.bmm(torch.softmax(s, -1), keys)                    # (B, H, R)
+    if w.w_uv_t is not None:
+        o = torch.matmul(o.transpose(0, 1), w.w_uv_t).transpose(0, 1)   # (B, H, v)
+    return _output(o.reshape(B, -1), w.o_t, out, B)
+
+
+def gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scale, out=None):
+    """GQA attention sublayer, lean decode (same contract as ``ops.attention.gqa_attention``)."""
+    pos = _decode_positions(x, cache_lens, k_cache.shape[1])
+    if pos is None:
+        return gqa_attention(x, w.base, k_cache, v_cache, cache_lens, cos, sin, scale, out)
+    B, H, Hkv, d = x.shape[0], w.n_heads, w.n_kv_heads, w.head_dim
+    L = max(pos) + 1
+    y = torch.mm(x.view(B, -1), w.qkv_t)
+    q = y[:, :H * d].view(B, H, d)
+    ph = _phasors(cos, sin, pos, cache_lens)
+    _rotate_(q, ph)
+    _store(k_cache, pos, cache_lens, _rotate_(y[:, H * d:(H + Hkv) * d].view(B, Hkv, d), ph))
+    _store(v_cache, pos, cache_lens, y[:, (H + Hkv) * d:].view(B, Hkv, d))
+    keys, values = k_cache[:B, :L], v_cache[:B, :L]              # (B, L, Hkv, d)
+    s = torch.matmul(q.view(B, Hkv, H // Hkv, d), keys.permute(0, 2, 3, 1))  # (B, Hkv, g, L)
+    if scale != w.scale:
+        s.mul_(scale / w.scale)
+    _mask_ragged_(s, pos, cache_lens)
+    o = torch.matmul(torch.softmax(s, -1), values.transpose(1, 2))          # (B, Hkv, g, d)
+    return _output(o.reshape(B, H * d), w.wo_t, out, B)

@@ -1,0 +1,61 @@
+"""Lean CPU RMSNorm (optionally with the residual add) and SwiGLU.
+
+Same contracts as ``mythos_rt.ops.norm``: one ``torch.add`` for the residual, and for a
+single row the RMS read on the host as one norm (``inv_rms``), instead of the
+reference's dtype round trips and five-call RMS. Dtypes other than float32 run the
+torch implementations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.norm import rmsnorm_torch, swiglu_torch
+
+__all__ = ["inv_rms", "rms_normalize", "rmsnorm_cpu", "swiglu_cpu"]
+
+
+def inv_rms(x: torch.Tensor, eps: float):
+    """1/sqrt(mean(x²) + eps) per row of x (N, D): a float for one row (its norm read on
+    the host: two calls instead of the five of a tensor RMS), else an (N, 1) tensor."""
+    if x.shape[0] == 1:
+        ss = float(torch.linalg.vector_norm(x)) ** 2
+        return 1.0 / math.sqrt(ss / x.shape[1] + eps)
+    return x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+
+
+def rms_normalize(s: torch.Tensor, weight: torch.Tensor, eps: float,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``s * rsqrt(mean(s²) + eps) * weight`` (float32), into ``out`` when given."""
+    r = inv_rms(s, eps)  # before out is written: out may alias s
+    y = torch.mul(s, weight) if out is None else torch.mul(s, weight, out=out)
+    return y.mul_(r)
+
+
+def rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                residual_out: Optional[torch.Tensor] = None):
+    """``rmsnorm`` (see ``ops.norm.rmsnorm_torch``)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return rmsnorm_torch(x, weight, eps, residual, out, residual_out)
+    s = x
+    if residual is not None:
+        s = torch.add(x, residual) if residual_out is None else torch.add(x, residual, out=residual_out)
+    if s.dim() != 2:
+        y = F.rms_norm(s, (x.shape[-1],), weight, eps)
+        y = y if out is None else out.copy_(y)
+    else:
+        y = rms_normalize(s, weight, eps, out)
+    return y if residual is None else (y, s)
+
+
+def swiglu_cpu(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``swiglu`` (see ``ops.norm.swiglu_torch``)."""
+    if gate_up.dtype != torch.float32 or gate_up.shape[-1] % 2:
+        return swiglu_torch(gate_up, out)
+    g, u = gate_up.chunk(2, dim=-1)
+    return torch.mul(F.silu(g), u) if out is None else torch.mul(F.silu(g), u, out=out)

@@ -1,0 +1,108 @@
+"""Lean CPU recurrent step: loop prologue and epilogue in a few in-place PyTorch calls.
+
+``prepare_loop`` folds each loop index's LoRA scale into its own down-projection and
+caches the loop-index embeddings; ``loop_epilogue_cpu`` then runs LoRA (two matmuls), the
+LTI update (in place, in the reference's order), the ACT update and the next prologue.
+It uses that ``halted`` is exactly ``cum_p >= threshold`` (cum_p only grows), so the
+rows crossing the threshold this step are known from one comparison; a single row
+(batch-1 decode) does the ACT arithmetic on the host in float32 scalars. Same contract
+as ``mythos_rt.ops.recurrent``; dtypes other than float32 run the torch implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..ops.recurrent import (ACTState, LoopParams, loop_embedding, loop_epilogue_torch,
+                             loop_prologue_torch)
+from .norm import rms_normalize
+
+__all__ = ["CpuLoop", "prepare_loop", "loop_prologue_cpu", "loop_epilogue_cpu"]
+
+
+@dataclass
+class CpuLoop:
+    """LoopParams plus per-loop-index LoRA down-projections and embeddings (float32)."""
+    base: LoopParams
+    lora_down_t: list[torch.Tensor]        # [t] (D, r) = (lora_down scaled by lora_scale[t])ᵀ
+    embeddings: dict[int, torch.Tensor] = field(default_factory=dict)  # t -> (D,), filled on use
+
+    def embedding(self, t: int) -> torch.Tensor:
+        if t not in self.embeddings:
+            p = self.base
+            self.embeddings[t] = loop_embedding(t, p.dim, p.loop_dim, p.norm_w.device)
+        return self.embeddings[t]
+
+
+def prepare_loop(params: LoopParams) -> CpuLoop:
+    """Fold the LoRA scale rows into the down-projection, one matrix per loop index."""
+    down = params.lora_down.double()
+    scaled = [(down * params.lora_scale[t].double()[:, None]).float().t()
+              for t in range(params.max_loops)]
+    loop = CpuLoop(base=params, lora_down_t=scaled)
+    for t in range(params.max_loops + 1):
+        loop.embedding(t)
+    return loop
+
+
+def _combined(h, e, loop: CpuLoop, t: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """rmsnorm(h + loop_embed(t) + e) * norm_w, summed in the reference's order."""
+    s = torch.add(h, loop.embedding(t)).add_(e)
+    return rms_normalize(s, loop.base.norm_w, loop.base.eps, out)
+
+
+def loop_prologue_cpu(h, e, params: CpuLoop, t: int, out=None):
+    """``loop_prologue`` (see ``ops.recurrent.loop_prologue_torch``)."""
+    if h.dtype != torch.float32:
+        return loop_prologue_torch(h, e, params.base, t, out)
+    return _combined(h, e, params, t, out)
+
+
+def _act_one_row(h, prob, state: ACTState, threshold: np.float32) -> None:
+    """The ACT update of a single row with its scalars on the host, in float32 as on device."""
+    cum = np.float32(state.cum_p[0])
+    if cum >= threshold:  # halted earlier: contributes nothing
+        return
+    p = np.float32(prob)
+    total = np.float32(cum + p)
+    crossing = total >= threshold
+    weight = max(np.float32(1.0) - cum, np.float32(0.0)) if crossing else p
+    if weight:
+        state.h_out[:1].add_(h, alpha=float(weight))
+    state.cum_p[:1].fill_(float(total))
+    if crossing:
+        state.halted[:1].fill_(True)
+        state.n_running.sub_(1)
+
+
+def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
+                      next_combined=None) -> None:
+    """``loop_epilogue`` in place (see ``ops.recurrent.loop_epilogue_torch``)."""
+    p = params.base
+    if h.dtype != torch.float32:
+        return loop_epilogue_torch(block_out, h, e, p, t, state, next_combined)
+    N = h.shape[0]
+    if state.n_max < N:
+        raise ValueError(f"ACTState holds {state.n_max} rows; this step needs {N}")
+    z = torch.mm(block_out, params.lora_down_t[min(t, p.max_loops - 1)])
+    out = torch.addmm(block_out, z, p.lora_B)                   # block_out + LoRA delta
+    h.mul_(p.A).addcmul_(p.inj_B, e).add_(out)                  # A·h + B·e + out
+    prob = torch.sigmoid(torch.addmv(p.halt_b, h, p.halt_w))
+    if N == 1:
+        _act_one_row(h, prob, state, np.float32(p.threshold))
+    else:
+        cum, halted, h_out = state.cum_p[:N], state.halted[:N], state.h_out[:N]
+        running = ~halted
+        crossing = (cum + prob) >= p.threshold
+        weight = torch.where(crossing, (1.0 - cum).clamp_(min=0), prob).mul_(running)
+        h_out.addcmul_(weight[:, None], h)
+        cum.addcmul_(prob, running)
+        newly = crossing.logical_and_(running)
+        state.n_running.sub_(newly.sum())
+        halted.logical_or_(newly)
+    if next_combined is not None:
+        _combined(h, e, params, t + 1, next_combined)
