@@ -128,7 +128,7 @@ def _phasors(cos, sin, pos: list[int], cache_lens):
     table = _phasor_table(cos, sin)
     if len(pos) == 1:
         return table[pos[0]]
-    return table[cache_lens[:len(pos)].long()][:, None, :]
+    return table[cache_lens.long()][:, None, :]
 
 
 def _mm_scaled(x: torch.Tensor, w_t: torch.Tensor, r) -> torch.Tensor:
@@ -163,7 +163,7 @@ def _store(cache: torch.Tensor, pos: list[int], cache_lens, values: torch.Tensor
         cache[0, pos[0]:pos[0] + 1].copy_(values)
     else:
         B = len(pos)
-        cache[torch.arange(B), cache_lens[:B].long()] = values
+        cache[torch.arange(B), cache_lens.long()] = values
 
 
 def _decode_positions(x, cache_lens, S_max: int) -> Optional[list[int]]:
@@ -174,12 +174,23 @@ def _decode_positions(x, cache_lens, S_max: int) -> Optional[list[int]]:
     return pos if max(pos) < S_max else None
 
 
-def _mask_ragged_(s: torch.Tensor, pos: list[int], cache_lens) -> None:
-    """Keys past a row's own position get -inf (only when rows' lengths differ)."""
-    if min(pos) != max(pos):
-        B, L = len(pos), s.shape[-1]
-        far = torch.arange(L) > cache_lens[:B].long()[:, None]
-        s.masked_fill_(far.view(B, *([1] * (s.dim() - 2)), L), float("-inf"))
+def _mask_ragged_(s: torch.Tensor, pos: list[int], cache_lens) -> Optional[torch.Tensor]:
+    """Rows of different lengths: scores of keys past a row's own position become -inf
+    and the (B, L) mask of those keys is returned (None when every row has the same)."""
+    if min(pos) == max(pos):
+        return None
+    B, L = len(pos), s.shape[-1]
+    far = torch.arange(L) > cache_lens.long()[:, None]
+    s.masked_fill_(far.view(B, *([1] * (s.dim() - 2)), L), float("-inf"))
+    return far
+
+
+def _zero_far(values: torch.Tensor, far: Optional[torch.Tensor]) -> torch.Tensor:
+    """values (B, L, ...) with the masked keys' slots zeroed: unwritten cache slots may hold
+    anything (NaN), and a zero probability times NaN is still NaN."""
+    if far is None:
+        return values
+    return values.masked_fill(far.view(*far.shape, *([1] * (values.dim() - 2))), 0.0)
 
 
 def _output(o: torch.Tensor, wo_t: torch.Tensor, out: Optional[torch.Tensor], B: int):
@@ -213,8 +224,8 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
     s = torch.baddbmm(torch.bmm(q_pe, keys_pe.transpose(1, 2)), q_lat, keys.transpose(1, 2))
     if scale != w.scale:
         s.mul_(scale / w.scale)
-    _mask_ragged_(s, pos, cache_lens)
-    o = torch.bmm(torch.softmax(s, -1), keys)                    # (B, H, R)
+    far = _mask_ragged_(s, pos, cache_lens)
+    o = torch.bmm(torch.softmax(s, -1), _zero_far(keys, far))    # (B, H, R)
     if w.w_uv_t is not None:
         o = torch.matmul(o.transpose(0, 1), w.w_uv_t).transpose(0, 1)   # (B, H, v)
     return _output(o.reshape(B, -1), w.o_t, out, B)
@@ -237,6 +248,6 @@ def gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scal
     s = torch.matmul(q.view(B, Hkv, H // Hkv, d), keys.permute(0, 2, 3, 1))  # (B, Hkv, g, L)
     if scale != w.scale:
         s.mul_(scale / w.scale)
-    _mask_ragged_(s, pos, cache_lens)
-    o = torch.matmul(torch.softmax(s, -1), values.transpose(1, 2))          # (B, Hkv, g, d)
+    far = _mask_ragged_(s, pos, cache_lens)
+    o = torch.matmul(torch.softmax(s, -1), _zero_far(values, far).transpose(1, 2))  # (B, Hkv, g, d)
     return _output(o.reshape(B, H * d), w.wo_t, out, B)

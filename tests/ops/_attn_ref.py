@@ -50,14 +50,16 @@ class Harness:
             self.caches = (torch.full((b_max, s_max, cfg.kv_lora_rank), float("nan"), dtype=dtype),
                            torch.full((b_max, s_max, cfg.qk_rope_head_dim), float("nan"),
                                       dtype=dtype))
-            self.fn = select("mla_attention", "cpu", backend).fn
+            sel = select("mla_attention", "cpu", backend)
+            self.fn, self.w = sel.fn, sel.prepare(self.w)
         else:
             self.w = A.GQAWeights.from_state_dict(sd, "", cfg)
             self.scale = cfg.head_dim ** -0.5
             shape = (b_max, s_max, cfg.n_kv_heads, cfg.head_dim)
             self.caches = (torch.full(shape, float("nan"), dtype=dtype),
                            torch.full(shape, float("nan"), dtype=dtype))
-            self.fn = select("gqa_attention", "cpu", backend).fn
+            sel = select("gqa_attention", "cpu", backend)
+            self.fn, self.w = sel.fn, sel.prepare(self.w)
         self.dtype = dtype
 
     def ours(self, x, cache_lens):

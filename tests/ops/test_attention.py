@@ -20,7 +20,9 @@ CASES = [  # (backend, dtype, tolerance)
     pytest.param("torch", torch.float32, TOL_FP32_TORCH, id="torch-fp32"),
     pytest.param("triton", torch.float32, TOL_FP32_INTERPRET, id="triton-fp32"),
     pytest.param("triton", torch.float16, TOL_FP16_INTERPRET, id="triton-fp16"),
+    pytest.param("cpu", torch.float32, TOL_FP32_TORCH, id="cpu-fp32"),
 ]
+FP32_CASES = [c for c in CASES if c.values[1] == torch.float32]
 KINDS = ["mla", "gqa"]
 
 
@@ -94,7 +96,7 @@ def test_prefill_then_decode_matches_reference(kind, backend, dtype, tol):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend,dtype,tol", CASES[:2])
+@pytest.mark.parametrize("backend,dtype,tol", FP32_CASES)
 def test_ragged_batch_equals_rows_alone(kind, backend, dtype, tol):
     """Rows with different cache_lens (padded prefill, then a chunk, then decodes) give
     what each row gives alone."""
@@ -119,7 +121,7 @@ def test_ragged_batch_equals_rows_alone(kind, backend, dtype, tol):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend,dtype,tol", CASES[:2])
+@pytest.mark.parametrize("backend,dtype,tol", FP32_CASES)
 def test_chunked_prefill_equals_one_shot(kind, backend, dtype, tol):
     h1 = Harness(kind, backend, dtype)
     h2 = Harness(kind, backend, dtype)
@@ -136,7 +138,7 @@ def test_chunked_prefill_equals_one_shot(kind, backend, dtype, tol):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_cache_write_stops_at_s_max(kind, backend):
     """A chunk running past S_max writes nothing out of bounds; in-range tokens are right."""
     S_max = 12

@@ -1,0 +1,128 @@
+"""The cpu backend (mythos_rt.cpu): each lean decode op vs mythos_rt.reference, on fresh
+random data, one row (the host-scalar fast paths) and several (vector paths/fallbacks).
+
+Attention is also covered by tests/ops/test_attention.py (the "cpu" cases) and the whole
+runtime by tests/test_runtime.py; here are the paths those do not reach: unabsorbed MLA,
+MoE one token vs several, the one-row ACT update, norms with aliasing outputs.
+"""
+
+import pytest
+import torch
+
+from mythos_rt.cpu.attention import prepare_mla
+from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
+from mythos_rt.cpu.norm import rmsnorm_cpu, swiglu_cpu
+from mythos_rt.cpu.recurrent import loop_epilogue_cpu, loop_prologue_cpu, prepare_loop
+from mythos_rt.ops import BackendError, select
+from mythos_rt.ops.moe import pack_moe
+from mythos_rt.ops.norm import rmsnorm_torch, swiglu_torch
+from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
+
+from ..ops._attn_ref import Harness
+from ..ops.recurrent_cases import check_step, make_ref_loop, ref_prologue, run_loop
+from ..ops.test_moe import make_moe, moe_cfg, ref_forward
+
+
+def test_registry_auto_is_cpu_on_a_cpu_and_refused_elsewhere():
+    for op in ("mla_attention", "gqa_attention", "moe_ffn", "loop_prologue", "loop_epilogue",
+               "rmsnorm", "swiglu"):
+        assert select(op, "cpu").backend == "cpu", op
+        assert select(op, "cpu", overrides={op: "torch"}).backend == "torch"
+    with pytest.raises(BackendError, match="CPU only"):
+        select("moe_ffn", "cuda", "cpu")
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["absorbed", "two-step"])
+def test_mla_decode_with_and_without_absorbed_projections(fold):
+    h = Harness("mla", "cpu")
+    if not fold:
+        h.w = prepare_mla(h.w.base, fold_limit=0.0)
+    assert (h.w.w_uk is None) == fold and (h.w.w_uv_t is None) == fold
+    ref_cache = {}
+    x = h.x(1, 5)
+    assert_rel_close(h.ours(x, [0]), h.reference(x, 0, ref_cache), TOL_FP32_TORCH, "prefill")
+    for step in range(4):
+        x = h.x(1, 1)
+        assert_rel_close(h.ours(x, [5 + step]), h.reference(x, 5 + step, ref_cache),
+                         TOL_FP32_TORCH, f"decode {step}")
+
+
+@pytest.mark.parametrize("spec", [dict(), dict(S=0), dict(D=48, I=16, E=6, k=3, S=2),
+                                  dict(E=4, k=4, S=1)],
+                         ids=["basic", "no-shared", "k3-S2", "topk-eq-E"])
+@pytest.mark.parametrize("N", [1, 3], ids=["one-token", "three-tokens"])
+def test_moe_matches_reference(spec, N):
+    cfg = moe_cfg(**spec)
+    m = make_moe(cfg)
+    moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
+    x = torch.randn(N, cfg.dim)
+    ref = ref_forward(m, x)
+    assert_rel_close(moe_ffn_cpu(x, moe), ref, TOL_FP32_TORCH)
+    out = torch.full((N, cfg.dim), float("nan"))
+    assert moe_ffn_cpu(x, moe, out=out) is out
+    assert_rel_close(out, ref, TOL_FP32_TORCH)
+
+
+@pytest.mark.parametrize("t", [0, 2, 6], ids=["t0", "t2", "t6_beyond_max_loops"])
+@pytest.mark.parametrize("n", [1, 7])
+def test_prologue_matches_reference(n, t):
+    m = make_ref_loop(48)
+    h, e = torch.randn(n, 48), torch.randn(n, 48)
+    with torch.no_grad():
+        ref = ref_prologue(m, h, e, t)
+    out = torch.full_like(h, float("nan"))
+    assert loop_prologue_cpu(h, e, prepare_loop(m.params()), t, out=out) is out
+    assert_rel_close(out, ref, TOL_FP32_TORCH)
+
+
+def _epilogue(block_out, h, e, params, t, state, next_combined=None):
+    return loop_epilogue_cpu(block_out, h, e, prepare_loop(params), t, state, next_combined)
+
+
+@pytest.mark.parametrize("with_next", [False, True], ids=["plain", "next_combined"])
+@pytest.mark.parametrize("t", [1, 5], ids=["t1", "t5_beyond_max_loops"])
+@pytest.mark.parametrize("n", [1, 37])
+def test_epilogue_matches_reference(n, t, with_next):
+    m = make_ref_loop(48, rank=3, max_loops=3)
+    seen = set()
+    for seed in range(6 if n == 1 else 1):  # one row: halted, crossing and running draws
+        torch.manual_seed(seed)
+        before, after = check_step(m, _epilogue, n, torch.float32, TOL_FP32_TORCH, t, with_next)
+        seen.add((bool(before[0]), bool(after[0])))
+    if n == 1:
+        assert len(seen) >= 2, seen
+
+
+@pytest.mark.parametrize("scenario,T", [("mixed", 1), ("all", 7)])
+def test_loop_matches_reference(scenario, T):
+    run_loop(lambda h, e, p, t: loop_prologue_cpu(h, e, prepare_loop(p), t), _epilogue,
+             scenario, T, 7, TOL_FP32_TORCH)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_rmsnorm_and_swiglu_match_torch(rows):
+    x, r, w = torch.randn(rows, 40), torch.randn(rows, 40), torch.randn(40)
+    assert_rel_close(rmsnorm_cpu(x, w), rmsnorm_torch(x, w), TOL_FP32_TORCH)
+    y, s = rmsnorm_cpu(x, w, residual=r)
+    y_ref, s_ref = rmsnorm_torch(x, w, residual=r)
+    assert_rel_close(y, y_ref, TOL_FP32_TORCH)
+    assert torch.equal(s, s_ref)
+    a, b = x.clone(), r.clone()  # outputs aliasing the inputs, as the runtime may pass them
+    rmsnorm_cpu(a, w, residual=b, out=a, residual_out=b)
+    assert_rel_close(a, y_ref, TOL_FP32_TORCH)
+    assert torch.equal(b, s_ref)
+    gu = torch.randn(rows, 2, 24)
+    assert_rel_close(swiglu_cpu(gu), swiglu_torch(gu), TOL_FP32_TORCH)
+    with pytest.raises(ValueError, match="even"):
+        swiglu_cpu(torch.randn(rows, 7))
+
+
+def test_other_dtypes_run_the_torch_reference():
+    x, w = torch.randn(3, 40).to(torch.bfloat16), torch.randn(40).to(torch.bfloat16)
+    assert torch.equal(rmsnorm_cpu(x, w), rmsnorm_torch(x, w))
+    cfg = moe_cfg()
+    m = make_moe(cfg).to(torch.bfloat16)
+    moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
+    x = torch.randn(1, cfg.dim).to(torch.bfloat16)
+    from mythos_rt.ops.moe import moe_ffn_torch
+    assert torch.equal(moe_ffn_cpu(x, moe), moe_ffn_torch(x, moe.base))
