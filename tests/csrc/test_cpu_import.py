@@ -23,9 +23,9 @@ def test_select_cuda_on_cpu_is_a_clear_backend_error(op):
         registry.select(op, "cpu", "cuda")
 
 
-def test_auto_on_cpu_picks_torch():
+def test_auto_on_cpu_never_picks_cuda():
     for op in CUDA_OPS:
-        assert registry.select(op, "cpu").backend == "torch"
+        assert registry.select(op, "cpu").backend in ("cpu", "torch")
 
 
 _NO_EXT = r"""
@@ -48,7 +48,7 @@ for op in ("moe_route", "moe_align", "loop_prologue", "loop_epilogue"):
         assert "MYTHOS_RT_BUILD_CUDA=1" in str(exc), exc
     else:
         raise AssertionError(op)
-    assert registry.select(op, "cpu").backend == "torch"
+    assert registry.select(op, "cpu").backend in ("cpu", "torch")
 print("ok")
 """
 
