@@ -248,7 +248,13 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
 
     def cache_for(key: str):
         B, S = max_batch, max_seq_len
-        if cfg.attn_type == "mla":
+        if cfg.attn_type == "mla" and impls["mla_attention"].backend == "cpu":
+            # One buffer per cache, [k_pe | latent] per token, that the cpu backend reads
+            # with one matmul per decode step; the op contract's two caches are its views.
+            P = cfg.qk_rope_head_dim
+            joint = torch.zeros(B, S, P + cfg.kv_lora_rank, dtype=dtype, device=device)
+            caches[key] = (joint[..., P:], joint[..., :P])
+        elif cfg.attn_type == "mla":
             caches[key] = (torch.zeros(B, S, cfg.kv_lora_rank, dtype=dtype, device=device),
                            torch.zeros(B, S, cfg.qk_rope_head_dim, dtype=dtype, device=device))
         else:

@@ -17,14 +17,14 @@ dtypes other than float32 and positions past the cache run the torch implementat
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..ops.attention import GQAWeights, MLAWeights, gqa_attention, mla_attention
-from .norm import inv_rms
+from .memo import per_tensor
+from .norm import ZERO, inv_rms, rms_normalize
 
 __all__ = ["CpuMLA", "CpuGQA", "prepare_mla", "prepare_gqa", "mla_attention_cpu",
            "gqa_attention_cpu"]
@@ -39,8 +39,10 @@ FOLD_LIMIT = 2.0
 class CpuMLA:
     """MLA weights fused for decode (float32, nn.Linear layout unless named ``*_t``)."""
     base: MLAWeights            # the torch implementation's weights (prefill, other dtypes)
-    down_t: torch.Tensor        # (D, rope + R + q_lora): [kv_down rope rows; latent; q_down]ᵀ
-    q_up_t: torch.Tensor        # (q_lora, H·rope + H·(R or nope)), q_norm and scale folded
+    kv_down_t: torch.Tensor     # (D, rope + R): [kv_down's rope rows; its latent rows]ᵀ
+    q_down_t: torch.Tensor      # (D, q_lora)
+    q_up_t: torch.Tensor        # (q_lora, H·(rope + (R or nope))): per head [q_pe | q_latent],
+                                # q_norm and the softmax scale folded in
     w_uk: Optional[torch.Tensor]  # (H, nope, R) when not absorbed into q_up
     o_t: torch.Tensor           # (H·R, D) = (wo∘w_uv)ᵀ, or (H·v, D) = woᵀ when not absorbed
     w_uv_t: Optional[torch.Tensor]  # (H, R, v) when not absorbed into o_t
@@ -76,13 +78,14 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
     scale = (nope + P) ** -0.5
     d = torch.float64
     col = w.q_norm.to(d)[None, :] * scale
-    rope_rows = w.q_up_rope.to(d) * col                          # (H·P, q_lora)
+    rope_rows = (w.q_up_rope.to(d) * col).view(H, P, q_lora)
     nope_rows = (w.q_up_nope.to(d) * col).view(H, nope, q_lora)
     fold_q = _fold(H * R * q_lora, H * nope * (q_lora + R)) and limit > 0
     if fold_q:  # q_lat[h] = w_uk[h]ᵀ q_nope[h]
-        lat_rows = torch.einsum("hnr,hnq->hrq", w.w_uk.to(d), nope_rows).reshape(H * R, q_lora)
+        lat_rows = torch.einsum("hnr,hnq->hrq", w.w_uk.to(d), nope_rows)
     else:
-        lat_rows = nope_rows.reshape(H * nope, q_lora)
+        lat_rows = nope_rows
+    q_up = torch.cat([rope_rows, lat_rows], 1).reshape(-1, q_lora)   # per head [pe | lat]
     fold_o = _fold(H * R * D, H * v * (D + R)) and limit > 0
     wo = w.wo.to(d).view(D, H, v)
     o_t = (torch.einsum("dhv,hvr->hrd", wo, w.w_uv.to(d)).reshape(H * R, D) if fold_o
@@ -90,8 +93,9 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
     f32 = dict(dtype=torch.float32)
     return CpuMLA(
         base=w,
-        down_t=torch.cat([w.kv_down[R:], w.kv_down[:R], w.q_down]).to(**f32).contiguous().t(),
-        q_up_t=torch.cat([rope_rows, lat_rows]).to(**f32).contiguous().t(),
+        kv_down_t=torch.cat([w.kv_down[R:], w.kv_down[:R]]).to(**f32).t().contiguous(),
+        q_down_t=w.q_down.to(**f32).t().contiguous(),
+        q_up_t=q_up.to(**f32).t().contiguous(),
         w_uk=None if fold_q else w.w_uk.to(**f32).contiguous(),
         o_t=o_t.to(**f32).contiguous(),
         w_uv_t=None if fold_o else w.w_uv.transpose(1, 2).to(**f32).contiguous(),
@@ -109,18 +113,23 @@ def prepare_gqa(w: GQAWeights) -> CpuGQA:
 
 # ----------------------------------------------------------------------------- helpers
 
-_ZERO = torch.zeros(())
-_TABLES: dict[int, tuple] = {}  # id(cos) -> (weakref to cos, complex table)
-
-
 def _phasor_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The complex RoPE table cos + i·sin (S_max, rope/2), built once per table pair."""
-    hit = _TABLES.get(id(cos))
-    if hit is None or hit[0]() is not cos:
-        for key in [k for k, (ref, _) in _TABLES.items() if ref() is None]:
-            del _TABLES[key]
-        hit = _TABLES[id(cos)] = (weakref.ref(cos), torch.complex(cos, sin))
-    return hit[1]
+    """The complex RoPE table cos + i·sin (S_max, rope/2), built once per table."""
+    return per_tensor("phasors", cos, lambda c: torch.complex(c, sin))
+
+
+def _joint_rows(ckv: torch.Tensor, kpe: torch.Tensor):
+    """Row 0 (S_max, rope + R) of the one buffer the cpu lowering keeps an MLA cache in
+    (``kpe`` its first rope columns, ``ckv`` the rest), or None for separate buffers."""
+    def make(kpe):
+        P, R = kpe.shape[-1], ckv.shape[-1]
+        W = P + R
+        joint = (kpe.dim() == 3 and ckv.shape[:2] == kpe.shape[:2] and W % 2 == 0
+                 and kpe.stride() == (kpe.shape[1] * W, W, 1) and ckv.stride() == kpe.stride()
+                 and kpe.storage_offset() % 2 == 0
+                 and ckv.data_ptr() == kpe.data_ptr() + P * kpe.element_size())
+        return kpe.as_strided((kpe.shape[1], W), (W, 1)) if joint else None
+    return per_tensor("mla_rows", kpe, make)
 
 
 def _phasors(cos, sin, pos: list[int], cache_lens):
@@ -134,7 +143,7 @@ def _phasors(cos, sin, pos: list[int], cache_lens):
 def _mm_scaled(x: torch.Tensor, w_t: torch.Tensor, r) -> torch.Tensor:
     """(x @ w_t) scaled per row by r (a float or (B, 1))."""
     if isinstance(r, float):
-        return torch.addmm(_ZERO, x, w_t, beta=0, alpha=r)
+        return torch.addmm(ZERO, x, w_t, beta=0, alpha=r)
     return torch.mm(x, w_t).mul_(r)
 
 
@@ -206,20 +215,23 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
     pos = _decode_positions(x, cache_lens, ckv.shape[1])
     if pos is None:
         return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
+    ph = _phasors(cos, sin, pos, cache_lens)
+    rows = _joint_rows(ckv, kpe) if len(pos) == 1 and w.w_uk is None and w.w_uv_t is None else None
+    if rows is not None and scale == w.scale:
+        return _mla_one_row(x, w, rows, pos[0], ph, out)
     B, H, R, P = x.shape[0], w.n_heads, w.rank, w.rope
     L = max(pos) + 1
-    y = torch.mm(x.view(B, -1), w.down_t)                        # [k_pe | latent | c_q]
-    c_q = y[:, P + R:]
-    q = _mm_scaled(c_q, w.q_up_t, inv_rms(c_q, w.eps))          # [q_pe | q_latent]
-    q_pe, q_lat = q[:, :H * P].view(B, H, P), q[:, H * P:].view(B, H, -1)
+    x2 = x.view(B, -1)
+    kv = torch.mm(x2, w.kv_down_t)                              # [k_pe | latent]
+    c_q = torch.mm(x2, w.q_down_t)
+    q = _mm_scaled(c_q, w.q_up_t, inv_rms(c_q, w.eps)).view(B, H, -1)   # per head [pe | lat]
+    q_pe, q_lat = q[..., :P], q[..., P:]
     if w.w_uk is not None:
         q_lat = torch.matmul(q_lat.transpose(0, 1), w.w_uk).transpose(0, 1)
-    ph = _phasors(cos, sin, pos, cache_lens)
     _rotate_(q_pe, ph)
-    lat, k_pe = y[:, P:P + R], _rotate_(y[:, :P].view(B, 1, P), ph)[:, 0]
-    normed = torch.mul(lat, w.kv_norm).mul_(inv_rms(lat, w.eps))
-    _store(ckv, pos, cache_lens, normed)
-    _store(kpe, pos, cache_lens, k_pe)
+    lat = kv[:, P:]
+    _store(ckv, pos, cache_lens, rms_normalize(lat, w.kv_norm, w.eps))
+    _store(kpe, pos, cache_lens, _rotate_(kv[:, :P].view(B, 1, P), ph)[:, 0])
     keys, keys_pe = ckv[:B, :L], kpe[:B, :L]
     s = torch.baddbmm(torch.bmm(q_pe, keys_pe.transpose(1, 2)), q_lat, keys.transpose(1, 2))
     if scale != w.scale:
@@ -229,6 +241,28 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
     if w.w_uv_t is not None:
         o = torch.matmul(o.transpose(0, 1), w.w_uv_t).transpose(0, 1)   # (B, H, v)
     return _output(o.reshape(B, -1), w.o_t, out, B)
+
+
+def _mla_one_row(x, w: CpuMLA, rows: torch.Tensor, p: int, ph, out):
+    """One row over the joint cache rows (S_max, rope + R) = [k_pe | latent]: the new
+    entry is projected straight into its slot and finished in place, and the scores of
+    [q_pe | q_latent] against [k_pe | latent] are a single matmul."""
+    H, P = w.n_heads, w.rope
+    x2 = per_tensor("rows2d", x, lambda t: t.view(1, -1))
+    slot = torch.mm(x2, w.kv_down_t, out=rows[p:p + 1])
+    torch.view_as_complex(slot.view(1, -1, 2))[:, :P // 2].mul_(ph)
+    lat = slot[:, P:]
+    rms_normalize(lat, w.kv_norm, w.eps, out=lat)
+    c_q = torch.mm(x2, w.q_down_t)
+    q = torch.addmm(ZERO, c_q, w.q_up_t, beta=0, alpha=inv_rms(c_q, w.eps)).view(H, -1)
+    torch.view_as_complex(q.view(H, -1, 2))[:, :P // 2].mul_(ph)
+    keys = rows[:p + 1]
+    probs = torch.softmax(torch.mm(q, keys.t()), -1)
+    o = torch.mm(probs, keys[:, P:]).view(1, -1)
+    if out is None:
+        return torch.mm(o, w.o_t).view(1, 1, -1)
+    torch.mm(o, w.o_t, out=per_tensor("rows2d", out, lambda t: t.view(1, -1)))
+    return out
 
 
 def gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scale, out=None):

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from ..ops.norm import rmsnorm_torch, swiglu_torch
 
-__all__ = ["inv_rms", "rms_normalize", "rmsnorm_cpu", "swiglu_cpu"]
+__all__ = ["ZERO", "inv_rms", "rms_normalize", "rmsnorm_cpu", "swiglu_cpu"]
+
+ZERO = torch.zeros(())  # the ignored ``input`` of addmm/addcmul calls that only scale
 
 
 def inv_rms(x: torch.Tensor, eps: float):
@@ -32,6 +34,9 @@ def rms_normalize(s: torch.Tensor, weight: torch.Tensor, eps: float,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``s * rsqrt(mean(s²) + eps) * weight`` (float32), into ``out`` when given."""
     r = inv_rms(s, eps)  # before out is written: out may alias s
+    if isinstance(r, float):  # one row: 0 + r·s·w in one call
+        return (torch.addcmul(ZERO, s, weight, value=r) if out is None
+                else torch.addcmul(ZERO, s, weight, value=r, out=out))
     y = torch.mul(s, weight) if out is None else torch.mul(s, weight, out=out)
     return y.mul_(r)
 

@@ -19,6 +19,7 @@ import torch
 
 from ..ops.recurrent import (ACTState, LoopParams, loop_embedding, loop_epilogue_torch,
                              loop_prologue_torch)
+from .memo import per_tensor
 from .norm import rms_normalize
 
 __all__ = ["CpuLoop", "prepare_loop", "loop_prologue_cpu", "loop_epilogue_cpu"]
@@ -64,18 +65,20 @@ def loop_prologue_cpu(h, e, params: CpuLoop, t: int, out=None):
 
 def _act_one_row(h, prob, state: ACTState, threshold: np.float32) -> None:
     """The ACT update of a single row with its scalars on the host, in float32 as on device."""
-    cum = np.float32(state.cum_p[0])
+    h_out, cum_p, halted = per_tensor("act_row", state.cum_p,
+                                      lambda c: (state.h_out[:1], c[:1], state.halted[:1]))
+    cum = np.float32(float(cum_p))
     if cum >= threshold:  # halted earlier: contributes nothing
         return
-    p = np.float32(prob)
+    p = np.float32(float(prob))
     total = np.float32(cum + p)
     crossing = total >= threshold
     weight = max(np.float32(1.0) - cum, np.float32(0.0)) if crossing else p
     if weight:
-        state.h_out[:1].add_(h, alpha=float(weight))
-    state.cum_p[:1].fill_(float(total))
+        h_out.add_(h, alpha=float(weight))
+    cum_p.fill_(float(total))
     if crossing:
-        state.halted[:1].fill_(True)
+        halted.fill_(True)
         state.n_running.sub_(1)
 
 
