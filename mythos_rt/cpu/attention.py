@@ -52,6 +52,31 @@ class CpuMLA:
     rank: int
     rope: int
     eps: float
+    row: Optional["_RowScratch"] = None  # the one-row path's buffers (fully absorbed only)
+
+
+@dataclass
+class _RowScratch:
+    """Buffers and views of the one-row MLA decode, made once: the query heads and the
+    new token's cache entry share one (H + 1, rope + R) buffer, so a single complex
+    multiply applies RoPE to both."""
+    qk: torch.Tensor            # rows 0..H-1: [q_pe | q_latent] per head; row H: [k_pe | latent]
+    q_flat: torch.Tensor        # (1, H·(rope + R)) view of the query rows (addmm's output)
+    heads: torch.Tensor         # (H, rope + R) view of the query rows
+    entry: torch.Tensor         # (1, rope + R) view of row H
+    latent: torch.Tensor        # (1, R) view of row H's latent
+    pe: torch.Tensor            # (H + 1, rope/2) complex view of every row's rope part
+    o_t: torch.Tensor           # (H·(rope + R), D): o_t with zero rows at the rope columns
+
+    @classmethod
+    def allocate(cls, H: int, P: int, R: int, o_t: torch.Tensor) -> "_RowScratch":
+        W = P + R
+        qk = torch.zeros(H + 1, W)
+        o_ext = torch.zeros(H, W, o_t.shape[1])
+        o_ext[:, P:] = o_t.view(H, R, -1)
+        return cls(qk, qk[:H].view(1, H * W), qk[:H], qk[H:], qk[H:, P:],
+                   torch.view_as_complex(qk.view(H + 1, W // 2, 2))[:, :P // 2],
+                   o_ext.view(H * W, -1))
 
 
 @dataclass
@@ -91,13 +116,15 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
     o_t = (torch.einsum("dhv,hvr->hrd", wo, w.w_uv.to(d)).reshape(H * R, D) if fold_o
            else wo.reshape(D, H * v).t())
     f32 = dict(dtype=torch.float32)
+    o_t = o_t.to(**f32).contiguous()
+    row = _RowScratch.allocate(H, P, R, o_t) if fold_q and fold_o and (P + R) % 2 == 0 else None
     return CpuMLA(
-        base=w,
+        base=w, row=row,
         kv_down_t=torch.cat([w.kv_down[R:], w.kv_down[:R]]).to(**f32).t().contiguous(),
         q_down_t=w.q_down.to(**f32).t().contiguous(),
         q_up_t=q_up.to(**f32).t().contiguous(),
         w_uk=None if fold_q else w.w_uk.to(**f32).contiguous(),
-        o_t=o_t.to(**f32).contiguous(),
+        o_t=o_t,
         w_uv_t=None if fold_o else w.w_uv.transpose(1, 2).to(**f32).contiguous(),
         kv_norm=w.kv_norm.to(**f32), scale=scale, n_heads=H, rank=R, rope=P, eps=w.eps)
 
@@ -216,7 +243,7 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
     if pos is None:
         return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
     ph = _phasors(cos, sin, pos, cache_lens)
-    rows = _joint_rows(ckv, kpe) if len(pos) == 1 and w.w_uk is None and w.w_uv_t is None else None
+    rows = _joint_rows(ckv, kpe) if len(pos) == 1 and w.row is not None else None
     if rows is not None and scale == w.scale:
         return _mla_one_row(x, w, rows, pos[0], ph, out)
     B, H, R, P = x.shape[0], w.n_heads, w.rank, w.rope
@@ -244,24 +271,24 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
 
 
 def _mla_one_row(x, w: CpuMLA, rows: torch.Tensor, p: int, ph, out):
-    """One row over the joint cache rows (S_max, rope + R) = [k_pe | latent]: the new
-    entry is projected straight into its slot and finished in place, and the scores of
-    [q_pe | q_latent] against [k_pe | latent] are a single matmul."""
-    H, P = w.n_heads, w.rope
+    """One row over the joint cache rows (S_max, rope + R) = [k_pe | latent]: queries and
+    the new entry are projected into ``w.row``'s buffer, rotated by one complex multiply,
+    the entry is copied into its slot, and the scores of [q_pe | q_latent] against
+    [k_pe | latent] are a single matmul (values too: o_t is zero at the rope columns)."""
+    buf = w.row
     x2 = per_tensor("rows2d", x, lambda t: t.view(1, -1))
-    slot = torch.mm(x2, w.kv_down_t, out=rows[p:p + 1])
-    torch.view_as_complex(slot.view(1, -1, 2))[:, :P // 2].mul_(ph)
-    lat = slot[:, P:]
-    rms_normalize(lat, w.kv_norm, w.eps, out=lat)
+    torch.mm(x2, w.kv_down_t, out=buf.entry)
+    rms_normalize(buf.latent, w.kv_norm, w.eps, out=buf.latent)
     c_q = torch.mm(x2, w.q_down_t)
-    q = torch.addmm(ZERO, c_q, w.q_up_t, beta=0, alpha=inv_rms(c_q, w.eps)).view(H, -1)
-    torch.view_as_complex(q.view(H, -1, 2))[:, :P // 2].mul_(ph)
+    torch.addmm(ZERO, c_q, w.q_up_t, beta=0, alpha=inv_rms(c_q, w.eps), out=buf.q_flat)
+    buf.pe.mul_(ph)
     keys = rows[:p + 1]
-    probs = torch.softmax(torch.mm(q, keys.t()), -1)
-    o = torch.mm(probs, keys[:, P:]).view(1, -1)
+    rows[p:p + 1].copy_(buf.entry)
+    probs = torch.softmax(torch.mm(buf.heads, keys.t()), -1)
+    o = torch.mm(probs, keys).view(1, -1)
     if out is None:
-        return torch.mm(o, w.o_t).view(1, 1, -1)
-    torch.mm(o, w.o_t, out=per_tensor("rows2d", out, lambda t: t.view(1, -1)))
+        return torch.mm(o, buf.o_t).view(1, 1, -1)
+    torch.mm(o, buf.o_t, out=per_tensor("rows2d", out, lambda t: t.view(1, -1)))
     return out
 
 

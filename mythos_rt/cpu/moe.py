@@ -1,9 +1,9 @@
 """Lean CPU MoE FFN for one token: host-side routing, one matmul per selected expert.
 
 ``prepare_moe`` keeps per-expert (transposed) weight views in Python lists, so picking
-an expert costs no PyTorch call, and concatenates the shared slots back into one dense
-SwiGLU. ``moe_ffn_cpu`` selects the token's k experts on ``logits + bias`` with one
-``topk``, reads them and their logits on the host (free on a CPU), renormalizes the
+an expert costs no PyTorch call, and runs the shared slots as one dense projection whose rows
+join the routed ones in a single SwiGLU pass. ``moe_ffn_cpu`` selects the token's k
+experts on ``logits + bias`` (one addmm, one ``topk``), reads them and their logits on the host (free on a CPU), renormalizes the
 chosen softmax scores there (the full softmax's denominator cancels), and accumulates
 ``w_j · down_j(silu(gate_j x) · up_j x)`` onto the shared experts' output with one
 ``addmv_`` each; no weight is copied, and the activations live in preallocated rows
@@ -31,33 +31,35 @@ class CpuMoE:
     """One MoE FFN laid out for single-token decode, with its scratch rows."""
     base: PackedMoE
     router_t: torch.Tensor             # (D, E) view
+    router_bias: list[float]           # the selection bias, on the host
     w13_t: list[torch.Tensor]          # per routed expert (D, 2I) = [gate; up]ᵀ (a view)
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
-    shared_w13_t: Optional[torch.Tensor]  # (D, 2·S·I) = [all shared gates; all shared ups]ᵀ
-    shared_w2_t: Optional[torch.Tensor]   # (S·I, D)
-    gate_up: "_SwiGLURows"             # k rows of [gate | up] for the routed experts
-    shared: Optional["_SwiGLURows"]    # one row for the shared experts
+    shared_w13_t: Optional[torch.Tensor]  # (D, S·2I): per shared slot [gate; up]ᵀ
+    shared_w2_t: Optional[torch.Tensor]   # (S·I, D): the slots' downᵀ, stacked
+    rows: "_SwiGLURows"                # k routed rows then S shared rows
 
 
 @dataclass
 class _SwiGLURows:
-    """Preallocated rows [gate | up] -> act, with their views made once (float32)."""
-    gate_up: torch.Tensor
-    act: torch.Tensor
-    gate_up_rows: list[torch.Tensor]
-    act_rows: list[torch.Tensor]
-    gate: torch.Tensor
-    up: torch.Tensor
+    """Preallocated rows [gate | up] -> act (float32), with their views made once: the
+    k routed experts' rows, then the S shared slots' rows, activated in one pass."""
+    gate_up: torch.Tensor              # (k + S, 2I)
+    act: torch.Tensor                  # (k + S, I)
+    routed: list[torch.Tensor]         # k (1, 2I) row views for the experts' outputs
+    shared: Optional[torch.Tensor]     # (1, S·2I) view of the shared rows
+    routed_act: list[torch.Tensor]     # k (I,) row views
+    shared_act: Optional[torch.Tensor]  # (1, S·I) view
 
     @classmethod
-    def allocate(cls, n: int, hidden: int) -> "_SwiGLURows":
-        gu, act = torch.empty(n, 2 * hidden), torch.empty(n, hidden)
-        return cls(gu, act, list(gu.split(1)), list(act.unbind(0)), gu[:, :hidden],
-                   gu[:, hidden:])
+    def allocate(cls, k: int, S: int, I: int) -> "_SwiGLURows":
+        gu, act = torch.zeros(k + S, 2 * I), torch.zeros(k + S, I)
+        return cls(gu, act, list(gu[:k].split(1)), gu[k:].view(1, -1) if S else None,
+                   list(act[:k].unbind(0)), act[k:].view(1, -1) if S else None)
 
-    def activate(self) -> torch.Tensor:
-        """act = silu(gate) · up (2 calls)."""
-        return torch.mul(F.silu(self.gate), self.up, out=self.act)
+    def activate(self) -> None:
+        """act = silu(gate) · up for every row (2 calls)."""
+        I = self.act.shape[1]
+        torch.mul(F.silu(self.gate_up[:, :I]), self.gate_up[:, I:], out=self.act)
 
 
 def prepare_moe(packed: PackedMoE) -> CpuMoE:
@@ -65,16 +67,14 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
     E, S, I, D = packed.n_routed, packed.n_shared_slots, packed.expert_dim, packed.dim
     shared_w13_t = shared_w2_t = None
     if S:
-        w13s = packed.w13[E:]                                     # (S, 2I, D)
-        shared_w13_t = torch.cat([w13s[:, :I].reshape(S * I, D),
-                                  w13s[:, I:].reshape(S * I, D)]).t()
-        shared_w2_t = packed.w2[E:].permute(1, 0, 2).reshape(D, S * I).t()
+        shared_w13_t = packed.w13[E:].reshape(S * 2 * I, D).t()            # slot-major [g; u]
+        shared_w2_t = packed.w2[E:].permute(0, 2, 1).reshape(S * I, D)      # (S·I, D)
     return CpuMoE(base=packed, router_t=packed.router_w.t(),
+                  router_bias=packed.router_bias.tolist(),
                   w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
                   w2=list(packed.w2[:E].unbind(0)),
                   shared_w13_t=shared_w13_t, shared_w2_t=shared_w2_t,
-                  gate_up=_SwiGLURows.allocate(packed.top_k, I),
-                  shared=_SwiGLURows.allocate(1, S * I) if S else None)
+                  rows=_SwiGLURows.allocate(packed.top_k, S, I))
 
 
 def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
@@ -83,23 +83,25 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     p = moe.base
     if x.shape[0] != 1 or x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
         return moe_ffn_torch(x, p, workspace, out)
-    logits = torch.mm(x, moe.router_t)
-    ids = torch.topk(logits.add(p.router_bias), p.top_k).indices.tolist()[0]
-    values = logits.tolist()[0]
-    top = max(values[e] for e in ids)
-    exps = [math.exp(values[e] - top) for e in ids]
+    biased = torch.addmm(p.router_bias, x, moe.router_t)     # selection scores
+    ids = torch.topk(biased, p.top_k).indices.tolist()[0]
+    scores, bias = biased.tolist()[0], moe.router_bias
+    logits = [scores[e] - bias[e] for e in ids]
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]                 # softmax over the chosen
     total = sum(exps)
-    routed = moe.gate_up
-    for e, row in zip(ids, routed.gate_up_rows):
+    rows = moe.rows
+    for e, row in zip(ids, rows.routed):
         torch.mm(x, moe.w13_t[e], out=row)
-    routed.activate()
-    if moe.shared is not None:
-        torch.mm(x, moe.shared_w13_t, out=moe.shared.gate_up)
-        y = moe.shared.activate()
-        res = torch.mm(y, moe.shared_w2_t) if out is None else torch.mm(y, moe.shared_w2_t, out=out)
+    if moe.shared_w13_t is not None:
+        torch.mm(x, moe.shared_w13_t, out=rows.shared)
+    rows.activate()
+    if moe.shared_w13_t is not None:
+        res = (torch.mm(rows.shared_act, moe.shared_w2_t) if out is None
+               else torch.mm(rows.shared_act, moe.shared_w2_t, out=out))
     else:
         res = torch.zeros_like(x) if out is None else out.zero_()
     acc = per_tensor("row0", res, lambda t: t[0]) if out is not None else res[0]
-    for e, act, g in zip(ids, routed.act_rows, exps):
+    for e, act, g in zip(ids, rows.routed_act, exps):
         acc.addmv_(moe.w2[e], act, alpha=g / total)
     return res
