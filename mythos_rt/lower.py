@@ -33,7 +33,7 @@ class LoweringError(ValueError):
     """The IR contains something this lowering cannot place."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Shape:
     """The runtime shape of one plan execution: B rows × T new tokens each."""
     B: int
@@ -52,24 +52,19 @@ class Step:
     run: Callable[[Shape], None]
 
 
-class RowViews:
-    """``buf[:n]`` (optionally viewed as ``shape``), made once per (buffer, n, shape).
+def bound_run(bind: Callable[[Shape], Callable[[], None]]) -> Callable[[Shape], None]:
+    """A step's ``run(shape)`` from its ``bind(shape)``, which slices the buffers for that
+    shape and returns the launch: binding happens once per shape, so running a step
+    costs no slicing (on a CPU, where a decode step is bound by PyTorch calls, that is a
+    large share). The buffers never move, so bound views stay valid."""
+    bound: dict[Shape, Callable[[], None]] = {}
 
-    Slicing a buffer is a PyTorch dispatch; on a CPU, where a decode step is bound by
-    dispatches, steps look their views up here instead of slicing on every run. The
-    buffers never move, so a view stays valid for the runtime's lifetime.
-    """
-
-    def __init__(self):
-        self._views: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, buf: torch.Tensor, n: int, shape: Optional[tuple] = None) -> torch.Tensor:
-        key = (id(buf), n, shape)
-        v = self._views.get(key)
-        if v is None:
-            v = buf[:n] if shape is None else buf[:n].view(shape)
-            self._views[key] = v
-        return v
+    def run(s: Shape) -> None:
+        fn = bound.get(s)
+        if fn is None:
+            fn = bound[s] = bind(s)
+        fn()
+    return run
 
 
 @dataclass
@@ -100,7 +95,6 @@ class Lowered:
     buffers: Buffers
     args: dict[str, object] = field(default_factory=dict)  # op name → prepared weights
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    rows: RowViews = field(default_factory=RowViews)
 
     def plan(self, n_loops: int) -> list[Step]:
         """The flat step list for one forward chunk with ``n_loops`` iterations."""
@@ -112,7 +106,7 @@ class Lowered:
                 steps += self._loop_steps(op, n_loops)
             else:
                 steps.append(self._step(op))
-        steps.append(Step("advance_cache_lens", "cache", "torch", self._advance))
+        steps.append(Step("advance_cache_lens", "cache", "torch", bound_run(self._advance_bind)))
         return steps
 
     # ---- per-op steps -----------------------------------------------------------------
@@ -123,76 +117,84 @@ class Lowered:
         return self.impls[KERNEL_OF[op.kind]]
 
     def _step(self, op: Op, t: Optional[int] = None, cache_key: Optional[str] = None) -> Step:
-        k, W, buf, rows = op.kind, op.weights, self._buf, self.rows
+        k, W, buf = op.kind, op.weights, self._buf
         backend = self.impls[KERNEL_OF[k]].backend if k in KERNEL_OF else "torch"
         if k == "embed":
             w, ids, out = self.weights[W["w"]], self.buffers.input_ids, buf(op.outputs[0])
 
-            def run(s: Shape):
-                torch.index_select(w, 0, rows(ids, s.N), out=rows(out, s.N))
+            def bind(s: Shape):
+                i, o = ids[:s.N], out[:s.N]
+                return lambda: torch.index_select(w, 0, i, out=o)
         elif k == "rmsnorm":
             fn, w, x, out = self._impl(op).fn, self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
 
-            def run(s: Shape):
-                fn(rows(x, s.N), w, 1e-6, out=rows(out, s.N))
+            def bind(s: Shape):
+                xv, o = x[:s.N], out[:s.N]
+                return lambda: fn(xv, w, 1e-6, out=o)
         elif k == "add_rmsnorm":
             fn, w = self._impl(op).fn, self.weights[W["w"]]
             a, b = buf(op.inputs[0]), buf(op.inputs[1])
             normed, summed = buf(op.outputs[0]), buf(op.outputs[1])
 
-            def run(s: Shape):
-                fn(rows(a, s.N), w, 1e-6, residual=rows(b, s.N), out=rows(normed, s.N),
-                   residual_out=rows(summed, s.N))
+            def bind(s: Shape):
+                av, bv, nv, sv = a[:s.N], b[:s.N], normed[:s.N], summed[:s.N]
+                return lambda: fn(av, w, 1e-6, residual=bv, out=nv, residual_out=sv)
         elif k == "add":
             a, b, out = buf(op.inputs[0]), buf(op.inputs[1]), buf(op.outputs[0])
 
-            def run(s: Shape):
-                torch.add(rows(a, s.N), rows(b, s.N), out=rows(out, s.N))
+            def bind(s: Shape):
+                av, bv, o = a[:s.N], b[:s.N], out[:s.N]
+                return lambda: torch.add(av, bv, out=o)
         elif k in ("mla_attention", "gqa_attention"):
-            run = self._attention_run(op, cache_key or op.attrs["cache"])
+            bind = self._attention_bind(op, cache_key or op.attrs["cache"])
         elif k == "dense_ffn":
             fn = self._impl(op).fn
             w13_t, down_t = self.weights[W["w13"]].t(), self.weights[W["down"]].t()
             x, out = buf(op.inputs[0]), buf(op.outputs[0])
             gu, act = buf(f"{op.name}.gate_up"), buf(f"{op.name}.act")
 
-            def run(s: Shape):
-                torch.matmul(rows(x, s.N), w13_t, out=rows(gu, s.N))
-                fn(rows(gu, s.N), out=rows(act, s.N))
-                torch.matmul(rows(act, s.N), down_t, out=rows(out, s.N))
+            def bind(s: Shape):
+                xv, gv, av, o = x[:s.N], gu[:s.N], act[:s.N], out[:s.N]
+
+                def run():
+                    torch.matmul(xv, w13_t, out=gv)
+                    fn(gv, out=av)
+                    torch.matmul(av, down_t, out=o)
+                return run
         elif k == "moe":
             fn, packed, ws = self._impl(op).fn, self.args[op.name], self.buffers.moe_workspace
             x, out = buf(op.inputs[0]), buf(op.outputs[0])
 
-            def run(s: Shape):
-                fn(rows(x, s.N), packed, ws, out=rows(out, s.N))
+            def bind(s: Shape):
+                xv, o = x[:s.N], out[:s.N]
+                return lambda: fn(xv, packed, ws, out=o)
         elif k == "head":
             w_t, x, out = self.weights[W["w"]].t(), buf(op.inputs[0]), buf(op.outputs[0])
 
-            def run(s: Shape):
-                torch.matmul(rows(x, s.N), w_t, out=rows(out, s.N))
+            def bind(s: Shape):
+                xv, o = x[:s.N], out[:s.N]
+                return lambda: torch.matmul(xv, w_t, out=o)
         else:
             raise LoweringError(f"cannot lower op {op.name!r} of kind {k!r}")
-        return Step(op.name if t is None else f"{op.name}[t={t}]", k, backend, run)
+        return Step(op.name if t is None else f"{op.name}[t={t}]", k, backend, bound_run(bind))
 
-    def _attention_run(self, op: Op, cache_key: str):
+    def _attention_bind(self, op: Op, cache_key: str):
         fn, w = self._impl(op).fn, self.args[op.name]
         first, second = self.buffers.caches[cache_key]
         x, out = self._buf(op.inputs[0]), self._buf(op.outputs[0])
         lens, cos, sin, D = self.buffers.cache_lens, self.buffers.cos, self.buffers.sin, self.cfg.dim
-        cfg, rows = self.cfg, self.rows
+        cfg = self.cfg
         scale = ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 if op.kind == "mla_attention"
                  else cfg.head_dim ** -0.5)
 
-        def run(s: Shape):
-            shape = (s.B, s.T, D)
-            fn(rows(x, s.N, shape), w, first, second, rows(lens, s.B), cos, sin, scale,
-               out=rows(out, s.N, shape))
-        return run
+        def bind(s: Shape):
+            xv, o, lv = x[:s.N].view(s.B, s.T, D), out[:s.N].view(s.B, s.T, D), lens[:s.B]
+            return lambda: fn(xv, w, first, second, lv, cos, sin, scale, out=o)
+        return bind
 
     def _loop_steps(self, loop: Op, n_loops: int) -> list[Step]:
         body = loop.body
-        e, h, act, rows = self._buf(loop.inputs[1]), self.buffers.h, self.buffers.act, self.rows
+        e, h, act = self._buf(loop.inputs[1]), self.buffers.h, self.buffers.act
         ops = body.ops
         if ops[0].kind != "loop_prologue" or ops[-1].kind != "loop_epilogue":
             raise LoweringError("the loop body must start with loop_prologue and end with "
@@ -204,28 +206,36 @@ class Lowered:
         out = self._buf(loop.outputs[0])
 
         def start(s: Shape):
-            rows(h, s.N).copy_(rows(e, s.N))
-            act.reset(s.N)
-            pro.fn(rows(h, s.N), rows(e, s.N), pro_params, 0, out=rows(combined, s.N))
+            hv, ev, cv, N = h[:s.N], e[:s.N], combined[:s.N], s.N
 
-        steps = [Step("loop_start+prologue[t=0]", "loop_prologue", pro.backend, start)]
+            def run():
+                hv.copy_(ev)
+                act.reset(N)
+                pro.fn(hv, ev, pro_params, 0, out=cv)
+            return run
+
+        steps = [Step("loop_start+prologue[t=0]", "loop_prologue", pro.backend, bound_run(start))]
         for t in range(n_loops):
             key = f"recurrent_loop_{t}"
             steps += [self._step(op, t=t, cache_key=key) for op in ops[1:-1]]
             last = t == n_loops - 1
 
             def epilogue(s: Shape, t=t, last=last):
-                epi.fn(rows(block_out, s.N), rows(h, s.N), rows(e, s.N), epi_params, t, act,
-                       next_combined=None if last else rows(combined, s.N))
-            steps.append(Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend, epilogue))
+                bv, hv, ev = block_out[:s.N], h[:s.N], e[:s.N]
+                nxt = None if last else combined[:s.N]
+                return lambda: epi.fn(bv, hv, ev, epi_params, t, act, next_combined=nxt)
+            steps.append(Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend,
+                              bound_run(epilogue)))
 
         def finish(s: Shape):
-            rows(out, s.N).copy_(rows(act.h_out, s.N))
-        steps.append(Step("loop_result", "copy", "torch", finish))
+            o, r = out[:s.N], act.h_out[:s.N]
+            return lambda: o.copy_(r)
+        steps.append(Step("loop_result", "copy", "torch", bound_run(finish)))
         return steps
 
-    def _advance(self, s: Shape) -> None:
-        self.rows(self.buffers.cache_lens, s.B).add_(s.T)
+    def _advance_bind(self, s: Shape):
+        lens, T = self.buffers.cache_lens[:s.B], s.T
+        return lambda: lens.add_(T)
 
 
 def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],

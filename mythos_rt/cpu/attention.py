@@ -39,8 +39,8 @@ FOLD_LIMIT = 2.0
 class CpuMLA:
     """MLA weights fused for decode (float32, nn.Linear layout unless named ``*_t``)."""
     base: MLAWeights            # the torch implementation's weights (prefill, other dtypes)
-    kv_down_t: torch.Tensor     # (D, rope + R): [kv_down's rope rows; its latent rows]ᵀ
-    q_down_t: torch.Tensor      # (D, q_lora)
+    down_t: torch.Tensor        # (D, rope + R + q_lora): [kv_down's rope rows; its latent
+                                # rows; q_down]ᵀ
     q_up_t: torch.Tensor        # (q_lora, H·(rope + (R or nope))): per head [q_pe | q_latent],
                                 # q_norm and the softmax scale folded in
     w_uk: Optional[torch.Tensor]  # (H, nope, R) when not absorbed into q_up
@@ -60,22 +60,26 @@ class _RowScratch:
     """Buffers and views of the one-row MLA decode, made once: the query heads and the
     new token's cache entry share one (H + 1, rope + R) buffer, so a single complex
     multiply applies RoPE to both."""
-    qk: torch.Tensor            # rows 0..H-1: [q_pe | q_latent] per head; row H: [k_pe | latent]
+    flat: torch.Tensor          # [H query rows | the entry row | c_q], each row rope + R wide
     q_flat: torch.Tensor        # (1, H·(rope + R)) view of the query rows (addmm's output)
     heads: torch.Tensor         # (H, rope + R) view of the query rows
-    entry: torch.Tensor         # (1, rope + R) view of row H
-    latent: torch.Tensor        # (1, R) view of row H's latent
+    down: torch.Tensor          # (1, rope + R + q_lora) view of [entry | c_q] (one matmul)
+    entry: torch.Tensor         # (1, rope + R) view of the entry row [k_pe | latent]
+    latent: torch.Tensor        # (1, R) view of the entry's latent
+    c_q: torch.Tensor           # (1, q_lora) view
     pe: torch.Tensor            # (H + 1, rope/2) complex view of every row's rope part
     o_t: torch.Tensor           # (H·(rope + R), D): o_t with zero rows at the rope columns
 
     @classmethod
-    def allocate(cls, H: int, P: int, R: int, o_t: torch.Tensor) -> "_RowScratch":
+    def allocate(cls, H: int, P: int, R: int, q_lora: int, o_t: torch.Tensor) -> "_RowScratch":
         W = P + R
-        qk = torch.zeros(H + 1, W)
+        flat = torch.zeros(1, (H + 1) * W + q_lora)
+        rows = flat[0, :(H + 1) * W].view(H + 1, W)
         o_ext = torch.zeros(H, W, o_t.shape[1])
         o_ext[:, P:] = o_t.view(H, R, -1)
-        return cls(qk, qk[:H].view(1, H * W), qk[:H], qk[H:], qk[H:, P:],
-                   torch.view_as_complex(qk.view(H + 1, W // 2, 2))[:, :P // 2],
+        return cls(flat, flat[:, :H * W], rows[:H], flat[:, H * W:], rows[H:], rows[H:, P:],
+                   flat[:, (H + 1) * W:],
+                   torch.view_as_complex(rows.view(H + 1, W // 2, 2))[:, :P // 2],
                    o_ext.view(H * W, -1))
 
 
@@ -117,11 +121,11 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
            else wo.reshape(D, H * v).t())
     f32 = dict(dtype=torch.float32)
     o_t = o_t.to(**f32).contiguous()
-    row = _RowScratch.allocate(H, P, R, o_t) if fold_q and fold_o and (P + R) % 2 == 0 else None
+    row = (_RowScratch.allocate(H, P, R, q_lora, o_t) if fold_q and fold_o and (P + R) % 2 == 0
+           else None)
     return CpuMLA(
         base=w, row=row,
-        kv_down_t=torch.cat([w.kv_down[R:], w.kv_down[:R]]).to(**f32).t().contiguous(),
-        q_down_t=w.q_down.to(**f32).t().contiguous(),
+        down_t=torch.cat([w.kv_down[R:], w.kv_down[:R], w.q_down]).to(**f32).t().contiguous(),
         q_up_t=q_up.to(**f32).t().contiguous(),
         w_uk=None if fold_q else w.w_uk.to(**f32).contiguous(),
         o_t=o_t,
@@ -248,9 +252,8 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
         return _mla_one_row(x, w, rows, pos[0], ph, out)
     B, H, R, P = x.shape[0], w.n_heads, w.rank, w.rope
     L = max(pos) + 1
-    x2 = x.view(B, -1)
-    kv = torch.mm(x2, w.kv_down_t)                              # [k_pe | latent]
-    c_q = torch.mm(x2, w.q_down_t)
+    y = torch.mm(x.view(B, -1), w.down_t)                       # [k_pe | latent | c_q]
+    kv, c_q = y[:, :P + R], y[:, P + R:]
     q = _mm_scaled(c_q, w.q_up_t, inv_rms(c_q, w.eps)).view(B, H, -1)   # per head [pe | lat]
     q_pe, q_lat = q[..., :P], q[..., P:]
     if w.w_uk is not None:
@@ -276,11 +279,9 @@ def _mla_one_row(x, w: CpuMLA, rows: torch.Tensor, p: int, ph, out):
     the entry is copied into its slot, and the scores of [q_pe | q_latent] against
     [k_pe | latent] are a single matmul (values too: o_t is zero at the rope columns)."""
     buf = w.row
-    x2 = per_tensor("rows2d", x, lambda t: t.view(1, -1))
-    torch.mm(x2, w.kv_down_t, out=buf.entry)
+    torch.mm(per_tensor("rows2d", x, lambda t: t.view(1, -1)), w.down_t, out=buf.down)
     rms_normalize(buf.latent, w.kv_norm, w.eps, out=buf.latent)
-    c_q = torch.mm(x2, w.q_down_t)
-    torch.addmm(ZERO, c_q, w.q_up_t, beta=0, alpha=inv_rms(c_q, w.eps), out=buf.q_flat)
+    torch.addmm(ZERO, buf.c_q, w.q_up_t, beta=0, alpha=inv_rms(buf.c_q, w.eps), out=buf.q_flat)
     buf.pe.mul_(ph)
     keys = rows[:p + 1]
     rows[p:p + 1].copy_(buf.entry)
