@@ -67,7 +67,7 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
     E, S, I, D = packed.n_routed, packed.n_shared_slots, packed.expert_dim, packed.dim
     shared_w13_t = shared_w2_t = None
     if S:
-        shared_w13_t = packed.w13[E:].reshape(S * 2 * I, D).t()            # slot-major [g; u]
+        shared_w13_t = packed.w13[E:].reshape(S * 2 * I, D).t().contiguous()  # slot-major [g; u]
         shared_w2_t = packed.w2[E:].permute(0, 2, 1).reshape(S * I, D)      # (S·I, D)
     return CpuMoE(base=packed, router_t=packed.router_w.t(),
                   router_bias=packed.router_bias.tolist(),
