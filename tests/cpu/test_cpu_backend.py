@@ -126,3 +126,34 @@ def test_other_dtypes_run_the_torch_reference():
     x = torch.randn(1, cfg.dim).to(torch.bfloat16)
     from mythos_rt.ops.moe import moe_ffn_torch
     assert torch.equal(moe_ffn_cpu(x, moe), moe_ffn_torch(x, moe.base))
+
+
+@pytest.mark.parametrize("name", ["mla", "mla-unabsorbed", "gqa"])
+def test_batch1_decode_matches_reference(name, monkeypatch):
+    """The one-row fast paths end to end: greedy ids equal the reference's, and every
+    decode step's logits match the reference's teacher-forced ones."""
+    import mythos_rt
+    from mythos_rt.config import MythosConfig
+    from mythos_rt.cpu import attention as cpu_attention
+    from mythos_rt.reference import OpenMythos
+    from mythos_rt.testing import spread_act_halting
+
+    cfg = MythosConfig.from_preset("tiny_gqa" if name == "gqa" else "tiny_mla")
+    if name == "mla-unabsorbed":
+        monkeypatch.setattr(cpu_attention, "FOLD_LIMIT", 0.0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    model = OpenMythos(cfg).eval()
+    spread_act_halting(model, ids)
+    rt = mythos_rt.compile(model, max_batch_size=1, max_loops=2 * cfg.max_loop_iters)
+    assert set(rt.backends.values()) == {"cpu"}
+    if cfg.attn_type == "mla":  # absorbed: the joint cache and the one-row buffers are used
+        mla = [a for a in rt._low.args.values() if isinstance(a, cpu_attention.CpuMLA)]
+        assert all((w.row is not None) == (name == "mla") for w in mla)
+        ckv, kpe = next(iter(rt._low.buffers.caches.values()))
+        assert cpu_attention._joint_rows(ckv, kpe) is not None
+    n_loops, new = cfg.max_loop_iters + 1, 5
+    out, logits = rt.generate(ids, new, n_loops=n_loops, return_logits=True)
+    assert torch.equal(out, model.generate(ids, new, n_loops=n_loops, temperature=0.0))
+    with torch.no_grad():
+        ref = model(out[:, :-1], n_loops=n_loops)[:, ids.shape[1] - 1:]
+    assert_rel_close(logits, ref, TOL_FP32_TORCH, "per-step logits")
