@@ -1,4 +1,4 @@
-"""Lean CPU decode attention (MLA and GQA): one new token per row in ~25 PyTorch calls.
+"""Lean CPU attention (MLA and GQA): one new token per row in ~20 PyTorch calls.
 
 ``prepare_mla`` / ``prepare_gqa`` fuse the projections once; ``mla_attention_cpu`` /
 ``gqa_attention_cpu`` take the torch implementations' arguments and cache contract
@@ -11,8 +11,10 @@ MLA   one down-projection for [k_pe | latent | c_q]; c_q's RMSNorm weight and th
       cache; one output projection (``w_uv`` absorbed into ``wo`` under the same rule).
 GQA   one projection for [q | k | v] (scale folded into q), grouped matmuls over the cache.
 
-Positions are read on the host (free on a CPU). Chunks of more than one token (prefill),
-dtypes other than float32 and positions past the cache run the torch implementation.
+A chunk of several tokens per row (prefill) of an absorbed MLA runs in latent space too
+(``_mla_chunk``: a few batched matmuls, no per-head K/V). Positions are read on the host
+(free on a CPU). Other chunks, dtypes other than float32 and positions past the cache
+run the torch implementation.
 """
 
 from __future__ import annotations
@@ -245,6 +247,8 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
     """MLA attention sublayer, lean decode (same contract as ``ops.attention.mla_attention``)."""
     pos = _decode_positions(x, cache_lens, ckv.shape[1])
     if pos is None:
+        if _absorbed_chunk(x, w, cache_lens, ckv.shape[1], scale):
+            return _mla_chunk(x, w, ckv, kpe, cache_lens, cos, sin, out)
         return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
     ph = _phasors(cos, sin, pos, cache_lens)
     rows = _joint_rows(ckv, kpe) if len(pos) == 1 and w.row is not None else None
@@ -271,6 +275,49 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
     if w.w_uv_t is not None:
         o = torch.matmul(o.transpose(0, 1), w.w_uv_t).transpose(0, 1)   # (B, H, v)
     return _output(o.reshape(B, -1), w.o_t, out, B)
+
+
+def _absorbed_chunk(x, w: CpuMLA, cache_lens, S_max: int, scale: float) -> bool:
+    """Whether a chunk (T > 1) runs ``_mla_chunk``: float32, absorbed weights, in range."""
+    return (x.dtype == torch.float32 and w.w_uk is None and w.w_uv_t is None
+            and scale == w.scale and int(cache_lens.max()) + x.shape[1] <= S_max)
+
+
+def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
+    """T tokens per row (prefill, chunked prefill) in latent space: the chunk's entries
+    are written at ``cache_lens[b] + i``, then each query attends causally over its row's
+    cached prefix and the chunk, scores ``q_latent·ckv + q_pe·kpe`` and values ``p·ckv``
+    (no per-head K/V is formed), then the absorbed output projection."""
+    B, T, D = x.shape
+    H, R, P = w.n_heads, w.rank, w.rope
+    lens = cache_lens.tolist()
+    S = max(lens) + T
+    y = torch.mm(x.reshape(B * T, D), w.down_t)                      # [k_pe | latent | c_q]
+    c_q = y[:, P + R:]
+    q = torch.mm(c_q, w.q_up_t).mul_(inv_rms(c_q, w.eps)).view(B, T, H, P + R)
+    pos = cache_lens.long()[:, None] + torch.arange(T)                # (B, T)
+    ph = _phasor_table(cos, sin)[pos]                                 # (B, T, rope/2)
+    _rotate_(q[..., :P], ph[:, :, None])
+    k_pe = _rotate_(y[:, :P].reshape(B, T, P), ph)
+    lat = rms_normalize(y[:, P:P + R], w.kv_norm, w.eps).view(B, T, R)
+    for b, n in enumerate(lens):
+        ckv[b, n:n + T].copy_(lat[b])
+        kpe[b, n:n + T].copy_(k_pe[b])
+    keys, keys_pe = ckv[:B, None, :S], kpe[:B, None, :S]                # (B, 1, S, ·)
+    q = q.transpose(1, 2)                                             # (B, H, T, rope + R)
+    s = torch.matmul(q[..., P:], keys.transpose(-1, -2)).add_(
+        torch.matmul(q[..., :P], keys_pe.transpose(-1, -2)))          # (B, H, T, S)
+    visible = torch.arange(S) <= pos[:, :, None]                      # (B, T, S)
+    s.masked_fill_(~visible[:, None], float("-inf"))
+    if min(lens) != max(lens):  # slots past a shorter row's chunk may hold anything
+        keys = keys.masked_fill((torch.arange(S) >= (cache_lens.long() + T)[:, None])
+                                .view(B, 1, S, 1), 0.0)
+    o = torch.matmul(torch.softmax(s, -1), keys)                      # (B, H, T, R)
+    o = o.transpose(1, 2).reshape(B * T, H * R)
+    if out is None:
+        return torch.mm(o, w.o_t).view(B, T, D)
+    torch.mm(o, w.o_t, out=out.view(B * T, D))
+    return out
 
 
 def _mla_one_row(x, w: CpuMLA, rows: torch.Tensor, p: int, ph, out):
