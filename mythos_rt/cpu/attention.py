@@ -66,10 +66,12 @@ class _RowScratch:
     q_flat: torch.Tensor        # (1, H·(rope + R)) view of the query rows (addmm's output)
     heads: torch.Tensor         # (H, rope + R) view of the query rows
     down: torch.Tensor          # (1, rope + R + q_lora) view of [entry | c_q] (one matmul)
-    entry: torch.Tensor         # (1, rope + R) view of the entry row [k_pe | latent]
+    entry: torch.Tensor         # (rope + R,) view of the entry row [k_pe | latent]
     latent: torch.Tensor        # (1, R) view of the entry's latent
     c_q: torch.Tensor           # (1, q_lora) view
     pe: torch.Tensor            # (H + 1, rope/2) complex view of every row's rope part
+    o: torch.Tensor             # (H, rope + R) attention output, and its (1, H·(rope + R)) view
+    o_flat: torch.Tensor
     o_t: torch.Tensor           # (H·(rope + R), D): o_t with zero rows at the rope columns
 
     @classmethod
@@ -79,10 +81,11 @@ class _RowScratch:
         rows = flat[0, :(H + 1) * W].view(H + 1, W)
         o_ext = torch.zeros(H, W, o_t.shape[1])
         o_ext[:, P:] = o_t.view(H, R, -1)
-        return cls(flat, flat[:, :H * W], rows[:H], flat[:, H * W:], rows[H:], rows[H:, P:],
+        o = torch.zeros(H, W)
+        return cls(flat, flat[:, :H * W], rows[:H], flat[:, H * W:], rows[H], rows[H:, P:],
                    flat[:, (H + 1) * W:],
                    torch.view_as_complex(rows.view(H + 1, W // 2, 2))[:, :P // 2],
-                   o_ext.view(H * W, -1))
+                   o, o.view(1, -1), o_ext.view(H * W, -1))
 
 
 @dataclass
@@ -330,13 +333,12 @@ def _mla_one_row(x, w: CpuMLA, rows: torch.Tensor, p: int, ph, out):
     rms_normalize(buf.latent, w.kv_norm, w.eps, out=buf.latent)
     torch.addmm(ZERO, buf.c_q, w.q_up_t, beta=0, alpha=inv_rms(buf.c_q, w.eps), out=buf.q_flat)
     buf.pe.mul_(ph)
+    rows[p] = buf.entry
     keys = rows[:p + 1]
-    rows[p:p + 1].copy_(buf.entry)
-    probs = torch.softmax(torch.mm(buf.heads, keys.t()), -1)
-    o = torch.mm(probs, keys).view(1, -1)
+    torch.mm(torch.softmax(torch.mm(buf.heads, keys.t()), -1), keys, out=buf.o)
     if out is None:
-        return torch.mm(o, buf.o_t).view(1, 1, -1)
-    torch.mm(o, buf.o_t, out=per_tensor("rows2d", out, lambda t: t.view(1, -1)))
+        return torch.mm(buf.o_flat, buf.o_t).view(1, 1, -1)
+    torch.mm(buf.o_flat, buf.o_t, out=per_tensor("rows2d", out, lambda t: t.view(1, -1)))
     return out
 
 

@@ -49,17 +49,19 @@ class _SwiGLURows:
     shared: Optional[torch.Tensor]     # (1, S·2I) view of the shared rows
     routed_act: list[torch.Tensor]     # k (I,) row views
     shared_act: Optional[torch.Tensor]  # (1, S·I) view
+    gate: torch.Tensor                 # (k + S, I) views of gate_up's halves
+    up: torch.Tensor
 
     @classmethod
     def allocate(cls, k: int, S: int, I: int) -> "_SwiGLURows":
         gu, act = torch.zeros(k + S, 2 * I), torch.zeros(k + S, I)
         return cls(gu, act, list(gu[:k].split(1)), gu[k:].view(1, -1) if S else None,
-                   list(act[:k].unbind(0)), act[k:].view(1, -1) if S else None)
+                   list(act[:k].unbind(0)), act[k:].view(1, -1) if S else None,
+                   gu[:, :I], gu[:, I:])
 
     def activate(self) -> None:
         """act = silu(gate) · up for every row (2 calls)."""
-        I = self.act.shape[1]
-        torch.mul(F.silu(self.gate_up[:, :I]), self.gate_up[:, I:], out=self.act)
+        torch.mul(F.silu(self.gate), self.up, out=self.act)
 
 
 def prepare_moe(packed: PackedMoE) -> CpuMoE:
