@@ -12,7 +12,7 @@ Triton path, syncs with the host or branches on device values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -33,9 +33,9 @@ class LoweringError(ValueError):
     """The IR contains something this lowering cannot place."""
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The runtime shape of one plan execution: B rows × T new tokens each."""
+class Shape(NamedTuple):
+    """The runtime shape of one plan execution: B rows × T new tokens each (a tuple, so
+    looking up a step's bound views by shape hashes in C)."""
     B: int
     T: int
 
