@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 import time
@@ -115,9 +114,10 @@ def main() -> None:
         print(f"context {r['context']:5d}  {r['name']:<26} decode {r['decode_ms_per_token']:8.2f} "
               f"ms/token  prefill {r['prefill_tok_s']:8.1f} tok/s{extra}")
     if args.out:
-        meta = {"device": "cpu", "cpu": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "config": BENCH_CONFIG.to_dict(), "quick": args.quick}
+        from bench.harness import provenance
+        meta = dict(provenance(), device="cpu", config=BENCH_CONFIG.to_dict(), quick=args.quick,
+                    method="decode: median over interleaved steps (models alternate step by "
+                           "step); speedup: median of per-step time ratios; prefill: one run")
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

@@ -1,0 +1,12 @@
+"""bench/bench_runtime_cpu.py runs (quick) and reports every model at every context."""
+
+from bench import bench_runtime_cpu
+
+
+def test_quick_run_reports_decode_and_prefill_for_each_model():
+    rows = bench_runtime_cpu.run(quick=True)
+    names = [r["name"] for r in rows]
+    assert names[0] == "mythos-rt (cpu backend)" and "eager reference" in names
+    for r in rows:
+        assert r["decode_ms_per_token"] > 0 and r["prefill_tok_s"] > 0
+    assert all("rt_decode_speedup" in r for r in rows[1:])
