@@ -1,4 +1,4 @@
-"""Lean CPU MoE FFN for one token: host-side routing, one matmul per selected expert.
+"""Lean CPU MoE FFN for decode: host-side routing, one matmul per selected expert.
 
 ``prepare_moe`` keeps per-expert (transposed) weight views in Python lists, so picking
 an expert costs no PyTorch call, and runs the shared slots as one dense projection whose rows
@@ -7,8 +7,9 @@ experts on ``logits + bias`` (one addmm, one ``topk``), reads them and their log
 chosen softmax scores there (the full softmax's denominator cancels), and accumulates
 ``w_j · down_j(silu(gate_j x) · up_j x)`` onto the shared experts' output with one
 ``addmv_`` each; no weight is copied, and the activations live in preallocated rows
-whose views are made once. Batches of more than one token and dtypes other
-than float32 run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
+whose views are made once. A few tokens (a decode batch) run token by token, the shared
+slots batched; more tokens (prefill) and dtypes other than float32 run the torch
+implementation (``mythos_rt.ops.moe.moe_ffn_torch``), which groups tokens by expert.
 """
 
 from __future__ import annotations
@@ -51,17 +52,24 @@ class _SwiGLURows:
     shared_act: Optional[torch.Tensor]  # (1, S·I) view
     gate: torch.Tensor                 # (k + S, I) views of gate_up's halves
     up: torch.Tensor
+    routed_gate: torch.Tensor          # (k, I) views: the routed rows only
+    routed_up: torch.Tensor
+    routed_act_all: torch.Tensor
 
     @classmethod
     def allocate(cls, k: int, S: int, I: int) -> "_SwiGLURows":
         gu, act = torch.zeros(k + S, 2 * I), torch.zeros(k + S, I)
         return cls(gu, act, list(gu[:k].split(1)), gu[k:].view(1, -1) if S else None,
                    list(act[:k].unbind(0)), act[k:].view(1, -1) if S else None,
-                   gu[:, :I], gu[:, I:])
+                   gu[:, :I], gu[:, I:], gu[:k, :I], gu[:k, I:], act[:k])
 
     def activate(self) -> None:
         """act = silu(gate) · up for every row (2 calls)."""
         torch.mul(F.silu(self.gate), self.up, out=self.act)
+
+    def activate_routed(self) -> None:
+        """The same for the k routed rows only."""
+        torch.mul(F.silu(self.routed_gate), self.routed_up, out=self.routed_act_all)
 
 
 def prepare_moe(packed: PackedMoE) -> CpuMoE:
@@ -79,31 +87,61 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
                   rows=_SwiGLURows.allocate(packed.top_k, S, I))
 
 
+# Up to this many tokens (decode batches) run token by token; more (prefill) run the
+# torch implementation, which groups the tokens by expert.
+MAX_TOKENS = 8
+
+
+def _route(biased: torch.Tensor, top_k: int, bias: list[float]):
+    """Per token: the k chosen experts and their renormalized softmax weights (host)."""
+    ids = torch.topk(biased, top_k).indices.tolist()
+    routes = []
+    for row, chosen in zip(biased.tolist(), ids):
+        logits = [row[e] - bias[e] for e in chosen]
+        top = max(logits)
+        exps = [math.exp(v - top) for v in logits]             # softmax over the chosen
+        total = sum(exps)
+        routes.append((chosen, [g / total for g in exps]))
+    return routes
+
+
 def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MoE FFN (same contract as ``ops.moe.moe_ffn_torch``); one token runs the lean path."""
+    """MoE FFN (same contract as ``ops.moe.moe_ffn_torch``); up to ``MAX_TOKENS`` tokens
+    run the lean path."""
     p = moe.base
-    if x.shape[0] != 1 or x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
+    N = x.shape[0]
+    if N > MAX_TOKENS or x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
         return moe_ffn_torch(x, p, workspace, out)
-    biased = torch.addmm(p.router_bias, x, moe.router_t)     # selection scores
-    ids = torch.topk(biased, p.top_k).indices.tolist()[0]
-    scores, bias = biased.tolist()[0], moe.router_bias
-    logits = [scores[e] - bias[e] for e in ids]
-    top = max(logits)
-    exps = [math.exp(v - top) for v in logits]                 # softmax over the chosen
-    total = sum(exps)
+    routes = _route(torch.addmm(p.router_bias, x, moe.router_t), p.top_k, moe.router_bias)
     rows = moe.rows
-    for e, row in zip(ids, rows.routed):
-        torch.mm(x, moe.w13_t[e], out=row)
-    if moe.shared_w13_t is not None:
-        torch.mm(x, moe.shared_w13_t, out=rows.shared)
-    rows.activate()
-    if moe.shared_w13_t is not None:
-        res = (torch.mm(rows.shared_act, moe.shared_w2_t) if out is None
-               else torch.mm(rows.shared_act, moe.shared_w2_t, out=out))
+    if N == 1:  # the shared slots join the routed rows' SwiGLU pass
+        for e, row in zip(routes[0][0], rows.routed):
+            torch.mm(x, moe.w13_t[e], out=row)
+        if moe.shared_w13_t is not None:
+            torch.mm(x, moe.shared_w13_t, out=rows.shared)
+        rows.activate()
+        shared = rows.shared_act
+    else:
+        shared = None
+        if moe.shared_w13_t is not None:
+            gu = torch.mm(x, moe.shared_w13_t).view(N, -1, 2 * p.expert_dim)
+            shared = _swiglu(gu, p.expert_dim).view(N, -1)
+    if shared is not None:
+        res = (torch.mm(shared, moe.shared_w2_t) if out is None
+               else torch.mm(shared, moe.shared_w2_t, out=out))
     else:
         res = torch.zeros_like(x) if out is None else out.zero_()
-    acc = per_tensor("row0", res, lambda t: t[0]) if out is not None else res[0]
-    for e, act, g in zip(ids, rows.routed_act, exps):
-        acc.addmv_(moe.w2[e], act, alpha=g / total)
+    for n, (ids, weights) in enumerate(routes):
+        if N > 1:
+            for e, row in zip(ids, rows.routed):
+                torch.mm(x[n:n + 1], moe.w13_t[e], out=row)
+            rows.activate_routed()
+        acc = per_tensor("row0", res, lambda t: t[0]) if N == 1 and out is not None else res[n]
+        for e, act, g in zip(ids, rows.routed_act, weights):
+            acc.addmv_(moe.w2[e], act, alpha=g)
     return res
+
+
+def _swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:
+    return F.silu(gate_up[..., :hidden]).mul_(gate_up[..., hidden:])
