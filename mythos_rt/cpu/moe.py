@@ -29,39 +29,43 @@ __all__ = ["CpuMoE", "prepare_moe", "moe_ffn_cpu"]
 
 @dataclass
 class CpuMoE:
-    """One MoE FFN laid out for single-token decode, with its scratch rows."""
+    """One MoE FFN laid out for decode, with its scratch rows."""
     base: PackedMoE
-    router_t: torch.Tensor             # (D, E) view
+    front_t: torch.Tensor              # (D, S·2I + E) = [shared slots' [gate; up] | router]ᵀ
+    front_bias: torch.Tensor           # (S·2I + E,) = [0 | router bias]
     router_bias: list[float]           # the selection bias, on the host
     w13_t: list[torch.Tensor]          # per routed expert (D, 2I) = [gate; up]ᵀ (a view)
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
-    shared_w13_t: Optional[torch.Tensor]  # (D, S·2I): per shared slot [gate; up]ᵀ
-    shared_w2_t: Optional[torch.Tensor]   # (S·I, D): the slots' downᵀ, stacked
-    rows: "_SwiGLURows"                # k routed rows then S shared rows
+    shared_w2_t: Optional[torch.Tensor]  # (S·I, D): the slots' downᵀ, stacked
+    rows: "_Rows"
 
 
 @dataclass
-class _SwiGLURows:
-    """Preallocated rows [gate | up] -> act (float32), with their views made once: the
-    k routed experts' rows, then the S shared slots' rows, activated in one pass."""
-    gate_up: torch.Tensor              # (k + S, 2I)
-    act: torch.Tensor                  # (k + S, I)
-    routed: list[torch.Tensor]         # k (1, 2I) row views for the experts' outputs
-    shared: Optional[torch.Tensor]     # (1, S·2I) view of the shared rows
-    routed_act: list[torch.Tensor]     # k (I,) row views
-    shared_act: Optional[torch.Tensor]  # (1, S·I) view
-    gate: torch.Tensor                 # (k + S, I) views of gate_up's halves
+class _Rows:
+    """One token's scratch (float32), views made once. One buffer holds the k routed
+    experts' [gate | up] rows, the S shared slots' rows, then the router logits, so that
+    the shared projection and the router are one matmul ("front") and every expert row
+    is activated in one SwiGLU pass."""
+    routed: list[torch.Tensor]         # k (1, 2I) rows, one per chosen expert
+    front: torch.Tensor                # (1, S·2I + E): [shared rows | logits]
+    logits: torch.Tensor               # (1, E)
+    gate: torch.Tensor                 # (k + S, I) halves of every [gate | up] row
     up: torch.Tensor
+    act: torch.Tensor                  # (k + S, I)
+    routed_act: list[torch.Tensor]     # k (I,) rows
+    shared_act: Optional[torch.Tensor]  # (1, S·I)
     routed_gate: torch.Tensor          # (k, I) views: the routed rows only
     routed_up: torch.Tensor
     routed_act_all: torch.Tensor
 
     @classmethod
-    def allocate(cls, k: int, S: int, I: int) -> "_SwiGLURows":
-        gu, act = torch.zeros(k + S, 2 * I), torch.zeros(k + S, I)
-        return cls(gu, act, list(gu[:k].split(1)), gu[k:].view(1, -1) if S else None,
-                   list(act[:k].unbind(0)), act[k:].view(1, -1) if S else None,
-                   gu[:, :I], gu[:, I:], gu[:k, :I], gu[:k, I:], act[:k])
+    def allocate(cls, k: int, S: int, I: int, E: int) -> "_Rows":
+        flat = torch.zeros(1, (k + S) * 2 * I + E)
+        gu = flat[0, :(k + S) * 2 * I].view(k + S, 2 * I)
+        act = torch.zeros(k + S, I)
+        return cls(list(gu[:k].split(1)), flat[:, k * 2 * I:], flat[:, (k + S) * 2 * I:],
+                   gu[:, :I], gu[:, I:], act, list(act[:k].unbind(0)),
+                   act[k:].view(1, -1) if S else None, gu[:k, :I], gu[:k, I:], act[:k])
 
     def activate(self) -> None:
         """act = silu(gate) · up for every row (2 calls)."""
@@ -73,18 +77,18 @@ class _SwiGLURows:
 
 
 def prepare_moe(packed: PackedMoE) -> CpuMoE:
-    """Per-expert views of the packed weights plus the shared slots as one dense FFN."""
+    """Per-expert views of the packed weights; the shared slots as one dense projection
+    sharing a matmul with the router."""
     E, S, I, D = packed.n_routed, packed.n_shared_slots, packed.expert_dim, packed.dim
-    shared_w13_t = shared_w2_t = None
-    if S:
-        shared_w13_t = packed.w13[E:].reshape(S * 2 * I, D).t().contiguous()  # slot-major [g; u]
-        shared_w2_t = packed.w2[E:].permute(0, 2, 1).reshape(S * I, D)      # (S·I, D)
-    return CpuMoE(base=packed, router_t=packed.router_w.t(),
+    shared_w13 = packed.w13[E:].reshape(S * 2 * I, D)                   # slot-major [g; u]
+    front_t = torch.cat([shared_w13, packed.router_w]).t().contiguous()
+    front_bias = torch.cat([torch.zeros(S * 2 * I), packed.router_bias.float()])
+    shared_w2_t = packed.w2[E:].permute(0, 2, 1).reshape(S * I, D) if S else None
+    return CpuMoE(base=packed, front_t=front_t, front_bias=front_bias,
                   router_bias=packed.router_bias.tolist(),
                   w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
-                  w2=list(packed.w2[:E].unbind(0)),
-                  shared_w13_t=shared_w13_t, shared_w2_t=shared_w2_t,
-                  rows=_SwiGLURows.allocate(packed.top_k, S, I))
+                  w2=list(packed.w2[:E].unbind(0)), shared_w2_t=shared_w2_t,
+                  rows=_Rows.allocate(packed.top_k, S, I, E))
 
 
 # Up to this many tokens (decode batches) run token by token; more (prefill) run the
@@ -113,19 +117,20 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     N = x.shape[0]
     if N > MAX_TOKENS or x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
         return moe_ffn_torch(x, p, workspace, out)
-    routes = _route(torch.addmm(p.router_bias, x, moe.router_t), p.top_k, moe.router_bias)
-    rows = moe.rows
-    if N == 1:  # the shared slots join the routed rows' SwiGLU pass
+    rows, S2 = moe.rows, 2 * p.n_shared_slots * p.expert_dim
+    if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
+        torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
+        routes = _route(rows.logits, p.top_k, moe.router_bias)
         for e, row in zip(routes[0][0], rows.routed):
             torch.mm(x, moe.w13_t[e], out=row)
-        if moe.shared_w13_t is not None:
-            torch.mm(x, moe.shared_w13_t, out=rows.shared)
         rows.activate()
         shared = rows.shared_act
     else:
+        front = torch.addmm(moe.front_bias, x, moe.front_t)
+        routes = _route(front[:, S2:], p.top_k, moe.router_bias)
         shared = None
-        if moe.shared_w13_t is not None:
-            gu = torch.mm(x, moe.shared_w13_t).view(N, -1, 2 * p.expert_dim)
+        if S2:
+            gu = front[:, :S2].reshape(N, -1, 2 * p.expert_dim)
             shared = _swiglu(gu, p.expert_dim).view(N, -1)
     if shared is not None:
         res = (torch.mm(shared, moe.shared_w2_t) if out is None

@@ -93,7 +93,7 @@ def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
         raise ValueError(f"ACTState holds {state.n_max} rows; this step needs {N}")
     z = torch.mm(block_out, params.lora_down_t[min(t, p.max_loops - 1)])
     out = torch.addmm(block_out, z, p.lora_B)                   # block_out + LoRA delta
-    h.mul_(p.A).addcmul_(p.inj_B, e).add_(out)                  # A·h + B·e + out
+    torch.addcmul(out, p.A, h, out=h).addcmul_(p.inj_B, e)     # out + A·h + B·e
     prob = torch.sigmoid(torch.addmv(p.halt_b, h, p.halt_w))
     if N == 1:
         _act_one_row(h, prob, state, np.float32(p.threshold))
