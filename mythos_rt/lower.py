@@ -243,7 +243,8 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
           max_seq_len: int, max_loops: int, backend: str = "auto",
           overrides: Optional[Mapping[str, str]] = None) -> Lowered:
     """Place an optimized graph: select implementations, prepare op arguments, allocate."""
-    impls = {name: select(name, device, backend, overrides) for name in set(KERNEL_OF.values())}
+    impls = {name: select(name, device, backend, overrides, dtype)
+             for name in set(KERNEL_OF.values())}
     n_max = max_batch * chunk
     args: dict[str, object] = {}
     arena: dict[str, torch.Tensor] = {}

@@ -59,10 +59,10 @@ class CpuMLA:
 
 @dataclass
 class _RowScratch:
-    """Buffers and views of the one-row MLA decode, made once: the query heads and the
-    new token's cache entry share one (H + 1, rope + R) buffer, so a single complex
-    multiply applies RoPE to both."""
-    flat: torch.Tensor          # [H query rows | the entry row | c_q], each row rope + R wide
+    """Buffers and views of the one-row MLA decode, made once. One buffer holds
+    [H query rows | the new entry's row | c_q], rows rope + R wide: the down-projection
+    writes [entry | c_q] in one matmul and one complex multiply applies RoPE to the
+    queries and the entry together."""
     q_flat: torch.Tensor        # (1, H·(rope + R)) view of the query rows (addmm's output)
     heads: torch.Tensor         # (H, rope + R) view of the query rows
     down: torch.Tensor          # (1, rope + R + q_lora) view of [entry | c_q] (one matmul)
@@ -82,7 +82,7 @@ class _RowScratch:
         o_ext = torch.zeros(H, W, o_t.shape[1])
         o_ext[:, P:] = o_t.view(H, R, -1)
         o = torch.zeros(H, W)
-        return cls(flat, flat[:, :H * W], rows[:H], flat[:, H * W:], rows[H], rows[H:, P:],
+        return cls(flat[:, :H * W], rows[:H], flat[:, H * W:], rows[H], rows[H:, P:],
                    flat[:, (H + 1) * W:],
                    torch.view_as_complex(rows.view(H + 1, W // 2, 2))[:, :P // 2],
                    o, o.view(1, -1), o_ext.view(H * W, -1))
@@ -100,8 +100,8 @@ class CpuGQA:
     head_dim: int
 
 
-def _fold(big: int, parts: int) -> bool:
-    return big <= FOLD_LIMIT * parts
+def _fold(big: int, parts: int, limit: float) -> bool:
+    return big <= limit * parts
 
 
 def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
@@ -114,13 +114,13 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
     col = w.q_norm.to(d)[None, :] * scale
     rope_rows = (w.q_up_rope.to(d) * col).view(H, P, q_lora)
     nope_rows = (w.q_up_nope.to(d) * col).view(H, nope, q_lora)
-    fold_q = _fold(H * R * q_lora, H * nope * (q_lora + R)) and limit > 0
+    fold_q = _fold(H * R * q_lora, H * nope * (q_lora + R), limit)
     if fold_q:  # q_lat[h] = w_uk[h]ᵀ q_nope[h]
         lat_rows = torch.einsum("hnr,hnq->hrq", w.w_uk.to(d), nope_rows)
     else:
         lat_rows = nope_rows
     q_up = torch.cat([rope_rows, lat_rows], 1).reshape(-1, q_lora)   # per head [pe | lat]
-    fold_o = _fold(H * R * D, H * v * (D + R)) and limit > 0
+    fold_o = _fold(H * R * D, H * v * (D + R), limit)
     wo = w.wo.to(d).view(D, H, v)
     o_t = (torch.einsum("dhv,hvr->hrd", wo, w.w_uv.to(d)).reshape(H * R, D) if fold_o
            else wo.reshape(D, H * v).t())

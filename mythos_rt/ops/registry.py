@@ -7,9 +7,10 @@ when selected, so importing mythos-rt never imports Triton or the CUDA extension
 CPU decode path of ``mythos_rt.cpu`` (few dispatches per token, weights pre-fused).
 
 Selection (``select``): ``backend="auto"`` picks triton > cuda > torch on a CUDA device
-and cpu > torch on the CPU (the first one registered and importable); a named backend
-is used as asked, or is a clear error if that op has no such implementation. Per-op
-overrides (``{"moe_ffn": "torch"}``) win over the global choice, for debugging.
+and cpu > torch on the CPU (cpu for float32 models only), the first one registered and
+importable; a named backend is used as asked, or is a clear error if that op has no
+such implementation. Per-op overrides (``{"moe_ffn": "torch"}``) win over the global
+choice, for debugging.
 
 An implementation may come with a ``prepare`` function that turns the op's generic
 arguments (``MLAWeights``, ``PackedMoE``, ``LoopParams``) into the form it runs on; the
@@ -120,12 +121,19 @@ def _usable(backend: str, device: torch.device) -> bool:
 
 
 def select(op: str, device: torch.device | str, backend: str = "auto",
-           overrides: Optional[Mapping[str, str]] = None) -> Selected:
-    """Resolve the implementation of ``op`` for ``device`` (see module docstring)."""
+           overrides: Optional[Mapping[str, str]] = None,
+           dtype: Optional[torch.dtype] = None) -> Selected:
+    """Resolve the implementation of ``op`` for ``device`` (see module docstring).
+
+    ``dtype``: the model's storage dtype when known; auto skips the cpu backend for
+    anything but float32 (its fast paths are float32; it would only hold unused copies).
+    """
     device = torch.device(device)
     wanted = (overrides or {}).get(op, backend)
     if wanted == "auto":
         order = _AUTO_ORDER_GPU if device.type == "cuda" else _AUTO_ORDER_CPU
+        if dtype is not None and dtype != torch.float32:
+            order = tuple(b for b in order if b != "cpu")
         for b in order:
             if b in backends_of(op) and _usable(b, device):
                 return _selected(op, b)

@@ -30,6 +30,9 @@ def test_registry_auto_is_cpu_on_a_cpu_and_refused_elsewhere():
         assert select(op, "cpu", overrides={op: "torch"}).backend == "torch"
     with pytest.raises(BackendError, match="CPU only"):
         select("moe_ffn", "cuda", "cpu")
+    # its fast paths are float32: auto leaves other dtypes to the torch implementations
+    assert select("moe_ffn", "cpu", dtype=torch.bfloat16).backend == "torch"
+    assert select("moe_ffn", "cpu", "cpu", dtype=torch.bfloat16).backend == "cpu"
 
 
 @pytest.mark.parametrize("fold", [True, False], ids=["absorbed", "two-step"])
