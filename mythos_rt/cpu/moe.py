@@ -1,15 +1,16 @@
 """Lean CPU MoE FFN for decode: host-side routing, one matmul per selected expert.
 
-``prepare_moe`` keeps per-expert (transposed) weight views in Python lists, so picking
-an expert costs no PyTorch call, and runs the shared slots as one dense projection whose rows
-join the routed ones in a single SwiGLU pass. ``moe_ffn_cpu`` selects the token's k
-experts on ``logits + bias`` (one addmm, one ``topk``), reads them and their logits on the host (free on a CPU), renormalizes the
-chosen softmax scores there (the full softmax's denominator cancels), and accumulates
+``prepare_moe`` keeps per-expert weight views in Python lists (picking an expert costs
+no PyTorch call) and lays the shared slots out as one dense projection that shares a
+matmul with the router. For one token, ``moe_ffn_cpu`` computes [shared gate/up | router
+logits + bias] in that matmul, reads the chosen experts and their logits on the host
+(free on a CPU), renormalizes the chosen softmax scores there (the full softmax's
+denominator cancels), runs every expert row through one SwiGLU pass, and accumulates
 ``w_j · down_j(silu(gate_j x) · up_j x)`` onto the shared experts' output with one
-``addmv_`` each; no weight is copied, and the activations live in preallocated rows
-whose views are made once. A few tokens (a decode batch) run token by token, the shared
-slots batched; more tokens (prefill) and dtypes other than float32 run the torch
-implementation (``mythos_rt.ops.moe.moe_ffn_torch``), which groups tokens by expert.
+``addmv_`` each. No weight is copied; activations live in preallocated rows whose views
+are made once. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token with
+the shared slots batched; longer chunks (prefill) and dtypes other than float32 run the
+torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``), which groups by expert.
 """
 
 from __future__ import annotations
