@@ -9,8 +9,9 @@ denominator cancels), runs every expert row through one SwiGLU pass, and accumul
 ``w_j · down_j(silu(gate_j x) · up_j x)`` onto the shared experts' output with one
 ``addmv_`` each. No weight is copied; activations live in preallocated rows whose views
 are made once. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token with
-the shared slots batched; longer chunks (prefill) and dtypes other than float32 run the
-torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``), which groups by expert.
+the shared slots batched; longer chunks (prefill) sort their (token, slot) pairs by
+expert once and run one matmul pair per expert (``_moe_grouped``). Dtypes other than
+float32 run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class CpuMoE:
     router_bias: list[float]           # the selection bias, on the host
     w13_t: list[torch.Tensor]          # per routed expert (D, 2I) = [gate; up]ᵀ (a view)
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
+    w2_t: list[torch.Tensor]           # per routed expert (I, D) = downᵀ (a view)
+    bias: torch.Tensor                 # (E,) the selection bias (float32)
     shared_w2_t: Optional[torch.Tensor]  # (S·I, D): the slots' downᵀ, stacked
     rows: "_Rows"
 
@@ -88,12 +91,14 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
     return CpuMoE(base=packed, front_t=front_t, front_bias=front_bias,
                   router_bias=packed.router_bias.tolist(),
                   w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
-                  w2=list(packed.w2[:E].unbind(0)), shared_w2_t=shared_w2_t,
+                  w2=list(packed.w2[:E].unbind(0)),
+                  w2_t=[w.t() for w in packed.w2[:E].unbind(0)],
+                  bias=packed.router_bias.float(), shared_w2_t=shared_w2_t,
                   rows=_Rows.allocate(packed.top_k, S, I, E))
 
 
-# Up to this many tokens (decode batches) run token by token; more (prefill) run the
-# torch implementation, which groups the tokens by expert.
+# Up to this many tokens (decode batches) run token by token; more (prefill) are grouped
+# by expert.
 MAX_TOKENS = 8
 
 
@@ -116,8 +121,10 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     run the lean path."""
     p = moe.base
     N = x.shape[0]
-    if N > MAX_TOKENS or x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
+    if x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
         return moe_ffn_torch(x, p, workspace, out)
+    if N > MAX_TOKENS:
+        return _moe_grouped(x, moe, out)
     rows, S2 = moe.rows, 2 * p.n_shared_slots * p.expert_dim
     if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
         torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
@@ -147,6 +154,38 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
         for e, act, g in zip(ids, rows.routed_act, weights):
             acc.addmv_(moe.w2[e], act, alpha=g)
     return res
+
+
+def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Many tokens (prefill): the (token, slot) pairs sorted by expert once, then one
+    gate/up and one down matmul per expert over its contiguous run of gathered rows, and
+    the weighted rows added back onto the shared experts' output."""
+    p = moe.base
+    N, k, I = x.shape[0], p.top_k, p.expert_dim
+    S2 = 2 * p.n_shared_slots * I
+    front = torch.addmm(moe.front_bias, x, moe.front_t)             # [shared g/u | biased]
+    top = torch.topk(front[:, S2:], k)
+    weights = torch.softmax(top.values - moe.bias[top.indices], -1)  # chosen softmax, renormed
+    flat = top.indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = order.div(k, rounding_mode="floor")
+    rows = x.index_select(0, tok)                                   # pairs, expert-major
+    ys = torch.empty_like(rows)
+    start = 0
+    for e, count in enumerate(torch.bincount(flat, minlength=p.n_routed).tolist()):
+        if count:
+            seg = slice(start, start + count)
+            act = _swiglu(torch.mm(rows[seg], moe.w13_t[e]), I)
+            torch.mm(act, moe.w2_t[e], out=ys[seg])
+            start += count
+    ys.mul_(weights.reshape(-1)[order, None])
+    if S2:
+        shared = _swiglu(front[:, :S2].reshape(N, -1, 2 * I), I).view(N, -1)
+        res = (torch.mm(shared, moe.shared_w2_t) if out is None
+               else torch.mm(shared, moe.shared_w2_t, out=out))
+    else:
+        res = torch.zeros_like(x) if out is None else out.zero_()
+    return res.index_add_(0, tok, ys)
 
 
 def _swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:

@@ -53,7 +53,7 @@ def test_mla_decode_with_and_without_absorbed_projections(fold):
 @pytest.mark.parametrize("spec", [dict(), dict(S=0), dict(D=48, I=16, E=6, k=3, S=2),
                                   dict(E=4, k=4, S=1)],
                          ids=["basic", "no-shared", "k3-S2", "topk-eq-E"])
-@pytest.mark.parametrize("N", [1, 3, 9], ids=["one-token", "decode-batch", "prefill-fallback"])
+@pytest.mark.parametrize("N", [1, 3, 29], ids=["one-token", "decode-batch", "prefill-grouped"])
 def test_moe_matches_reference(spec, N):
     cfg = moe_cfg(**spec)
     m = make_moe(cfg)
