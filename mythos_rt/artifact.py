@@ -25,6 +25,7 @@ from typing import Optional, Union
 
 import torch
 
+from .checkpoint import read_json_object
 from .config import ConfigError, MythosConfig
 from .ir import Graph, IRError
 
@@ -176,10 +177,4 @@ def _restore_autotune(d: Path) -> None:
 def _read_json(path: Path, d: Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{d}: not a mythos-rt artifact ({path.name} is missing)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, ArtifactError)

@@ -164,7 +164,7 @@ def _read_directory(directory: Path):
     else:
         found_cfg, sd, where = _read_torch_file(files[0])
     if cfg_path.exists():
-        found_cfg = _read_config_json(cfg_path)
+        found_cfg = read_json_object(cfg_path)
     return found_cfg, sd, where
 
 
@@ -178,13 +178,13 @@ def _read_safetensors_files(paths: list[Path]):
         if p.name == SAFETENSORS_INDEX:
             shards += _shards_from_index(p)
         elif p.name == "config.json":
-            found_cfg = _read_config_json(p)
+            found_cfg = read_json_object(p)
         else:
             shards.append(p)
     if found_cfg is None:
         sibling = shards[0].parent / "config.json"
         if sibling.exists():
-            found_cfg = _read_config_json(sibling)
+            found_cfg = read_json_object(sibling)
     sd: dict[str, torch.Tensor] = {}
     for shard in shards:
         if not shard.exists():
@@ -210,13 +210,14 @@ def _shards_from_index(index: Path) -> list[Path]:
     return [index.parent / name for name in sorted(set(weight_map.values()))]
 
 
-def _read_config_json(path: Path) -> dict:
+def read_json_object(path: Path, error: type[Exception] = CheckpointError) -> dict:
+    """A JSON file's top-level object; ``error`` names the file when it is not one."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
+        raise error(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
     return data
 
 
@@ -231,7 +232,7 @@ def _resolve_config(override: ConfigLike, found: Any, where: str) -> MythosConfi
         if isinstance(chosen, MythosConfig):
             cfg = chosen
         elif isinstance(chosen, (str, os.PathLike)):
-            cfg = MythosConfig.from_dict(_read_config_json(Path(chosen)))
+            cfg = MythosConfig.from_dict(read_json_object(Path(chosen)))
         else:
             cfg = MythosConfig.from_dict(dict(chosen))
         return cfg.validate()
