@@ -57,7 +57,7 @@ if _want_cuda_extension():
     cmdclass = {"build_ext": CMakeBuild}
 elif "egg_info" not in sys.argv and "dist_info" not in sys.argv:
     print("mythos-rt: no CUDA extension built (set MYTHOS_RT_BUILD_CUDA=1 with nvcc on "
-          "PATH to build mythos_rt._C); the Triton and torch backends are unaffected.",
+          "PATH to build mythos_rt._C); the torch, cpu and Triton backends are unaffected.",
           file=sys.stderr)
 
 setup(

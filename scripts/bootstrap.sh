@@ -14,5 +14,5 @@ fi
 # not needed to import open_mythos/main.py, so it is installed without dependencies.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps open-mythos==0.5.0
 if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mythos_rt._C') is None)" 2>/dev/null; then
-  echo "mythos-rt: installed without the CUDA extension mythos_rt._C (build it with MYTHOS_RT_BUILD_CUDA=1 and nvcc); Triton and torch backends are unaffected." >&2
+  echo "mythos-rt: installed without the CUDA extension mythos_rt._C (build it with MYTHOS_RT_BUILD_CUDA=1 and nvcc); the torch, cpu and Triton backends are unaffected." >&2
 fi
