@@ -273,6 +273,8 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
             caches[key] = (torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device))
 
+    # args hold each implementation's own form of its op's arguments: its prepare step
+    # (identity unless it registered one, e.g. the cpu backend's fused weights) runs once.
     moe_packed = None
     h_state = torch.empty(n_max, cfg.dim, dtype=dtype, device=device)  # the loop's h
     for g in [graph] + [op.body for op in graph.ops if op.body is not None]:
@@ -285,17 +287,20 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
             if op.kind == "mla_attention":
                 names = ["q_down", "q_norm", "q_up_nope", "q_up_rope", "kv_down", "kv_norm",
                          "kv_up", "wo", "w_uk", "w_uv"]
-                args[op.name] = MLAWeights(**{n: W[op.weights[n]] for n in names})
+                args[op.name] = impls["mla_attention"].prepare(
+                    MLAWeights(**{n: W[op.weights[n]] for n in names}))
             elif op.kind == "gqa_attention":
-                args[op.name] = GQAWeights(**{n: W[op.weights[n]] for n in ("wq", "wk", "wv", "wo")},
-                                           n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads)
+                args[op.name] = impls["gqa_attention"].prepare(GQAWeights(
+                    **{n: W[op.weights[n]] for n in ("wq", "wk", "wv", "wo")},
+                    n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads))
             elif op.kind == "moe":
-                moe_packed = args[op.name] = PackedMoE(
+                moe_packed = PackedMoE(
                     w13=W[op.weights["w13"]], w2=W[op.weights["w2"]],
                     router_w=W[op.weights["router"]],
                     router_bias=W[op.weights["router_bias"]].float(),
                     n_routed=op.attrs["n_experts"], n_shared_slots=op.attrs["n_shared_slots"],
                     top_k=op.attrs["top_k"], expert_dim=op.attrs["expert_dim"])
+                args[op.name] = impls["moe_ffn"].prepare(moe_packed)
             elif op.kind == "dense_ffn":
                 hidden = W[op.weights["w13"]].shape[0]
                 alloc(f"{op.name}.gate_up", hidden)
@@ -308,6 +313,8 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                     inj_B=W[w["inj_B"]], halt_w=W[w["halt_w"]].reshape(-1),
                     halt_b=W[w["halt_b"]].reshape(1), threshold=float(op.attrs["threshold"]),
                     max_loops=int(op.attrs["max_loops"]), loop_dim=cfg.loop_dim)
+                for name in ("loop_prologue", "loop_epilogue"):
+                    args[name] = impls[name].prepare(args["loop"])
             if op.kind in ("mla_attention", "gqa_attention"):
                 key = op.attrs["cache"]
                 if isinstance(key, dict):
@@ -318,15 +325,6 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
 
     if impls["loop_epilogue"].backend == "cuda" and "loop" in args:
         _specialize_cuda_loop(args["loop"], dtype, device)
-    # Each implementation's own form of its arguments (identity unless it registered a
-    # prepare step, e.g. the cpu backend's fused weights), made once here.
-    for g in [graph] + [op.body for op in graph.ops if op.body is not None]:
-        for op in g.ops:
-            if op.name in args:
-                args[op.name] = impls[KERNEL_OF[op.kind]].prepare(args[op.name])
-    if "loop" in args:
-        for name in ("loop_prologue", "loop_epilogue"):
-            args[name] = impls[name].prepare(args["loop"])
     rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
     cos, sin = rope_tables(rope_dim, max_seq_len, cfg.rope_theta, device=device)
     workspace = None

@@ -14,8 +14,8 @@ in as few calls as possible:
 * RoPE is one in-place complex multiply.
 
 Same signatures and cache contracts as the torch implementations, which they fall back
-to outside the decode fast path (chunks of more than one token, dtypes other than
-float32), so every input gives the reference's answer.
+to for what they do not specialize (dtypes other than float32, unabsorbed MLA prefill,
+positions past the cache), so every input gives the reference's answer.
 
 * ``mythos_rt.cpu.attention``  ``mla_attention_cpu``, ``gqa_attention_cpu``
 * ``mythos_rt.cpu.moe``        ``moe_ffn_cpu``

@@ -297,7 +297,7 @@ def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
     S = max(lens) + T
     y = torch.mm(x.reshape(B * T, D), w.down_t)                      # [k_pe | latent | c_q]
     c_q = y[:, P + R:]
-    q = torch.mm(c_q, w.q_up_t).mul_(inv_rms(c_q, w.eps)).view(B, T, H, P + R)
+    q = _mm_scaled(c_q, w.q_up_t, inv_rms(c_q, w.eps)).view(B, T, H, P + R)
     pos = cache_lens.long()[:, None] + torch.arange(T)                # (B, T)
     ph = _phasor_table(cos, sin)[pos]                                 # (B, T, rope/2)
     _rotate_(q[..., :P], ph[:, :, None])

@@ -38,8 +38,6 @@ class CpuMoE:
     router_bias: list[float]           # the selection bias, on the host
     w13_t: list[torch.Tensor]          # per routed expert (D, 2I) = [gate; up]ᵀ (a view)
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
-    w2_t: list[torch.Tensor]           # per routed expert (I, D) = downᵀ (a view)
-    bias: torch.Tensor                 # (E,) the selection bias (float32)
     shared_w2_t: Optional[torch.Tensor]  # (S·I, D): the slots' downᵀ, stacked
     rows: "_Rows"
 
@@ -91,9 +89,7 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
     return CpuMoE(base=packed, front_t=front_t, front_bias=front_bias,
                   router_bias=packed.router_bias.tolist(),
                   w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
-                  w2=list(packed.w2[:E].unbind(0)),
-                  w2_t=[w.t() for w in packed.w2[:E].unbind(0)],
-                  bias=packed.router_bias.float(), shared_w2_t=shared_w2_t,
+                  w2=list(packed.w2[:E].unbind(0)), shared_w2_t=shared_w2_t,
                   rows=_Rows.allocate(packed.top_k, S, I, E))
 
 
@@ -125,26 +121,18 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
         return moe_ffn_torch(x, p, workspace, out)
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
-    rows, S2 = moe.rows, 2 * p.n_shared_slots * p.expert_dim
+    rows = moe.rows
     if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
         torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
         routes = _route(rows.logits, p.top_k, moe.router_bias)
         for e, row in zip(routes[0][0], rows.routed):
             torch.mm(x, moe.w13_t[e], out=row)
         rows.activate()
-        shared = rows.shared_act
+        res = _shared_output(rows.shared_act, x, moe, out)
     else:
         front = torch.addmm(moe.front_bias, x, moe.front_t)
-        routes = _route(front[:, S2:], p.top_k, moe.router_bias)
-        shared = None
-        if S2:
-            gu = front[:, :S2].reshape(N, -1, 2 * p.expert_dim)
-            shared = _swiglu(gu, p.expert_dim).view(N, -1)
-    if shared is not None:
-        res = (torch.mm(shared, moe.shared_w2_t) if out is None
-               else torch.mm(shared, moe.shared_w2_t, out=out))
-    else:
-        res = torch.zeros_like(x) if out is None else out.zero_()
+        routes = _route(front[:, _shared_width(p):], p.top_k, moe.router_bias)
+        res = _shared_output(_shared_act(front, p), x, moe, out)
     for n, (ids, weights) in enumerate(routes):
         if N > 1:
             for e, row in zip(ids, rows.routed):
@@ -161,11 +149,10 @@ def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> t
     gate/up and one down matmul per expert over its contiguous run of gathered rows, and
     the weighted rows added back onto the shared experts' output."""
     p = moe.base
-    N, k, I = x.shape[0], p.top_k, p.expert_dim
-    S2 = 2 * p.n_shared_slots * I
+    k, I = p.top_k, p.expert_dim
     front = torch.addmm(moe.front_bias, x, moe.front_t)             # [shared g/u | biased]
-    top = torch.topk(front[:, S2:], k)
-    weights = torch.softmax(top.values - moe.bias[top.indices], -1)  # chosen softmax, renormed
+    top = torch.topk(front[:, _shared_width(p):], k)
+    weights = torch.softmax(top.values - p.router_bias[top.indices], -1)  # chosen, renormed
     flat = top.indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     tok = order.div(k, rounding_mode="floor")
@@ -176,16 +163,33 @@ def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> t
         if count:
             seg = slice(start, start + count)
             act = _swiglu(torch.mm(rows[seg], moe.w13_t[e]), I)
-            torch.mm(act, moe.w2_t[e], out=ys[seg])
+            torch.mm(act, moe.w2[e].t(), out=ys[seg])
             start += count
     ys.mul_(weights.reshape(-1)[order, None])
-    if S2:
-        shared = _swiglu(front[:, :S2].reshape(N, -1, 2 * I), I).view(N, -1)
-        res = (torch.mm(shared, moe.shared_w2_t) if out is None
-               else torch.mm(shared, moe.shared_w2_t, out=out))
-    else:
-        res = torch.zeros_like(x) if out is None else out.zero_()
-    return res.index_add_(0, tok, ys)
+    return _shared_output(_shared_act(front, p), x, moe, out).index_add_(0, tok, ys)
+
+
+def _shared_width(p: PackedMoE) -> int:
+    """Columns of the front matmul's output that are the shared slots' [gate | up]."""
+    return 2 * p.n_shared_slots * p.expert_dim
+
+
+def _shared_act(front: torch.Tensor, p: PackedMoE) -> Optional[torch.Tensor]:
+    """(N, S·I) SwiGLU activations of the shared slots from the front matmul, or None."""
+    S2, N = _shared_width(p), front.shape[0]
+    if not S2:
+        return None
+    return _swiglu(front[:, :S2].reshape(N, -1, 2 * p.expert_dim), p.expert_dim).view(N, -1)
+
+
+def _shared_output(act: Optional[torch.Tensor], x: torch.Tensor, moe: CpuMoE,
+                   out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The shared experts' down projection (zeros without shared experts), into ``out``."""
+    if act is None:
+        return torch.zeros_like(x) if out is None else out.zero_()
+    if out is None:
+        return torch.mm(act, moe.shared_w2_t)
+    return torch.mm(act, moe.shared_w2_t, out=out)
 
 
 def _swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:
