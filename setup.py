@@ -71,6 +71,8 @@ setup(
               "mythos_rt.graphs"],
     package_dir={"mythos_rt": "mythos_rt", "mythos_rt.triton_kernels": "triton_kernels",
                  "mythos_rt.graphs": "graphs"},
+    # compiled on first use by mythos_rt.cpu.native, on the machine that runs it
+    package_data={"mythos_rt.cpu": ["decode_row.cpp"]},
     install_requires=[
         "torch>=2.11,<2.14",
         "triton>=3.6",

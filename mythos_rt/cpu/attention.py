@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..ops.attention import GQAWeights, MLAWeights, gqa_attention, mla_attention
+from . import native
 from .memo import per_tensor
 from .norm import ZERO, inv_rms, rms_normalize
 
@@ -54,7 +55,10 @@ class CpuMLA:
     rank: int
     rope: int
     eps: float
-    row: Optional["_RowScratch"] = None  # the one-row path's buffers (fully absorbed only)
+    # One row over the joint cache (fully absorbed only): the compiled kernel, else the
+    # PyTorch path's buffers.
+    row_kernel: Optional[native.Kernel] = None
+    row: Optional["_RowScratch"] = None
 
 
 @dataclass
@@ -125,17 +129,25 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
     o_t = (torch.einsum("dhv,hvr->hrd", wo, w.w_uv.to(d)).reshape(H * R, D) if fold_o
            else wo.reshape(D, H * v).t())
     f32 = dict(dtype=torch.float32)
-    o_t = o_t.to(**f32).contiguous()
-    row = (_RowScratch.allocate(H, P, R, q_lora, o_t) if fold_q and fold_o and (P + R) % 2 == 0
-           else None)
-    return CpuMLA(
-        base=w, row=row,
+    m = CpuMLA(
+        base=w,
         down_t=torch.cat([w.kv_down[R:], w.kv_down[:R], w.q_down]).to(**f32).t().contiguous(),
         q_up_t=q_up.to(**f32).t().contiguous(),
         w_uk=None if fold_q else w.w_uk.to(**f32).contiguous(),
-        o_t=o_t,
+        o_t=o_t.to(**f32).contiguous(),
         w_uv_t=None if fold_o else w.w_uv.transpose(1, 2).to(**f32).contiguous(),
-        kv_norm=w.kv_norm.to(**f32), scale=scale, n_heads=H, rank=R, rope=P, eps=w.eps)
+        kv_norm=w.kv_norm.to(**f32).contiguous(), scale=scale, n_heads=H, rank=R, rope=P,
+        eps=w.eps)
+    if fold_q and fold_o and P % 2 == 0:
+        lib = native.library()
+        if lib is not None:
+            m.row_kernel = native.kernel(
+                lib, "mla_decode_row", native.MlaRow,
+                dict(D=D, H=H, R=R, P=P, q_lora=q_lora, eps=w.eps),
+                dict(down_t=m.down_t, kv_norm=m.kv_norm, q_up_t=m.q_up_t, o_t=m.o_t))
+        elif (P + R) % 2 == 0:
+            m.row = _RowScratch.allocate(H, P, R, q_lora, m.o_t)
+    return m
 
 
 def prepare_gqa(w: GQAWeights) -> CpuGQA:
@@ -253,10 +265,14 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
         if _absorbed_chunk(x, w, cache_lens, ckv.shape[1], scale):
             return _mla_chunk(x, w, ckv, kpe, cache_lens, cos, sin, out)
         return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
+    one_row = len(pos) == 1 and scale == w.scale and (w.row_kernel is not None or w.row is not None)
+    rows = _joint_rows(ckv, kpe) if one_row else None
+    if rows is not None:
+        if w.row_kernel is not None and x.is_contiguous() and cos.is_contiguous():
+            return _mla_native_row(x, w.row_kernel, rows, pos[0], cos, sin, out)
+        if w.row is not None:
+            return _mla_one_row(x, w, rows, pos[0], _phasor_table(cos, sin)[pos[0]], out)
     ph = _phasors(cos, sin, pos, cache_lens)
-    rows = _joint_rows(ckv, kpe) if len(pos) == 1 and w.row is not None else None
-    if rows is not None and scale == w.scale:
-        return _mla_one_row(x, w, rows, pos[0], ph, out)
     B, H, R, P = x.shape[0], w.n_heads, w.rank, w.rope
     L = max(pos) + 1
     y = torch.mm(x.view(B, -1), w.down_t)                       # [k_pe | latent | c_q]
@@ -320,6 +336,17 @@ def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
     if out is None:
         return torch.mm(o, w.o_t).view(B, T, D)
     torch.mm(o, w.o_t, out=out.view(B * T, D))
+    return out
+
+
+def _mla_native_row(x, k: native.Kernel, rows: torch.Tensor, p: int, cos, sin, out):
+    """One row over the joint cache rows in one call of the compiled kernel."""
+    if out is None or not out.is_contiguous():
+        res = torch.empty_like(x)
+        k.fn(k.ref, x.data_ptr(), rows.data_ptr(), p, cos.data_ptr(), sin.data_ptr(),
+             res.data_ptr())
+        return res if out is None else out.copy_(res)
+    k.fn(k.ref, x.data_ptr(), rows.data_ptr(), p, cos.data_ptr(), sin.data_ptr(), out.data_ptr())
     return out
 
 

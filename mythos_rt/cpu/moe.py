@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.moe import PackedMoE, moe_ffn_torch
+from . import native
 from .memo import per_tensor
 
 __all__ = ["CpuMoE", "prepare_moe", "moe_ffn_cpu"]
@@ -40,6 +41,7 @@ class CpuMoE:
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
     shared_w2_t: Optional[torch.Tensor]  # (S·I, D): the slots' downᵀ, stacked
     rows: "_Rows"
+    row_kernel: Optional[native.Kernel] = None  # one token in one compiled call
 
 
 @dataclass
@@ -85,12 +87,21 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
     shared_w13 = packed.w13[E:].reshape(S * 2 * I, D)                   # slot-major [g; u]
     front_t = torch.cat([shared_w13, packed.router_w]).t().contiguous()
     front_bias = torch.cat([torch.zeros(S * 2 * I), packed.router_bias.float()])
-    shared_w2_t = packed.w2[E:].permute(0, 2, 1).reshape(S * I, D) if S else None
-    return CpuMoE(base=packed, front_t=front_t, front_bias=front_bias,
-                  router_bias=packed.router_bias.tolist(),
-                  w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
-                  w2=list(packed.w2[:E].unbind(0)), shared_w2_t=shared_w2_t,
-                  rows=_Rows.allocate(packed.top_k, S, I, E))
+    shared_w2_t = packed.w2[E:].permute(0, 2, 1).reshape(S * I, D).contiguous() if S else None
+    moe = CpuMoE(base=packed, front_t=front_t, front_bias=front_bias,
+                 router_bias=packed.router_bias.tolist(),
+                 w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
+                 w2=list(packed.w2[:E].unbind(0)), shared_w2_t=shared_w2_t,
+                 rows=_Rows.allocate(packed.top_k, S, I, E))
+    lib = native.library()
+    if lib is not None and packed.w13.dtype == torch.float32:
+        moe.row_kernel = native.kernel(
+            lib, "moe_row", native.MoeRow, dict(D=D, E=E, S=S, I=I, k=packed.top_k),
+            dict(front_t=front_t, front_bias=front_bias,
+                 router_bias=packed.router_bias.float().contiguous(),
+                 w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
+                 shared_w2_t=shared_w2_t))
+    return moe
 
 
 # Up to this many tokens (decode batches) run token by token; more (prefill) are grouped
@@ -121,6 +132,8 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
         return moe_ffn_torch(x, p, workspace, out)
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
+    if N == 1 and moe.row_kernel is not None and x.is_contiguous():
+        return _native_row(x, moe.row_kernel, out)
     rows = moe.rows
     if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
         torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
@@ -142,6 +155,16 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
         for e, act, g in zip(ids, rows.routed_act, weights):
             acc.addmv_(moe.w2[e], act, alpha=g)
     return res
+
+
+def _native_row(x: torch.Tensor, k: native.Kernel, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """One token in one call of the compiled kernel."""
+    if out is None or not out.is_contiguous():
+        res = torch.empty_like(x)
+        k.fn(k.ref, x.data_ptr(), res.data_ptr())
+        return res if out is None else out.copy_(res)
+    k.fn(k.ref, x.data_ptr(), out.data_ptr())
+    return out
 
 
 def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.norm import rmsnorm_torch, swiglu_torch
+from . import native
 
 __all__ = ["ZERO", "inv_rms", "rms_normalize", "rmsnorm_cpu", "swiglu_cpu"]
 
@@ -47,6 +48,14 @@ def rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     """``rmsnorm`` (see ``ops.norm.rmsnorm_torch``)."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return rmsnorm_torch(x, weight, eps, residual, out, residual_out)
+    if x.dim() == 2 and x.shape[0] == 1 and out is not None:
+        lib = native.library()
+        if lib is not None and native.contiguous(x, weight, residual, out, residual_out):
+            s = residual_out if residual is None or residual_out is not None else torch.empty_like(x)
+            lib.rmsnorm_row(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                            weight.data_ptr(), eps, x.shape[1], out.data_ptr(),
+                            None if residual is None else s.data_ptr())
+            return out if residual is None else (out, s)
     s = x
     if residual is not None:
         s = torch.add(x, residual) if residual_out is None else torch.add(x, residual, out=residual_out)

@@ -19,6 +19,7 @@ import torch
 
 from ..ops.recurrent import (ACTState, LoopParams, loop_embedding, loop_epilogue_torch,
                              loop_prologue_torch)
+from . import native
 from .memo import per_tensor
 from .norm import rms_normalize
 
@@ -29,8 +30,10 @@ __all__ = ["CpuLoop", "prepare_loop", "loop_prologue_cpu", "loop_epilogue_cpu"]
 class CpuLoop:
     """LoopParams plus per-loop-index LoRA down-projections and embeddings (float32)."""
     base: LoopParams
-    lora_down_t: list[torch.Tensor]        # [t] (D, r) = (lora_down scaled by lora_scale[t])ᵀ
+    lora_down_t: list[torch.Tensor]        # [t] (D, r) = (lora_down scaled by lora_scale[t])ᵀ,
+                                           # a transposed view of a contiguous (r, D)
     embeddings: dict[int, torch.Tensor] = field(default_factory=dict)  # t -> (D,), filled on use
+    row_kernel: Optional[native.Kernel] = None  # the one-row epilogue in one compiled call
 
     def embedding(self, t: int) -> torch.Tensor:
         if t not in self.embeddings:
@@ -47,6 +50,18 @@ def prepare_loop(params: LoopParams) -> CpuLoop:
     loop = CpuLoop(base=params, lora_down_t=scaled)
     for t in range(params.max_loops + 1):
         loop.embedding(t)
+    lib = native.library()
+    if lib is not None and params.lora_B.dtype == torch.float32:
+        f32 = dict(dtype=torch.float32)
+        loop.row_kernel = native.kernel(
+            lib, "loop_epilogue_row", native.LoopRow,
+            dict(D=params.dim, r=params.lora_B.shape[0], eps=params.eps,
+                 threshold=params.threshold),
+            dict(lora_B=params.lora_B.contiguous(), A=params.A.to(**f32).contiguous(),
+                 inj_B=params.inj_B.to(**f32).contiguous(),
+                 halt_w=params.halt_w.to(**f32).contiguous(),
+                 halt_b=params.halt_b.to(**f32).contiguous(),
+                 norm_w=params.norm_w.to(**f32).contiguous()))
     return loop
 
 
@@ -82,6 +97,18 @@ def _act_one_row(h, prob, state: ACTState, threshold: np.float32) -> None:
         state.n_running.sub_(1)
 
 
+def _epilogue_native_row(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
+                         next_combined) -> None:
+    """One row's epilogue (and next prologue) in one call of the compiled kernel."""
+    k = params.row_kernel
+    down = params.lora_down_t[min(t, params.base.max_loops - 1)]   # its (r, D) memory
+    nxt = (0, 0) if next_combined is None else (params.embedding(t + 1).data_ptr(),
+                                                 next_combined.data_ptr())
+    k.fn(k.ref, down.data_ptr(), block_out.data_ptr(), h.data_ptr(), e.data_ptr(),
+         state.cum_p.data_ptr(), state.halted.data_ptr(), state.h_out.data_ptr(),
+         state.n_running.data_ptr(), *nxt)
+
+
 def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
                       next_combined=None) -> None:
     """``loop_epilogue`` in place (see ``ops.recurrent.loop_epilogue_torch``)."""
@@ -91,6 +118,9 @@ def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
     N = h.shape[0]
     if state.n_max < N:
         raise ValueError(f"ACTState holds {state.n_max} rows; this step needs {N}")
+    if (N == 1 and params.row_kernel is not None
+            and native.contiguous(block_out, h, e, next_combined)):
+        return _epilogue_native_row(block_out, h, e, params, t, state, next_combined)
     z = torch.mm(block_out, params.lora_down_t[min(t, p.max_loops - 1)])
     out = torch.addmm(block_out, z, p.lora_B)                   # block_out + LoRA delta
     torch.addcmul(out, p.A, h, out=h).addcmul_(p.inj_B, e)     # out + A·h + B·e

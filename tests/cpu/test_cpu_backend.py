@@ -1,5 +1,6 @@
 """The cpu backend (mythos_rt.cpu): each lean decode op vs mythos_rt.reference, on fresh
-random data, one row (the host-scalar fast paths) and several (vector paths/fallbacks).
+random data, one row (the compiled kernels, or the host-scalar PyTorch paths without
+them: every test runs both, see conftest.row_path) and several (vector paths/fallbacks).
 
 Attention is also covered by tests/ops/test_attention.py (the "cpu" cases) and the whole
 runtime by tests/test_runtime.py; here are the paths those do not reach: unabsorbed MLA,
@@ -21,6 +22,8 @@ from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
 from ..ops._attn_ref import Harness
 from ..ops.recurrent_cases import check_step, make_ref_loop, ref_prologue, run_loop
 from ..ops.test_moe import make_moe, moe_cfg, ref_forward
+
+pytestmark = pytest.mark.usefixtures("row_path")
 
 
 def test_registry_auto_is_cpu_on_a_cpu_and_refused_elsewhere():
@@ -132,7 +135,7 @@ def test_other_dtypes_run_the_torch_reference():
 
 
 @pytest.mark.parametrize("name", ["mla", "mla-unabsorbed", "gqa"])
-def test_batch1_decode_matches_reference(name, monkeypatch):
+def test_batch1_decode_matches_reference(name, monkeypatch, row_path):
     """The one-row fast paths end to end: greedy ids equal the reference's, and every
     decode step's logits match the reference's teacher-forced ones."""
     import mythos_rt
@@ -149,9 +152,10 @@ def test_batch1_decode_matches_reference(name, monkeypatch):
     spread_act_halting(model, ids)
     rt = mythos_rt.compile(model, max_batch_size=1, max_loops=2 * cfg.max_loop_iters)
     assert set(rt.backends.values()) == {"cpu"}
-    if cfg.attn_type == "mla":  # absorbed: the joint cache and the one-row buffers are used
+    if cfg.attn_type == "mla":  # absorbed: the joint cache and a one-row path are used
         mla = [a for a in rt._low.args.values() if isinstance(a, cpu_attention.CpuMLA)]
-        assert all((w.row is not None) == (name == "mla") for w in mla)
+        one_row = [w.row_kernel if row_path == "compiled" else w.row for w in mla]
+        assert all((r is not None) == (name == "mla") for r in one_row)
         ckv, kpe = next(iter(rt._low.buffers.caches.values()))
         assert cpu_attention._joint_rows(ckv, kpe) is not None
     n_loops, new = cfg.max_loop_iters + 1, 5

@@ -29,8 +29,10 @@ class Harness:
     """One attention layer: the reference module + our op with a preallocated cache."""
 
     def __init__(self, attn_type: str, backend: str = "torch", dtype=torch.float32,
-                 b_max: int = 3, s_max: int = S_MAX):
-        self.cfg = cfg = mla_cfg() if attn_type == "mla" else gqa_cfg()
+                 b_max: int = 3, s_max: int = S_MAX, cfg: MythosConfig | None = None):
+        if cfg is None:
+            cfg = mla_cfg() if attn_type == "mla" else gqa_cfg()
+        self.cfg = cfg
         cfg.max_seq_len = s_max
         self.mla = attn_type == "mla"
         mod = MLAttention(cfg) if self.mla else GQAttention(cfg)

@@ -1,0 +1,436 @@
+// One-row (batch-1 decode) kernels of mythos-rt's cpu backend, float32.
+//
+// Why: at batch 1 a decode sublayer is a handful of small matrix-vector products, and
+// the PyTorch calls that would run them cost more than their arithmetic. Each function
+// here runs a whole sublayer in one call over the layouts that mythos_rt.cpu's
+// ``prepare`` functions build, so they give the same answers as the torch-level cpu
+// ops up to summation order. Compiled on the machine that runs it (mythos_rt.cpu.native,
+// -O3 -march=native) and called through ctypes: plain C ABI, no Python or torch headers.
+//
+// The structs mirror the ctypes.Structure classes of mythos_rt/cpu/native.py field for
+// field; change both together.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// This thread's scratch of at least n floats (grows once, then reused: no allocation in
+// steady state, and concurrent callers on different threads never share it).
+float* scratch(size_t n) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// 16 floats as one vector (GCC/Clang vector extension: AVX-512 registers where the CPU
+// has them, pairs of AVX registers or narrower elsewhere), loaded from any address.
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline float hsum(v16 v) {  // a fixed tree: deterministic
+#if defined(__clang__) || __GNUC__ >= 12
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+#else
+  const float a0 = (v[0] + v[8]) + (v[4] + v[12]), a1 = (v[1] + v[9]) + (v[5] + v[13]);
+  const float a2 = (v[2] + v[10]) + (v[6] + v[14]), a3 = (v[3] + v[11]) + (v[7] + v[15]);
+  return (a0 + a2) + (a1 + a3);
+#endif
+}
+
+// y = x · w (+ y when accumulate), w (K, N) row-major: a row of w per input element, so
+// the inner loop runs over contiguous outputs, 4 rows of w per pass over y.
+void gemv_kn(const float* __restrict x, const float* __restrict w, int K, int N,
+             float* __restrict y, bool accumulate) {
+  if (!accumulate) std::memset(y, 0, sizeof(float) * N);
+  int k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const float x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
+    const float* w0 = w + static_cast<int64_t>(k) * N;
+    const float* w1 = w0 + N;
+    const float* w2 = w1 + N;
+    const float* w3 = w2 + N;
+    int n = 0;
+    for (; n + 16 <= N; n += 16)
+      store16(y + n, load16(y + n) + x0 * load16(w0 + n) + x1 * load16(w1 + n) +
+                         x2 * load16(w2 + n) + x3 * load16(w3 + n));
+    for (; n < N; ++n) y[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n];
+  }
+  for (; k < K; ++k) {
+    const float xk = x[k];
+    const float* wk = w + static_cast<int64_t>(k) * N;
+    for (int n = 0; n < N; ++n) y[n] += xk * wk[n];
+  }
+}
+
+float dot(const float* __restrict a, const float* __restrict b, int n) {
+  v16 acc = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y[n] = alpha · (w[n, :] · x) (+ y[n] when accumulate), w (N, K) row-major; four rows
+// at a time, so that their sums run side by side.
+void gemv_nk(const float* __restrict x, const float* __restrict w, int N, int K, float alpha,
+             float* __restrict y, bool accumulate) {
+  int n = 0;
+  for (; n + 4 <= N; n += 4) {
+    const float* r0 = w + static_cast<int64_t>(n) * K;
+    const float* r1 = r0 + K;
+    const float* r2 = r1 + K;
+    const float* r3 = r2 + K;
+    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    int i = 0;
+    for (; i + 16 <= K; i += 16) {
+      const v16 xi = load16(x + i);
+      a0 += load16(r0 + i) * xi;
+      a1 += load16(r1 + i) * xi;
+      a2 += load16(r2 + i) * xi;
+      a3 += load16(r3 + i) * xi;
+    }
+    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (; i < K; ++i) {
+      s[0] += r0[i] * x[i];
+      s[1] += r1[i] * x[i];
+      s[2] += r2[i] * x[i];
+      s[3] += r3[i] * x[i];
+    }
+    for (int j = 0; j < 4; ++j) y[n + j] = accumulate ? y[n + j] + alpha * s[j] : alpha * s[j];
+  }
+  for (; n < N; ++n) {
+    const float v = alpha * dot(w + static_cast<int64_t>(n) * K, x, K);
+    y[n] = accumulate ? y[n] + v : v;
+  }
+}
+
+float inv_rms(const float* x, int n, float eps) {
+  return 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+}
+
+// exp of 16 floats: 2^n · e^r with n = round(x·log2 e) and |r| ≤ ln2/2, e^r by the classic
+// (Cephes) degree-7 polynomial, about 1 ulp; inputs clamped to [-87.3, 88.3], the floats
+// whose exp is a normal float.
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline v16 exp16(v16 x) {
+  const v16 lo = x < -87.3f ? v16{} - 87.3f : x;  // the comparison is a lane mask
+  x = lo > 88.3f ? v16{} + 88.3f : lo;
+  const float shifter = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  v16 n = x * 1.44269504088896341f + shifter;
+  vi16 bits;
+  std::memcpy(&bits, &n, sizeof bits);
+  n -= shifter;
+  const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  v16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const vi16 scale = (bits - 0x4B400000 + 127) << 23;  // 2^n as float bits
+  v16 two_n;
+  std::memcpy(&two_n, &scale, sizeof two_n);
+  return y * two_n;
+}
+
+float max_of(const float* x, int n) {
+  float top = x[0];
+  int i = 0;
+  if (n >= 16) {
+    v16 m = load16(x);
+    for (i = 16; i + 16 <= n; i += 16) {
+      const v16 v = load16(x + i);
+      m = v > m ? v : m;
+    }
+    for (int l = 0; l < 16; ++l) top = m[l] > top ? m[l] : top;
+  }
+  for (; i < n; ++i) top = x[i] > top ? x[i] : top;
+  return top;
+}
+
+// x[i] = exp(x[i] - shift) for i < n; returns their sum.
+float exp_shifted(float* x, int n, float shift) {
+  v16 acc = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 e = exp16(load16(x + i) - shift);
+    store16(x + i, e);
+    acc += e;
+  }
+  float total = hsum(acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    total += x[i];
+  }
+  return total;
+}
+
+// act[i] = silu(gate[i]) · up[i] = gate / (1 + e^-gate) · up, for i < n.
+void swiglu(const float* gate, const float* up, int n, float* act) {
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 g = load16(gate + i);
+    store16(act + i, g / (1.0f + exp16(-g)) * load16(up + i));
+  }
+  for (; i < n; ++i) act[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+// scores[h·L + j] = q_h · key_j for NH heads (rows of q, W wide) and keys j < L: each key
+// is read once for all NH heads.
+template <int NH>
+void scores_of(const float* q, const float* keys, int W, int L, float* scores) {
+  for (int j = 0; j < L; ++j) {
+    const float* key = keys + static_cast<int64_t>(j) * W;
+    v16 acc[NH] = {};
+    int i = 0;
+    for (; i + 16 <= W; i += 16) {
+      const v16 k = load16(key + i);
+      for (int h = 0; h < NH; ++h) acc[h] += load16(q + h * W + i) * k;
+    }
+    for (int h = 0; h < NH; ++h) {
+      float s = hsum(acc[h]);
+      for (int t = i; t < W; ++t) s += q[h * W + t] * key[t];
+      scores[h * L + j] = s;
+    }
+  }
+}
+
+// o[c] = Σ_j p[j] · values_j[c] for c < 16·NV, values_j = values + j·stride.
+template <int NV>
+void weighted_sum(const float* p, const float* values, int64_t stride, int L, float* o) {
+  v16 even[NV] = {}, odd[NV] = {};  // two chains per column block: half the FMA latency
+  int j = 0;
+  for (; j + 2 <= L; j += 2) {
+    const float* v = values + j * stride;
+    for (int c = 0; c < NV; ++c) {
+      even[c] += p[j] * load16(v + 16 * c);
+      odd[c] += p[j + 1] * load16(v + stride + 16 * c);
+    }
+  }
+  if (j < L)
+    for (int c = 0; c < NV; ++c) even[c] += p[j] * load16(values + j * stride + 16 * c);
+  for (int c = 0; c < NV; ++c) store16(o + 16 * c, even[c] + odd[c]);
+}
+
+// Multi-head attention of H query rows (q, W wide) over L cached rows (W wide, values at
+// columns P..P+R): o (H, R) = softmax(q·keysᵀ) · values. scores: scratch (H, L).
+void attend(const float* q, const float* rows, int H, int W, int P, int R, int L,
+            float* scores, float* o) {
+  int h = 0;
+  for (; h + 4 <= H; h += 4) scores_of<4>(q + h * W, rows, W, L, scores + h * L);
+  for (; h < H; ++h) scores_of<1>(q + h * W, rows, W, L, scores + h * L);
+  for (h = 0; h < H; ++h) {
+    float* sc = scores + h * L;
+    const float top = max_of(sc, L);
+    const float inv = 1.0f / exp_shifted(sc, L, top);
+    for (int j = 0; j < L; ++j) sc[j] *= inv;
+    const float* values = rows + P;
+    float* oh = o + h * R;
+    int c = 0;
+    for (; c + 64 <= R; c += 64) weighted_sum<4>(sc, values + c, W, L, oh + c);
+    for (; c + 16 <= R; c += 16) weighted_sum<1>(sc, values + c, W, L, oh + c);
+    for (; c < R; ++c) {
+      float acc = 0.f;
+      for (int j = 0; j < L; ++j) acc += sc[j] * values[static_cast<int64_t>(j) * W + c];
+      oh[c] = acc;
+    }
+  }
+}
+
+// x's adjacent pairs times the phasors (cos + i·sin): the reference's complex RoPE.
+void rotate(float* x, const float* cos, const float* sin, int pairs) {
+  for (int i = 0; i < pairs; ++i) {
+    const float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * cos[i] - b * sin[i];
+    x[2 * i + 1] = a * sin[i] + b * cos[i];
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// ------------------------------------------------------------------------------ RMSNorm
+
+// s = x (+ residual), into residual_out when given; out = s · rsqrt(mean(s²) + eps) · w.
+// out and residual_out may alias x or residual.
+void rmsnorm_row(const float* x, const float* residual, const float* w, float eps, int D,
+                 float* out, float* residual_out) {
+  const float* s = x;
+  if (residual != nullptr) {
+    for (int d = 0; d < D; ++d) residual_out[d] = x[d] + residual[d];
+    s = residual_out;
+  }
+  const float r = inv_rms(s, D, eps);
+  for (int d = 0; d < D; ++d) out[d] = r * s[d] * w[d];
+}
+
+// ------------------------------------------------------------------------------ MLA
+
+struct MlaRow {
+  int32_t D, H, R, P, q_lora;
+  float eps;
+  const float* down_t;   // (D, P + R + q_lora): x -> [k_pe | latent | c_q]
+  const float* kv_norm;  // (R,)
+  const float* q_up_t;   // (q_lora, H·(P + R)): c_q -> per head [q_pe | q_latent], scaled
+  const float* o_t;      // (H·R, D): absorbed output projection
+};
+
+// One token of absorbed MLA at position pos over the joint cache rows (S_max, P + R) =
+// [k_pe | latent]: project, normalize, rotate, store the new entry, attend, project out.
+void mla_decode_row(const MlaRow* m, const float* x, float* rows, int32_t pos,
+                    const float* cos, const float* sin, float* out) {
+  const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, L = pos + 1;
+  float* entry = scratch(W + m->q_lora + H * W + H * L + H * R);  // [k_pe | latent | c_q]
+  float* q = entry + W + m->q_lora;                                 // per head [q_pe | q_lat]
+  float* scores = q + H * W;                                        // (H, L)
+  float* o = scores + H * L;                                        // (H, R)
+  gemv_kn(x, m->down_t, m->D, W + m->q_lora, entry, false);
+  float* lat = entry + P;
+  const float* c_q = entry + W;
+  const float r_kv = inv_rms(lat, R, m->eps);
+  for (int i = 0; i < R; ++i) lat[i] = r_kv * lat[i] * m->kv_norm[i];
+  gemv_kn(c_q, m->q_up_t, m->q_lora, H * W, q, false);
+  const float r_q = inv_rms(c_q, m->q_lora, m->eps);
+  for (int i = 0; i < H * W; ++i) q[i] *= r_q;
+  const float* c = cos + static_cast<int64_t>(pos) * half;
+  const float* s = sin + static_cast<int64_t>(pos) * half;
+  rotate(entry, c, s, half);
+  for (int h = 0; h < H; ++h) rotate(q + h * W, c, s, half);
+  std::memcpy(rows + static_cast<int64_t>(pos) * W, entry, sizeof(float) * W);
+
+  attend(q, rows, H, W, P, R, L, scores, o);
+  gemv_kn(o, m->o_t, H * R, m->D, out, false);
+}
+
+// ------------------------------------------------------------------------------ MoE
+
+struct MoeRow {
+  int32_t D, E, S, I, k;
+  const float* front_t;      // (D, S·2I + E): [shared slots' [gate | up] | router]ᵀ
+  const float* front_bias;   // (S·2I + E,) = [0 | router bias]
+  const float* router_bias;  // (E,)
+  const float* w13;          // (E + S, 2I, D): per expert [gate; up]
+  const float* w2;           // (E + S, D, I): per expert down
+  const float* shared_w2_t;  // (S·I, D), null when S == 0
+};
+
+// One token: router (top-k of the biased logits, softmax of the chosen unbiased ones),
+// shared experts, then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on.
+void moe_row(const MoeRow* m, const float* x, float* out) {
+  const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
+  float* front = scratch(shared + E + 2 * I + (S > 0 ? S : 1) * I + k);
+  float* gate_up = front + shared + E;
+  float* act = gate_up + 2 * I;
+  float* weights = act + (S > 0 ? S : 1) * I;
+  thread_local std::vector<int> chosen;
+  chosen.resize(k);
+  std::memcpy(front, m->front_bias, sizeof(float) * (shared + E));
+  gemv_kn(x, m->front_t, D, shared + E, front, true);
+  const float* biased = front + shared;
+  for (int j = 0; j < k; ++j) {  // k largest, in descending order (as torch.topk)
+    int best = -1;
+    for (int e = 0; e < E; ++e) {
+      bool taken = false;
+      for (int i = 0; i < j; ++i) taken = taken || chosen[i] == e;
+      if (!taken && (best < 0 || biased[e] > biased[best])) best = e;
+    }
+    chosen[j] = best;
+  }
+  float top = -INFINITY;
+  for (int j = 0; j < k; ++j) {
+    weights[j] = biased[chosen[j]] - m->router_bias[chosen[j]];
+    top = weights[j] > top ? weights[j] : top;
+  }
+  float total = 0.f;
+  for (int j = 0; j < k; ++j) {
+    weights[j] = std::exp(weights[j] - top);
+    total += weights[j];
+  }
+  for (int j = 0; j < k; ++j) weights[j] /= total;
+
+  if (S > 0) {
+    for (int s = 0; s < S; ++s) {
+      const float* g = front + s * 2 * I;
+      swiglu(g, g + I, I, act + s * I);
+    }
+    gemv_kn(act, m->shared_w2_t, S * I, D, out, false);
+  } else {
+    std::memset(out, 0, sizeof(float) * D);
+  }
+  for (int j = 0; j < k; ++j) {
+    const int64_t e = chosen[j];
+    gemv_nk(x, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, false);
+    swiglu(gate_up, gate_up + I, I, act);
+    gemv_nk(act, m->w2 + e * D * I, D, I, weights[j], out, true);
+  }
+}
+
+// ------------------------------------------------------------------------------ loop step
+
+struct LoopRow {
+  int32_t D, r;
+  float eps, threshold;
+  const float* lora_B;  // (r, D)
+  const float* A;       // (D,)
+  const float* inj_B;   // (D,)
+  const float* halt_w;  // (D,)
+  const float* halt_b;  // (1,)
+  const float* norm_w;  // (D,)
+};
+
+// The loop epilogue of one row, in the reference's order: LoRA (lora_down (r, D) is this
+// loop index's down-projection, its scale folded in), then
+// h = (block_out + lora) + A·h + B·e, the ACT update (in float32, halted == cum_p ≥
+// threshold), and, when next_emb is given, the next prologue
+// rmsnorm(h + next_emb + e)·norm_w into next_combined.
+void loop_epilogue_row(const LoopRow* p, const float* lora_down, const float* block_out,
+                       float* h, const float* e, float* cum_p, bool* halted, float* h_out,
+                       int32_t* n_running, const float* next_emb, float* next_combined) {
+  const int D = p->D;
+  float* mixed = scratch(D + p->r);  // block_out + LoRA delta, then z
+  float* z = mixed + D;
+  gemv_nk(block_out, lora_down, p->r, D, 1.0f, z, false);
+  std::memcpy(mixed, block_out, sizeof(float) * D);
+  gemv_kn(z, p->lora_B, p->r, D, mixed, true);
+  for (int d = 0; d < D; ++d) h[d] = (mixed[d] + p->A[d] * h[d]) + p->inj_B[d] * e[d];
+  const float logit = p->halt_b[0] + dot(h, p->halt_w, D);
+  const float prob = 1.0f / (1.0f + std::exp(-logit));
+  const float cum = cum_p[0];
+  if (!(cum >= p->threshold)) {
+    const float total = cum + prob;
+    const bool crossing = total >= p->threshold;
+    const float weight = crossing ? (1.0f - cum > 0.f ? 1.0f - cum : 0.f) : prob;
+    if (weight != 0.f)
+      for (int d = 0; d < D; ++d) h_out[d] += weight * h[d];
+    cum_p[0] = total;
+    if (crossing) {
+      halted[0] = true;
+      n_running[0] -= 1;
+    }
+  }
+  if (next_emb != nullptr) {
+    for (int d = 0; d < D; ++d) next_combined[d] = (h[d] + next_emb[d]) + e[d];
+    const float r = inv_rms(next_combined, D, p->eps);
+    for (int d = 0; d < D; ++d) next_combined[d] = r * next_combined[d] * p->norm_w[d];
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,203 @@
+"""The cpu backend's compiled one-row kernels (``decode_row.cpp``): build, cache, load.
+
+A batch-1 decode step is a few small matrix-vector products per sublayer; run as
+PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
+(RMSNorm, absorbed MLA, MoE, the loop epilogue) in one C call. It is compiled here, on
+the machine that runs it, with the host C++ compiler (``$CXX``, else ``c++``/``g++``)
+at ``-O3 -march=native``, cached on disk by a hash of the source, flags, compiler and
+CPU, and loaded with ctypes (plain C ABI: no Python or torch headers, any torch
+version). Without a compiler, or with ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is
+None (with one warning saying why) and the cpu ops run their PyTorch paths.
+
+Cache: ``$MYTHOS_RT_CACHE_DIR/cpu/<sha256>.so`` (default ``~/.cache/mythos_rt``).
+
+The ``ctypes.Structure`` classes below mirror the C structs field for field.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import torch
+
+__all__ = ["SOURCE", "FLAGS", "NativeError", "enabled", "cache_dir", "compiler", "build",
+           "library", "reset", "contiguous", "MlaRow", "MoeRow", "LoopRow", "Kernel",
+           "kernel"]
+
+SOURCE = Path(__file__).with_name("decode_row.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
+
+_i32 = ctypes.c_int32
+_vp = ctypes.c_void_p
+
+
+class NativeError(RuntimeError):
+    """The one-row kernels could not be compiled or loaded."""
+
+
+class MlaRow(ctypes.Structure):
+    _fields_ = [("D", _i32), ("H", _i32), ("R", _i32), ("P", _i32), ("q_lora", _i32),
+                ("eps", ctypes.c_float),
+                ("down_t", _vp), ("kv_norm", _vp), ("q_up_t", _vp), ("o_t", _vp)]
+
+
+class MoeRow(ctypes.Structure):
+    _fields_ = [("D", _i32), ("E", _i32), ("S", _i32), ("I", _i32), ("k", _i32),
+                ("front_t", _vp), ("front_bias", _vp), ("router_bias", _vp), ("w13", _vp),
+                ("w2", _vp), ("shared_w2_t", _vp)]
+
+
+class LoopRow(ctypes.Structure):
+    _fields_ = [("D", _i32), ("r", _i32), ("eps", ctypes.c_float),
+                ("threshold", ctypes.c_float),
+                ("lora_B", _vp), ("A", _vp), ("inj_B", _vp), ("halt_w", _vp), ("halt_b", _vp),
+                ("norm_w", _vp)]
+
+
+_SIGNATURES = {
+    "rmsnorm_row": [_vp, _vp, _vp, ctypes.c_float, _i32, _vp, _vp],
+    "mla_decode_row": [ctypes.POINTER(MlaRow), _vp, _vp, _i32, _vp, _vp, _vp],
+    "moe_row": [ctypes.POINTER(MoeRow), _vp, _vp],
+    "loop_epilogue_row": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp,
+                          _vp, _vp],
+}
+
+
+def contiguous(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether every given tensor (None is skipped) can be passed as a flat address."""
+    return all(t is None or t.is_contiguous() for t in tensors)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A one-row kernel bound to its weights: call ``fn(ref, ...)``. ``keep`` holds the
+    tensors whose addresses ``args`` carries, so they live as long as the kernel."""
+    fn: Callable
+    args: ctypes.Structure
+    ref: object
+    keep: tuple
+
+
+def kernel(lib: ctypes.CDLL, name: str, struct: type, sizes: Mapping[str, float],
+           tensors: Mapping[str, Optional[torch.Tensor]]) -> Kernel:
+    """Bind kernel ``name`` to ``struct(**sizes, **addresses of tensors)``; every tensor
+    must be a contiguous float32 CPU tensor (None passes a null pointer)."""
+    for key, t in tensors.items():
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"
+                              or not t.is_contiguous()):
+            raise NativeError(f"{name}: {key} must be a contiguous float32 CPU tensor, got "
+                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    args = struct(**sizes, **{k: None if t is None else t.data_ptr() for k, t in tensors.items()})
+    return Kernel(getattr(lib, name), args, ctypes.byref(args),
+                  tuple(t for t in tensors.values() if t is not None))
+
+
+def enabled() -> bool:
+    return os.environ.get("MYTHOS_RT_CPU_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MYTHOS_RT_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mythos_rt")
+    return Path(root) / "cpu"
+
+
+def compiler() -> Optional[str]:
+    """The C++ compiler to use: ``$CXX``, else the first of c++ / g++ / clang++ on PATH."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeError(f"cannot run the C++ compiler {cxx}: {exc}") from exc
+
+
+def build(cxx: Optional[str] = None) -> Path:
+    """Compile ``decode_row.cpp`` (unless cached) and return the shared library's path."""
+    cxx = cxx or compiler()
+    if cxx is None:
+        raise NativeError("no C++ compiler found (set CXX, or install g++/clang++)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(),
+                                     _compiler_version(cxx).encode(),
+                                     _cpu_signature().encode()])).hexdigest()
+    target = cache_dir() / f"{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode != 0:
+            raise NativeError(f"{cxx} failed on {SOURCE.name}:\n{done.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent build never sees half a file
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeError(f"{cxx} could not compile {SOURCE.name}: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+_LIBRARY: dict[str, Optional[ctypes.CDLL]] = {}
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, or None (disabled, or unavailable: warned once). Decided on
+    first use, once per process (``reset`` forgets it)."""
+    try:
+        return _LIBRARY["lib"]
+    except KeyError:
+        pass
+    lib = None
+    if enabled():
+        try:
+            lib = _load(build())
+        except (NativeError, OSError) as exc:
+            warnings.warn(f"mythos-rt cpu backend: compiled one-row kernels unavailable "
+                          f"({exc}); batch-1 decode runs its PyTorch path", stacklevel=2)
+    _LIBRARY["lib"] = lib
+    return lib
+
+
+def reset() -> None:
+    """Forget the decision of ``library()`` (tests, or after changing the environment)."""
+    _LIBRARY.clear()

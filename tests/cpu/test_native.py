@@ -1,0 +1,109 @@
+"""The compiled one-row kernels of the cpu backend (mythos_rt.cpu.native): building and
+caching, every way they can be unavailable, argument checks, and MLA decode over the
+joint cache at awkward sizes (the other kernels: tests/cpu/test_cpu_backend.py, which
+runs every op with and without them)."""
+
+import warnings
+
+import pytest
+import torch
+
+from mythos_rt.config import MythosConfig
+from mythos_rt.cpu import native
+from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
+from mythos_rt.ops.moe import pack_moe
+from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
+
+from ..ops._attn_ref import Harness
+from ..ops.test_moe import make_moe, moe_cfg, ref_forward
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel cache and no remembered library (restored afterwards)."""
+    monkeypatch.setenv("MYTHOS_RT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_LIBRARY", {})
+    return tmp_path
+
+
+@needs_compiler
+def test_build_is_cached_and_keyed_by_the_source(fresh, monkeypatch):
+    path = native.build()
+    assert path.parent == fresh / "cpu" and path.exists()
+    stamp = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == stamp  # not rebuilt
+    edited = fresh / "decode_row.cpp"
+    edited.write_text(native.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    assert native.build() != path
+    assert native.library() is not None
+
+
+@needs_compiler
+def test_a_compile_error_is_reported_with_the_compiler_output(fresh, monkeypatch):
+    broken = fresh / "decode_row.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(native.NativeError, match="decode_row.cpp"):
+        native.build()
+    assert not list((fresh / "cpu").glob("*.so"))  # nothing half-built left in the cache
+
+
+def test_without_a_compiler_the_pytorch_path_runs(fresh, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert native.compiler() is None
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert native.library() is None
+    cfg = moe_cfg()
+    m = make_moe(cfg)
+    moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
+    assert moe.row_kernel is None
+    x = torch.randn(1, cfg.dim)
+    assert_rel_close(moe_ffn_cpu(x, moe), ref_forward(m, x), TOL_FP32_TORCH)
+
+
+def test_disabled_by_the_environment_without_a_warning(fresh, monkeypatch):
+    monkeypatch.setenv("MYTHOS_RT_CPU_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None
+
+
+@needs_compiler
+def test_kernel_arguments_must_be_contiguous_float32():
+    lib = native.library()
+    w = torch.randn(8, 4)
+    with pytest.raises(native.NativeError, match="lora_B must be a contiguous float32"):
+        native.kernel(lib, "loop_epilogue_row", native.LoopRow, dict(D=4, r=8),
+                      dict(lora_B=w.t()))
+    with pytest.raises(native.NativeError, match="A must be .* torch.bfloat16"):
+        native.kernel(lib, "loop_epilogue_row", native.LoopRow, dict(D=4, r=8),
+                      dict(A=torch.randn(4).to(torch.bfloat16)))
+
+
+def _awkward_mla() -> MythosConfig:
+    # D=50, H=3, R=13 (rope + R odd), q_lora=7, rope=6: no size a multiple of 4 or 16.
+    return MythosConfig(dim=50, n_heads=3, max_seq_len=40, attn_type="mla", kv_lora_rank=13,
+                        q_lora_rank=7, qk_rope_head_dim=6, qk_nope_head_dim=5, v_head_dim=7,
+                        rope_theta=10000.0)
+
+
+@pytest.mark.parametrize("cfg", [None, _awkward_mla()], ids=["harness", "awkward"])
+def test_mla_one_row_over_the_joint_cache(cfg, row_path):
+    """Prefill then decode one row over a joint [k_pe | latent] cache (unwritten slots
+    NaN), against the reference, up to the last slot of the cache."""
+    h = Harness("mla", "cpu", b_max=1, s_max=24, cfg=cfg)
+    if row_path == "compiled":
+        assert h.w.row_kernel is not None
+    P, R = h.cfg.qk_rope_head_dim, h.cfg.kv_lora_rank
+    joint = torch.full((1, 24, P + R), float("nan"))
+    h.caches = (joint[..., P:], joint[..., :P])
+    ref_cache = {}
+    x = h.x(1, 3)
+    assert_rel_close(h.ours(x, [0]), h.reference(x, 0, ref_cache), TOL_FP32_TORCH, "prefill")
+    for pos in range(3, 24):
+        x = h.x(1, 1)
+        assert_rel_close(h.ours(x, [pos]), h.reference(x, pos, ref_cache), TOL_FP32_TORCH,
+                         f"decode at {pos}")
