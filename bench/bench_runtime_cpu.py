@@ -1,8 +1,9 @@
-"""CPU benchmark: compiled runtime (torch backend) vs the eager reference(s), small config.
+"""CPU benchmark: compiled runtime (cpu backend) vs the eager reference(s), small config.
 
 Decode ms/token (one step at a given cached context; median over steps, the models
 interleaved step by step) and prefill tokens/s for mythos-rt's compiled Runtime
-(``backend="auto"``: the cpu backend) against
+(``backend="auto"``: the cpu backend, with its compiled one-row kernels where a C++
+compiler exists; the JSON records which) against
 ``mythos_rt.reference`` (our eager oracle) and, when installed, upstream open-mythos
 0.5.0 — same weights, same prompt, greedy. Prints a table and writes JSON with --out.
 Not a test: timings depend on the machine; the ratio is the result.
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,6 +103,16 @@ def _prefill_and_decode(models: dict, ids, n_loops: int, steps: int):
     return prefill, decode
 
 
+def _row_kernels() -> str:
+    """Whether batch-1 decode ran the compiled one-row kernels, and built by what."""
+    from mythos_rt.cpu import native
+    if native.library() is None:
+        return "unavailable: PyTorch one-row paths"
+    version = subprocess.run([native.compiler(), "--version"], capture_output=True,
+                             text=True).stdout.splitlines()
+    return f"compiled ({' '.join(native.FLAGS)}) by {version[0] if version else native.compiler()}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
@@ -116,6 +128,7 @@ def main() -> None:
     if args.out:
         from bench.harness import provenance
         meta = dict(provenance(), device="cpu", config=BENCH_CONFIG.to_dict(), quick=args.quick,
+                    cpu_row_kernels=_row_kernels(),
                     method="decode: median over interleaved steps (models alternate step by "
                            "step); speedup: median of per-step time ratios; prefill: one run")
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
