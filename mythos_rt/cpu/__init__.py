@@ -11,7 +11,12 @@ in as few calls as possible:
   folded into matrices, concatenated projections, per-loop LoRA matrices, per-expert
   views);
 * positions and routing decisions are read on the host, where that is free;
-* RoPE is one in-place complex multiply.
+* RoPE is one in-place complex multiply;
+* at batch 1 (one decoded row), each sublayer is one call of a C++ kernel
+  (``decode_row.cpp``: RMSNorm, absorbed MLA over the joint cache, MoE, loop epilogue)
+  over those same layouts, compiled on first use by the host C++ compiler and cached
+  (``mythos_rt.cpu.native``). Without a compiler, or with ``MYTHOS_RT_CPU_NATIVE=0``,
+  the same rows run as a few PyTorch calls each.
 
 Same signatures and cache contracts as the torch implementations, which they fall back
 to for what they do not specialize (dtypes other than float32, unabsorbed MLA prefill,
@@ -21,4 +26,5 @@ positions past the cache), so every input gives the reference's answer.
 * ``mythos_rt.cpu.moe``        ``moe_ffn_cpu``
 * ``mythos_rt.cpu.recurrent``  ``loop_prologue_cpu``, ``loop_epilogue_cpu``
 * ``mythos_rt.cpu.norm``       ``rmsnorm_cpu``, ``swiglu_cpu``
+* ``mythos_rt.cpu.native``     builds and loads ``decode_row.cpp``
 """
