@@ -9,7 +9,8 @@ CPU, and loaded with ctypes (plain C ABI: no Python or torch headers, any torch
 version). Without a compiler, or with ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is
 None (with one warning saying why) and the cpu ops run their PyTorch paths.
 
-Cache: ``$MYTHOS_RT_CACHE_DIR/cpu/<sha256>.so`` (default ``~/.cache/mythos_rt``).
+Cache: ``$MYTHOS_RT_CACHE_DIR/cpu/<sha256>.so`` (default ``~/.cache/mythos_rt``); when
+that is not writable, a fresh temporary directory (one build per process).
 
 The ``ctypes.Structure`` classes below mirror the C structs field for field.
 """
@@ -152,8 +153,12 @@ def build(cxx: Optional[str] = None) -> Path:
     target = cache_dir() / f"{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError:  # an unwritable cache costs a rebuild per process, not the kernels
+        target = Path(tempfile.mkdtemp(prefix="mythos_rt_cpu_")) / target.name
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,

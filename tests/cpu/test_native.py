@@ -42,6 +42,16 @@ def test_build_is_cached_and_keyed_by_the_source(fresh, monkeypatch):
 
 
 @needs_compiler
+def test_an_unwritable_cache_builds_in_a_temporary_directory(fresh, monkeypatch):
+    blocker = fresh / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("MYTHOS_RT_CACHE_DIR", str(blocker))
+    path = native.build()
+    assert path.exists() and blocker not in path.parents
+    assert native.library() is not None
+
+
+@needs_compiler
 def test_a_compile_error_is_reported_with_the_compiler_output(fresh, monkeypatch):
     broken = fresh / "decode_row.cpp"
     broken.write_text("this is not C++\n")
