@@ -110,7 +110,10 @@ def _row_kernels() -> str:
         return "unavailable: PyTorch one-row paths"
     version = subprocess.run([native.compiler(), "--version"], capture_output=True,
                              text=True).stdout.splitlines()
-    return f"compiled ({' '.join(native.FLAGS)}) by {version[0] if version else native.compiler()}"
+    lib = native.library()
+    flags = " ".join(native.FLAGS + ((native.OPENMP,) if lib.has_openmp() else ()))
+    return (f"compiled ({flags}) by {version[0] if version else native.compiler()}; "
+            f"MLA/MoE rows on {lib.team_threads()} thread(s)")
 
 
 def main() -> None:

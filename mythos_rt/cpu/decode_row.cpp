@@ -4,16 +4,22 @@
 // the PyTorch calls that would run them cost more than their arithmetic. Each function
 // here runs a whole sublayer in one call over the layouts that mythos_rt.cpu's
 // ``prepare`` functions build, so they give the same answers as the torch-level cpu
-// ops up to summation order. Compiled on the machine that runs it (mythos_rt.cpu.native,
-// -O3 -march=native) and called through ctypes: plain C ABI, no Python or torch headers.
+// ops up to summation order. The MLA and MoE kernels split their work over a few OpenMP
+// threads when allowed (set_parallel). Compiled on the machine that runs it
+// (mythos_rt.cpu.native, -O3 -march=native [-fopenmp]) and called through ctypes: plain
+// C ABI, no Python or torch headers.
 //
 // The structs mirror the ctypes.Structure classes of mythos_rt/cpu/native.py field for
 // field; change both together.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -23,6 +29,51 @@ float* scratch(size_t n) {
   thread_local std::vector<float> buffer;
   if (buffer.size() < n) buffer.resize(n);
   return buffer.data();
+}
+
+// The team a kernel splits its work over: OpenMP's threads (torch's own pool when both
+// use the same libgomp, so torch.set_num_threads applies) once set_parallel(1) allowed
+// it, else the caller alone. One row's work is a few hundred kilobytes: a few threads
+// share it well (measured on 2 cores), many would spend more on waking and waiting than
+// they save. Splits are static, so a given team size always sums in the same order.
+int parallel_allowed = 0;
+constexpr int kMaxTeam = 4;
+
+int team_size() {
+#ifdef _OPENMP
+  return parallel_allowed ? std::min(omp_get_max_threads(), kMaxTeam) : 1;
+#else
+  return 1;
+#endif
+}
+
+int team_rank() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+int team_count() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+void team_barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+// Member t of T's share [lo, hi) of n items, in blocks of `block` (vector-aligned splits).
+void share(int n, int t, int T, int block, int& lo, int& hi) {
+  const int blocks = (n + block - 1) / block;
+  lo = std::min(n, (blocks * t / T) * block);
+  hi = std::min(n, (blocks * (t + 1) / T) * block);
 }
 
 // 16 floats as one vector (GCC/Clang vector extension: AVX-512 registers where the CPU
@@ -52,18 +103,19 @@ inline float hsum(v16 v) {  // a fixed tree: deterministic
 #endif
 }
 
-// y = x · w (+ y when accumulate), w (K, N) row-major: a row of w per input element, so
-// the inner loop runs over contiguous outputs, 4 rows of w per pass over y.
-void gemv_kn(const float* __restrict x, const float* __restrict w, int K, int N,
+// y = x · w (+ y when accumulate), w (K, N) with rows ld apart (ld = N for a whole
+// matrix, wider for a block of its columns): a row of w per input element, so the inner
+// loop runs over contiguous outputs, 4 rows of w per pass over y.
+void gemv_kn(const float* __restrict x, const float* __restrict w, int K, int N, int ld,
              float* __restrict y, bool accumulate) {
   if (!accumulate) std::memset(y, 0, sizeof(float) * N);
   int k = 0;
   for (; k + 4 <= K; k += 4) {
     const float x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
-    const float* w0 = w + static_cast<int64_t>(k) * N;
-    const float* w1 = w0 + N;
-    const float* w2 = w1 + N;
-    const float* w3 = w2 + N;
+    const float* w0 = w + static_cast<int64_t>(k) * ld;
+    const float* w1 = w0 + ld;
+    const float* w2 = w1 + ld;
+    const float* w3 = w2 + ld;
     int n = 0;
     for (; n + 16 <= N; n += 16)
       store16(y + n, load16(y + n) + x0 * load16(w0 + n) + x1 * load16(w1 + n) +
@@ -72,7 +124,7 @@ void gemv_kn(const float* __restrict x, const float* __restrict w, int K, int N,
   }
   for (; k < K; ++k) {
     const float xk = x[k];
-    const float* wk = w + static_cast<int64_t>(k) * N;
+    const float* wk = w + static_cast<int64_t>(k) * ld;
     for (int n = 0; n < N; ++n) y[n] += xk * wk[n];
   }
 }
@@ -267,6 +319,21 @@ void rotate(float* x, const float* cos, const float* sin, int pairs) {
 
 extern "C" {
 
+// Whether this build has OpenMP, and whether the MLA and MoE kernels may split their work
+// over its threads (0: the calling thread alone).
+int32_t has_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+void set_parallel(int32_t on) { parallel_allowed = on; }
+
+// The threads an MLA or MoE call would use now.
+int32_t team_threads() { return team_size(); }
+
 // ------------------------------------------------------------------------------ RMSNorm
 
 // s = x (+ residual), into residual_out when given; out = s · rsqrt(mean(s²) + eps) · w.
@@ -295,29 +362,47 @@ struct MlaRow {
 
 // One token of absorbed MLA at position pos over the joint cache rows (S_max, P + R) =
 // [k_pe | latent]: project, normalize, rotate, store the new entry, attend, project out.
+// A team splits the projections by columns and the attention by heads.
 void mla_decode_row(const MlaRow* m, const float* x, float* rows, int32_t pos,
                     const float* cos, const float* sin, float* out) {
   const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, L = pos + 1;
-  float* entry = scratch(W + m->q_lora + H * W + H * L + H * R);  // [k_pe | latent | c_q]
-  float* q = entry + W + m->q_lora;                                 // per head [q_pe | q_lat]
-  float* scores = q + H * W;                                        // (H, L)
-  float* o = scores + H * L;                                        // (H, R)
-  gemv_kn(x, m->down_t, m->D, W + m->q_lora, entry, false);
-  float* lat = entry + P;
-  const float* c_q = entry + W;
-  const float r_kv = inv_rms(lat, R, m->eps);
-  for (int i = 0; i < R; ++i) lat[i] = r_kv * lat[i] * m->kv_norm[i];
-  gemv_kn(c_q, m->q_up_t, m->q_lora, H * W, q, false);
-  const float r_q = inv_rms(c_q, m->q_lora, m->eps);
-  for (int i = 0; i < H * W; ++i) q[i] *= r_q;
+  const int down_n = W + m->q_lora;
+  float* entry = scratch(down_n + H * W + H * L + H * R);  // [k_pe | latent | c_q]
+  float* q = entry + down_n;                                // per head [q_pe | q_latent]
+  float* scores = q + H * W;                                // (H, L)
+  float* o = scores + H * L;                                // (H, R)
   const float* c = cos + static_cast<int64_t>(pos) * half;
   const float* s = sin + static_cast<int64_t>(pos) * half;
-  rotate(entry, c, s, half);
-  for (int h = 0; h < H; ++h) rotate(q + h * W, c, s, half);
-  std::memcpy(rows + static_cast<int64_t>(pos) * W, entry, sizeof(float) * W);
-
-  attend(q, rows, H, W, P, R, L, scores, o);
-  gemv_kn(o, m->o_t, H * R, m->D, out, false);
+  [[maybe_unused]] const int T = std::min(team_size(), H);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T) if (T > 1)
+#endif
+  {
+    const int t = team_rank(), nt = team_count();
+    int lo, hi;
+    share(down_n, t, nt, 16, lo, hi);
+    gemv_kn(x, m->down_t + lo, m->D, hi - lo, down_n, entry + lo, false);
+    team_barrier();
+    const float* c_q = entry + W;
+    if (t == 0) {  // the new entry: normalized latent, rotated k_pe, into its slot
+      float* lat = entry + P;
+      const float r_kv = inv_rms(lat, R, m->eps);
+      for (int i = 0; i < R; ++i) lat[i] = r_kv * lat[i] * m->kv_norm[i];
+      rotate(entry, c, s, half);
+      std::memcpy(rows + static_cast<int64_t>(pos) * W, entry, sizeof(float) * W);
+    }
+    int h0, h1;
+    share(H, t, nt, 1, h0, h1);
+    gemv_kn(c_q, m->q_up_t + h0 * W, m->q_lora, (h1 - h0) * W, H * W, q + h0 * W, false);
+    const float r_q = inv_rms(c_q, m->q_lora, m->eps);
+    for (int i = h0 * W; i < h1 * W; ++i) q[i] *= r_q;
+    for (int h = h0; h < h1; ++h) rotate(q + h * W, c, s, half);
+    team_barrier();  // the entry is in its slot
+    attend(q + h0 * W, rows, h1 - h0, W, P, R, L, scores + h0 * L, o + h0 * R);
+    team_barrier();
+    share(m->D, t, nt, 16, lo, hi);
+    gemv_kn(o, m->o_t + lo, H * R, hi - lo, m->D, out + lo, false);
+  }
 }
 
 // ------------------------------------------------------------------------------ MoE
@@ -332,20 +417,10 @@ struct MoeRow {
   const float* shared_w2_t;  // (S·I, D), null when S == 0
 };
 
-// One token: router (top-k of the biased logits, softmax of the chosen unbiased ones),
-// shared experts, then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on.
-void moe_row(const MoeRow* m, const float* x, float* out) {
-  const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
-  float* front = scratch(shared + E + 2 * I + (S > 0 ? S : 1) * I + k);
-  float* gate_up = front + shared + E;
-  float* act = gate_up + 2 * I;
-  float* weights = act + (S > 0 ? S : 1) * I;
-  thread_local std::vector<int> chosen;
-  chosen.resize(k);
-  std::memcpy(front, m->front_bias, sizeof(float) * (shared + E));
-  gemv_kn(x, m->front_t, D, shared + E, front, true);
-  const float* biased = front + shared;
-  for (int j = 0; j < k; ++j) {  // k largest, in descending order (as torch.topk)
+// The k largest of biased[0..E) in descending order (as torch.topk), and the softmax of
+// their unbiased logits (biased - bias): the renormalized routing weights.
+void route(const float* biased, const float* bias, int E, int k, int* chosen, float* weights) {
+  for (int j = 0; j < k; ++j) {
     int best = -1;
     for (int e = 0; e < E; ++e) {
       bool taken = false;
@@ -356,7 +431,7 @@ void moe_row(const MoeRow* m, const float* x, float* out) {
   }
   float top = -INFINITY;
   for (int j = 0; j < k; ++j) {
-    weights[j] = biased[chosen[j]] - m->router_bias[chosen[j]];
+    weights[j] = biased[chosen[j]] - bias[chosen[j]];
     top = weights[j] > top ? weights[j] : top;
   }
   float total = 0.f;
@@ -365,21 +440,55 @@ void moe_row(const MoeRow* m, const float* x, float* out) {
     total += weights[j];
   }
   for (int j = 0; j < k; ++j) weights[j] /= total;
+}
 
-  if (S > 0) {
-    for (int s = 0; s < S; ++s) {
-      const float* g = front + s * 2 * I;
-      swiglu(g, g + I, I, act + s * I);
+// One token: router and shared experts' gate/up (one product), the shared experts' down,
+// then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on. A team splits the products
+// by columns and the routed experts among its members (each member routes for itself:
+// the same answer, no wait), and sums the members' expert outputs at the end.
+void moe_row(const MoeRow* m, const float* x, float* out) {
+  const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
+  const int T = std::max(1, team_size());
+  const int act_n = (S > 0 ? S : 1) * I;
+  const int own = k + 2 * I + act_n + D;  // per member: weights, gate_up, act, expert sum
+  float* front = scratch(shared + E + T * own);
+  float* members = front + shared + E;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T) if (T > 1)
+#endif
+  {
+    const int t = team_rank(), nt = team_count();
+    thread_local std::vector<int> chosen;
+    chosen.resize(k);
+    float* weights = members + t * own;
+    float* gate_up = weights + k;
+    float* act = gate_up + 2 * I;
+    float* partial = act + act_n;
+    int lo, hi;
+    share(shared + E, t, nt, 16, lo, hi);
+    std::memcpy(front + lo, m->front_bias + lo, sizeof(float) * (hi - lo));
+    gemv_kn(x, m->front_t + lo, D, hi - lo, shared + E, front + lo, true);
+    team_barrier();
+    route(front + shared, m->router_bias, E, k, chosen.data(), weights);
+    share(D, t, nt, 16, lo, hi);
+    if (S > 0) {
+      for (int s = 0; s < S; ++s) swiglu(front + s * 2 * I, front + s * 2 * I + I, I, act + s * I);
+      gemv_kn(act, m->shared_w2_t + lo, S * I, hi - lo, D, out + lo, false);
+    } else {
+      std::memset(out + lo, 0, sizeof(float) * (hi - lo));
     }
-    gemv_kn(act, m->shared_w2_t, S * I, D, out, false);
-  } else {
-    std::memset(out, 0, sizeof(float) * D);
-  }
-  for (int j = 0; j < k; ++j) {
-    const int64_t e = chosen[j];
-    gemv_nk(x, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, false);
-    swiglu(gate_up, gate_up + I, I, act);
-    gemv_nk(act, m->w2 + e * D * I, D, I, weights[j], out, true);
+    std::memset(partial, 0, sizeof(float) * D);
+    for (int j = t; j < k; j += nt) {
+      const int64_t e = chosen[j];
+      gemv_nk(x, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, false);
+      swiglu(gate_up, gate_up + I, I, act);
+      gemv_nk(act, m->w2 + e * D * I, D, I, weights[j], partial, true);
+    }
+    team_barrier();
+    for (int u = 0; u < nt; ++u) {
+      const float* p = members + u * own + (partial - weights);
+      for (int d = lo; d < hi; ++d) out[d] += p[d];
+    }
   }
 }
 
@@ -409,7 +518,7 @@ void loop_epilogue_row(const LoopRow* p, const float* lora_down, const float* bl
   float* z = mixed + D;
   gemv_nk(block_out, lora_down, p->r, D, 1.0f, z, false);
   std::memcpy(mixed, block_out, sizeof(float) * D);
-  gemv_kn(z, p->lora_B, p->r, D, mixed, true);
+  gemv_kn(z, p->lora_B, p->r, D, D, mixed, true);
   for (int d = 0; d < D; ++d) h[d] = (mixed[d] + p->A[d] * h[d]) + p->inj_B[d] * e[d];
   const float logit = p->halt_b[0] + dot(h, p->halt_w, D);
   const float prob = 1.0f / (1.0f + std::exp(-logit));

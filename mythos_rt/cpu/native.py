@@ -9,6 +9,11 @@ CPU, and loaded with ctypes (plain C ABI: no Python or torch headers, any torch
 version). Without a compiler, or with ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is
 None (with one warning saying why) and the cpu ops run their PyTorch paths.
 
+Threads: built with OpenMP where the compiler has it, the MLA and MoE kernels split a
+row's work over up to four of torch's threads (``torch.set_num_threads`` applies) —
+allowed only when the process has one OpenMP runtime, i.e. ours resolved to torch's
+libgomp; otherwise they run on the calling thread.
+
 Cache: ``$MYTHOS_RT_CACHE_DIR/cpu/<sha256>.so`` (default ``~/.cache/mythos_rt``); when
 that is not writable, a fresh temporary directory (one build per process).
 
@@ -21,6 +26,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +43,7 @@ __all__ = ["SOURCE", "FLAGS", "NativeError", "enabled", "cache_dir", "compiler",
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
+OPENMP = "-fopenmp"
 
 _i32 = ctypes.c_int32
 _vp = ctypes.c_void_p
@@ -69,6 +76,9 @@ _SIGNATURES = {
     "rmsnorm_row": [_vp, _vp, _vp, ctypes.c_float, _i32, _vp, _vp],
     "mla_decode_row": [ctypes.POINTER(MlaRow), _vp, _vp, _i32, _vp, _vp, _vp],
     "moe_row": [ctypes.POINTER(MoeRow), _vp, _vp],
+    "set_parallel": [_i32],
+    "has_openmp": [],
+    "team_threads": [],
     "loop_epilogue_row": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp,
                           _vp, _vp],
 }
@@ -141,14 +151,24 @@ def _compiler_version(cxx: str) -> str:
         raise NativeError(f"cannot run the C++ compiler {cxx}: {exc}") from exc
 
 
-def build(cxx: Optional[str] = None) -> Path:
-    """Compile ``decode_row.cpp`` (unless cached) and return the shared library's path."""
+def build(cxx: Optional[str] = None, openmp: bool = True) -> Path:
+    """Compile ``decode_row.cpp`` (unless cached) and return the shared library's path:
+    with OpenMP when asked and the compiler supports it, else without."""
     cxx = cxx or compiler()
     if cxx is None:
         raise NativeError("no C++ compiler found (set CXX, or install g++/clang++)")
+    version = _compiler_version(cxx)
+    if openmp:
+        try:
+            return _build(cxx, version, FLAGS + (OPENMP,))
+        except NativeError:
+            pass  # e.g. no omp.h: the kernels then run on the calling thread alone
+    return _build(cxx, version, FLAGS)
+
+
+def _build(cxx: str, version: str, flags: tuple[str, ...]) -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(),
-                                     _compiler_version(cxx).encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()
     target = cache_dir() / f"{key}.so"
     if target.exists():
@@ -161,7 +181,7 @@ def build(cxx: Optional[str] = None) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True,
                               text=True, timeout=300)
         if done.returncode != 0:
             raise NativeError(f"{cxx} failed on {SOURCE.name}:\n{done.stderr[-2000:]}")
@@ -174,11 +194,29 @@ def build(cxx: Optional[str] = None) -> Path:
     return target
 
 
+def openmp_runtimes(maps: str) -> set[str]:
+    """The OpenMP runtimes (GNU, Intel, LLVM) among the files of a /proc/<pid>/maps text."""
+    return {line.split()[-1] for line in maps.splitlines()
+            if re.search(r"^lib(g|i)?omp[^/]*\.so", line.rsplit("/", 1)[-1])}
+
+
+def _one_openmp_runtime() -> bool:
+    """Whether this process has loaded exactly one OpenMP runtime, i.e. the kernels'
+    OpenMP is torch's own thread pool (Linux; elsewhere: unknown, so no). Two runtimes
+    would be two pools spinning on the same cores."""
+    try:
+        return len(openmp_runtimes(Path("/proc/self/maps").read_text())) == 1
+    except OSError:
+        return False
+
+
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.has_openmp.restype = lib.team_threads.restype = ctypes.c_int32
+    lib.set_parallel(1 if lib.has_openmp() and _one_openmp_runtime() else 0)
     return lib
 
 

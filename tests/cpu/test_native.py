@@ -93,6 +93,15 @@ def test_kernel_arguments_must_be_contiguous_float32():
                       dict(A=torch.randn(4).to(torch.bfloat16)))
 
 
+def test_openmp_runtimes_are_read_from_the_process_maps():
+    line = "7f00-7f01 r-xp 00000000 08:01 12 {}\n"
+    torch_only = line.format("/site-packages/torch/lib/libgomp.so.1")
+    assert native.openmp_runtimes(torch_only * 2) == {"/site-packages/torch/lib/libgomp.so.1"}
+    two = torch_only + line.format("/opt/intel/lib/libiomp5.so")
+    assert len(native.openmp_runtimes(two)) == 2
+    assert not native.openmp_runtimes(line.format("/usr/lib/libgompish-not.txt"))
+
+
 def _awkward_mla() -> MythosConfig:
     # D=50, H=3, R=13 (rope + R odd), q_lora=7, rope=6: no size a multiple of 4 or 16.
     return MythosConfig(dim=50, n_heads=3, max_seq_len=40, attn_type="mla", kv_lora_rank=13,
