@@ -56,7 +56,8 @@ def bound_run(bind: Callable[[Shape], Callable[[], None]]) -> Callable[[Shape], 
     """A step's ``run(shape)`` from its ``bind(shape)``, which slices the buffers for that
     shape and returns the launch: binding happens once per shape, so running a step
     costs no slicing (on a CPU, where a decode step is bound by PyTorch calls, that is a
-    large share). The buffers never move, so bound views stay valid."""
+    large share). The buffers never move, so bound views stay valid; kernel steps bind
+    through ``Selected.launcher``, so an implementation can fix its addresses too."""
     bound: dict[Shape, Callable[[], None]] = {}
 
     def run(s: Shape) -> None:
@@ -126,19 +127,18 @@ class Lowered:
                 i, o = ids[:s.N], out[:s.N]
                 return lambda: torch.index_select(w, 0, i, out=o)
         elif k == "rmsnorm":
-            fn, w, x, out = self._impl(op).fn, self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
+            impl, w, x, out = self._impl(op), self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
 
             def bind(s: Shape):
-                xv, o = x[:s.N], out[:s.N]
-                return lambda: fn(xv, w, 1e-6, out=o)
+                return impl.launcher(x[:s.N], w, 1e-6, out=out[:s.N])
         elif k == "add_rmsnorm":
-            fn, w = self._impl(op).fn, self.weights[W["w"]]
+            impl, w = self._impl(op), self.weights[W["w"]]
             a, b = buf(op.inputs[0]), buf(op.inputs[1])
             normed, summed = buf(op.outputs[0]), buf(op.outputs[1])
 
             def bind(s: Shape):
-                av, bv, nv, sv = a[:s.N], b[:s.N], normed[:s.N], summed[:s.N]
-                return lambda: fn(av, w, 1e-6, residual=bv, out=nv, residual_out=sv)
+                return impl.launcher(a[:s.N], w, 1e-6, residual=b[:s.N], out=normed[:s.N],
+                                     residual_out=summed[:s.N])
         elif k == "add":
             a, b, out = buf(op.inputs[0]), buf(op.inputs[1]), buf(op.outputs[0])
 
@@ -162,12 +162,11 @@ class Lowered:
                     torch.matmul(av, down_t, out=o)
                 return run
         elif k == "moe":
-            fn, packed, ws = self._impl(op).fn, self.args[op.name], self.buffers.moe_workspace
+            impl, packed, ws = self._impl(op), self.args[op.name], self.buffers.moe_workspace
             x, out = buf(op.inputs[0]), buf(op.outputs[0])
 
             def bind(s: Shape):
-                xv, o = x[:s.N], out[:s.N]
-                return lambda: fn(xv, packed, ws, out=o)
+                return impl.launcher(x[:s.N], packed, ws, out=out[:s.N])
         elif k == "head":
             w_t, x, out = self.weights[W["w"]].t(), buf(op.inputs[0]), buf(op.outputs[0])
 
@@ -179,7 +178,7 @@ class Lowered:
         return Step(op.name if t is None else f"{op.name}[t={t}]", k, backend, bound_run(bind))
 
     def _attention_bind(self, op: Op, cache_key: str):
-        fn, w = self._impl(op).fn, self.args[op.name]
+        impl, w = self._impl(op), self.args[op.name]
         first, second = self.buffers.caches[cache_key]
         x, out = self._buf(op.inputs[0]), self._buf(op.outputs[0])
         lens, cos, sin, D = self.buffers.cache_lens, self.buffers.cos, self.buffers.sin, self.cfg.dim
@@ -189,7 +188,7 @@ class Lowered:
 
         def bind(s: Shape):
             xv, o, lv = x[:s.N].view(s.B, s.T, D), out[:s.N].view(s.B, s.T, D), lens[:s.B]
-            return lambda: fn(xv, w, first, second, lv, cos, sin, scale, out=o)
+            return impl.launcher(xv, w, first, second, lv, cos, sin, scale, out=o)
         return bind
 
     def _loop_steps(self, loop: Op, n_loops: int) -> list[Step]:
@@ -221,9 +220,9 @@ class Lowered:
             last = t == n_loops - 1
 
             def epilogue(s: Shape, t=t, last=last):
-                bv, hv, ev = block_out[:s.N], h[:s.N], e[:s.N]
                 nxt = None if last else combined[:s.N]
-                return lambda: epi.fn(bv, hv, ev, epi_params, t, act, next_combined=nxt)
+                return epi.launcher(block_out[:s.N], h[:s.N], e[:s.N], epi_params, t, act,
+                                    next_combined=nxt)
             steps.append(Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend,
                               bound_run(epilogue)))
 

@@ -34,7 +34,7 @@ from .memo import per_tensor
 from .norm import ZERO, inv_rms, rms_normalize
 
 __all__ = ["CpuMLA", "CpuGQA", "prepare_mla", "prepare_gqa", "mla_attention_cpu",
-           "gqa_attention_cpu"]
+           "bind_mla_attention_cpu", "gqa_attention_cpu"]
 
 # Absorb w_uk / w_uv into a projection only while the fused matrix holds at most this
 # many times the parameters of the two it replaces: below, one call beats two; above,
@@ -269,13 +269,16 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
         if _absorbed_chunk(x, w, cache_lens, ckv.shape[1], scale):
             return _mla_chunk(x, w, ckv, kpe, cache_lens, cos, sin, out)
         return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
-    one_row = len(pos) == 1 and scale == w.scale and (w.row_kernel is not None or w.row is not None)
-    rows = _joint_rows(ckv, kpe) if one_row else None
+    if len(pos) == 1 and w.row_kernel is not None:
+        res = out if out is not None and out.is_contiguous() else torch.empty_like(x)
+        launch = bind_mla_attention_cpu(x, w, ckv, kpe, cache_lens, cos, sin, scale, res)
+        if launch is not None:
+            launch()
+            return res if out is None or res is out else out.copy_(res)
+    rows = (_joint_rows(ckv, kpe) if len(pos) == 1 and scale == w.scale and w.row is not None
+            else None)
     if rows is not None:
-        if w.row_kernel is not None and x.is_contiguous() and cos.is_contiguous():
-            return _mla_native_row(x, w.row_kernel, rows, pos[0], cos, sin, out)
-        if w.row is not None:
-            return _mla_one_row(x, w, rows, pos[0], _phasor_table(cos, sin)[pos[0]], out)
+        return _mla_one_row(x, w, rows, pos[0], _phasor_table(cos, sin)[pos[0]], out)
     ph = _phasors(cos, sin, pos, cache_lens)
     B, H, R, P = x.shape[0], w.n_heads, w.rank, w.rope
     L = max(pos) + 1
@@ -343,15 +346,30 @@ def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
     return out
 
 
-def _mla_native_row(x, k: native.Kernel, rows: torch.Tensor, p: int, cos, sin, out):
-    """One row over the joint cache rows in one call of the compiled kernel."""
-    if out is None or not out.is_contiguous():
-        res = torch.empty_like(x)
-        k.fn(k.ref, x.data_ptr(), rows.data_ptr(), p, cos.data_ptr(), sin.data_ptr(),
-             res.data_ptr())
-        return res if out is None else out.copy_(res)
-    k.fn(k.ref, x.data_ptr(), rows.data_ptr(), p, cos.data_ptr(), sin.data_ptr(), out.data_ptr())
-    return out
+def bind_mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=None):
+    """``mla_attention_cpu`` for one row as a prebound call of the compiled kernel (it
+    reads the position from ``cache_lens`` itself), or None where that does not apply:
+    not one float32 token, weights not fully absorbed, separate caches, or a layout the
+    kernel cannot take."""
+    k = w.row_kernel
+    if (k is None or tuple(x.shape[:2]) != (1, 1) or x.dtype != torch.float32 or out is None
+            or scale != w.scale or cache_lens.dtype != torch.int32
+            or not native.contiguous(x, out, cache_lens, cos, sin)):
+        return None
+    rows = _joint_rows(ckv, kpe)
+    if rows is None:
+        return None
+    S_max = rows.shape[0]
+    call = native.prebound(k.fn, k.ref, x.data_ptr(), rows.data_ptr(), cache_lens.data_ptr(),
+                           S_max, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+                           keep=(x, rows, cache_lens, cos, sin, out))
+
+    def launch():
+        if call():
+            raise ValueError(f"mla_attention: position {int(cache_lens[0])} is outside the "
+                             f"cache of {S_max} slots")
+        return out
+    return launch
 
 
 def _mla_one_row(x, w: CpuMLA, rows: torch.Tensor, p: int, ph, out):

@@ -360,11 +360,15 @@ struct MlaRow {
   const float* o_t;      // (H·R, D): absorbed output projection
 };
 
-// One token of absorbed MLA at position pos over the joint cache rows (S_max, P + R) =
-// [k_pe | latent]: project, normalize, rotate, store the new entry, attend, project out.
-// A team splits the projections by columns and the attention by heads.
-void mla_decode_row(const MlaRow* m, const float* x, float* rows, int32_t pos,
-                    const float* cos, const float* sin, float* out) {
+// One token of absorbed MLA over the joint cache rows (S_max, P + R) = [k_pe | latent],
+// at position *cache_len (read here, so a prebound call stays valid as the cache grows):
+// project, normalize, rotate, store the new entry, attend, project out. Returns 1, having
+// touched nothing, when the position is outside the cache; else 0. A team splits the
+// projections by columns and the attention by heads.
+int32_t mla_decode_row(const MlaRow* m, const float* x, float* rows, const int32_t* cache_len,
+                       int32_t S_max, const float* cos, const float* sin, float* out) {
+  const int32_t pos = *cache_len;
+  if (pos < 0 || pos >= S_max) return 1;
   const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, L = pos + 1;
   const int down_n = W + m->q_lora;
   float* entry = scratch(down_n + H * W + H * L + H * R);  // [k_pe | latent | c_q]
@@ -403,6 +407,7 @@ void mla_decode_row(const MlaRow* m, const float* x, float* rows, int32_t pos,
     share(m->D, t, nt, 16, lo, hi);
     gemv_kn(o, m->o_t + lo, H * R, hi - lo, m->D, out + lo, false);
   }
+  return 0;
 }
 
 // ------------------------------------------------------------------------------ MoE

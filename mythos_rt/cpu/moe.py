@@ -28,7 +28,7 @@ from ..ops.moe import PackedMoE, moe_ffn_torch
 from . import native
 from .memo import per_tensor
 
-__all__ = ["CpuMoE", "prepare_moe", "moe_ffn_cpu"]
+__all__ = ["CpuMoE", "prepare_moe", "moe_ffn_cpu", "bind_moe_ffn_cpu"]
 
 
 @dataclass
@@ -133,8 +133,12 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
         return moe_ffn_torch(x, p, workspace, out)
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
-    if N == 1 and moe.row_kernel is not None and x.is_contiguous():
-        return _native_row(x, moe.row_kernel, out)
+    if N == 1 and moe.row_kernel is not None:
+        res = out if out is not None and out.is_contiguous() else torch.empty_like(x)
+        launch = bind_moe_ffn_cpu(x, moe, workspace, res)
+        if launch is not None:
+            launch()
+            return res if out is None or res is out else out.copy_(res)
     rows = moe.rows
     if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
         torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
@@ -158,14 +162,20 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     return res
 
 
-def _native_row(x: torch.Tensor, k: native.Kernel, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """One token in one call of the compiled kernel."""
-    if out is None or not out.is_contiguous():
-        res = torch.empty_like(x)
-        k.fn(k.ref, x.data_ptr(), res.data_ptr())
-        return res if out is None else out.copy_(res)
-    k.fn(k.ref, x.data_ptr(), out.data_ptr())
-    return out
+def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
+                     out: Optional[torch.Tensor] = None):
+    """``moe_ffn_cpu`` for one token as a prebound call of the compiled kernel, or None
+    where that does not apply (not one contiguous float32 row, no kernel, no ``out``)."""
+    k = moe.row_kernel
+    if (k is None or x.dim() != 2 or x.shape[0] != 1 or x.dtype != torch.float32
+            or out is None or not native.contiguous(x, out)):
+        return None
+    call = native.prebound(k.fn, k.ref, x.data_ptr(), out.data_ptr(), keep=(x, out))
+
+    def launch():
+        call()
+        return out
+    return launch
 
 
 def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> torch.Tensor:

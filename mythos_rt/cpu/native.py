@@ -32,13 +32,14 @@ import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
 
 __all__ = ["SOURCE", "FLAGS", "NativeError", "enabled", "cache_dir", "compiler", "build",
-           "library", "reset", "contiguous", "MlaRow", "MoeRow", "LoopRow", "Kernel",
+           "library", "reset", "address", "prebound", "contiguous", "MlaRow", "MoeRow", "LoopRow", "Kernel",
            "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
@@ -74,7 +75,7 @@ class LoopRow(ctypes.Structure):
 
 _SIGNATURES = {
     "rmsnorm_row": [_vp, _vp, _vp, ctypes.c_float, _i32, _vp, _vp],
-    "mla_decode_row": [ctypes.POINTER(MlaRow), _vp, _vp, _i32, _vp, _vp, _vp],
+    "mla_decode_row": [ctypes.POINTER(MlaRow), _vp, _vp, _vp, _i32, _vp, _vp, _vp],
     "moe_row": [ctypes.POINTER(MoeRow), _vp, _vp],
     "set_parallel": [_i32],
     "has_openmp": [],
@@ -82,6 +83,19 @@ _SIGNATURES = {
     "loop_epilogue_row": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp,
                           _vp, _vp],
 }
+
+
+def address(t: Optional[torch.Tensor]) -> Optional[int]:
+    """A tensor's address for a C call; None (a null pointer) for a missing tensor."""
+    return None if t is None else t.data_ptr()
+
+
+def prebound(fn: Callable, *args, keep: tuple = ()) -> Callable:
+    """``fn`` with its arguments fixed (addresses included), holding ``keep`` — the tensors
+    those addresses point into — for as long as the call itself lives."""
+    call = partial(fn, *args)
+    call.keep = keep
+    return call
 
 
 def contiguous(*tensors: Optional[torch.Tensor]) -> bool:
@@ -216,6 +230,7 @@ def _load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.has_openmp.restype = lib.team_threads.restype = ctypes.c_int32
+    lib.mla_decode_row.restype = ctypes.c_int32
     lib.set_parallel(1 if lib.has_openmp() and _one_openmp_runtime() else 0)
     return lib
 

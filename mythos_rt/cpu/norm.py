@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from ..ops.norm import rmsnorm_torch, swiglu_torch
 from . import native
 
-__all__ = ["ZERO", "inv_rms", "rms_normalize", "rmsnorm_cpu", "swiglu_cpu"]
+__all__ = ["ZERO", "inv_rms", "rms_normalize", "rmsnorm_cpu", "bind_rmsnorm_cpu",
+           "swiglu_cpu"]
 
 ZERO = torch.zeros(())  # the ignored ``input`` of addmm/addcmul calls that only scale
 
@@ -50,13 +51,10 @@ def rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return rmsnorm_torch(x, weight, eps, residual, out, residual_out)
     if x.dim() == 2 and x.shape[0] == 1 and out is not None:
-        lib = native.library()
-        if lib is not None and native.contiguous(x, weight, residual, out, residual_out):
-            s = residual_out if residual is None or residual_out is not None else torch.empty_like(x)
-            lib.rmsnorm_row(x.data_ptr(), None if residual is None else residual.data_ptr(),
-                            weight.data_ptr(), eps, x.shape[1], out.data_ptr(),
-                            None if residual is None else s.data_ptr())
-            return out if residual is None else (out, s)
+        s = residual_out if residual is None or residual_out is not None else torch.empty_like(x)
+        launch = bind_rmsnorm_cpu(x, weight, eps, residual, out, s)
+        if launch is not None:
+            return launch()
     s = x
     if residual is not None:
         s = torch.add(x, residual) if residual_out is None else torch.add(x, residual, out=residual_out)
@@ -66,6 +64,30 @@ def rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     else:
         y = rms_normalize(s, weight, eps, out)
     return y if residual is None else (y, s)
+
+
+def bind_rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                     residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                     residual_out: Optional[torch.Tensor] = None):
+    """``rmsnorm_cpu`` of one row as a prebound call of the compiled kernel, or None where
+    that does not apply (no kernel, not one contiguous float32 row, no ``out``, or a
+    residual without ``residual_out``)."""
+    lib = native.library()
+    if (lib is None or x.dim() != 2 or x.shape[0] != 1 or out is None
+            or (residual is not None and residual_out is None)
+            or any(t is not None and t.dtype != torch.float32
+                   for t in (x, weight, residual, out, residual_out))
+            or not native.contiguous(x, weight, residual, out, residual_out)):
+        return None
+    call = native.prebound(lib.rmsnorm_row, x.data_ptr(), native.address(residual),
+                           weight.data_ptr(), eps, x.shape[1], out.data_ptr(),
+                           native.address(residual_out),
+                           keep=(x, residual, weight, out, residual_out))
+
+    def launch():
+        call()
+        return out if residual is None else (out, residual_out)
+    return launch
 
 
 def swiglu_cpu(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

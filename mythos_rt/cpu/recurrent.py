@@ -25,7 +25,8 @@ from . import native
 from .memo import per_tensor
 from .norm import rms_normalize
 
-__all__ = ["CpuLoop", "prepare_loop", "loop_prologue_cpu", "loop_epilogue_cpu"]
+__all__ = ["CpuLoop", "prepare_loop", "loop_prologue_cpu", "loop_epilogue_cpu",
+           "bind_loop_epilogue_cpu"]
 
 
 @dataclass
@@ -99,16 +100,25 @@ def _act_one_row(h, prob, state: ACTState, threshold: np.float32) -> None:
         state.n_running.sub_(1)
 
 
-def _epilogue_native_row(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
-                         next_combined) -> None:
-    """One row's epilogue (and next prologue) in one call of the compiled kernel."""
+def bind_loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
+                           next_combined=None):
+    """``loop_epilogue_cpu`` of one row (and the next prologue) as a prebound call of the
+    compiled kernel, or None where that does not apply (no kernel, not one contiguous
+    float32 row, ACT state of another layout)."""
     k = params.row_kernel
+    if (k is None or h.dim() != 2 or h.shape[0] != 1 or h.dtype != torch.float32
+            or state.h_out.dtype != torch.float32 or state.halted.dtype != torch.bool
+            or state.n_running.dtype != torch.int32
+            or not native.contiguous(block_out, h, e, next_combined, state.cum_p, state.halted,
+                                     state.h_out, state.n_running)):
+        return None
     down = params.lora_down_t[min(t, params.base.max_loops - 1)]   # its (r, D) memory
-    nxt = (0, 0) if next_combined is None else (params.embedding(t + 1).data_ptr(),
-                                                 next_combined.data_ptr())
-    k.fn(k.ref, down.data_ptr(), block_out.data_ptr(), h.data_ptr(), e.data_ptr(),
-         state.cum_p.data_ptr(), state.halted.data_ptr(), state.h_out.data_ptr(),
-         state.n_running.data_ptr(), *nxt)
+    emb = None if next_combined is None else params.embedding(t + 1)
+    return native.prebound(
+        k.fn, k.ref, down.data_ptr(), block_out.data_ptr(), h.data_ptr(), e.data_ptr(),
+        state.cum_p.data_ptr(), state.halted.data_ptr(), state.h_out.data_ptr(),
+        state.n_running.data_ptr(), native.address(emb), native.address(next_combined),
+        keep=(down, block_out, h, e, state, emb, next_combined))
 
 
 def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
@@ -120,9 +130,10 @@ def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
     N = h.shape[0]
     if state.n_max < N:
         raise ValueError(f"ACTState holds {state.n_max} rows; this step needs {N}")
-    if (N == 1 and params.row_kernel is not None
-            and native.contiguous(block_out, h, e, next_combined)):
-        return _epilogue_native_row(block_out, h, e, params, t, state, next_combined)
+    if N == 1:
+        launch = bind_loop_epilogue_cpu(block_out, h, e, params, t, state, next_combined)
+        if launch is not None:
+            return launch()
     z = torch.mm(block_out, params.lora_down_t[min(t, p.max_loops - 1)])
     out = torch.addmm(block_out, z, p.lora_B)                   # block_out + LoRA delta
     torch.addcmul(out, p.A, h, out=h).addcmul_(p.inj_B, e)     # out + A·h + B·e

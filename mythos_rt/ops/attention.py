@@ -384,6 +384,8 @@ for _op, _torch, _triton in [
 ]:
     register(_op, "torch", f"mythos_rt.ops.attention:{_torch}")
     register(_op, "triton", _triton)
-for _op, _kind in [("mla_attention", "mla"), ("gqa_attention", "gqa")]:
-    register(_op, "cpu", f"mythos_rt.cpu.attention:{_op}_cpu",
-             prepare=f"mythos_rt.cpu.attention:prepare_{_kind}")
+register("mla_attention", "cpu", "mythos_rt.cpu.attention:mla_attention_cpu",
+         prepare="mythos_rt.cpu.attention:prepare_mla",
+         bind="mythos_rt.cpu.attention:bind_mla_attention_cpu")
+register("gqa_attention", "cpu", "mythos_rt.cpu.attention:gqa_attention_cpu",
+         prepare="mythos_rt.cpu.attention:prepare_gqa")

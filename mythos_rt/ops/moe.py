@@ -245,7 +245,8 @@ register("moe_route", "torch", "mythos_rt.ops.moe:moe_route_torch")
 register("moe_route", "triton", "mythos_rt.triton_kernels.moe:moe_route_triton")
 register("moe_ffn", "torch", "mythos_rt.ops.moe:moe_ffn_torch")
 register("moe_ffn", "triton", "mythos_rt.triton_kernels.moe:moe_ffn_triton")
-register("moe_ffn", "cpu", "mythos_rt.cpu.moe:moe_ffn_cpu", prepare="mythos_rt.cpu.moe:prepare_moe")
+register("moe_ffn", "cpu", "mythos_rt.cpu.moe:moe_ffn_cpu",
+         prepare="mythos_rt.cpu.moe:prepare_moe", bind="mythos_rt.cpu.moe:bind_moe_ffn_cpu")
 
 
 # ---------------------------------------------------------------------------------------

@@ -105,5 +105,6 @@ register("rmsnorm", "torch", "mythos_rt.ops.norm:rmsnorm_torch")
 register("rmsnorm", "triton", "mythos_rt.triton_kernels.rmsnorm:rmsnorm_triton")
 register("swiglu", "torch", "mythos_rt.ops.norm:swiglu_torch")
 register("swiglu", "triton", "mythos_rt.triton_kernels.swiglu:swiglu_triton")
-register("rmsnorm", "cpu", "mythos_rt.cpu.norm:rmsnorm_cpu")
+register("rmsnorm", "cpu", "mythos_rt.cpu.norm:rmsnorm_cpu",
+         bind="mythos_rt.cpu.norm:bind_rmsnorm_cpu")
 register("swiglu", "cpu", "mythos_rt.cpu.norm:swiglu_cpu")

@@ -321,9 +321,11 @@ register("loop_prologue", "torch", "mythos_rt.ops.recurrent:loop_prologue_torch"
 register("loop_prologue", "triton", "mythos_rt.triton_kernels.recurrent_step:loop_prologue_triton")
 register("loop_epilogue", "torch", "mythos_rt.ops.recurrent:loop_epilogue_torch")
 register("loop_epilogue", "triton", "mythos_rt.triton_kernels.recurrent_step:loop_epilogue_triton")
-for _op in ("loop_prologue", "loop_epilogue"):
-    register(_op, "cpu", f"mythos_rt.cpu.recurrent:{_op}_cpu",
-             prepare="mythos_rt.cpu.recurrent:prepare_loop")
+register("loop_prologue", "cpu", "mythos_rt.cpu.recurrent:loop_prologue_cpu",
+         prepare="mythos_rt.cpu.recurrent:prepare_loop")
+register("loop_epilogue", "cpu", "mythos_rt.cpu.recurrent:loop_epilogue_cpu",
+         prepare="mythos_rt.cpu.recurrent:prepare_loop",
+         bind="mythos_rt.cpu.recurrent:bind_loop_epilogue_cpu")
 # CUDA backends (mythos_rt._C, built with MYTHOS_RT_BUILD_CUDA=1); see docs/cuda.md.
 register("loop_prologue", "cuda", "mythos_rt.cuda.recurrent:loop_prologue_cuda")
 register("loop_epilogue", "cuda", "mythos_rt.cuda.recurrent:loop_epilogue_cuda")

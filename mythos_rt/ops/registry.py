@@ -14,7 +14,11 @@ choice, for debugging.
 
 An implementation may come with a ``prepare`` function that turns the op's generic
 arguments (``MLAWeights``, ``PackedMoE``, ``LoopParams``) into the form it runs on; the
-lowering calls it once, at compile time.
+lowering calls it once, at compile time. It may also come with a ``bind`` function: given
+the arguments of one call on buffers that never move (a plan step), it returns a
+zero-argument launch with everything it can fix already fixed (the cpu backend: a
+compiled kernel with its addresses), or None to be called plainly
+(``Selected.launcher``).
 """
 
 from __future__ import annotations
@@ -34,23 +38,28 @@ _AUTO_ORDER_CPU = ("cpu", "torch")
 
 _REGISTRY: dict[str, dict[str, str]] = {}
 _PREPARE: dict[tuple[str, str], str] = {}
+_BIND: dict[tuple[str, str], str] = {}
 
 
 class BackendError(RuntimeError):
     """The requested backend cannot run this op here."""
 
 
-def register(op: str, backend: str, target: str, prepare: Optional[str] = None) -> None:
+def register(op: str, backend: str, target: str, prepare: Optional[str] = None,
+             bind: Optional[str] = None) -> None:
     """Register ``target`` ("package.module:function") as ``op``'s ``backend`` implementation,
-    with an optional ``prepare`` ("module:function") for its arguments."""
+    with an optional ``prepare`` ("module:function") for its arguments and ``bind`` for
+    prebound launches."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    for path in (target, prepare):
+    for path in (target, prepare, bind):
         if path is not None and ":" not in path:
             raise ValueError(f"target must look like 'module:function', got {path!r}")
     _REGISTRY.setdefault(op, {})[backend] = target
     if prepare is not None:
         _PREPARE[(op, backend)] = prepare
+    if bind is not None:
+        _BIND[(op, backend)] = bind
 
 
 def ops() -> list[str]:
@@ -86,18 +95,30 @@ def _identity(args):
 
 @dataclass(frozen=True)
 class Selected:
-    """A resolved implementation: which backend, the callable, and its argument prepare
-    step (identity unless the implementation registered one)."""
+    """A resolved implementation: which backend, the callable, its argument prepare step
+    (identity unless the implementation registered one) and its binder (if any)."""
     op: str
     backend: str
     fn: Callable
     prepare: Callable = _identity
+    bind: Optional[Callable] = None
+
+    def launcher(self, *args, **kwargs) -> Callable[[], object]:
+        """A zero-argument launch of ``fn(*args, **kwargs)`` on arguments that will not
+        move: the implementation's prebound form where its binder has one, else the call."""
+        if self.bind is not None:
+            launch = self.bind(*args, **kwargs)
+            if launch is not None:
+                return launch
+        fn = self.fn
+        return lambda: fn(*args, **kwargs)
 
 
 def _selected(op: str, backend: str) -> Selected:
-    path = _PREPARE.get((op, backend))
-    prepare = _import(op, backend, path) if path else _identity
-    return Selected(op, backend, load(op, backend), prepare)
+    prepare, bind = _PREPARE.get((op, backend)), _BIND.get((op, backend))
+    return Selected(op, backend, load(op, backend),
+                    _import(op, backend, prepare) if prepare else _identity,
+                    _import(op, backend, bind) if bind else None)
 
 
 def _cuda_extension_available() -> bool:

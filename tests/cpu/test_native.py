@@ -126,3 +126,60 @@ def test_mla_one_row_over_the_joint_cache(cfg, row_path):
         x = h.x(1, 1)
         assert_rel_close(h.ours(x, [pos]), h.reference(x, pos, ref_cache), TOL_FP32_TORCH,
                          f"decode at {pos}")
+
+
+def test_binders_take_their_ops_arguments():
+    """Selected.launcher passes one argument list to the binder or to the op."""
+    import inspect
+
+    from mythos_rt.ops import registry
+
+    assert registry._BIND, "no binders registered"
+    for (op, backend), path in registry._BIND.items():
+        sel = registry.select(op, "cpu", backend)
+        assert (list(inspect.signature(sel.bind).parameters)
+                == list(inspect.signature(sel.fn).parameters)), path
+
+
+def test_launcher_calls_the_op_where_the_binder_declines():
+    from mythos_rt.ops.registry import Selected
+
+    calls = []
+    sel = Selected("op", "cpu", lambda *a, **k: calls.append((a, k)), bind=lambda *a, **k: None)
+    sel.launcher(1, out=2)()
+    assert calls == [((1,), {"out": 2})]
+
+
+@needs_compiler
+def test_a_bound_mla_launch_refuses_a_position_outside_the_cache():
+    h = Harness("mla", "cpu", b_max=1, s_max=8)
+    P, R = h.cfg.qk_rope_head_dim, h.cfg.kv_lora_rank
+    joint = torch.zeros(1, 8, P + R)
+    out = torch.full((1, 1, h.cfg.dim), float("nan"))
+    lens = torch.tensor([7], dtype=torch.int32)
+    launch = native_bind(h, joint, lens, out)
+    launch()  # the last slot
+    assert torch.isfinite(out).all()
+    lens.fill_(8)
+    before = joint.clone()
+    with pytest.raises(ValueError, match="position 8 is outside the cache of 8 slots"):
+        launch()
+    assert torch.equal(joint, before)
+
+
+def native_bind(h, joint, lens, out):
+    import gc
+    import weakref
+
+    from mythos_rt.cpu.attention import bind_mla_attention_cpu
+
+    P = h.cfg.qk_rope_head_dim
+    x = h.x(1, 1)
+    alive = weakref.ref(x)
+    launch = bind_mla_attention_cpu(x, h.w, joint[..., P:], joint[..., :P], lens,
+                                    h.cos, h.sin, h.scale, out)
+    assert launch is not None
+    del x
+    gc.collect()
+    assert alive() is not None, "a prebound launch must hold the tensors it points into"
+    return launch
