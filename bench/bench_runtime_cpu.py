@@ -1,11 +1,11 @@
 """CPU benchmark: compiled runtime (cpu backend) vs the eager reference(s), small config.
 
-Decode ms/token (one step at a given cached context; median over steps, the models
-interleaved step by step) and prefill tokens/s for mythos-rt's compiled Runtime
-(``backend="auto"``: the cpu backend, with its compiled one-row kernels where a C++
-compiler exists; the JSON records which) against
+Decode ms per step (one new token for each of the batch's rows at a given cached
+context; median over steps, the models interleaved step by step) and prefill tokens/s
+for mythos-rt's compiled Runtime (``backend="auto"``: the cpu backend, with its
+compiled row kernels where a C++ compiler exists; the JSON records which) against
 ``mythos_rt.reference`` (our eager oracle) and, when installed, upstream open-mythos
-0.5.0 — same weights, same prompt, greedy. Prints a table and writes JSON with --out.
+0.5.0 — same weights, same prompts, greedy. Prints a table and writes JSON with --out.
 Not a test: timings depend on the machine; the ratio is the result.
 """
 
@@ -33,7 +33,10 @@ BENCH_CONFIG = dataclasses.replace(
     MythosConfig.from_preset("mythos_1b"), vocab_size=4096, dim=256, n_heads=4,
     kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
     expert_dim=64, lora_rank=8, max_seq_len=1536, max_output_tokens=1536)
-CONTEXTS = (128, 1024)  # cached tokens at decode: the eager models re-read/re-expand all of them
+# (batch rows, cached tokens per row) at decode: the eager models re-read/re-expand all of
+# them; batch 4 is a small serving batch.
+CASES = ((1, 128), (1, 1024), (4, 128))
+QUICK_CASES = ((1, 32), (2, 16))
 
 
 def _upstream(cfg):
@@ -57,21 +60,23 @@ def run(quick: bool = False) -> list[dict]:
     torch.manual_seed(0)
     ref = OpenMythos(cfg).eval()
     n_loops, steps = cfg.max_loop_iters, (3 if quick else 24)
-    rt = mythos_rt.compile(ref, backend="auto", max_batch_size=1)
+    rt = mythos_rt.compile(ref, backend="auto", max_batch_size=max(b for b, _ in CASES))
     models = {f"mythos-rt ({rt.backends['mla_attention']} backend)": rt, "eager reference": ref}
     up = _upstream(cfg)
     if up is not None:
         up.load_state_dict(ref.state_dict())
         models["open-mythos 0.5.0"] = up
     rows = []
-    for context in ((32,) if quick else CONTEXTS):
-        ids = torch.randint(0, cfg.vocab_size, (1, context))
+    for batch, context in (QUICK_CASES if quick else CASES):
+        ids = torch.randint(0, cfg.vocab_size, (batch, context))
         prefill, decode = _prefill_and_decode(models, ids, n_loops, steps)
         base = next(iter(models))
         for name in models:
-            r = {"name": name, "context": context,
-                 "prefill_tok_s": round(context / prefill[name], 1),
-                 "decode_ms_per_token": round(statistics.median(decode[name]) * 1e3, 2)}
+            step = statistics.median(decode[name])
+            r = {"name": name, "batch": batch, "context": context,
+                 "prefill_tok_s": round(batch * context / prefill[name], 1),
+                 "decode_ms_per_step": round(step * 1e3, 2),
+                 "decode_tok_s": round(batch / step, 1)}
             if name != base:  # median over steps of the per-step ratio (steps interleaved)
                 r["rt_decode_speedup"] = round(statistics.median(
                     o / b for o, b in zip(decode[name], decode[base])), 2)
@@ -126,8 +131,9 @@ def main() -> None:
     for r in rows:
         extra = (f"  rt is {r['rt_decode_speedup']}x at decode, {r['rt_prefill_speedup']}x "
                  f"at prefill" if "rt_decode_speedup" in r else "")
-        print(f"context {r['context']:5d}  {r['name']:<26} decode {r['decode_ms_per_token']:8.2f} "
-              f"ms/token  prefill {r['prefill_tok_s']:8.1f} tok/s{extra}")
+        print(f"batch {r['batch']} context {r['context']:5d}  {r['name']:<26} decode "
+              f"{r['decode_ms_per_step']:7.2f} ms/step  prefill {r['prefill_tok_s']:8.1f} "
+              f"tok/s{extra}")
     if args.out:
         from bench.harness import provenance
         meta = dict(provenance(), device="cpu", config=BENCH_CONFIG.to_dict(), quick=args.quick,

@@ -146,7 +146,7 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
         lib = native.library()
         if lib is not None:
             m.row_kernel = native.kernel(
-                lib, "mla_decode_row", native.MlaRow,
+                lib, "mla_decode_rows", native.MlaRow,
                 dict(D=D, H=H, R=R, P=P, q_lora=q_lora, eps=w.eps),
                 dict(down_t=m.down_t, kv_norm=m.kv_norm, q_up_t=m.q_up_t, o_t=m.o_t))
         elif (P + R) % 2 == 0:
@@ -269,7 +269,7 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
         if _absorbed_chunk(x, w, cache_lens, ckv.shape[1], scale):
             return _mla_chunk(x, w, ckv, kpe, cache_lens, cos, sin, out)
         return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
-    if len(pos) == 1 and w.row_kernel is not None:
+    if w.row_kernel is not None:
         res = out if out is not None and out.is_contiguous() else torch.empty_like(x)
         launch = bind_mla_attention_cpu(x, w, ckv, kpe, cache_lens, cos, sin, scale, res)
         if launch is not None:
@@ -347,27 +347,29 @@ def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
 
 
 def bind_mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=None):
-    """``mla_attention_cpu`` for one row as a prebound call of the compiled kernel (it
-    reads the position from ``cache_lens`` itself), or None where that does not apply:
-    not one float32 token, weights not fully absorbed, separate caches, or a layout the
-    kernel cannot take."""
+    """``mla_attention_cpu`` for B rows of one token as a prebound call of the compiled
+    kernel (it reads the positions from ``cache_lens`` itself), or None where that does
+    not apply: not float32 single tokens, weights not fully absorbed, separate caches, or
+    a layout the kernel cannot take."""
     k = w.row_kernel
-    if (k is None or tuple(x.shape[:2]) != (1, 1) or x.dtype != torch.float32 or out is None
-            or scale != w.scale or cache_lens.dtype != torch.int32
+    B = x.shape[0]
+    if (k is None or x.dim() != 3 or x.shape[1] != 1 or x.dtype != torch.float32
+            or out is None or scale != w.scale or cache_lens.dtype != torch.int32
+            or cache_lens.shape != (B,) or B > kpe.shape[0]
             or not native.contiguous(x, out, cache_lens, cos, sin)):
         return None
     rows = _joint_rows(ckv, kpe)
     if rows is None:
         return None
     S_max = rows.shape[0]
-    call = native.prebound(k.fn, k.ref, x.data_ptr(), rows.data_ptr(), cache_lens.data_ptr(),
-                           S_max, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
-                           keep=(x, rows, cache_lens, cos, sin, out))
+    call = native.prebound(k.fn, k.ref, x.data_ptr(), rows.data_ptr(), kpe.stride(0),
+                           cache_lens.data_ptr(), B, S_max, cos.data_ptr(), sin.data_ptr(),
+                           out.data_ptr(), keep=(x, rows, cache_lens, cos, sin, out))
 
     def launch():
         if call():
-            raise ValueError(f"mla_attention: position {int(cache_lens[0])} is outside the "
-                             f"cache of {S_max} slots")
+            raise ValueError(f"mla_attention: positions {cache_lens.tolist()} reach outside "
+                             f"the cache of {S_max} slots")
         return out
     return launch
 

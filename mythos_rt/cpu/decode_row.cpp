@@ -319,8 +319,8 @@ void rotate(float* x, const float* cos, const float* sin, int pairs) {
 
 extern "C" {
 
-// Whether this build has OpenMP, and whether the MLA and MoE kernels may split their work
-// over its threads (0: the calling thread alone).
+// Whether this build has OpenMP, and whether the kernels may split their work over its
+// threads (0: the calling thread alone).
 int32_t has_openmp() {
 #ifdef _OPENMP
   return 1;
@@ -331,22 +331,29 @@ int32_t has_openmp() {
 
 void set_parallel(int32_t on) { parallel_allowed = on; }
 
-// The threads an MLA or MoE call would use now.
+// The threads a kernel would use now.
 int32_t team_threads() { return team_size(); }
 
 // ------------------------------------------------------------------------------ RMSNorm
 
-// s = x (+ residual), into residual_out when given; out = s · rsqrt(mean(s²) + eps) · w.
-// out and residual_out may alias x or residual.
-void rmsnorm_row(const float* x, const float* residual, const float* w, float eps, int D,
-                 float* out, float* residual_out) {
-  const float* s = x;
-  if (residual != nullptr) {
-    for (int d = 0; d < D; ++d) residual_out[d] = x[d] + residual[d];
-    s = residual_out;
+// Per row of N: s = x (+ residual), into residual_out when given;
+// out = s · rsqrt(mean(s²) + eps) · w. out and residual_out may alias x or residual.
+void rmsnorm_rows(const float* x, const float* residual, const float* w, float eps, int32_t N,
+                  int32_t D, float* out, float* residual_out) {
+  [[maybe_unused]] const int T = team_size();
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(T) if (T > 1 && N >= 16)
+#endif
+  for (int n = 0; n < N; ++n) {
+    const int64_t at = static_cast<int64_t>(n) * D;
+    const float* s = x + at;
+    if (residual != nullptr) {
+      for (int d = 0; d < D; ++d) residual_out[at + d] = x[at + d] + residual[at + d];
+      s = residual_out + at;
+    }
+    const float r = inv_rms(s, D, eps);
+    for (int d = 0; d < D; ++d) out[at + d] = r * s[d] * w[d];
   }
-  const float r = inv_rms(s, D, eps);
-  for (int d = 0; d < D; ++d) out[d] = r * s[d] * w[d];
 }
 
 // ------------------------------------------------------------------------------ MLA
@@ -360,15 +367,11 @@ struct MlaRow {
   const float* o_t;      // (H·R, D): absorbed output projection
 };
 
-// One token of absorbed MLA over the joint cache rows (S_max, P + R) = [k_pe | latent],
-// at position *cache_len (read here, so a prebound call stays valid as the cache grows):
-// project, normalize, rotate, store the new entry, attend, project out. Returns 1, having
-// touched nothing, when the position is outside the cache; else 0. A team splits the
-// projections by columns and the attention by heads.
-int32_t mla_decode_row(const MlaRow* m, const float* x, float* rows, const int32_t* cache_len,
-                       int32_t S_max, const float* cos, const float* sin, float* out) {
-  const int32_t pos = *cache_len;
-  if (pos < 0 || pos >= S_max) return 1;
+// One token of absorbed MLA at position pos over its joint cache rows (S_max, P + R) =
+// [k_pe | latent]: project, normalize, rotate, store the new entry, attend, project out.
+// A team splits the projections by columns and the attention by heads.
+static void mla_one(const MlaRow* m, const float* x, float* rows, int32_t pos,
+                    const float* cos, const float* sin, float* out) {
   const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, L = pos + 1;
   const int down_n = W + m->q_lora;
   float* entry = scratch(down_n + H * W + H * L + H * R);  // [k_pe | latent | c_q]
@@ -407,6 +410,20 @@ int32_t mla_decode_row(const MlaRow* m, const float* x, float* rows, const int32
     share(m->D, t, nt, 16, lo, hi);
     gemv_kn(o, m->o_t + lo, H * R, hi - lo, m->D, out + lo, false);
   }
+}
+
+// B rows of one new token each: row b attends over its own cache rows
+// (cache + b·batch_stride) at position cache_lens[b] (read here, so a prebound call stays
+// valid as the caches grow). Returns 1, having touched nothing, when a position is
+// outside the cache; else 0.
+int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t batch_stride,
+                        const int32_t* cache_lens, int32_t B, int32_t S_max, const float* cos,
+                        const float* sin, float* out) {
+  for (int b = 0; b < B; ++b)
+    if (cache_lens[b] < 0 || cache_lens[b] >= S_max) return 1;
+  for (int b = 0; b < B; ++b)
+    mla_one(m, x + static_cast<int64_t>(b) * m->D, cache + b * batch_stride, cache_lens[b], cos,
+            sin, out + static_cast<int64_t>(b) * m->D);
   return 0;
 }
 
@@ -451,7 +468,7 @@ void route(const float* biased, const float* bias, int E, int k, int* chosen, fl
 // then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on. A team splits the products
 // by columns and the routed experts among its members (each member routes for itself:
 // the same answer, no wait), and sums the members' expert outputs at the end.
-void moe_row(const MoeRow* m, const float* x, float* out) {
+static void moe_one(const MoeRow* m, const float* x, float* out) {
   const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
   const int T = std::max(1, team_size());
   const int act_n = (S > 0 ? S : 1) * I;
@@ -497,6 +514,12 @@ void moe_row(const MoeRow* m, const float* x, float* out) {
   }
 }
 
+// N tokens, one after the other.
+void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
+  for (int n = 0; n < N; ++n)
+    moe_one(m, x + static_cast<int64_t>(n) * m->D, out + static_cast<int64_t>(n) * m->D);
+}
+
 // ------------------------------------------------------------------------------ loop step
 
 struct LoopRow {
@@ -514,10 +537,11 @@ struct LoopRow {
 // loop index's down-projection, its scale folded in), then
 // h = (block_out + lora) + A·h + B·e, the ACT update (in float32, halted == cum_p ≥
 // threshold), and, when next_emb is given, the next prologue
-// rmsnorm(h + next_emb + e)·norm_w into next_combined.
-void loop_epilogue_row(const LoopRow* p, const float* lora_down, const float* block_out,
-                       float* h, const float* e, float* cum_p, bool* halted, float* h_out,
-                       int32_t* n_running, const float* next_emb, float* next_combined) {
+// rmsnorm(h + next_emb + e)·norm_w into next_combined (which may alias block_out).
+// Returns whether the row halted at this step.
+static bool epilogue_one(const LoopRow* p, const float* lora_down, const float* block_out,
+                         float* h, const float* e, float* cum_p, bool* halted, float* h_out,
+                         const float* next_emb, float* next_combined) {
   const int D = p->D;
   float* mixed = scratch(D + p->r);  // block_out + LoRA delta, then z
   float* z = mixed + D;
@@ -527,24 +551,42 @@ void loop_epilogue_row(const LoopRow* p, const float* lora_down, const float* bl
   for (int d = 0; d < D; ++d) h[d] = (mixed[d] + p->A[d] * h[d]) + p->inj_B[d] * e[d];
   const float logit = p->halt_b[0] + dot(h, p->halt_w, D);
   const float prob = 1.0f / (1.0f + std::exp(-logit));
-  const float cum = cum_p[0];
+  const float cum = *cum_p;
+  bool crossing = false;
   if (!(cum >= p->threshold)) {
     const float total = cum + prob;
-    const bool crossing = total >= p->threshold;
+    crossing = total >= p->threshold;
     const float weight = crossing ? (1.0f - cum > 0.f ? 1.0f - cum : 0.f) : prob;
     if (weight != 0.f)
       for (int d = 0; d < D; ++d) h_out[d] += weight * h[d];
-    cum_p[0] = total;
-    if (crossing) {
-      halted[0] = true;
-      n_running[0] -= 1;
-    }
+    *cum_p = total;
+    if (crossing) *halted = true;
   }
   if (next_emb != nullptr) {
     for (int d = 0; d < D; ++d) next_combined[d] = (h[d] + next_emb[d]) + e[d];
     const float r = inv_rms(next_combined, D, p->eps);
     for (int d = 0; d < D; ++d) next_combined[d] = r * next_combined[d] * p->norm_w[d];
   }
+  return crossing;
+}
+
+// The epilogue of N rows (the ACT state's first N), n_running lowered by the rows that
+// halt; next_emb/next_combined as for one row (null: no next prologue).
+void loop_epilogue_rows(const LoopRow* p, const float* lora_down, const float* block_out,
+                        float* h, const float* e, int32_t N, float* cum_p, bool* halted,
+                        float* h_out, int32_t* n_running, const float* next_emb,
+                        float* next_combined) {
+  const int64_t D = p->D;
+  int crossed = 0;
+  [[maybe_unused]] const int T = team_size();
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(T) if (T > 1 && N >= 16) reduction(+ : crossed)
+#endif
+  for (int n = 0; n < N; ++n)
+    crossed += epilogue_one(p, lora_down, block_out + n * D, h + n * D, e + n * D, cum_p + n,
+                            halted + n, h_out + n * D, next_emb,
+                            next_emb != nullptr ? next_combined + n * D : nullptr);
+  *n_running -= crossed;
 }
 
 }  // extern "C"

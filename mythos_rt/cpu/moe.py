@@ -97,7 +97,7 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
     lib = native.library()
     if lib is not None and packed.w13.dtype == torch.float32:
         moe.row_kernel = native.kernel(
-            lib, "moe_row", native.MoeRow, dict(D=D, E=E, S=S, I=I, k=packed.top_k),
+            lib, "moe_rows", native.MoeRow, dict(D=D, E=E, S=S, I=I, k=packed.top_k),
             dict(front_t=front_t, front_bias=front_bias,
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
@@ -133,7 +133,7 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
         return moe_ffn_torch(x, p, workspace, out)
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
-    if N == 1 and moe.row_kernel is not None:
+    if N <= MAX_TOKENS and moe.row_kernel is not None:
         res = out if out is not None and out.is_contiguous() else torch.empty_like(x)
         launch = bind_moe_ffn_cpu(x, moe, workspace, res)
         if launch is not None:
@@ -164,13 +164,15 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
 
 def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                      out: Optional[torch.Tensor] = None):
-    """``moe_ffn_cpu`` for one token as a prebound call of the compiled kernel, or None
-    where that does not apply (not one contiguous float32 row, no kernel, no ``out``)."""
+    """``moe_ffn_cpu`` for up to ``MAX_TOKENS`` tokens as a prebound call of the compiled
+    kernel, or None where that does not apply (more tokens, not contiguous float32 rows,
+    no kernel, no ``out``)."""
     k = moe.row_kernel
-    if (k is None or x.dim() != 2 or x.shape[0] != 1 or x.dtype != torch.float32
-            or out is None or not native.contiguous(x, out)):
+    if (k is None or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS
+            or x.dtype != torch.float32 or out is None or out.shape != x.shape
+            or not native.contiguous(x, out)):
         return None
-    call = native.prebound(k.fn, k.ref, x.data_ptr(), out.data_ptr(), keep=(x, out))
+    call = native.prebound(k.fn, k.ref, x.data_ptr(), x.shape[0], out.data_ptr(), keep=(x, out))
 
     def launch():
         call()

@@ -1,8 +1,8 @@
 """The cpu backend's compiled one-row kernels (``decode_row.cpp``): build, cache, load.
 
-A batch-1 decode step is a few small matrix-vector products per sublayer; run as
+A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
-(RMSNorm, absorbed MLA, MoE, the loop epilogue) in one C call. It is compiled here, on
+(RMSNorm, absorbed MLA, MoE, the loop epilogue) for all of a step's rows in one C call. It is compiled here, on
 the machine that runs it, with the host C++ compiler (``$CXX``, else ``c++``/``g++``)
 at ``-O3 -march=native``, cached on disk by a hash of the source, flags, compiler and
 CPU, and loaded with ctypes (plain C ABI: no Python or torch headers, any torch
@@ -74,14 +74,15 @@ class LoopRow(ctypes.Structure):
 
 
 _SIGNATURES = {
-    "rmsnorm_row": [_vp, _vp, _vp, ctypes.c_float, _i32, _vp, _vp],
-    "mla_decode_row": [ctypes.POINTER(MlaRow), _vp, _vp, _vp, _i32, _vp, _vp, _vp],
-    "moe_row": [ctypes.POINTER(MoeRow), _vp, _vp],
+    "rmsnorm_rows": [_vp, _vp, _vp, ctypes.c_float, _i32, _i32, _vp, _vp],
+    "mla_decode_rows": [ctypes.POINTER(MlaRow), _vp, _vp, ctypes.c_int64, _vp, _i32, _i32, _vp,
+                        _vp, _vp],
+    "moe_rows": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
+    "loop_epilogue_rows": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp,
+                           _vp, _vp, _vp],
     "set_parallel": [_i32],
     "has_openmp": [],
     "team_threads": [],
-    "loop_epilogue_row": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _vp, _vp, _vp, _vp,
-                          _vp, _vp],
 }
 
 
@@ -230,7 +231,7 @@ def _load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.has_openmp.restype = lib.team_threads.restype = ctypes.c_int32
-    lib.mla_decode_row.restype = ctypes.c_int32
+    lib.mla_decode_rows.restype = ctypes.c_int32
     lib.set_parallel(1 if lib.has_openmp() and _one_openmp_runtime() else 0)
     return lib
 

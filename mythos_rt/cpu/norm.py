@@ -50,7 +50,7 @@ def rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     """``rmsnorm`` (see ``ops.norm.rmsnorm_torch``)."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return rmsnorm_torch(x, weight, eps, residual, out, residual_out)
-    if x.dim() == 2 and x.shape[0] == 1 and out is not None:
+    if x.dim() == 2 and out is not None:
         s = residual_out if residual is None or residual_out is not None else torch.empty_like(x)
         launch = bind_rmsnorm_cpu(x, weight, eps, residual, out, s)
         if launch is not None:
@@ -69,18 +69,18 @@ def rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 def bind_rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                      residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                      residual_out: Optional[torch.Tensor] = None):
-    """``rmsnorm_cpu`` of one row as a prebound call of the compiled kernel, or None where
-    that does not apply (no kernel, not one contiguous float32 row, no ``out``, or a
+    """``rmsnorm_cpu`` of (N, D) rows as a prebound call of the compiled kernel, or None
+    where that does not apply (no kernel, not contiguous float32 rows, no ``out``, or a
     residual without ``residual_out``)."""
     lib = native.library()
-    if (lib is None or x.dim() != 2 or x.shape[0] != 1 or out is None
+    if (lib is None or x.dim() != 2 or out is None
             or (residual is not None and residual_out is None)
             or any(t is not None and t.dtype != torch.float32
                    for t in (x, weight, residual, out, residual_out))
             or not native.contiguous(x, weight, residual, out, residual_out)):
         return None
-    call = native.prebound(lib.rmsnorm_row, x.data_ptr(), native.address(residual),
-                           weight.data_ptr(), eps, x.shape[1], out.data_ptr(),
+    call = native.prebound(lib.rmsnorm_rows, x.data_ptr(), native.address(residual),
+                           weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr(),
                            native.address(residual_out),
                            keep=(x, residual, weight, out, residual_out))
 

@@ -57,7 +57,7 @@ def prepare_loop(params: LoopParams) -> CpuLoop:
     if lib is not None and params.lora_B.dtype == torch.float32:
         f32 = dict(dtype=torch.float32)
         loop.row_kernel = native.kernel(
-            lib, "loop_epilogue_row", native.LoopRow,
+            lib, "loop_epilogue_rows", native.LoopRow,
             dict(D=params.dim, r=params.lora_B.shape[0], eps=params.eps,
                  threshold=params.threshold),
             dict(lora_B=params.lora_B.contiguous(), A=params.A.to(**f32).contiguous(),
@@ -102,11 +102,11 @@ def _act_one_row(h, prob, state: ACTState, threshold: np.float32) -> None:
 
 def bind_loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
                            next_combined=None):
-    """``loop_epilogue_cpu`` of one row (and the next prologue) as a prebound call of the
-    compiled kernel, or None where that does not apply (no kernel, not one contiguous
-    float32 row, ACT state of another layout)."""
+    """``loop_epilogue_cpu`` of (N, D) rows (and the next prologue) as a prebound call of
+    the compiled kernel, or None where that does not apply (no kernel, not contiguous
+    float32 rows, ACT state too small or of another layout)."""
     k = params.row_kernel
-    if (k is None or h.dim() != 2 or h.shape[0] != 1 or h.dtype != torch.float32
+    if (k is None or h.dim() != 2 or h.shape[0] > state.n_max or h.dtype != torch.float32
             or state.h_out.dtype != torch.float32 or state.halted.dtype != torch.bool
             or state.n_running.dtype != torch.int32
             or not native.contiguous(block_out, h, e, next_combined, state.cum_p, state.halted,
@@ -116,7 +116,7 @@ def bind_loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTS
     emb = None if next_combined is None else params.embedding(t + 1)
     return native.prebound(
         k.fn, k.ref, down.data_ptr(), block_out.data_ptr(), h.data_ptr(), e.data_ptr(),
-        state.cum_p.data_ptr(), state.halted.data_ptr(), state.h_out.data_ptr(),
+        h.shape[0], state.cum_p.data_ptr(), state.halted.data_ptr(), state.h_out.data_ptr(),
         state.n_running.data_ptr(), native.address(emb), native.address(next_combined),
         keep=(down, block_out, h, e, state, emb, next_combined))
 
@@ -130,10 +130,9 @@ def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
     N = h.shape[0]
     if state.n_max < N:
         raise ValueError(f"ACTState holds {state.n_max} rows; this step needs {N}")
-    if N == 1:
-        launch = bind_loop_epilogue_cpu(block_out, h, e, params, t, state, next_combined)
-        if launch is not None:
-            return launch()
+    launch = bind_loop_epilogue_cpu(block_out, h, e, params, t, state, next_combined)
+    if launch is not None:
+        return launch()
     z = torch.mm(block_out, params.lora_down_t[min(t, p.max_loops - 1)])
     out = torch.addmm(block_out, z, p.lora_B)                   # block_out + LoRA delta
     torch.addcmul(out, p.A, h, out=h).addcmul_(p.inj_B, e)     # out + A·h + B·e

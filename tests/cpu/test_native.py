@@ -162,7 +162,7 @@ def test_a_bound_mla_launch_refuses_a_position_outside_the_cache():
     assert torch.isfinite(out).all()
     lens.fill_(8)
     before = joint.clone()
-    with pytest.raises(ValueError, match="position 8 is outside the cache of 8 slots"):
+    with pytest.raises(ValueError, match=r"positions \[8\] reach outside the cache of 8 slots"):
         launch()
     assert torch.equal(joint, before)
 
@@ -183,3 +183,36 @@ def native_bind(h, joint, lens, out):
     gc.collect()
     assert alive() is not None, "a prebound launch must hold the tensors it points into"
     return launch
+
+
+@needs_compiler
+@pytest.mark.parametrize("cfg", [None, _awkward_mla()], ids=["harness", "awkward"])
+def test_mla_rows_of_a_ragged_batch_match_the_pytorch_path(cfg):
+    """B rows at different positions over a joint cache whose unwritten slots are NaN: the
+    compiled kernel against the cpu backend's PyTorch path (itself checked against the
+    reference in tests/ops/test_attention.py)."""
+    from dataclasses import replace
+
+    from mythos_rt.cpu.attention import mla_attention_cpu
+
+    h = Harness("mla", "cpu", b_max=3, s_max=16, cfg=cfg)
+    assert h.w.row_kernel is not None
+    P, R = h.cfg.qk_rope_head_dim, h.cfg.kv_lora_rank
+    lens = torch.tensor([5, 0, 11], dtype=torch.int32)
+    joint = torch.full((3, 16, P + R), float("nan"))
+    for b, n in enumerate(lens.tolist()):
+        joint[b, :n] = torch.randn(n, P + R)
+    x = h.x(3, 1)
+    results = []
+    for w in (h.w, replace(h.w, row_kernel=None, row=None)):
+        cache = joint.clone()
+        out = mla_attention_cpu(x, w, cache[..., P:], cache[..., :P], lens, h.cos, h.sin,
+                                h.scale)
+        results.append((out, cache))
+    (ours, our_cache), (ref, ref_cache) = results
+    assert torch.isfinite(ours).all()
+    assert_rel_close(ours, ref, TOL_FP32_TORCH, "outputs")
+    written = torch.zeros(3, 16, dtype=torch.bool)
+    written[torch.arange(3), lens.long()] = True
+    assert_rel_close(our_cache[written], ref_cache[written], TOL_FP32_TORCH, "new entries")
+    assert torch.equal(our_cache[~written].isnan(), joint[~written].isnan())
