@@ -109,7 +109,7 @@ def _prefill_and_decode(models: dict, ids, n_loops: int, steps: int):
 
 
 def _row_kernels() -> str:
-    """Whether batch-1 decode ran the compiled one-row kernels, and built by what."""
+    """Whether decode ran the compiled row kernels, built by what, on how many threads."""
     from mythos_rt.cpu import native
     if native.library() is None:
         return "unavailable: PyTorch one-row paths"

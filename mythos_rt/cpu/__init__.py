@@ -12,11 +12,12 @@ in as few calls as possible:
   views);
 * positions and routing decisions are read on the host, where that is free;
 * RoPE is one in-place complex multiply;
-* at batch 1 (one decoded row), each sublayer is one call of a C++ kernel
-  (``decode_row.cpp``: RMSNorm, absorbed MLA over the joint cache, MoE, loop epilogue)
-  over those same layouts, compiled on first use by the host C++ compiler and cached
-  (``mythos_rt.cpu.native``). Without a compiler, or with ``MYTHOS_RT_CPU_NATIVE=0``,
-  the same rows run as a few PyTorch calls each.
+* at decode, each sublayer is one call, for all of the step's rows, of a C++ kernel
+  (``decode_row.cpp``: RMSNorm, absorbed MLA over the joint cache, MoE, loop epilogue;
+  norms and epilogues of prefill chunks too) over those same layouts, compiled on first
+  use by the host C++ compiler and cached (``mythos_rt.cpu.native``), its arguments
+  bound once per plan step (the ops' ``bind_*`` functions). Without a compiler, or with
+  ``MYTHOS_RT_CPU_NATIVE=0``, the same rows run as a few PyTorch calls each.
 
 Same signatures and cache contracts as the torch implementations, which they fall back
 to for what they do not specialize (dtypes other than float32, unabsorbed MLA prefill,

@@ -11,9 +11,9 @@ MLA   one down-projection for [k_pe | latent | c_q]; c_q's RMSNorm weight and th
       cache; one output projection (``w_uv`` absorbed into ``wo`` under the same rule).
 GQA   one projection for [q | k | v] (scale folded into q), grouped matmuls over the cache.
 
-One row of an absorbed MLA over the joint cache (batch-1 decode) is a single
-``mla_decode_row`` call of the compiled kernels (``mythos_rt.cpu.native``) where they
-are available, else the PyTorch one-row path (``_mla_one_row``).
+One new token per row of an absorbed MLA over the joint cache (decode) is a single
+``mla_decode_rows`` call of the compiled kernels (``mythos_rt.cpu.native``) where they
+are available, else (one row) the PyTorch one-row path (``_mla_one_row``).
 
 A chunk of several tokens per row (prefill) of an absorbed MLA runs in latent space too
 (``_mla_chunk``: a few batched matmuls, no per-head K/V). Positions are read on the host

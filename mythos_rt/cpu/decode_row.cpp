@@ -129,6 +129,42 @@ void gemv_kn(const float* __restrict x, const float* __restrict w, int K, int N,
   }
 }
 
+// Y[n] = X[n] · w (+ Y[n] when accumulate) for N rows (X rows ldx apart, Y rows ldy
+// apart), w (K, cols) with rows ld apart: each group of 4 rows of w is read once for all
+// N rows, so the weights cross memory once per call, not once per row.
+void gemm_kn(const float* __restrict X, int ldx, int N, const float* __restrict w, int K,
+             int cols, int ld, float* __restrict Y, int ldy, bool accumulate) {
+  if (N == 1) return gemv_kn(X, w, K, cols, ld, Y, accumulate);
+  if (!accumulate)
+    for (int n = 0; n < N; ++n)
+      std::memset(Y + static_cast<int64_t>(n) * ldy, 0, sizeof(float) * cols);
+  int k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const float* w0 = w + static_cast<int64_t>(k) * ld;
+    const float* w1 = w0 + ld;
+    const float* w2 = w1 + ld;
+    const float* w3 = w2 + ld;
+    for (int n = 0; n < N; ++n) {
+      const float* xn = X + static_cast<int64_t>(n) * ldx + k;
+      const float x0 = xn[0], x1 = xn[1], x2 = xn[2], x3 = xn[3];
+      float* y = Y + static_cast<int64_t>(n) * ldy;
+      int c = 0;
+      for (; c + 16 <= cols; c += 16)
+        store16(y + c, load16(y + c) + x0 * load16(w0 + c) + x1 * load16(w1 + c) +
+                           x2 * load16(w2 + c) + x3 * load16(w3 + c));
+      for (; c < cols; ++c) y[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+    }
+  }
+  for (; k < K; ++k) {
+    const float* wk = w + static_cast<int64_t>(k) * ld;
+    for (int n = 0; n < N; ++n) {
+      const float xk = X[static_cast<int64_t>(n) * ldx + k];
+      float* y = Y + static_cast<int64_t>(n) * ldy;
+      for (int c = 0; c < cols; ++c) y[c] += xk * wk[c];
+    }
+  }
+}
+
 float dot(const float* __restrict a, const float* __restrict b, int n) {
   v16 acc = {};
   int i = 0;
@@ -367,63 +403,68 @@ struct MlaRow {
   const float* o_t;      // (H·R, D): absorbed output projection
 };
 
-// One token of absorbed MLA at position pos over its joint cache rows (S_max, P + R) =
-// [k_pe | latent]: project, normalize, rotate, store the new entry, attend, project out.
-// A team splits the projections by columns and the attention by heads.
-static void mla_one(const MlaRow* m, const float* x, float* rows, int32_t pos,
-                    const float* cos, const float* sin, float* out) {
-  const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, L = pos + 1;
+// B rows of one new token of absorbed MLA, row b over its own joint cache rows
+// (cache + b·batch_stride: (S_max, P + R) = [k_pe | latent]) at position cache_lens[b]
+// (read here, so a prebound call stays valid as the caches grow): project, normalize,
+// rotate, store the new entries, attend, project out. The projections are one product
+// over all B rows (the weights cross memory once); a team splits them by columns, the
+// new entries by rows and the attention by heads. Returns 1, having touched nothing,
+// when a position is outside the cache; else 0.
+int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t batch_stride,
+                        const int32_t* cache_lens, int32_t B, int32_t S_max, const float* cos,
+                        const float* sin, float* out) {
+  int L_max = 0;
+  for (int b = 0; b < B; ++b) {
+    if (cache_lens[b] < 0 || cache_lens[b] >= S_max) return 1;
+    L_max = std::max(L_max, cache_lens[b] + 1);
+  }
+  const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, D = m->D;
   const int down_n = W + m->q_lora;
-  float* entry = scratch(down_n + H * W + H * L + H * R);  // [k_pe | latent | c_q]
-  float* q = entry + down_n;                                // per head [q_pe | q_latent]
-  float* scores = q + H * W;                                // (H, L)
-  float* o = scores + H * L;                                // (H, R)
-  const float* c = cos + static_cast<int64_t>(pos) * half;
-  const float* s = sin + static_cast<int64_t>(pos) * half;
-  [[maybe_unused]] const int T = std::min(team_size(), H);
+  float* entry = scratch(static_cast<size_t>(B) * (down_n + H * W + H * R) + H * L_max);
+  float* q = entry + static_cast<int64_t>(B) * down_n;  // (B, H·W): per head [q_pe | q_lat]
+  float* o = q + static_cast<int64_t>(B) * H * W;       // (B, H·R)
+  float* scores = o + static_cast<int64_t>(B) * H * R;  // (H, L_max), heads split by member
+  [[maybe_unused]] const int T = std::min(team_size(), std::max(H, B));
 #ifdef _OPENMP
 #pragma omp parallel num_threads(T) if (T > 1)
 #endif
   {
     const int t = team_rank(), nt = team_count();
     int lo, hi;
-    share(down_n, t, nt, 16, lo, hi);
-    gemv_kn(x, m->down_t + lo, m->D, hi - lo, down_n, entry + lo, false);
+    share(down_n, t, nt, 16, lo, hi);  // entries [k_pe | latent | c_q] of every row
+    gemm_kn(x, D, B, m->down_t + lo, D, hi - lo, down_n, entry + lo, down_n, false);
     team_barrier();
-    const float* c_q = entry + W;
-    if (t == 0) {  // the new entry: normalized latent, rotated k_pe, into its slot
-      float* lat = entry + P;
-      const float r_kv = inv_rms(lat, R, m->eps);
-      for (int i = 0; i < R; ++i) lat[i] = r_kv * lat[i] * m->kv_norm[i];
-      rotate(entry, c, s, half);
-      std::memcpy(rows + static_cast<int64_t>(pos) * W, entry, sizeof(float) * W);
-    }
     int h0, h1;
     share(H, t, nt, 1, h0, h1);
-    gemv_kn(c_q, m->q_up_t + h0 * W, m->q_lora, (h1 - h0) * W, H * W, q + h0 * W, false);
-    const float r_q = inv_rms(c_q, m->q_lora, m->eps);
-    for (int i = h0 * W; i < h1 * W; ++i) q[i] *= r_q;
-    for (int h = h0; h < h1; ++h) rotate(q + h * W, c, s, half);
-    team_barrier();  // the entry is in its slot
-    attend(q + h0 * W, rows, h1 - h0, W, P, R, L, scores + h0 * L, o + h0 * R);
+    for (int b = 0; b < B; ++b) {  // this member's heads of every row's query
+      const float* c_q = entry + static_cast<int64_t>(b) * down_n + W;
+      float* qb = q + static_cast<int64_t>(b) * H * W;
+      gemv_kn(c_q, m->q_up_t + h0 * W, m->q_lora, (h1 - h0) * W, H * W, qb + h0 * W, false);
+      const float r_q = inv_rms(c_q, m->q_lora, m->eps);
+      const float* c = cos + static_cast<int64_t>(cache_lens[b]) * half;
+      const float* s = sin + static_cast<int64_t>(cache_lens[b]) * half;
+      for (int i = h0 * W; i < h1 * W; ++i) qb[i] *= r_q;
+      for (int h = h0; h < h1; ++h) rotate(qb + h * W, c, s, half);
+    }
+    share(B, t, nt, 1, lo, hi);
+    for (int b = lo; b < hi; ++b) {  // this member's rows' new entries, into their slots
+      float* e = entry + static_cast<int64_t>(b) * down_n;
+      const int pos = cache_lens[b];
+      const float r_kv = inv_rms(e + P, R, m->eps);
+      for (int i = 0; i < R; ++i) e[P + i] = r_kv * e[P + i] * m->kv_norm[i];
+      rotate(e, cos + static_cast<int64_t>(pos) * half, sin + static_cast<int64_t>(pos) * half,
+             half);
+      std::memcpy(cache + b * batch_stride + static_cast<int64_t>(pos) * W, e, sizeof(float) * W);
+    }
+    team_barrier();  // every entry is in its slot
+    for (int b = 0; b < B; ++b)
+      attend(q + static_cast<int64_t>(b) * H * W + h0 * W, cache + b * batch_stride, h1 - h0, W,
+             P, R, cache_lens[b] + 1, scores + h0 * L_max,
+             o + static_cast<int64_t>(b) * H * R + h0 * R);
     team_barrier();
-    share(m->D, t, nt, 16, lo, hi);
-    gemv_kn(o, m->o_t + lo, H * R, hi - lo, m->D, out + lo, false);
+    share(D, t, nt, 16, lo, hi);
+    gemm_kn(o, H * R, B, m->o_t + lo, H * R, hi - lo, D, out + lo, D, false);
   }
-}
-
-// B rows of one new token each: row b attends over its own cache rows
-// (cache + b·batch_stride) at position cache_lens[b] (read here, so a prebound call stays
-// valid as the caches grow). Returns 1, having touched nothing, when a position is
-// outside the cache; else 0.
-int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t batch_stride,
-                        const int32_t* cache_lens, int32_t B, int32_t S_max, const float* cos,
-                        const float* sin, float* out) {
-  for (int b = 0; b < B; ++b)
-    if (cache_lens[b] < 0 || cache_lens[b] >= S_max) return 1;
-  for (int b = 0; b < B; ++b)
-    mla_one(m, x + static_cast<int64_t>(b) * m->D, cache + b * batch_stride, cache_lens[b], cos,
-            sin, out + static_cast<int64_t>(b) * m->D);
   return 0;
 }
 
@@ -464,60 +505,71 @@ void route(const float* biased, const float* bias, int E, int k, int* chosen, fl
   for (int j = 0; j < k; ++j) weights[j] /= total;
 }
 
-// One token: router and shared experts' gate/up (one product), the shared experts' down,
-// then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on. A team splits the products
-// by columns and the routed experts among its members (each member routes for itself:
+// N tokens: router and shared experts' gate/up (one product over all N), the shared
+// experts' down (one product), then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on
+// per token. A team splits the products by columns, the shared activations by tokens and
+// the (token, expert) pairs among its members (each member routes every token itself:
 // the same answer, no wait), and sums the members' expert outputs at the end.
-static void moe_one(const MoeRow* m, const float* x, float* out) {
+void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
   const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
+  const int F = shared + E;  // front width: [shared gate/up | biased router logits]
   const int T = std::max(1, team_size());
-  const int act_n = (S > 0 ? S : 1) * I;
-  const int own = k + 2 * I + act_n + D;  // per member: weights, gate_up, act, expert sum
-  float* front = scratch(shared + E + T * own);
-  float* members = front + shared + E;
+  const int own = N * k + 3 * I + N * D;  // per member: weights, gate_up, act, expert sums
+  float* front = scratch(static_cast<size_t>(N) * (F + S * I) + static_cast<size_t>(T) * own);
+  float* shared_act = front + static_cast<int64_t>(N) * F;  // (N, S·I)
+  float* members = shared_act + static_cast<int64_t>(N) * S * I;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(T) if (T > 1)
 #endif
   {
     const int t = team_rank(), nt = team_count();
     thread_local std::vector<int> chosen;
-    chosen.resize(k);
-    float* weights = members + t * own;
-    float* gate_up = weights + k;
+    chosen.resize(static_cast<size_t>(N) * k);
+    float* weights = members + static_cast<int64_t>(t) * own;
+    float* gate_up = weights + N * k;
     float* act = gate_up + 2 * I;
-    float* partial = act + act_n;
+    float* partial = act + I;
     int lo, hi;
-    share(shared + E, t, nt, 16, lo, hi);
-    std::memcpy(front + lo, m->front_bias + lo, sizeof(float) * (hi - lo));
-    gemv_kn(x, m->front_t + lo, D, hi - lo, shared + E, front + lo, true);
-    team_barrier();
-    route(front + shared, m->router_bias, E, k, chosen.data(), weights);
+    share(F, t, nt, 16, lo, hi);
+    for (int n = 0; n < N; ++n)
+      std::memcpy(front + static_cast<int64_t>(n) * F + lo, m->front_bias + lo,
+                  sizeof(float) * (hi - lo));
+    gemm_kn(x, D, N, m->front_t + lo, D, hi - lo, F, front + lo, F, true);
+    team_barrier();  // the front is complete
+    for (int n = 0; n < N; ++n)
+      route(front + static_cast<int64_t>(n) * F + shared, m->router_bias, E, k,
+            chosen.data() + n * k, weights + n * k);
+    share(N, t, nt, 1, lo, hi);
+    for (int n = lo; n < hi; ++n)
+      for (int s = 0; s < S; ++s) {
+        const float* g = front + static_cast<int64_t>(n) * F + s * 2 * I;
+        swiglu(g, g + I, I, shared_act + (static_cast<int64_t>(n) * S + s) * I);
+      }
+    team_barrier();  // so are the shared activations
     share(D, t, nt, 16, lo, hi);
-    if (S > 0) {
-      for (int s = 0; s < S; ++s) swiglu(front + s * 2 * I, front + s * 2 * I + I, I, act + s * I);
-      gemv_kn(act, m->shared_w2_t + lo, S * I, hi - lo, D, out + lo, false);
-    } else {
-      std::memset(out + lo, 0, sizeof(float) * (hi - lo));
-    }
-    std::memset(partial, 0, sizeof(float) * D);
-    for (int j = t; j < k; j += nt) {
-      const int64_t e = chosen[j];
-      gemv_nk(x, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, false);
+    if (S > 0)
+      gemm_kn(shared_act, S * I, N, m->shared_w2_t + lo, S * I, hi - lo, D, out + lo, D, false);
+    else
+      for (int n = 0; n < N; ++n)
+        std::memset(out + static_cast<int64_t>(n) * D + lo, 0, sizeof(float) * (hi - lo));
+    std::memset(partial, 0, sizeof(float) * N * D);
+    for (int pair = t; pair < N * k; pair += nt) {
+      const int n = pair / k;
+      const int64_t e = chosen[pair];
+      gemv_nk(x + static_cast<int64_t>(n) * D, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up,
+              false);
       swiglu(gate_up, gate_up + I, I, act);
-      gemv_nk(act, m->w2 + e * D * I, D, I, weights[j], partial, true);
+      gemv_nk(act, m->w2 + e * D * I, D, I, weights[pair], partial + static_cast<int64_t>(n) * D,
+              true);
     }
     team_barrier();
     for (int u = 0; u < nt; ++u) {
-      const float* p = members + u * own + (partial - weights);
-      for (int d = lo; d < hi; ++d) out[d] += p[d];
+      const float* p = members + static_cast<int64_t>(u) * own + (partial - weights);
+      for (int n = 0; n < N; ++n)
+        for (int d = lo; d < hi; ++d)
+          out[static_cast<int64_t>(n) * D + d] += p[static_cast<int64_t>(n) * D + d];
     }
   }
-}
-
-// N tokens, one after the other.
-void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
-  for (int n = 0; n < N; ++n)
-    moe_one(m, x + static_cast<int64_t>(n) * m->D, out + static_cast<int64_t>(n) * m->D);
 }
 
 // ------------------------------------------------------------------------------ loop step

@@ -8,9 +8,9 @@ logits + bias] in that matmul, reads the chosen experts and their logits on the 
 denominator cancels), runs every expert row through one SwiGLU pass, and accumulates
 ``w_j · down_j(silu(gate_j x) · up_j x)`` onto the shared experts' output with one
 ``addmv_`` each. No weight is copied; activations live in preallocated rows whose views
-are made once. With the compiled kernels (``mythos_rt.cpu.native``) that one token is a
-single ``moe_row`` call over the same layout instead. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token with
-the shared slots batched; longer chunks (prefill) sort their (token, slot) pairs by
+are made once. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token with
+the shared slots batched. With the compiled kernels (``mythos_rt.cpu.native``) those
+tokens are one ``moe_rows`` call over the same layout instead. Longer chunks (prefill) sort their (token, slot) pairs by
 expert once and run one matmul pair per expert (``_moe_grouped``). Dtypes other than
 float32 run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
 """

@@ -1,4 +1,4 @@
-"""The cpu backend's compiled one-row kernels (``decode_row.cpp``): build, cache, load.
+"""The cpu backend's compiled row kernels (``decode_row.cpp``): build, cache, load.
 
 A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
@@ -51,7 +51,7 @@ _vp = ctypes.c_void_p
 
 
 class NativeError(RuntimeError):
-    """The one-row kernels could not be compiled or loaded."""
+    """The row kernels could not be compiled or loaded."""
 
 
 class MlaRow(ctypes.Structure):
@@ -106,7 +106,7 @@ def contiguous(*tensors: Optional[torch.Tensor]) -> bool:
 
 @dataclass(frozen=True)
 class Kernel:
-    """A one-row kernel bound to its weights: call ``fn(ref, ...)``. ``keep`` holds the
+    """A row kernel bound to its weights: call ``fn(ref, ...)``. ``keep`` holds the
     tensors whose addresses ``args`` carries, so they live as long as the kernel."""
     fn: Callable
     args: ctypes.Structure
@@ -251,8 +251,8 @@ def library() -> Optional[ctypes.CDLL]:
         try:
             lib = _load(build())
         except (NativeError, OSError) as exc:
-            warnings.warn(f"mythos-rt cpu backend: compiled one-row kernels unavailable "
-                          f"({exc}); batch-1 decode runs its PyTorch path", stacklevel=2)
+            warnings.warn(f"mythos-rt cpu backend: compiled row kernels unavailable "
+                          f"({exc}); decode runs its PyTorch paths", stacklevel=2)
     _LIBRARY["lib"] = lib
     return lib
 

@@ -3,7 +3,7 @@
 Same contracts as ``mythos_rt.ops.norm``: one ``torch.add`` for the residual, and for a
 single row the RMS read on the host as one norm (``inv_rms``), instead of the
 reference's dtype round trips and five-call RMS; with the compiled kernels
-(``mythos_rt.cpu.native``) one row into a given ``out`` is one ``rmsnorm_row`` call.
+(``mythos_rt.cpu.native``) rows into a given ``out`` are one ``rmsnorm_rows`` call.
 Dtypes other than float32 run the torch implementations.
 """
 

@@ -5,10 +5,10 @@ caches the loop-index embeddings; ``loop_epilogue_cpu`` then runs LoRA (two matm
 LTI update (in place, in the reference's order), the ACT update and the next prologue.
 It uses that ``halted`` is exactly ``cum_p >= threshold`` (cum_p only grows), so the
 rows crossing the threshold this step are known from one comparison; a single row
-(batch-1 decode) does the ACT arithmetic on the host in float32 scalars, or, with the
-compiled kernels (``mythos_rt.cpu.native``), the whole epilogue in one
-``loop_epilogue_row`` call. Same contract
-as ``mythos_rt.ops.recurrent``; dtypes other than float32 run the torch implementation.
+(batch-1 decode) does the ACT arithmetic on the host in float32 scalars. With the
+compiled kernels (``mythos_rt.cpu.native``) the whole epilogue of any number of rows is
+one ``loop_epilogue_rows`` call. Same contract as ``mythos_rt.ops.recurrent``; dtypes
+other than float32 run the torch implementation.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from mythos_rt.cpu import native
 
 @pytest.fixture(params=["compiled", "compiled-1-thread", "pytorch"])
 def row_path(request, monkeypatch):
-    """Run a test with the compiled one-row kernels (on torch's threads, and on the
+    """Run a test with the compiled row kernels (on torch's threads, and on the
     calling thread alone) and without them."""
     if request.param.startswith("compiled"):
         if not native.enabled() or native.compiler() is None:

@@ -1,4 +1,4 @@
-"""The compiled one-row kernels of the cpu backend (mythos_rt.cpu.native): building and
+"""The compiled row kernels of the cpu backend (mythos_rt.cpu.native): building and
 caching, every way they can be unavailable, argument checks, and MLA decode over the
 joint cache at awkward sizes (the other kernels: tests/cpu/test_cpu_backend.py, which
 runs every op with and without them)."""
