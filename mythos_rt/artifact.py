@@ -25,6 +25,7 @@ from typing import Optional, Union
 
 import torch
 
+from .cache import cache_dir
 from .checkpoint import read_json_object
 from .config import ConfigError, MythosConfig
 from .ir import Graph, IRError
@@ -46,9 +47,7 @@ def _sha256(path: Path) -> str:
 
 
 def _autotune_dir() -> Path:
-    root = os.environ.get("MYTHOS_RT_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mythos_rt")
-    return Path(root) / "autotune"
+    return cache_dir("autotune")
 
 
 def save_artifact(runtime, directory: Union[str, os.PathLike]) -> Path:

@@ -2,17 +2,18 @@
 
 A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
-(RMSNorm, absorbed MLA, MoE, the loop epilogue) for all of a step's rows in one C call. It is compiled here, on
-the machine that runs it, with the host C++ compiler (``$CXX``, else ``c++``/``g++``)
-at ``-O3 -march=native``, cached on disk by a hash of the source, flags, compiler and
-CPU, and loaded with ctypes (plain C ABI: no Python or torch headers, any torch
-version). Without a compiler, or with ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is
+(RMSNorm, absorbed MLA, MoE, the loop epilogue) for all of a step's rows in one C
+call. It is compiled here, on the machine that runs it, with the host C++ compiler
+(``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native``, cached on disk by a hash of
+the source, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
+torch headers, any torch version). Without a compiler, or with ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is
 None (with one warning saying why) and the cpu ops run their PyTorch paths.
 
-Threads: built with OpenMP where the compiler has it, the MLA and MoE kernels split a
-row's work over up to four of torch's threads (``torch.set_num_threads`` applies) —
-allowed only when the process has one OpenMP runtime, i.e. ours resolved to torch's
-libgomp; otherwise they run on the calling thread.
+Threads: built with OpenMP where the compiler has it, the kernels split their work
+(columns of each product, heads, experts, or rows) over up to four of torch's threads
+(``torch.set_num_threads`` applies) — allowed only when the process has one OpenMP
+runtime, i.e. ours resolved to torch's libgomp; otherwise they run on the calling
+thread.
 
 Cache: ``$MYTHOS_RT_CACHE_DIR/cpu/<sha256>.so`` (default ``~/.cache/mythos_rt``); when
 that is not writable, a fresh temporary directory (one build per process).
@@ -38,9 +39,11 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-__all__ = ["SOURCE", "FLAGS", "NativeError", "enabled", "cache_dir", "compiler", "build",
-           "library", "reset", "address", "prebound", "contiguous", "MlaRow", "MoeRow", "LoopRow", "Kernel",
-           "kernel"]
+from ..cache import cache_dir as shared_cache_dir
+
+__all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
+           "build", "library", "reset", "openmp_runtimes", "address", "prebound", "contiguous",
+           "MlaRow", "MoeRow", "LoopRow", "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
@@ -123,7 +126,7 @@ def kernel(lib: ctypes.CDLL, name: str, struct: type, sizes: Mapping[str, float]
                               or not t.is_contiguous()):
             raise NativeError(f"{name}: {key} must be a contiguous float32 CPU tensor, got "
                               f"{t.dtype} {tuple(t.shape)} on {t.device}")
-    args = struct(**sizes, **{k: None if t is None else t.data_ptr() for k, t in tensors.items()})
+    args = struct(**sizes, **{k: address(t) for k, t in tensors.items()})
     return Kernel(getattr(lib, name), args, ctypes.byref(args),
                   tuple(t for t in tensors.values() if t is not None))
 
@@ -133,9 +136,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MYTHOS_RT_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mythos_rt")
-    return Path(root) / "cpu"
+    return shared_cache_dir("cpu")
 
 
 def compiler() -> Optional[str]:

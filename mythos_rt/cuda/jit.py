@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..cache import cache_dir as shared_cache_dir
 from .codegen import KERNEL_NAMES, ROW_WARPS, LoopSpec, loop_step_source
 
 __all__ = ["JITError", "cache_dir", "enabled", "compile_cubin", "specialize_loop", "lookup",
@@ -40,9 +41,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MYTHOS_RT_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mythos_rt")
-    return Path(root) / "nvrtc"
+    return shared_cache_dir("nvrtc")
 
 
 def _cupy():
