@@ -59,8 +59,8 @@ class CpuMLA:
     rank: int
     rope: int
     eps: float
-    # One row over the joint cache (fully absorbed only): the compiled kernel, else the
-    # PyTorch path's buffers.
+    # Decode over the joint cache (fully absorbed only): the compiled kernel (any rows),
+    # else the PyTorch one-row path's buffers.
     row_kernel: Optional[native.Kernel] = None
     row: Optional["_RowScratch"] = None
 

@@ -10,9 +10,10 @@ denominator cancels), runs every expert row through one SwiGLU pass, and accumul
 ``addmv_`` each. No weight is copied; activations live in preallocated rows whose views
 are made once. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token with
 the shared slots batched. With the compiled kernels (``mythos_rt.cpu.native``) those
-tokens are one ``moe_rows`` call over the same layout instead. Longer chunks (prefill) sort their (token, slot) pairs by
-expert once and run one matmul pair per expert (``_moe_grouped``). Dtypes other than
-float32 run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
+tokens are one ``moe_rows`` call over the same layout instead. Longer chunks (prefill)
+sort their (token, slot) pairs by expert once and run one matmul pair per expert
+(``_moe_grouped``). Dtypes other than float32 run the torch implementation
+(``mythos_rt.ops.moe.moe_ffn_torch``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class CpuMoE:
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
     shared_w2_t: Optional[torch.Tensor]  # (S·I, D): the slots' downᵀ, stacked
     rows: "_Rows"
-    row_kernel: Optional[native.Kernel] = None  # one token in one compiled call
+    row_kernel: Optional[native.Kernel] = None  # up to MAX_TOKENS in one compiled call
 
 
 @dataclass

@@ -6,8 +6,9 @@ PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublay
 call. It is compiled here, on the machine that runs it, with the host C++ compiler
 (``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native``, cached on disk by a hash of
 the source, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
-torch headers, any torch version). Without a compiler, or with ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is
-None (with one warning saying why) and the cpu ops run their PyTorch paths.
+torch headers, any torch version). Without a compiler, or with
+``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is None (with one warning saying why) and the
+cpu ops run their PyTorch paths.
 
 Threads: built with OpenMP where the compiler has it, the kernels split their work
 (columns of each product, heads, experts, or rows) over up to four of torch's threads

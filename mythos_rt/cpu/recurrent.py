@@ -36,7 +36,7 @@ class CpuLoop:
     lora_down_t: list[torch.Tensor]        # [t] (D, r) = (lora_down scaled by lora_scale[t])ᵀ,
                                            # a transposed view of a contiguous (r, D)
     embeddings: dict[int, torch.Tensor] = field(default_factory=dict)  # t -> (D,), filled on use
-    row_kernel: Optional[native.Kernel] = None  # the one-row epilogue in one compiled call
+    row_kernel: Optional[native.Kernel] = None  # any rows' epilogue in one compiled call
 
     def embedding(self, t: int) -> torch.Tensor:
         if t not in self.embeddings:
