@@ -94,7 +94,8 @@ inline float hsum(v16 v) {  // a fixed tree: deterministic
   typedef float v4 __attribute__((vector_size(16)));
   const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4 b =
+      __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 #else
   const float a0 = (v[0] + v[8]) + (v[4] + v[12]), a1 = (v[1] + v[9]) + (v[5] + v[13]);
