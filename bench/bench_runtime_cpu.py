@@ -55,12 +55,12 @@ def _time(fn):
     return time.perf_counter() - t0
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, backend: str = "auto") -> list[dict]:
     cfg = BENCH_CONFIG
     torch.manual_seed(0)
     ref = OpenMythos(cfg).eval()
     n_loops, steps = cfg.max_loop_iters, (3 if quick else 24)
-    rt = mythos_rt.compile(ref, backend="auto", max_batch_size=max(b for b, _ in CASES))
+    rt = mythos_rt.compile(ref, backend=backend, max_batch_size=max(b for b, _ in CASES))
     models = {f"mythos-rt ({rt.backends['mla_attention']} backend)": rt, "eager reference": ref}
     up = _upstream(cfg)
     if up is not None:
@@ -108,26 +108,30 @@ def _prefill_and_decode(models: dict, ids, n_loops: int, steps: int):
     return prefill, decode
 
 
-def _row_kernels() -> str:
+def _row_kernels(backend: str) -> str:
     """Whether decode ran the compiled row kernels, built by what, on how many threads."""
     from mythos_rt.cpu import native
-    if native.library() is None:
-        return "unavailable: PyTorch one-row paths"
+    if backend == "torch":
+        return "not used: torch backend"
+    lib = native.library()
+    if lib is None:
+        return "unavailable: PyTorch paths"
     version = subprocess.run([native.compiler(), "--version"], capture_output=True,
                              text=True).stdout.splitlines()
-    lib = native.library()
     flags = " ".join(native.FLAGS + ((native.OPENMP,) if lib.has_openmp() else ()))
     return (f"compiled ({flags}) by {version[0] if version else native.compiler()}; "
-            f"MLA/MoE rows on {lib.team_threads()} thread(s)")
+            f"on {lib.team_threads()} thread(s)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path)
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch"],
+                   help="the runtime's backend (auto: cpu on a CPU)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    rows = run(args.quick)
+    rows = run(args.quick, args.backend)
     for r in rows:
         extra = (f"  rt is {r['rt_decode_speedup']}x at decode, {r['rt_prefill_speedup']}x "
                  f"at prefill" if "rt_decode_speedup" in r else "")
@@ -137,7 +141,8 @@ def main() -> None:
     if args.out:
         from bench.harness import provenance
         meta = dict(provenance(), device="cpu", config=BENCH_CONFIG.to_dict(), quick=args.quick,
-                    cpu_row_kernels=_row_kernels(),
+                    backend=args.backend,
+                    cpu_row_kernels=_row_kernels(args.backend),
                     method="decode: median over interleaved steps (models alternate step by "
                            "step); speedup: median of per-step time ratios; prefill: one run")
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
