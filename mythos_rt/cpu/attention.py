@@ -11,14 +11,14 @@ MLA   one down-projection for [k_pe | latent | c_q]; c_q's RMSNorm weight and th
       cache; one output projection (``w_uv`` absorbed into ``wo`` under the same rule).
 GQA   one projection for [q | k | v] (scale folded into q), grouped matmuls over the cache.
 
-One new token per row of an absorbed MLA over the joint cache (decode) is a single
+One new token per row of MLA over the joint cache (decode) is a single
 ``mla_decode_rows`` call of the compiled kernels (``mythos_rt.cpu.native``) where they
 are available, else (one row) the PyTorch one-row path (``_mla_one_row``).
 
-A chunk of several tokens per row (prefill) of an absorbed MLA runs in latent space too
-(``_mla_chunk``: a few batched matmuls, no per-head K/V). Positions are read on the host
-(free on a CPU). Other chunks, dtypes other than float32 and positions past the cache
-run the torch implementation.
+A chunk of several tokens per row (prefill) runs in latent space too (``_mla_chunk``: a
+few batched matmuls, no per-head K/V over the cache). Positions are read on the host
+(free on a CPU). Dtypes other than float32 and positions past the cache run the torch
+implementation.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class CpuMLA:
     rank: int
     rope: int
     eps: float
-    # Decode over the joint cache (fully absorbed only): the compiled kernel (any rows),
-    # else the PyTorch one-row path's buffers.
+    # Decode over the joint cache: the compiled kernel (any rows, absorbed or not), else
+    # the PyTorch one-row path's buffers (fully absorbed only).
     row_kernel: Optional[native.Kernel] = None
     row: Optional["_RowScratch"] = None
 
@@ -142,15 +142,15 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
         w_uv_t=None if fold_o else w.w_uv.transpose(1, 2).to(**f32).contiguous(),
         kv_norm=w.kv_norm.to(**f32).contiguous(), scale=scale, n_heads=H, rank=R, rope=P,
         eps=w.eps)
-    if fold_q and fold_o and P % 2 == 0:
-        lib = native.library()
-        if lib is not None:
-            m.row_kernel = native.kernel(
-                lib, "mla_decode_rows", native.MlaRow,
-                dict(D=D, H=H, R=R, P=P, q_lora=q_lora, eps=w.eps),
-                dict(down_t=m.down_t, kv_norm=m.kv_norm, q_up_t=m.q_up_t, o_t=m.o_t))
-        elif (P + R) % 2 == 0:
-            m.row = _RowScratch.allocate(H, P, R, q_lora, m.o_t)
+    lib = native.library() if P % 2 == 0 else None
+    if lib is not None:
+        m.row_kernel = native.kernel(
+            lib, "mla_decode_rows", native.MlaRow,
+            dict(D=D, H=H, R=R, P=P, q_lora=q_lora, nope=nope, v=v, eps=w.eps),
+            dict(down_t=m.down_t, kv_norm=m.kv_norm, q_up_t=m.q_up_t, w_uk=m.w_uk,
+                 w_uv_t=m.w_uv_t, o_t=m.o_t))
+    elif fold_q and fold_o and (P + R) % 2 == 0:
+        m.row = _RowScratch.allocate(H, P, R, q_lora, m.o_t)
     return m
 
 
@@ -266,7 +266,7 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
     """MLA attention sublayer, lean decode (same contract as ``ops.attention.mla_attention``)."""
     pos = _decode_positions(x, cache_lens, ckv.shape[1])
     if pos is None:
-        if _absorbed_chunk(x, w, cache_lens, ckv.shape[1], scale):
+        if _latent_chunk(x, w, cache_lens, ckv.shape[1], scale):
             return _mla_chunk(x, w, ckv, kpe, cache_lens, cos, sin, out)
         return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
     if w.row_kernel is not None:
@@ -303,24 +303,30 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
     return _output(o.reshape(B, -1), w.o_t, out, B)
 
 
-def _absorbed_chunk(x, w: CpuMLA, cache_lens, S_max: int, scale: float) -> bool:
-    """Whether a chunk (T > 1) runs ``_mla_chunk``: float32, absorbed weights, in range."""
-    return (x.dtype == torch.float32 and w.w_uk is None and w.w_uv_t is None
-            and scale == w.scale and int(cache_lens.max()) + x.shape[1] <= S_max)
+def _latent_chunk(x, w: CpuMLA, cache_lens, S_max: int, scale: float) -> bool:
+    """Whether a chunk (T > 1) runs ``_mla_chunk``: float32, the fused weights' scale, in
+    range."""
+    return (x.dtype == torch.float32 and scale == w.scale
+            and int(cache_lens.max()) + x.shape[1] <= S_max)
 
 
 def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
     """T tokens per row (prefill, chunked prefill) in latent space: the chunk's entries
     are written at ``cache_lens[b] + i``, then each query attends causally over its row's
     cached prefix and the chunk, scores ``q_latent·ckv + q_pe·kpe`` and values ``p·ckv``
-    (no per-head K/V is formed), then the absorbed output projection."""
+    (no per-head K/V is formed over the cache), then the output projection. Unabsorbed
+    weights map q_nope to q_latent (``w_uk``) and the latent values to v (``w_uv``) per
+    head, on the chunk's T queries only."""
     B, T, D = x.shape
     H, R, P = w.n_heads, w.rank, w.rope
     lens = cache_lens.tolist()
     S = max(lens) + T
     y = torch.mm(x.reshape(B * T, D), w.down_t)                      # [k_pe | latent | c_q]
     c_q = y[:, P + R:]
-    q = _mm_scaled(c_q, w.q_up_t, inv_rms(c_q, w.eps)).view(B, T, H, P + R)
+    q = _mm_scaled(c_q, w.q_up_t, inv_rms(c_q, w.eps)).view(B, T, H, -1)
+    if w.w_uk is not None:  # [q_pe | q_nope] -> [q_pe | q_nope · w_uk[h]]
+        q_lat = torch.matmul(q[..., P:].transpose(1, 2), w.w_uk).transpose(1, 2)
+        q = torch.cat([q[..., :P], q_lat], -1)
     pos = cache_lens.long()[:, None] + torch.arange(T)                # (B, T)
     ph = _phasor_table(cos, sin)[pos]                                 # (B, T, rope/2)
     _rotate_(q[..., :P], ph[:, :, None])
@@ -339,7 +345,9 @@ def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
         keys = keys.masked_fill((torch.arange(S) >= (cache_lens.long() + T)[:, None])
                                 .view(B, 1, S, 1), 0.0)
     o = torch.matmul(torch.softmax(s, -1), keys)                      # (B, H, T, R)
-    o = o.transpose(1, 2).reshape(B * T, H * R)
+    if w.w_uv_t is not None:
+        o = torch.matmul(o, w.w_uv_t)                                 # (B, H, T, v)
+    o = o.transpose(1, 2).reshape(B * T, -1)
     if out is None:
         return torch.mm(o, w.o_t).view(B, T, D)
     torch.mm(o, w.o_t, out=out.view(B * T, D))
@@ -349,8 +357,8 @@ def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
 def bind_mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=None):
     """``mla_attention_cpu`` for B rows of one token as a prebound call of the compiled
     kernel (it reads the positions from ``cache_lens`` itself), or None where that does
-    not apply: not float32 single tokens, weights not fully absorbed, separate caches, or
-    a layout the kernel cannot take."""
+    not apply: not float32 single tokens, separate caches, or a layout the kernel cannot
+    take."""
     k = w.row_kernel
     B = x.shape[0]
     if (k is None or x.dim() != 3 or x.shape[1] != 1 or x.dtype != torch.float32

@@ -396,15 +396,18 @@ void rmsnorm_rows(const float* x, const float* residual, const float* w, float e
 // ------------------------------------------------------------------------------ MLA
 
 struct MlaRow {
-  int32_t D, H, R, P, q_lora;
+  int32_t D, H, R, P, q_lora, nope, v;
   float eps;
   const float* down_t;   // (D, P + R + q_lora): x -> [k_pe | latent | c_q]
   const float* kv_norm;  // (R,)
-  const float* q_up_t;   // (q_lora, H·(P + R)): c_q -> per head [q_pe | q_latent], scaled
-  const float* o_t;      // (H·R, D): absorbed output projection
+  const float* q_up_t;   // (q_lora, H·(P + Q)): c_q -> per head [q_pe | q_Q], scaled, where
+                         // Q = R (w_uk absorbed: q_latent) or nope (w_uk given: q_nope)
+  const float* w_uk;     // (H, nope, R): q_latent = q_nope · w_uk[h], or null (absorbed)
+  const float* w_uv_t;   // (H, R, v): o_v = o_latent · w_uv_t[h], or null (absorbed)
+  const float* o_t;      // (H·R, D) absorbed output projection, or woᵀ (H·v, D)
 };
 
-// B rows of one new token of absorbed MLA, row b over its own joint cache rows
+// B rows of one new token of MLA, row b over its own joint cache rows
 // (cache + b·batch_stride: (S_max, P + R) = [k_pe | latent]) at position cache_lens[b]
 // (read here, so a prebound call stays valid as the caches grow): project, normalize,
 // rotate, store the new entries, attend, project out. The projections are one product
@@ -420,11 +423,16 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
     L_max = std::max(L_max, cache_lens[b] + 1);
   }
   const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, D = m->D;
+  const int Wq = m->w_uk != nullptr ? P + m->nope : W;  // q_up's width per head
+  const int Vo = m->w_uv_t != nullptr ? m->v : R;       // o_t's rows per head
   const int down_n = W + m->q_lora;
-  float* entry = scratch(static_cast<size_t>(B) * (down_n + H * W + H * R) + H * L_max);
-  float* q = entry + static_cast<int64_t>(B) * down_n;  // (B, H·W): per head [q_pe | q_lat]
-  float* o = q + static_cast<int64_t>(B) * H * W;       // (B, H·R)
-  float* scores = o + static_cast<int64_t>(B) * H * R;  // (H, L_max), heads split by member
+  float* entry = scratch(static_cast<size_t>(B) * (down_n + H * (Wq + W + R + Vo)) +
+                         static_cast<size_t>(H) * L_max);
+  float* q_up = entry + static_cast<int64_t>(B) * down_n;  // (B, H·Wq)
+  float* q = q_up + static_cast<int64_t>(B) * H * Wq;      // (B, H·W): [q_pe | q_latent]
+  float* o = q + static_cast<int64_t>(B) * H * W;          // (B, H·R)
+  float* o_v = o + static_cast<int64_t>(B) * H * R;        // (B, H·Vo)
+  float* scores = o_v + static_cast<int64_t>(B) * H * Vo;  // (H, L_max), heads split by member
   [[maybe_unused]] const int T = std::min(team_size(), std::max(H, B));
 #ifdef _OPENMP
 #pragma omp parallel num_threads(T) if (T > 1)
@@ -439,13 +447,25 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
     share(H, t, nt, 1, h0, h1);
     for (int b = 0; b < B; ++b) {  // this member's heads of every row's query
       const float* c_q = entry + static_cast<int64_t>(b) * down_n + W;
+      float* ub = q_up + static_cast<int64_t>(b) * H * Wq;
       float* qb = q + static_cast<int64_t>(b) * H * W;
-      gemv_kn(c_q, m->q_up_t + h0 * W, m->q_lora, (h1 - h0) * W, H * W, qb + h0 * W, false);
+      gemv_kn(c_q, m->q_up_t + h0 * Wq, m->q_lora, (h1 - h0) * Wq, H * Wq, ub + h0 * Wq, false);
       const float r_q = inv_rms(c_q, m->q_lora, m->eps);
       const float* c = cos + static_cast<int64_t>(cache_lens[b]) * half;
       const float* s = sin + static_cast<int64_t>(cache_lens[b]) * half;
-      for (int i = h0 * W; i < h1 * W; ++i) qb[i] *= r_q;
-      for (int h = h0; h < h1; ++h) rotate(qb + h * W, c, s, half);
+      for (int h = h0; h < h1; ++h) {
+        const float* u = ub + h * Wq;
+        float* qh = qb + h * W;
+        for (int i = 0; i < P; ++i) qh[i] = r_q * u[i];
+        if (m->w_uk != nullptr) {  // q_latent = (r_q · q_nope) · w_uk[h]
+          gemv_kn(u + P, m->w_uk + static_cast<int64_t>(h) * m->nope * R, m->nope, R, R, qh + P,
+                  false);
+          for (int i = P; i < W; ++i) qh[i] *= r_q;
+        } else {
+          for (int i = P; i < W; ++i) qh[i] = r_q * u[i];
+        }
+        rotate(qh, c, s, half);
+      }
     }
     share(B, t, nt, 1, lo, hi);
     for (int b = lo; b < hi; ++b) {  // this member's rows' new entries, into their slots
@@ -458,13 +478,19 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
       std::memcpy(cache + b * batch_stride + static_cast<int64_t>(pos) * W, e, sizeof(float) * W);
     }
     team_barrier();  // every entry is in its slot
-    for (int b = 0; b < B; ++b)
+    for (int b = 0; b < B; ++b) {
+      float* ob = o + static_cast<int64_t>(b) * H * R;
       attend(q + static_cast<int64_t>(b) * H * W + h0 * W, cache + b * batch_stride, h1 - h0, W,
-             P, R, cache_lens[b] + 1, scores + h0 * L_max,
-             o + static_cast<int64_t>(b) * H * R + h0 * R);
+             P, R, cache_lens[b] + 1, scores + h0 * L_max, ob + h0 * R);
+      if (m->w_uv_t != nullptr)  // o_v[h] = o_latent[h] · w_uv_t[h]
+        for (int h = h0; h < h1; ++h)
+          gemv_kn(ob + h * R, m->w_uv_t + static_cast<int64_t>(h) * R * Vo, R, Vo, Vo,
+                  o_v + (static_cast<int64_t>(b) * H + h) * Vo, false);
+    }
     team_barrier();
     share(D, t, nt, 16, lo, hi);
-    gemm_kn(o, H * R, B, m->o_t + lo, H * R, hi - lo, D, out + lo, D, false);
+    gemm_kn(m->w_uv_t != nullptr ? o_v : o, H * Vo, B, m->o_t + lo, H * Vo, hi - lo, D, out + lo,
+            D, false);
   }
   return 0;
 }

@@ -60,8 +60,9 @@ class NativeError(RuntimeError):
 
 class MlaRow(ctypes.Structure):
     _fields_ = [("D", _i32), ("H", _i32), ("R", _i32), ("P", _i32), ("q_lora", _i32),
-                ("eps", ctypes.c_float),
-                ("down_t", _vp), ("kv_norm", _vp), ("q_up_t", _vp), ("o_t", _vp)]
+                ("nope", _i32), ("v", _i32), ("eps", ctypes.c_float),
+                ("down_t", _vp), ("kv_norm", _vp), ("q_up_t", _vp), ("w_uk", _vp),
+                ("w_uv_t", _vp), ("o_t", _vp)]
 
 
 class MoeRow(ctypes.Structure):

@@ -152,10 +152,13 @@ def test_batch1_decode_matches_reference(name, monkeypatch, row_path):
     spread_act_halting(model, ids)
     rt = mythos_rt.compile(model, max_batch_size=1, max_loops=2 * cfg.max_loop_iters)
     assert set(rt.backends.values()) == {"cpu"}
-    if cfg.attn_type == "mla":  # absorbed: the joint cache and a one-row path are used
+    if cfg.attn_type == "mla":  # the joint cache, and the kernel (or, absorbed, a one-row path)
         mla = [a for a in rt._low.args.values() if isinstance(a, cpu_attention.CpuMLA)]
-        one_row = [w.row_kernel if row_path == "compiled" else w.row for w in mla]
-        assert all((r is not None) == (name == "mla") for r in one_row)
+        assert all((w.w_uk is None) == (name == "mla") for w in mla)
+        if row_path == "compiled":
+            assert all(w.row_kernel is not None for w in mla)
+        else:
+            assert all((w.row is not None) == (name == "mla") for w in mla)
         ckv, kpe = next(iter(rt._low.buffers.caches.values()))
         assert cpu_attention._joint_rows(ckv, kpe) is not None
     n_loops, new = cfg.max_loop_iters + 1, 5

@@ -10,6 +10,7 @@ import torch
 
 from mythos_rt.config import MythosConfig
 from mythos_rt.cpu import native
+from mythos_rt.cpu.attention import prepare_mla
 from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
 from mythos_rt.ops.moe import pack_moe
 from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
@@ -109,11 +110,15 @@ def _awkward_mla() -> MythosConfig:
                         rope_theta=10000.0)
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["absorbed", "two-step"])
 @pytest.mark.parametrize("cfg", [None, _awkward_mla()], ids=["harness", "awkward"])
-def test_mla_one_row_over_the_joint_cache(cfg, row_path):
+def test_mla_one_row_over_the_joint_cache(cfg, fold, row_path):
     """Prefill then decode one row over a joint [k_pe | latent] cache (unwritten slots
     NaN), against the reference, up to the last slot of the cache."""
     h = Harness("mla", "cpu", b_max=1, s_max=24, cfg=cfg)
+    if not fold:
+        h.w = prepare_mla(h.w.base, fold_limit=0.0)
+    assert (h.w.w_uk is None) == fold and (h.w.w_uv_t is None) == fold
     if row_path == "compiled":
         assert h.w.row_kernel is not None
     P, R = h.cfg.qk_rope_head_dim, h.cfg.kv_lora_rank
@@ -186,8 +191,9 @@ def native_bind(h, joint, lens, out):
 
 
 @needs_compiler
+@pytest.mark.parametrize("fold", [True, False], ids=["absorbed", "two-step"])
 @pytest.mark.parametrize("cfg", [None, _awkward_mla()], ids=["harness", "awkward"])
-def test_mla_rows_of_a_ragged_batch_match_the_pytorch_path(cfg):
+def test_mla_rows_of_a_ragged_batch_match_the_pytorch_path(cfg, fold):
     """B rows at different positions over a joint cache whose unwritten slots are NaN: the
     compiled kernel against the cpu backend's PyTorch path (itself checked against the
     reference in tests/ops/test_attention.py)."""
@@ -196,7 +202,9 @@ def test_mla_rows_of_a_ragged_batch_match_the_pytorch_path(cfg):
     from mythos_rt.cpu.attention import mla_attention_cpu
 
     h = Harness("mla", "cpu", b_max=3, s_max=16, cfg=cfg)
-    assert h.w.row_kernel is not None
+    if not fold:
+        h.w = prepare_mla(h.w.base, fold_limit=0.0)
+    assert h.w.row_kernel is not None and (h.w.w_uk is None) == fold
     P, R = h.cfg.qk_rope_head_dim, h.cfg.kv_lora_rank
     lens = torch.tensor([5, 0, 11], dtype=torch.int32)
     joint = torch.full((3, 16, P + R), float("nan"))
