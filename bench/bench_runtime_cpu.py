@@ -129,8 +129,14 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch"],
                    help="the runtime's backend (auto: cpu on a CPU)")
+    p.add_argument("--unabsorbed", action="store_true",
+                   help="keep the cpu backend's MLA projections unabsorbed (FOLD_LIMIT=0), "
+                        "as mythos_1b-sized checkpoints get them")
     args = p.parse_args()
     torch.set_num_threads(2)
+    if args.unabsorbed:
+        from mythos_rt.cpu import attention
+        attention.FOLD_LIMIT = 0.0
     rows = run(args.quick, args.backend)
     for r in rows:
         extra = (f"  rt is {r['rt_decode_speedup']}x at decode, {r['rt_prefill_speedup']}x "
@@ -141,7 +147,7 @@ def main() -> None:
     if args.out:
         from bench.harness import provenance
         meta = dict(provenance(), device="cpu", config=BENCH_CONFIG.to_dict(), quick=args.quick,
-                    backend=args.backend,
+                    backend=args.backend, mla_unabsorbed=args.unabsorbed,
                     cpu_row_kernels=_row_kernels(args.backend),
                     method="decode: median over interleaved steps (models alternate step by "
                            "step); speedup: median of per-step time ratios; prefill: one run")
