@@ -104,38 +104,13 @@ inline float hsum(v16 v) {  // a fixed tree: deterministic
 #endif
 }
 
-// y = x · w (+ y when accumulate), w (K, N) with rows ld apart (ld = N for a whole
-// matrix, wider for a block of its columns): a row of w per input element, so the inner
-// loop runs over contiguous outputs, 4 rows of w per pass over y.
-void gemv_kn(const float* __restrict x, const float* __restrict w, int K, int N, int ld,
-             float* __restrict y, bool accumulate) {
-  if (!accumulate) std::memset(y, 0, sizeof(float) * N);
-  int k = 0;
-  for (; k + 4 <= K; k += 4) {
-    const float x0 = x[k], x1 = x[k + 1], x2 = x[k + 2], x3 = x[k + 3];
-    const float* w0 = w + static_cast<int64_t>(k) * ld;
-    const float* w1 = w0 + ld;
-    const float* w2 = w1 + ld;
-    const float* w3 = w2 + ld;
-    int n = 0;
-    for (; n + 16 <= N; n += 16)
-      store16(y + n, load16(y + n) + x0 * load16(w0 + n) + x1 * load16(w1 + n) +
-                         x2 * load16(w2 + n) + x3 * load16(w3 + n));
-    for (; n < N; ++n) y[n] += x0 * w0[n] + x1 * w1[n] + x2 * w2[n] + x3 * w3[n];
-  }
-  for (; k < K; ++k) {
-    const float xk = x[k];
-    const float* wk = w + static_cast<int64_t>(k) * ld;
-    for (int n = 0; n < N; ++n) y[n] += xk * wk[n];
-  }
-}
-
 // Y[n] = X[n] · w (+ Y[n] when accumulate) for N rows (X rows ldx apart, Y rows ldy
-// apart), w (K, cols) with rows ld apart: each group of 4 rows of w is read once for all
-// N rows, so the weights cross memory once per call, not once per row.
+// apart), w (K, cols) with rows ld apart (ld = cols for a whole matrix, wider for a block
+// of its columns): a row of w per input element, so the inner loop runs over contiguous
+// outputs; each group of 4 rows of w is read once for all N rows, so the weights cross
+// memory once per call, not once per row.
 void gemm_kn(const float* __restrict X, int ldx, int N, const float* __restrict w, int K,
              int cols, int ld, float* __restrict Y, int ldy, bool accumulate) {
-  if (N == 1) return gemv_kn(X, w, K, cols, ld, Y, accumulate);
   if (!accumulate)
     for (int n = 0; n < N; ++n)
       std::memset(Y + static_cast<int64_t>(n) * ldy, 0, sizeof(float) * cols);
@@ -164,6 +139,12 @@ void gemm_kn(const float* __restrict X, int ldx, int N, const float* __restrict 
       for (int c = 0; c < cols; ++c) y[c] += xk * wk[c];
     }
   }
+}
+
+// y = x · w (+ y when accumulate) for one row: gemm_kn with N = 1.
+inline void gemv_kn(const float* x, const float* w, int K, int N, int ld, float* y,
+                    bool accumulate) {
+  gemm_kn(x, K, 1, w, K, N, ld, y, N, accumulate);
 }
 
 float dot(const float* __restrict a, const float* __restrict b, int n) {
