@@ -89,10 +89,14 @@ class Runtime:
 
     def __repr__(self) -> str:
         ops = ", ".join(f"{k}={v}" for k, v in self.backends.items())
+        kernels = ""
+        if "cpu" in self.backends.values():
+            from .cpu import native
+            kernels = f"; cpu row kernels: {native.describe()}"
         return (f"Runtime({self.config.attn_type}, dim={self.config.dim}, "
                 f"device={self.device}, dtype={_dtype_name(self.dtype)}, "
                 f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
-                f"max_loops={self.max_loops}, ops: {ops})")
+                f"max_loops={self.max_loops}, ops: {ops}{kernels})")
 
     def save(self, directory: Union[str, os.PathLike]) -> str:
         """Write a runtime artifact (packed weights, optimized IR, config, options,

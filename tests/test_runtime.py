@@ -86,7 +86,10 @@ def test_repr_says_which_backend_runs_each_op():
                            overrides={"moe_ffn": "triton"})
     text = repr(rt)
     assert "moe_ffn=triton" in text and "mla_attention=cpu" in text
+    assert "; cpu row kernels: " in text  # compiled (and on how many threads), or why not
     assert rt.config.attn_type == "mla" and rt.device.type == "cpu" and rt.dtype == torch.float32
+    assert "cpu row kernels" not in repr(mythos_rt.compile(
+        OpenMythos(MythosConfig.from_preset("tiny_mla")), backend="torch"))
 
 
 def test_input_errors_are_clear():

@@ -43,7 +43,7 @@ import torch
 from ..cache import cache_dir as shared_cache_dir
 
 __all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
-           "build", "library", "reset", "openmp_runtimes", "address", "prebound", "contiguous",
+           "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound", "contiguous",
            "MlaRow", "MoeRow", "LoopRow", "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
@@ -249,15 +249,24 @@ def library() -> Optional[ctypes.CDLL]:
         return _LIBRARY["lib"]
     except KeyError:
         pass
-    lib = None
+    lib, why = None, "MYTHOS_RT_CPU_NATIVE=0"
     if enabled():
         try:
             lib = _load(build())
         except (NativeError, OSError) as exc:
+            why = str(exc).splitlines()[0]
             warnings.warn(f"mythos-rt cpu backend: compiled row kernels unavailable "
                           f"({exc}); decode runs its PyTorch paths", stacklevel=2)
-    _LIBRARY["lib"] = lib
+    _LIBRARY["lib"], _LIBRARY["why"] = lib, why
     return lib
+
+
+def describe() -> str:
+    """The row kernels in one phrase: compiled and on how many threads, or why not."""
+    lib = library()
+    if lib is None:
+        return f"PyTorch paths ({_LIBRARY.get('why', 'kernels not loaded')})"
+    return f"compiled, {lib.team_threads()} thread(s)"
 
 
 def reset() -> None:

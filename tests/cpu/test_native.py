@@ -67,6 +67,7 @@ def test_without_a_compiler_the_pytorch_path_runs(fresh, monkeypatch):
     assert native.compiler() is None
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         assert native.library() is None
+    assert "no C++ compiler" in native.describe()
     cfg = moe_cfg()
     m = make_moe(cfg)
     moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
@@ -80,6 +81,12 @@ def test_disabled_by_the_environment_without_a_warning(fresh, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.library() is None
+    assert native.describe() == "PyTorch paths (MYTHOS_RT_CPU_NATIVE=0)"
+
+
+@needs_compiler
+def test_describe_says_on_how_many_threads(fresh):
+    assert native.describe() == f"compiled, {native.library().team_threads()} thread(s)"
 
 
 @needs_compiler
