@@ -2,7 +2,7 @@
 
 A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
-(RMSNorm, absorbed MLA, MoE, the loop epilogue) for all of a step's rows in one C
+(RMSNorm, MLA, MoE, the loop epilogue) for all of a step's rows in one C
 call. It is compiled here, on the machine that runs it, with the host C++ compiler
 (``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native``, cached on disk by a hash of
 the source, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
