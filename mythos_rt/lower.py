@@ -19,13 +19,14 @@ import torch
 from .config import MythosConfig
 from .ir import Graph, Op
 from .ops.attention import GQAWeights, MLAWeights, rope_tables
+from .ops.ffn import DenseFFN
 from .ops.moe import PackedMoE
 from .ops.recurrent import ACTState, LoopParams
 from .ops.registry import Selected, select
 
 # IR op kind → registry op name (kinds not listed run as plain torch in the plan).
 KERNEL_OF = {"rmsnorm": "rmsnorm", "add_rmsnorm": "rmsnorm", "mla_attention": "mla_attention",
-             "gqa_attention": "gqa_attention", "moe": "moe_ffn", "dense_ffn": "swiglu",
+             "gqa_attention": "gqa_attention", "moe": "moe_ffn", "dense_ffn": "dense_ffn",
              "loop_prologue": "loop_prologue", "loop_epilogue": "loop_epilogue"}
 
 
@@ -148,19 +149,13 @@ class Lowered:
         elif k in ("mla_attention", "gqa_attention"):
             bind = self._attention_bind(op, cache_key or op.attrs["cache"])
         elif k == "dense_ffn":
-            fn = self._impl(op).fn
-            w13_t, down_t = self.weights[W["w13"]].t(), self.weights[W["down"]].t()
+            impl, w = self._impl(op), self.args[op.name]
             x, out = buf(op.inputs[0]), buf(op.outputs[0])
             gu, act = buf(f"{op.name}.gate_up"), buf(f"{op.name}.act")
 
             def bind(s: Shape):
-                xv, gv, av, o = x[:s.N], gu[:s.N], act[:s.N], out[:s.N]
-
-                def run():
-                    torch.matmul(xv, w13_t, out=gv)
-                    fn(gv, out=av)
-                    torch.matmul(av, down_t, out=o)
-                return run
+                return impl.launcher(x[:s.N], w, out=out[:s.N], gate_up=gu[:s.N],
+                                     act=act[:s.N])
         elif k == "moe":
             impl, packed, ws = self._impl(op), self.args[op.name], self.buffers.moe_workspace
             x, out = buf(op.inputs[0]), buf(op.outputs[0])
@@ -301,6 +296,8 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                     top_k=op.attrs["top_k"], expert_dim=op.attrs["expert_dim"])
                 args[op.name] = impls["moe_ffn"].prepare(moe_packed)
             elif op.kind == "dense_ffn":
+                args[op.name] = impls["dense_ffn"].prepare(
+                    DenseFFN(w13=W[op.weights["w13"]], down=W[op.weights["down"]]))
                 hidden = W[op.weights["w13"]].shape[0]
                 alloc(f"{op.name}.gate_up", hidden)
                 alloc(f"{op.name}.act", hidden // 2)

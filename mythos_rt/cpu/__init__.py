@@ -13,18 +13,19 @@ in as few calls as possible:
 * positions and routing decisions are read on the host, where that is free;
 * RoPE is one in-place complex multiply;
 * at decode, each sublayer is one call, for all of the step's rows, of a C++ kernel
-  (``decode_row.cpp``: RMSNorm, MLA over the joint cache, MoE, loop epilogue;
+  (``decode_row.cpp``: RMSNorm, MLA over the joint cache, MoE, dense FFN, loop epilogue;
   norms and epilogues of prefill chunks too) over those same layouts, compiled on first
   use by the host C++ compiler and cached (``mythos_rt.cpu.native``), its arguments
   bound once per plan step (the ops' ``bind_*`` functions). Without a compiler, or with
   ``MYTHOS_RT_CPU_NATIVE=0``, the same rows run as a few PyTorch calls each.
 
 Same signatures and cache contracts as the torch implementations, which they fall back
-to for what they do not specialize (dtypes other than float32, unabsorbed MLA prefill,
-positions past the cache), so every input gives the reference's answer.
+to for what they do not specialize (dtypes other than float32, positions past the
+cache), so every input gives the reference's answer.
 
 * ``mythos_rt.cpu.attention``  ``mla_attention_cpu``, ``gqa_attention_cpu``
 * ``mythos_rt.cpu.moe``        ``moe_ffn_cpu``
+* ``mythos_rt.cpu.ffn``        ``dense_ffn_cpu``
 * ``mythos_rt.cpu.recurrent``  ``loop_prologue_cpu``, ``loop_epilogue_cpu``
 * ``mythos_rt.cpu.norm``       ``rmsnorm_cpu``, ``swiglu_cpu``
 * ``mythos_rt.cpu.native``     builds and loads ``decode_row.cpp``

@@ -156,38 +156,52 @@ float dot(const float* __restrict a, const float* __restrict b, int n) {
   return s;
 }
 
-// y[n] = alpha · (w[n, :] · x) (+ y[n] when accumulate), w (N, K) row-major; four rows
-// at a time, so that their sums run side by side.
-void gemv_nk(const float* __restrict x, const float* __restrict w, int N, int K, float alpha,
-             float* __restrict y, bool accumulate) {
+// Y[i][r] = alpha · (w[r, :] · X[i]) (+ Y[i][r] when accumulate) for the rows r < N of w
+// (N, K) row-major and inputs i < M (X rows ldx apart, Y rows ldy apart): four rows of w
+// at a time, each read once for all M inputs, their sums running side by side.
+void gemm_nk(const float* __restrict X, int ldx, int M, const float* __restrict w, int N, int K,
+             float alpha, float* __restrict Y, int ldy, bool accumulate) {
   int n = 0;
   for (; n + 4 <= N; n += 4) {
     const float* r0 = w + static_cast<int64_t>(n) * K;
     const float* r1 = r0 + K;
     const float* r2 = r1 + K;
     const float* r3 = r2 + K;
-    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    int i = 0;
-    for (; i + 16 <= K; i += 16) {
-      const v16 xi = load16(x + i);
-      a0 += load16(r0 + i) * xi;
-      a1 += load16(r1 + i) * xi;
-      a2 += load16(r2 + i) * xi;
-      a3 += load16(r3 + i) * xi;
+    for (int m = 0; m < M; ++m) {
+      const float* x = X + static_cast<int64_t>(m) * ldx;
+      float* y = Y + static_cast<int64_t>(m) * ldy + n;
+      v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      int i = 0;
+      for (; i + 16 <= K; i += 16) {
+        const v16 xi = load16(x + i);
+        a0 += load16(r0 + i) * xi;
+        a1 += load16(r1 + i) * xi;
+        a2 += load16(r2 + i) * xi;
+        a3 += load16(r3 + i) * xi;
+      }
+      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (; i < K; ++i) {
+        s[0] += r0[i] * x[i];
+        s[1] += r1[i] * x[i];
+        s[2] += r2[i] * x[i];
+        s[3] += r3[i] * x[i];
+      }
+      for (int j = 0; j < 4; ++j) y[j] = accumulate ? y[j] + alpha * s[j] : alpha * s[j];
     }
-    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-    for (; i < K; ++i) {
-      s[0] += r0[i] * x[i];
-      s[1] += r1[i] * x[i];
-      s[2] += r2[i] * x[i];
-      s[3] += r3[i] * x[i];
+  }
+  for (; n < N; ++n)
+    for (int m = 0; m < M; ++m) {
+      const float v =
+          alpha * dot(w + static_cast<int64_t>(n) * K, X + static_cast<int64_t>(m) * ldx, K);
+      float* y = Y + static_cast<int64_t>(m) * ldy + n;
+      *y = accumulate ? *y + v : v;
     }
-    for (int j = 0; j < 4; ++j) y[n + j] = accumulate ? y[n + j] + alpha * s[j] : alpha * s[j];
-  }
-  for (; n < N; ++n) {
-    const float v = alpha * dot(w + static_cast<int64_t>(n) * K, x, K);
-    y[n] = accumulate ? y[n] + v : v;
-  }
+}
+
+// y[n] = alpha · (w[n, :] · x) (+ y[n] when accumulate) for one input: gemm_nk with M = 1.
+inline void gemv_nk(const float* x, const float* w, int N, int K, float alpha, float* y,
+                    bool accumulate) {
+  gemm_nk(x, K, 1, w, N, K, alpha, y, N, accumulate);
 }
 
 float inv_rms(const float* x, int n, float eps) {
@@ -577,6 +591,44 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
         for (int d = lo; d < hi; ++d)
           out[static_cast<int64_t>(n) * D + d] += p[static_cast<int64_t>(n) * D + d];
     }
+  }
+}
+
+// ------------------------------------------------------------------------------ dense FFN
+
+struct FfnRow {
+  int32_t D, H;
+  const float* w13;   // (2H, D): [gate; up]
+  const float* down;  // (D, H)
+};
+
+// N rows of the dense SwiGLU FFN: out = down · (silu(gate · x) ⊙ up · x). A team splits
+// the hidden units (their gate and up rows, read once for all N rows), then the outputs.
+void ffn_rows(const FfnRow* f, const float* x, int32_t N, float* out) {
+  const int D = f->D, H = f->H;
+  [[maybe_unused]] const int T = team_size();
+  float* act = scratch(static_cast<size_t>(N) * 3 * H);  // (N, H), then gate and up (N, H)
+  float* gate = act + static_cast<int64_t>(N) * H;
+  float* up = gate + static_cast<int64_t>(N) * H;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T) if (T > 1)
+#endif
+  {
+    const int t = team_rank(), nt = team_count();
+    int lo, hi;
+    share(H, t, nt, 16, lo, hi);
+    gemm_nk(x, D, N, f->w13 + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, gate + lo, H,
+            false);
+    gemm_nk(x, D, N, f->w13 + static_cast<int64_t>(H + lo) * D, hi - lo, D, 1.0f, up + lo, H,
+            false);
+    for (int n = 0; n < N; ++n) {
+      const int64_t at = static_cast<int64_t>(n) * H + lo;
+      swiglu(gate + at, up + at, hi - lo, act + at);
+    }
+    team_barrier();
+    share(D, t, nt, 16, lo, hi);
+    gemm_nk(act, H, N, f->down + static_cast<int64_t>(lo) * H, hi - lo, H, 1.0f, out + lo, D,
+            false);
   }
 }
 

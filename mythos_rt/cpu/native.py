@@ -2,7 +2,7 @@
 
 A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
-(RMSNorm, MLA, MoE, the loop epilogue) for all of a step's rows in one C
+(RMSNorm, MLA, MoE, dense FFN, the loop epilogue) for all of a step's rows in one C
 call. It is compiled here, on the machine that runs it, with the host C++ compiler
 (``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native``, cached on disk by a hash of
 the source, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
@@ -44,7 +44,7 @@ from ..cache import cache_dir as shared_cache_dir
 
 __all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound", "contiguous",
-           "MlaRow", "MoeRow", "LoopRow", "Kernel", "kernel"]
+           "MlaRow", "MoeRow", "FfnRow", "LoopRow", "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
@@ -71,6 +71,10 @@ class MoeRow(ctypes.Structure):
                 ("w2", _vp), ("shared_w2_t", _vp)]
 
 
+class FfnRow(ctypes.Structure):
+    _fields_ = [("D", _i32), ("H", _i32), ("w13", _vp), ("down", _vp)]
+
+
 class LoopRow(ctypes.Structure):
     _fields_ = [("D", _i32), ("r", _i32), ("eps", ctypes.c_float),
                 ("threshold", ctypes.c_float),
@@ -83,6 +87,7 @@ _SIGNATURES = {
     "mla_decode_rows": [ctypes.POINTER(MlaRow), _vp, _vp, ctypes.c_int64, _vp, _i32, _i32, _vp,
                         _vp, _vp],
     "moe_rows": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
+    "ffn_rows": [ctypes.POINTER(FfnRow), _vp, _i32, _vp],
     "loop_epilogue_rows": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp,
                            _vp, _vp, _vp],
     "set_parallel": [_i32],

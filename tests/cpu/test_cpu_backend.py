@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mythos_rt.cpu.attention import prepare_mla
+from mythos_rt.cpu.ffn import dense_ffn_cpu, prepare_dense_ffn
 from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
 from mythos_rt.cpu.norm import rmsnorm_cpu, swiglu_cpu
 from mythos_rt.cpu.recurrent import loop_epilogue_cpu, loop_prologue_cpu, prepare_loop
@@ -21,6 +22,7 @@ from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
 
 from ..ops._attn_ref import Harness
 from ..ops.recurrent_cases import check_step, make_ref_loop, ref_prologue, run_loop
+from ..ops.test_ffn import make_ffn
 from ..ops.test_moe import make_moe, moe_cfg, ref_forward
 
 pytestmark = pytest.mark.usefixtures("row_path")
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("row_path")
 
 def test_registry_auto_is_cpu_on_a_cpu_and_refused_elsewhere():
     for op in ("mla_attention", "gqa_attention", "moe_ffn", "loop_prologue", "loop_epilogue",
-               "rmsnorm", "swiglu"):
+               "rmsnorm", "swiglu", "dense_ffn"):
         assert select(op, "cpu").backend == "cpu", op
         assert select(op, "cpu", overrides={op: "torch"}).backend == "torch"
     with pytest.raises(BackendError, match="CPU only"):
@@ -66,6 +68,19 @@ def test_moe_matches_reference(spec, N):
     assert_rel_close(moe_ffn_cpu(x, moe), ref, TOL_FP32_TORCH)
     out = torch.full((N, cfg.dim), float("nan"))
     assert moe_ffn_cpu(x, moe, out=out) is out
+    assert_rel_close(out, ref, TOL_FP32_TORCH)
+
+
+@pytest.mark.parametrize("N", [1, 3, 8, 20], ids=["one", "decode-batch", "max-rows", "prefill"])
+def test_dense_ffn_matches_reference(N):
+    ex, w = make_ffn(40, 37)  # nothing a multiple of 16
+    ffn = prepare_dense_ffn(w)
+    x = torch.randn(N, 40)
+    with torch.no_grad():
+        ref = ex(x)
+    assert_rel_close(dense_ffn_cpu(x, ffn), ref, TOL_FP32_TORCH)
+    out = torch.full((N, 40), float("nan"))
+    assert dense_ffn_cpu(x, ffn, out=out, gate_up=torch.empty(N, 74), act=torch.empty(N, 37)) is out
     assert_rel_close(out, ref, TOL_FP32_TORCH)
 
 

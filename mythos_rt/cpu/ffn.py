@@ -1,0 +1,71 @@
+"""Lean CPU dense SwiGLU FFN: decode rows in one call of the compiled kernels.
+
+Up to ``MAX_TOKENS`` rows (decode) run ``ffn_rows`` of ``mythos_rt.cpu.native`` over the
+op's own weights (nothing is copied): gate/up rows split among threads, each row of the
+weights read once for all the step's rows, then the down projection. Longer chunks
+(prefill: large matmuls) and machines without the kernels run the torch composite
+(``mythos_rt.ops.ffn.dense_ffn_torch``), as do dtypes other than float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..ops.ffn import DenseFFN, dense_ffn_torch
+from . import native
+from .moe import MAX_TOKENS
+
+__all__ = ["CpuFFN", "prepare_dense_ffn", "dense_ffn_cpu", "bind_dense_ffn_cpu"]
+
+
+@dataclass
+class CpuFFN:
+    base: DenseFFN
+    row_kernel: Optional[native.Kernel] = None  # up to MAX_TOKENS rows in one compiled call
+
+
+def prepare_dense_ffn(w: DenseFFN) -> CpuFFN:
+    """Bind the compiled row kernel to the FFN's weights (float32, contiguous)."""
+    ffn = CpuFFN(base=w)
+    lib = native.library()
+    if (lib is not None and w.w13.dtype == torch.float32 and w.down.dtype == torch.float32
+            and native.contiguous(w.w13, w.down)):
+        ffn.row_kernel = native.kernel(lib, "ffn_rows", native.FfnRow,
+                                       dict(D=w.down.shape[0], H=w.down.shape[1]),
+                                       dict(w13=w.w13, down=w.down))
+    return ffn
+
+
+def dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] = None,
+                  gate_up: Optional[torch.Tensor] = None,
+                  act: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dense_ffn`` (see ``ops.ffn.dense_ffn_torch``)."""
+    if w.row_kernel is not None and x.dim() == 2:
+        res = out if out is not None and out.is_contiguous() else torch.empty_like(x)
+        launch = bind_dense_ffn_cpu(x, w, res, gate_up, act)
+        if launch is not None:
+            launch()
+            return res if out is None or res is out else out.copy_(res)
+    return dense_ffn_torch(x, w.base, out, gate_up, act)
+
+
+def bind_dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] = None,
+                       gate_up: Optional[torch.Tensor] = None,
+                       act: Optional[torch.Tensor] = None):
+    """``dense_ffn_cpu`` of up to ``MAX_TOKENS`` rows as a prebound call of the compiled
+    kernel (its own scratch: ``gate_up``/``act`` are left alone), or None where that does
+    not apply (more rows, not contiguous float32 rows, no kernel, no ``out``)."""
+    k = w.row_kernel
+    if (k is None or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS
+            or x.dtype != torch.float32 or out is None or out.shape != x.shape
+            or not native.contiguous(x, out)):
+        return None
+    call = native.prebound(k.fn, k.ref, x.data_ptr(), x.shape[0], out.data_ptr(), keep=(x, out))
+
+    def launch():
+        call()
+        return out
+    return launch
