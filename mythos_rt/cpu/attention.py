@@ -270,11 +270,10 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
             return _mla_chunk(x, w, ckv, kpe, cache_lens, cos, sin, out)
         return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
     if w.row_kernel is not None:
-        res = out if out is not None and out.is_contiguous() else torch.empty_like(x)
-        launch = bind_mla_attention_cpu(x, w, ckv, kpe, cache_lens, cos, sin, scale, res)
-        if launch is not None:
-            launch()
-            return res if out is None or res is out else out.copy_(res)
+        res = native.run_bound(lambda target: bind_mla_attention_cpu(
+            x, w, ckv, kpe, cache_lens, cos, sin, scale, target), x, out)
+        if res is not None:
+            return res
     rows = (_joint_rows(ckv, kpe) if len(pos) == 1 and scale == w.scale and w.row is not None
             else None)
     if rows is not None:

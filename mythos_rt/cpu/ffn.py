@@ -43,12 +43,10 @@ def dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] = None
                   gate_up: Optional[torch.Tensor] = None,
                   act: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dense_ffn`` (see ``ops.ffn.dense_ffn_torch``)."""
-    if w.row_kernel is not None and x.dim() == 2:
-        res = out if out is not None and out.is_contiguous() else torch.empty_like(x)
-        launch = bind_dense_ffn_cpu(x, w, res, gate_up, act)
-        if launch is not None:
-            launch()
-            return res if out is None or res is out else out.copy_(res)
+    if w.row_kernel is not None:
+        res = native.run_bound(lambda target: bind_dense_ffn_cpu(x, w, target), x, out)
+        if res is not None:
+            return res
     return dense_ffn_torch(x, w.base, out, gate_up, act)
 
 
@@ -58,14 +56,4 @@ def bind_dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] =
     """``dense_ffn_cpu`` of up to ``MAX_TOKENS`` rows as a prebound call of the compiled
     kernel (its own scratch: ``gate_up``/``act`` are left alone), or None where that does
     not apply (more rows, not contiguous float32 rows, no kernel, no ``out``)."""
-    k = w.row_kernel
-    if (k is None or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS
-            or x.dtype != torch.float32 or out is None or out.shape != x.shape
-            or not native.contiguous(x, out)):
-        return None
-    call = native.prebound(k.fn, k.ref, x.data_ptr(), x.shape[0], out.data_ptr(), keep=(x, out))
-
-    def launch():
-        call()
-        return out
-    return launch
+    return native.bind_rows(w.row_kernel, x, out, MAX_TOKENS)

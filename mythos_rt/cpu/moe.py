@@ -135,11 +135,9 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
     if N <= MAX_TOKENS and moe.row_kernel is not None:
-        res = out if out is not None and out.is_contiguous() else torch.empty_like(x)
-        launch = bind_moe_ffn_cpu(x, moe, workspace, res)
-        if launch is not None:
-            launch()
-            return res if out is None or res is out else out.copy_(res)
+        res = native.run_bound(lambda target: bind_moe_ffn_cpu(x, moe, workspace, target), x, out)
+        if res is not None:
+            return res
     rows = moe.rows
     if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
         torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
@@ -168,17 +166,7 @@ def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     """``moe_ffn_cpu`` for up to ``MAX_TOKENS`` tokens as a prebound call of the compiled
     kernel, or None where that does not apply (more tokens, not contiguous float32 rows,
     no kernel, no ``out``)."""
-    k = moe.row_kernel
-    if (k is None or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS
-            or x.dtype != torch.float32 or out is None or out.shape != x.shape
-            or not native.contiguous(x, out)):
-        return None
-    call = native.prebound(k.fn, k.ref, x.data_ptr(), x.shape[0], out.data_ptr(), keep=(x, out))
-
-    def launch():
-        call()
-        return out
-    return launch
+    return native.bind_rows(moe.row_kernel, x, out, MAX_TOKENS)
 
 
 def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> torch.Tensor:

@@ -43,8 +43,9 @@ import torch
 from ..cache import cache_dir as shared_cache_dir
 
 __all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
-           "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound", "contiguous",
-           "MlaRow", "MoeRow", "FfnRow", "LoopRow", "Kernel", "kernel"]
+           "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",
+           "bind_rows", "run_bound", "contiguous", "MlaRow", "MoeRow", "FfnRow", "LoopRow",
+           "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
@@ -107,6 +108,36 @@ def prebound(fn: Callable, *args, keep: tuple = ()) -> Callable:
     call = partial(fn, *args)
     call.keep = keep
     return call
+
+
+def bind_rows(k: Optional[Kernel], x: torch.Tensor, out: Optional[torch.Tensor],
+              max_rows: int) -> Optional[Callable[[], torch.Tensor]]:
+    """A prebound ``k.fn(k.ref, x, N, out)`` for N = 1..max_rows contiguous float32 rows
+    ``x`` (N, D) into ``out`` of the same shape, returning ``out``; None where that does
+    not apply (no kernel, other rows, no ``out``)."""
+    if (k is None or x.dim() != 2 or not 1 <= x.shape[0] <= max_rows
+            or x.dtype != torch.float32 or out is None or out.shape != x.shape
+            or not contiguous(x, out)):
+        return None
+    call = prebound(k.fn, k.ref, x.data_ptr(), x.shape[0], out.data_ptr(), keep=(x, out))
+
+    def launch():
+        call()
+        return out
+    return launch
+
+
+def run_bound(bind: Callable[[torch.Tensor], Optional[Callable]], x: torch.Tensor,
+              out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Run an op once through its binder: ``bind(target)`` with ``out`` as the target, or a
+    new tensor like ``x`` (then copied into ``out``, if any) when ``out`` is missing or not
+    contiguous. Returns the result, or None where the binder declines."""
+    target = out if out is not None and out.is_contiguous() else torch.empty_like(x)
+    launch = bind(target)
+    if launch is None:
+        return None
+    launch()
+    return target if out is None or target is out else out.copy_(target)
 
 
 def contiguous(*tensors: Optional[torch.Tensor]) -> bool:
