@@ -115,12 +115,12 @@ def _row_kernels(backend: str) -> str:
         return "not used: torch backend"
     lib = native.library()
     if lib is None:
-        return "unavailable: PyTorch paths"
+        return native.describe()
     version = subprocess.run([native.compiler(), "--version"], capture_output=True,
                              text=True).stdout.splitlines()
     flags = " ".join(native.FLAGS + ((native.OPENMP,) if lib.has_openmp() else ()))
-    return (f"compiled ({flags}) by {version[0] if version else native.compiler()}; "
-            f"on {lib.team_threads()} thread(s)")
+    return (f"{native.describe()} ({flags}, by "
+            f"{version[0] if version else native.compiler()})")
 
 
 def main() -> None:

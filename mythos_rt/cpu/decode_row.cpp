@@ -1,10 +1,11 @@
-// One-row (batch-1 decode) kernels of mythos-rt's cpu backend, float32.
+// Row kernels of mythos-rt's cpu backend (decode steps, and prefill's norms and loop
+// epilogues), float32.
 //
-// Why: at batch 1 a decode sublayer is a handful of small matrix-vector products, and
-// the PyTorch calls that would run them cost more than their arithmetic. Each function
-// here runs a whole sublayer in one call over the layouts that mythos_rt.cpu's
-// ``prepare`` functions build, so they give the same answers as the torch-level cpu
-// ops up to summation order. The MLA and MoE kernels split their work over a few OpenMP
+// Why: a decode sublayer is a handful of small matrix-vector products per row, and the
+// PyTorch calls that would run them cost more than their arithmetic. Each function here
+// runs a whole sublayer for all of a step's rows in one call over the layouts that
+// mythos_rt.cpu's ``prepare`` functions build, so they give the same answers as the
+// torch-level cpu ops up to summation order. They split their work over a few OpenMP
 // threads when allowed (set_parallel). Compiled on the machine that runs it
 // (mythos_rt.cpu.native, -O3 -march=native [-fopenmp]) and called through ctypes: plain
 // C ABI, no Python or torch headers.

@@ -134,7 +134,7 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
         return moe_ffn_torch(x, p, workspace, out)
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
-    if N <= MAX_TOKENS and moe.row_kernel is not None:
+    if moe.row_kernel is not None:
         res = native.run_bound(lambda target: bind_moe_ffn_cpu(x, moe, workspace, target), x, out)
         if res is not None:
             return res

@@ -182,8 +182,9 @@ def compiler() -> Optional[str]:
     if os.environ.get("CXX"):
         return shutil.which(os.environ["CXX"])
     for name in ("c++", "g++", "clang++"):
-        if shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name)
+        if path:
+            return path
     return None
 
 

@@ -38,6 +38,10 @@ class CpuLoop:
     embeddings: dict[int, torch.Tensor] = field(default_factory=dict)  # t -> (D,), filled on use
     row_kernel: Optional[native.Kernel] = None  # any rows' epilogue in one compiled call
 
+    def lora_down_at(self, t: int) -> torch.Tensor:
+        """Loop index t's scaled down-projection (D, r); indices past max_loops use the last."""
+        return self.lora_down_t[min(t, self.base.max_loops - 1)]
+
     def embedding(self, t: int) -> torch.Tensor:
         if t not in self.embeddings:
             p = self.base
@@ -112,7 +116,7 @@ def bind_loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTS
             or not native.contiguous(block_out, h, e, next_combined, state.cum_p, state.halted,
                                      state.h_out, state.n_running)):
         return None
-    down = params.lora_down_t[min(t, params.base.max_loops - 1)]   # its (r, D) memory
+    down = params.lora_down_at(t)   # the kernel reads its (r, D) memory
     emb = None if next_combined is None else params.embedding(t + 1)
     return native.prebound(
         k.fn, k.ref, down.data_ptr(), block_out.data_ptr(), h.data_ptr(), e.data_ptr(),
@@ -133,7 +137,7 @@ def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
     launch = bind_loop_epilogue_cpu(block_out, h, e, params, t, state, next_combined)
     if launch is not None:
         return launch()
-    z = torch.mm(block_out, params.lora_down_t[min(t, p.max_loops - 1)])
+    z = torch.mm(block_out, params.lora_down_at(t))
     out = torch.addmm(block_out, z, p.lora_B)                   # block_out + LoRA delta
     torch.addcmul(out, p.A, h, out=h).addcmul_(p.inj_B, e)     # out + A·h + B·e
     prob = torch.sigmoid(torch.addmv(p.halt_b, h, p.halt_w))
