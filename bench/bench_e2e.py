@@ -11,9 +11,10 @@ Systems (same random weights, greedy):
 
 Cases (GPU, bf16, mythos_1b and mythos_3b): prefill of 512 / 2k / 8k tokens and decode at
 batch 1 / 8 / 64 (128-token prompt), each at n_loops 8 / 16 / 32, in priority order
-(n_loops 16 first). Prefill time = ``generate(ids, 1)``; decode ms/token = (time of
-``generate(ids, 1 + M)`` − time of ``generate(ids, 1)``) / M, medians over repeats, wall
-clock with a device sync: what a caller sees. Every row carries the cost-model floor
+(n_loops 16 first). One timed run streams 1 + M greedy tokens with a device sync after
+each: prefill time = start to the first token; decode ms/token = first token to the last,
+over M. Both come from the same run (never the difference of two noisy runs), medians over
+repeats, wall clock: what a caller streaming tokens sees. Every row carries the cost-model floor
 (``mythos_rt.costmodel``) and % of it reached; non-mythos-rt rows carry ``x_vs_rt``
 (their time / mythos-rt's; > 1 = slower than mythos-rt).
 
@@ -38,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -126,23 +127,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _wall(fn: Callable[[], object], device: torch.device) -> float:
+def _token_times(tokens: Iterable[object], device: torch.device) -> tuple[float, float]:
+    """(seconds to the first token, seconds from the first token to the last), synced per token."""
     _sync(device)
     t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+    marks = []
+    for _ in tokens:
+        _sync(device)
+        marks.append(time.perf_counter())
+    if not marks:
+        raise RuntimeError("the system produced no token")
+    return marks[0] - t0, marks[-1] - marks[0]
 
 
-def _ref_generate(fwd: Callable, ids: torch.Tensor, new: int, n_loops: int) -> None:
-    """Greedy cached decode with the reference's forward (eager or torch.compile'd)."""
+def _ref_stream(fwd: Callable, ids: torch.Tensor, new: int, n_loops: int) -> Iterator[torch.Tensor]:
+    """Greedy cached decode with the reference's forward (eager or torch.compile'd), per token."""
     cache: dict = {}
     with torch.no_grad():
         logits = fwd(ids, n_loops=n_loops, kv_cache=cache)
         nxt = logits[:, -1:].argmax(-1)
+        yield nxt
         for step in range(new - 1):
             logits = fwd(nxt, n_loops=n_loops, kv_cache=cache, start_pos=ids.shape[1] + step)
             nxt = logits[:, -1:].argmax(-1)
+            yield nxt
 
 
 def _graphs_switch() -> Optional[str]:
@@ -181,9 +189,9 @@ class _RtSystem:
             self.runtimes[case.phase] = rt
         return self.runtimes[case.phase]
 
-    def generator(self, case: Case) -> Callable[[torch.Tensor, int], None]:
+    def generator(self, case: Case) -> Callable[[torch.Tensor, int], Iterable[object]]:
         rt = self.runtime(case)
-        return lambda ids, new: rt.generate(ids, new, n_loops=case.n_loops)
+        return lambda ids, new: rt.stream(ids, new, n_loops=case.n_loops)
 
 
 class _RefSystem:
@@ -191,24 +199,25 @@ class _RefSystem:
         self.fwd = model.forward if mode is None else torch.compile(model.forward, mode=mode)
         self.compile_s = 0.0
 
-    def generator(self, case: Case) -> Callable[[torch.Tensor, int], None]:
-        return lambda ids, new: _ref_generate(self.fwd, ids, new, case.n_loops)
+    def generator(self, case: Case) -> Callable[[torch.Tensor, int], Iterable[object]]:
+        return lambda ids, new: _ref_stream(self.fwd, ids, new, case.n_loops)
 
 
 def _measure_case(gen, case: Case, cfg: MythosConfig, device, reps: int) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (case.batch, case.length), generator=g).to(device)
-    first = _wall(lambda: gen(ids, 1 + case.new_tokens), device)  # warm-up (compiles, autotunes)
-    prefill = statistics.median(_wall(lambda: gen(ids, 1), device) for _ in range(reps))
-    r = {"first_call_s": round(first, 3)}
+    new = 1 + (case.new_tokens if case.phase == "decode" else 0)
+    t0 = time.perf_counter()
+    _token_times(gen(ids, new), device)  # warm-up (compiles, autotunes)
+    r = {"first_call_s": round(time.perf_counter() - t0, 3)}
+    runs = [_token_times(gen(ids, new), device) for _ in range(reps)]
     if case.phase == "prefill":
-        ms = prefill * 1e3
-        r.update(ms=round(ms, 4), tok_s=round(case.batch * case.length / prefill, 2))
+        s = statistics.median(p for p, _ in runs)
+        ms, tok_s = s * 1e3, case.batch * case.length / s
     else:
-        full = statistics.median(_wall(lambda: gen(ids, 1 + case.new_tokens), device)
-                                 for _ in range(reps))
-        ms = max(full - prefill, 1e-9) / case.new_tokens * 1e3
-        r.update(ms=round(ms, 4), tok_s=round(case.batch / (ms * 1e-3), 2))
+        s = statistics.median(d for _, d in runs) / case.new_tokens
+        ms, tok_s = s * 1e3, case.batch / s
+    r.update(ms=ms, tok_s=round(tok_s, 2))
     return r
 
 
@@ -248,6 +257,7 @@ def worker(job: dict) -> None:
         try:
             res = _measure_case(sysobj.generator(case), case, cfg, device, job["reps"])
             res.update(_floors(cfg, case, res["ms"], dtype, ceilings))
+            res["ms"] = round(res["ms"], 4)
             res["status"] = "ok"
             if sysobj.compile_s:
                 res["compile_s"] = round(sysobj.compile_s, 2)
