@@ -18,7 +18,7 @@ import torch
 
 from .config import MythosConfig
 from .ir import Graph, Op
-from .ops.attention import GQAWeights, MLAWeights, rope_tables
+from .ops.attention import GQAWeights, MLAWeights, new_caches, rope_tables
 from .ops.ffn import DenseFFN
 from .ops.moe import PackedMoE
 from .ops.recurrent import ACTState, LoopParams
@@ -251,21 +251,11 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
     def width_of(value: str, g: Graph) -> int:
         return cfg.vocab_size if g.values[value].shape[-1] == "vocab" else cfg.dim
 
+    attn = impls["mla_attention" if cfg.attn_type == "mla" else "gqa_attention"]
+    new_layer_caches = attn.caches or new_caches
+
     def cache_for(key: str):
-        B, S = max_batch, max_seq_len
-        if cfg.attn_type == "mla" and impls["mla_attention"].backend == "cpu":
-            # One buffer per cache, [k_pe | latent] per token, that the cpu backend reads
-            # with one matmul per decode step; the op contract's two caches are its views.
-            P = cfg.qk_rope_head_dim
-            joint = torch.zeros(B, S, P + cfg.kv_lora_rank, dtype=dtype, device=device)
-            caches[key] = (joint[..., P:], joint[..., :P])
-        elif cfg.attn_type == "mla":
-            caches[key] = (torch.zeros(B, S, cfg.kv_lora_rank, dtype=dtype, device=device),
-                           torch.zeros(B, S, cfg.qk_rope_head_dim, dtype=dtype, device=device))
-        else:
-            shape = (B, S, cfg.n_kv_heads, cfg.head_dim)
-            caches[key] = (torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device))
+        caches[key] = new_layer_caches(cfg, max_batch, max_seq_len, dtype, device)
 
     # args hold each implementation's own form of its op's arguments: its prepare step
     # (identity unless it registered one, e.g. the cpu backend's fused weights) runs once.

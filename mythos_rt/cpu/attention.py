@@ -170,9 +170,18 @@ def _phasor_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return per_tensor("phasors", cos, lambda c: torch.complex(c, sin))
 
 
+def joint_mla_caches(cfg, batch: int, seq_len: int, dtype: torch.dtype, device) -> tuple:
+    """One layer's MLA caches (ckv, kpe) as views of one zeroed buffer (B, S, rope + R),
+    [k_pe | latent] per token, so that a decode step reads each cached token as one row
+    (one matmul, one pass over memory). Registered as the cpu MLA's cache allocator."""
+    P = cfg.qk_rope_head_dim
+    joint = torch.zeros(batch, seq_len, P + cfg.kv_lora_rank, dtype=dtype, device=device)
+    return joint[..., P:], joint[..., :P]
+
+
 def _joint_rows(ckv: torch.Tensor, kpe: torch.Tensor):
-    """Row 0 (S_max, rope + R) of the one buffer the cpu lowering keeps an MLA cache in
-    (``kpe`` its first rope columns, ``ckv`` the rest), or None for separate buffers."""
+    """Row 0 (S_max, rope + R) of a ``joint_mla_caches`` buffer (``kpe`` its first rope
+    columns, ``ckv`` the rest), or None for separate buffers."""
     def make(kpe):
         P, R = kpe.shape[-1], ckv.shape[-1]
         W = P + R

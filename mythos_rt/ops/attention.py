@@ -33,7 +33,7 @@ from .registry import register
 __all__ = [
     "MLAWeights", "GQAWeights", "absorb_mla_weights", "rope_tables", "rope", "rope_cache_write",
     "mla_cache_write", "mla_decode", "gqa_decode", "flash_attention", "mla_attention",
-    "gqa_attention",
+    "gqa_attention", "new_caches",
 ]
 
 
@@ -369,6 +369,20 @@ def gqa_attention(x, w: GQAWeights, k_cache, v_cache, cache_lens, cos, sin, scal
                         (rope, rope_cache_write, gqa_decode, flash_attention))
 
 
+def new_caches(cfg, batch: int, seq_len: int, dtype: torch.dtype, device) -> tuple:
+    """One layer's zeroed KV caches in the contract's layout: MLA (ckv, kpe), GQA (k, v).
+
+    An implementation that reads its caches in another memory layout registers its own
+    allocator (``register(..., caches=)``) returning views of the same shapes."""
+    B, S = batch, seq_len
+    if cfg.attn_type == "mla":
+        return (torch.zeros(B, S, cfg.kv_lora_rank, dtype=dtype, device=device),
+                torch.zeros(B, S, cfg.qk_rope_head_dim, dtype=dtype, device=device))
+    shape = (B, S, cfg.n_kv_heads, cfg.head_dim)
+    return (torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device))
+
+
 # ----------------------------------------------------------------------------- registry
 
 _T = "mythos_rt.triton_kernels"
@@ -386,6 +400,7 @@ for _op, _torch, _triton in [
     register(_op, "triton", _triton)
 register("mla_attention", "cpu", "mythos_rt.cpu.attention:mla_attention_cpu",
          prepare="mythos_rt.cpu.attention:prepare_mla",
-         bind="mythos_rt.cpu.attention:bind_mla_attention_cpu")
+         bind="mythos_rt.cpu.attention:bind_mla_attention_cpu",
+         caches="mythos_rt.cpu.attention:joint_mla_caches")
 register("gqa_attention", "cpu", "mythos_rt.cpu.attention:gqa_attention_cpu",
          prepare="mythos_rt.cpu.attention:prepare_gqa")

@@ -18,7 +18,9 @@ lowering calls it once, at compile time. It may also come with a ``bind`` functi
 the arguments of one call on buffers that never move (a plan step), it returns a
 zero-argument launch with everything it can fix already fixed (the cpu backend: a
 compiled kernel with its addresses), or None to be called plainly
-(``Selected.launcher``).
+(``Selected.launcher``). An attention implementation may also choose how its two KV
+caches are laid out in memory (``caches``; the cpu backend: one joint buffer whose views
+are the two caches); otherwise ``ops.attention.new_caches`` allocates them apart.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ _AUTO_ORDER_CPU = ("cpu", "torch")
 _REGISTRY: dict[str, dict[str, str]] = {}
 _PREPARE: dict[tuple[str, str], str] = {}
 _BIND: dict[tuple[str, str], str] = {}
+_CACHES: dict[tuple[str, str], str] = {}
 
 
 class BackendError(RuntimeError):
@@ -46,13 +49,13 @@ class BackendError(RuntimeError):
 
 
 def register(op: str, backend: str, target: str, prepare: Optional[str] = None,
-             bind: Optional[str] = None) -> None:
+             bind: Optional[str] = None, caches: Optional[str] = None) -> None:
     """Register ``target`` ("package.module:function") as ``op``'s ``backend`` implementation,
-    with an optional ``prepare`` ("module:function") for its arguments and ``bind`` for
-    prebound launches."""
+    with an optional ``prepare`` ("module:function") for its arguments, ``bind`` for
+    prebound launches and ``caches`` for its KV-cache allocation."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    for path in (target, prepare, bind):
+    for path in (target, prepare, bind, caches):
         if path is not None and ":" not in path:
             raise ValueError(f"target must look like 'module:function', got {path!r}")
     _REGISTRY.setdefault(op, {})[backend] = target
@@ -60,6 +63,8 @@ def register(op: str, backend: str, target: str, prepare: Optional[str] = None,
         _PREPARE[(op, backend)] = prepare
     if bind is not None:
         _BIND[(op, backend)] = bind
+    if caches is not None:
+        _CACHES[(op, backend)] = caches
 
 
 def ops() -> list[str]:
@@ -96,12 +101,14 @@ def _identity(args):
 @dataclass(frozen=True)
 class Selected:
     """A resolved implementation: which backend, the callable, its argument prepare step
-    (identity unless the implementation registered one) and its binder (if any)."""
+    (identity unless the implementation registered one), its binder and its KV-cache
+    allocator (if any)."""
     op: str
     backend: str
     fn: Callable
     prepare: Callable = _identity
     bind: Optional[Callable] = None
+    caches: Optional[Callable] = None
 
     def launcher(self, *args, **kwargs) -> Callable[[], object]:
         """A zero-argument launch of ``fn(*args, **kwargs)`` on arguments that will not
@@ -115,10 +122,9 @@ class Selected:
 
 
 def _selected(op: str, backend: str) -> Selected:
-    prepare, bind = _PREPARE.get((op, backend)), _BIND.get((op, backend))
-    return Selected(op, backend, load(op, backend),
-                    _import(op, backend, prepare) if prepare else _identity,
-                    _import(op, backend, bind) if bind else None)
+    hook = lambda table: _import(op, backend, table[(op, backend)]) if (op, backend) in table else None  # noqa: E731
+    return Selected(op, backend, load(op, backend), hook(_PREPARE) or _identity,
+                    hook(_BIND), hook(_CACHES))
 
 
 def _cuda_extension_available() -> bool:

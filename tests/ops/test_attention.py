@@ -33,6 +33,23 @@ def test_registered():
         assert backends_of(op) == ["torch", "triton"] + lean, op
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_allocators_keep_the_contract(kind):
+    """Every registered KV-cache allocator gives the contract's shapes, zeroed, as two
+    caches that do not overlap (whatever buffer they are views of)."""
+    from mythos_rt.ops import select
+
+    cfg = MythosConfig.from_preset(f"tiny_{kind}")
+    want = A.new_caches(cfg, 3, 11, torch.float32, "cpu")
+    for backend in backends_of(f"{kind}_attention"):
+        alloc = select(f"{kind}_attention", "cpu", backend).caches or A.new_caches
+        a, b = alloc(cfg, 3, 11, torch.float32, "cpu")
+        assert (a.shape, b.shape) == (want[0].shape, want[1].shape), backend
+        assert not a.any() and not b.any() and a.dtype == b.dtype == torch.float32
+        a.fill_(1.0)
+        assert not b.any(), f"{backend}: writing one cache changed the other"
+
+
 def test_absorb_mla_weights_per_head():
     H, nope, v, R = 3, 12, 10, 24
     w = torch.randn(H * (nope + v), R)
@@ -193,14 +210,10 @@ def test_bf16_gpu_long(kind):
     if kind == "mla":
         w = A.MLAWeights.from_state_dict(sd, "", cfg)
         scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
-        caches = (torch.zeros(B, S_max, cfg.kv_lora_rank, device=dev, dtype=torch.bfloat16),
-                  torch.zeros(B, S_max, cfg.qk_rope_head_dim, device=dev, dtype=torch.bfloat16))
     else:
         w = A.GQAWeights.from_state_dict(sd, "", cfg)
         scale = cfg.head_dim ** -0.5
-        shape = (B, S_max, cfg.n_kv_heads, cfg.head_dim)
-        caches = (torch.zeros(shape, device=dev, dtype=torch.bfloat16),
-                  torch.zeros(shape, device=dev, dtype=torch.bfloat16))
+    caches = A.new_caches(cfg, B, S_max, torch.bfloat16, dev)
     fn = select(f"{kind}_attention", dev, "triton").fn
     ref_cache = {}
     x = torch.randn(B, T, cfg.dim, device=dev)
