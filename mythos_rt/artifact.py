@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from .cache import cache_dir
+from .cache import cache_dir, write_atomic
 from .checkpoint import read_json_object
 from .config import ConfigError, MythosConfig
 from .ir import Graph, IRError
@@ -170,7 +170,7 @@ def _restore_autotune(d: Path) -> None:
         except json.JSONDecodeError:
             continue
         if isinstance(ours, dict) and isinstance(theirs, dict):
-            target.write_text(json.dumps({**theirs, **ours}, indent=1))
+            write_atomic(target, json.dumps({**theirs, **ours}, indent=1))
 
 
 def _read_json(path: Path, d: Path) -> dict:

@@ -27,8 +27,6 @@ shared blocks = S·cdiv(N,BM). Blocks past the live count read expert -1 and exi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
@@ -36,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mythos_rt.cache import cache_dir, write_atomic
 from mythos_rt.ops.moe import PackedMoE
 
 from . import interpreted
@@ -395,10 +394,8 @@ def heuristic_config(n_tokens: int, dim: int, expert_dim: int, n_routed: int, to
 
 
 def cache_path() -> str:
-    """``$MYTHOS_RT_CACHE_DIR/autotune/moe.json`` or ``~/.cache/mythos_rt/autotune/moe.json``."""
-    root = os.environ.get("MYTHOS_RT_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mythos_rt")
-    return os.path.join(root, "autotune", "moe.json")
+    """``moe.json`` in the autotune cache (``mythos_rt.cache``)."""
+    return str(cache_dir("autotune") / "moe.json")
 
 
 _CACHE: Dict[str, Dict[str, dict]] = {}   # path -> {key: config dict}
@@ -416,7 +413,6 @@ def _load_cache(path: str) -> Dict[str, dict]:
 
 
 def _save_cache(path: str, entries: Dict[str, dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     merged = {}
     try:
         with open(path, encoding="utf-8") as f:
@@ -424,10 +420,7 @@ def _save_cache(path: str, entries: Dict[str, dict]) -> None:
     except (OSError, ValueError):
         pass
     merged.update(entries)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(merged, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(merged, indent=1, sort_keys=True))
     _CACHE[path] = merged
 
 

@@ -41,6 +41,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from ..cache import cache_dir as shared_cache_dir
+from ..cache import replacing
 
 __all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",
@@ -229,23 +230,22 @@ def _build(cxx: str, version: str, flags: tuple[str, ...]) -> Path:
     if target.exists():
         return target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        return _compile(cxx, flags, target)
     except OSError:  # an unwritable cache costs a rebuild per process, not the kernels
-        target = Path(tempfile.mkdtemp(prefix="mythos_rt_cpu_")) / target.name
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True,
-                              text=True, timeout=300)
+        return _compile(cxx, flags, Path(tempfile.mkdtemp(prefix="mythos_rt_cpu_")) / target.name)
+
+
+def _compile(cxx: str, flags: tuple[str, ...], target: Path) -> Path:
+    """Compile into ``target``, whole or not at all (a concurrent build never sees half a
+    file); OSError only where ``target``'s directory cannot be written."""
+    with replacing(target) as tmp:
+        try:
+            done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True,
+                                  text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise NativeError(f"{cxx} could not compile {SOURCE.name}: {exc}") from exc
         if done.returncode != 0:
             raise NativeError(f"{cxx} failed on {SOURCE.name}:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)  # atomic: a concurrent build never sees half a file
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise NativeError(f"{cxx} could not compile {SOURCE.name}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return target
 
 

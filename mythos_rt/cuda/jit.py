@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..cache import cache_dir as shared_cache_dir
+from ..cache import write_atomic
 from .codegen import KERNEL_NAMES, ROW_WARPS, LoopSpec, loop_step_source
 
 __all__ = ["JITError", "cache_dir", "enabled", "compile_cubin", "specialize_loop", "lookup",
@@ -97,11 +97,7 @@ def compile_cubin(source: str, arch: str, name: str = "mythos_loop.cu") -> Path:
         cubin = nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(cubin)
-    os.replace(tmp, path)   # atomic: concurrent compiles of one key are harmless
+    write_atomic(path, cubin)  # concurrent compiles of one key are harmless
     return path
 
 
