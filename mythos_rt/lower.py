@@ -334,13 +334,13 @@ def _specialize_cuda_loop(params: LoopParams, dtype: torch.dtype, device: torch.
     Falls back to the ahead-of-time CUDA kernels when CuPy/NVRTC is unavailable or
     disabled (MYTHOS_RT_CUDA_JIT=0); always before any graph capture.
     """
-    import os
     import warnings
-    if os.environ.get("MYTHOS_RT_CUDA_JIT", "1") == "0":
+
+    from .cuda import jit
+    if not jit.enabled():
         return
-    from .cuda.jit import JITError, specialize_loop
     try:
-        specialize_loop(params, dtype, device)
-    except JITError as exc:
+        jit.specialize_loop(params, dtype, device)
+    except jit.JITError as exc:
         warnings.warn(f"recurrent step: NVRTC specialization unavailable ({exc}); "
                       "using the ahead-of-time CUDA kernels", stacklevel=3)

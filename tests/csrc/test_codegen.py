@@ -67,6 +67,28 @@ def test_specialize_needs_cuda():
         jit.specialize_loop(make_ref_loop(48).params(), torch.float32, "cpu")
 
 
+def test_lowering_falls_back_to_aot_with_one_warning(monkeypatch):
+    """The compile-time specialization the lowering asks for: off by the env switch, and a
+    JITError (no CuPy/NVRTC) is a warning naming the fallback, never a failed compile."""
+    from mythos_rt.lower import _specialize_cuda_loop
+
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise jit.JITError("CuPy is not installed")
+
+    monkeypatch.setattr(jit, "specialize_loop", refuse)
+    params = make_ref_loop(48).params()
+    monkeypatch.setenv("MYTHOS_RT_CUDA_JIT", "0")
+    _specialize_cuda_loop(params, torch.bfloat16, torch.device("cuda"))
+    assert calls == []
+    monkeypatch.delenv("MYTHOS_RT_CUDA_JIT")
+    with pytest.warns(UserWarning, match="CuPy is not installed.*ahead-of-time"):
+        _specialize_cuda_loop(params, torch.bfloat16, torch.device("cuda"))
+    assert len(calls) == 1
+
+
 def test_missing_headers_are_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MYTHOS_RT_CSRC_INCLUDE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="MYTHOS_RT_CSRC_INCLUDE"):
