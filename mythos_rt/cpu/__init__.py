@@ -13,7 +13,8 @@ in as few calls as possible:
 * positions and routing decisions are read on the host, where that is free;
 * RoPE is one in-place complex multiply;
 * at decode, each sublayer is one call, for all of the step's rows, of a C++ kernel
-  (``decode_row.cpp``: RMSNorm, MLA over the joint cache, MoE, dense FFN, loop epilogue;
+  (``decode_row.cpp``: RMSNorm, MLA over the joint cache, GQA, MoE, dense FFN, loop
+  epilogue;
   norms and epilogues of prefill chunks too) over those same layouts, compiled on first
   use by the host C++ compiler and cached (``mythos_rt.cpu.native``), its arguments
   bound once per plan step (the ops' ``bind_*`` functions). Without a compiler, or with

@@ -13,7 +13,9 @@ GQA   one projection for [q | k | v] (scale folded into q), grouped matmuls over
 
 One new token per row of MLA over the joint cache (decode) is a single
 ``mla_decode_rows`` call of the compiled kernels (``mythos_rt.cpu.native``) where they
-are available, else (one row) the PyTorch one-row path (``_mla_one_row``).
+are available, else (one row) the PyTorch one-row path (``_mla_one_row``); of GQA, a
+single ``gqa_decode_rows`` call (each cached key read once for its group of query
+heads), else the grouped matmuls.
 
 A chunk of several tokens per row (prefill) runs in latent space too (``_mla_chunk``: a
 few batched matmuls, no per-head K/V over the cache). Positions are read on the host
@@ -34,7 +36,7 @@ from .memo import per_tensor
 from .norm import ZERO, inv_rms, rms_normalize
 
 __all__ = ["CpuMLA", "CpuGQA", "prepare_mla", "prepare_gqa", "mla_attention_cpu",
-           "bind_mla_attention_cpu", "gqa_attention_cpu"]
+           "bind_mla_attention_cpu", "gqa_attention_cpu", "bind_gqa_attention_cpu"]
 
 # Absorb w_uk / w_uv into a projection only while the fused matrix holds at most this
 # many times the parameters of the two it replaces: below, one call beats two; above,
@@ -98,7 +100,7 @@ class _RowScratch:
 
 @dataclass
 class CpuGQA:
-    """GQA weights fused for decode: [wq·scale; wk; wv] and woᵀ."""
+    """GQA weights fused for decode: [wq·scale; wk; wv]ᵀ and woᵀ (contiguous)."""
     base: GQAWeights
     qkv_t: torch.Tensor         # (D, (H + 2·Hkv)·d)
     wo_t: torch.Tensor          # (H·d, D)
@@ -106,6 +108,7 @@ class CpuGQA:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    row_kernel: Optional[native.Kernel] = None  # the compiled decode, where available
 
 
 def _fold(big: int, parts: int, limit: float) -> bool:
@@ -158,9 +161,15 @@ def prepare_gqa(w: GQAWeights) -> CpuGQA:
     """Fuse a GQA sublayer's weights for ``gqa_attention_cpu``."""
     scale = w.head_dim ** -0.5
     qkv = torch.cat([w.wq.double() * scale, w.wk.double(), w.wv.double()])
-    return CpuGQA(base=w, qkv_t=qkv.float().contiguous().t(), wo_t=w.wo.float().t().contiguous(),
-                  scale=scale, n_heads=w.n_heads, n_kv_heads=w.n_kv_heads,
-                  head_dim=w.head_dim)
+    g = CpuGQA(base=w, qkv_t=qkv.float().t().contiguous(), wo_t=w.wo.float().t().contiguous(),
+               scale=scale, n_heads=w.n_heads, n_kv_heads=w.n_kv_heads, head_dim=w.head_dim)
+    lib = native.library() if w.head_dim % 2 == 0 else None
+    if lib is not None:
+        g.row_kernel = native.kernel(
+            lib, "gqa_decode_rows", native.GqaRow,
+            dict(D=g.qkv_t.shape[0], H=g.n_heads, Hkv=g.n_kv_heads, d=g.head_dim),
+            dict(qkv_t=g.qkv_t, o_t=g.wo_t))
+    return g
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -191,6 +200,12 @@ def _joint_rows(ckv: torch.Tensor, kpe: torch.Tensor):
                  and ckv.data_ptr() == kpe.data_ptr() + P * kpe.element_size())
         return kpe.as_strided((kpe.shape[1], W), (W, 1)) if joint else None
     return per_tensor("mla_rows", kpe, make)
+
+
+def _tables_fit(cos, sin, S_max: int, pairs: int) -> bool:
+    """Whether the RoPE tables are float32 (≥ S_max, pairs) rows a kernel can index."""
+    return all(t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] >= S_max
+               and t.shape[1] == pairs for t in (cos, sin))
 
 
 def _phasors(cos, sin, pos: list[int], cache_lens):
@@ -372,6 +387,7 @@ def bind_mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, 
     if (k is None or x.dim() != 3 or x.shape[1] != 1 or x.dtype != torch.float32
             or out is None or scale != w.scale or cache_lens.dtype != torch.int32
             or cache_lens.shape != (B,) or B > kpe.shape[0]
+            or not _tables_fit(cos, sin, kpe.shape[1], w.rope // 2)
             or not native.contiguous(x, out, cache_lens, cos, sin)):
         return None
     rows = _joint_rows(ckv, kpe)
@@ -414,6 +430,11 @@ def gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scal
     pos = _decode_positions(x, cache_lens, k_cache.shape[1])
     if pos is None:
         return gqa_attention(x, w.base, k_cache, v_cache, cache_lens, cos, sin, scale, out)
+    if w.row_kernel is not None:
+        res = native.run_bound(lambda target: bind_gqa_attention_cpu(
+            x, w, k_cache, v_cache, cache_lens, cos, sin, scale, target), x, out)
+        if res is not None:
+            return res
     B, H, Hkv, d = x.shape[0], w.n_heads, w.n_kv_heads, w.head_dim
     L = max(pos) + 1
     y = torch.mm(x.view(B, -1), w.qkv_t)
@@ -429,3 +450,32 @@ def gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scal
     far = _mask_ragged_(s, pos, cache_lens)
     o = torch.matmul(torch.softmax(s, -1), _zero_far(values, far).transpose(1, 2))  # (B, Hkv, g, d)
     return _output(o.reshape(B, H * d), w.wo_t, out, B)
+
+
+def bind_gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scale,
+                           out=None):
+    """``gqa_attention_cpu`` for B rows of one token as a prebound call of the compiled
+    kernel (it reads the positions from ``cache_lens`` itself), or None where that does
+    not apply: not float32 single tokens, or caches or tables the kernel cannot take."""
+    k = w.row_kernel
+    B = x.shape[0]
+    if (k is None or x.dim() != 3 or x.shape[1] != 1 or x.dtype != torch.float32
+            or out is None or scale != w.scale or cache_lens.dtype != torch.int32
+            or cache_lens.shape != (B,) or k_cache.dtype != torch.float32
+            or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride()
+            or k_cache.shape[2:] != (w.n_kv_heads, w.head_dim) or B > k_cache.shape[0]
+            or not _tables_fit(cos, sin, k_cache.shape[1], w.head_dim // 2)
+            or not native.contiguous(x, out, cache_lens, cos, sin, k_cache, v_cache)):
+        return None
+    S_max = k_cache.shape[1]
+    call = native.prebound(k.fn, k.ref, x.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                           k_cache.stride(0), cache_lens.data_ptr(), B, S_max, cos.data_ptr(),
+                           sin.data_ptr(), out.data_ptr(),
+                           keep=(x, k_cache, v_cache, cache_lens, cos, sin, out))
+
+    def launch():
+        if call():
+            raise ValueError(f"gqa_attention: positions {cache_lens.tolist()} reach outside "
+                             f"the cache of {S_max} slots")
+        return out
+    return launch

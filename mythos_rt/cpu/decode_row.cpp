@@ -277,12 +277,13 @@ void swiglu(const float* gate, const float* up, int n, float* act) {
   for (; i < n; ++i) act[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-// scores[h·L + j] = q_h · key_j for NH heads (rows of q, W wide) and keys j < L: each key
-// is read once for all NH heads.
+// scores[h·L + j] = q_h · key_j for NH heads (rows of q, W wide) and keys j < L (W wide,
+// key_j = keys + j·stride): each key is read once for all NH heads.
 template <int NH>
-void scores_of(const float* q, const float* keys, int W, int L, float* scores) {
+void scores_of(const float* q, const float* keys, int W, int64_t stride, int L,
+               float* scores) {
   for (int j = 0; j < L; ++j) {
-    const float* key = keys + static_cast<int64_t>(j) * W;
+    const float* key = keys + j * stride;
     v16 acc[NH] = {};
     int i = 0;
     for (; i + 16 <= W; i += 16) {
@@ -314,26 +315,26 @@ void weighted_sum(const float* p, const float* values, int64_t stride, int L, fl
   for (int c = 0; c < NV; ++c) store16(o + 16 * c, even[c] + odd[c]);
 }
 
-// Multi-head attention of H query rows (q, W wide) over L cached rows (W wide, values at
-// columns P..P+R): o (H, R) = softmax(q·keysᵀ) · values. scores: scratch (H, L).
-void attend(const float* q, const float* rows, int H, int W, int P, int R, int L,
-            float* scores, float* o) {
+// Attention of H query rows (q, Wk wide) over L cached tokens, token j's key at
+// keys + j·stride (Wk wide) and its value at values + j·stride (Wv wide):
+// o (H, Wv) = softmax(q·keysᵀ) · values. scores: scratch (H, L).
+void attend(const float* q, int H, const float* keys, int Wk, const float* values, int Wv,
+            int64_t stride, int L, float* scores, float* o) {
   int h = 0;
-  for (; h + 4 <= H; h += 4) scores_of<4>(q + h * W, rows, W, L, scores + h * L);
-  for (; h < H; ++h) scores_of<1>(q + h * W, rows, W, L, scores + h * L);
+  for (; h + 4 <= H; h += 4) scores_of<4>(q + h * Wk, keys, Wk, stride, L, scores + h * L);
+  for (; h < H; ++h) scores_of<1>(q + h * Wk, keys, Wk, stride, L, scores + h * L);
   for (h = 0; h < H; ++h) {
     float* sc = scores + h * L;
     const float top = max_of(sc, L);
     const float inv = 1.0f / exp_shifted(sc, L, top);
     for (int j = 0; j < L; ++j) sc[j] *= inv;
-    const float* values = rows + P;
-    float* oh = o + h * R;
+    float* oh = o + h * Wv;
     int c = 0;
-    for (; c + 64 <= R; c += 64) weighted_sum<4>(sc, values + c, W, L, oh + c);
-    for (; c + 16 <= R; c += 16) weighted_sum<1>(sc, values + c, W, L, oh + c);
-    for (; c < R; ++c) {
+    for (; c + 64 <= Wv; c += 64) weighted_sum<4>(sc, values + c, stride, L, oh + c);
+    for (; c + 16 <= Wv; c += 16) weighted_sum<1>(sc, values + c, stride, L, oh + c);
+    for (; c < Wv; ++c) {
       float acc = 0.f;
-      for (int j = 0; j < L; ++j) acc += sc[j] * values[static_cast<int64_t>(j) * W + c];
+      for (int j = 0; j < L; ++j) acc += sc[j] * values[j * stride + c];
       oh[c] = acc;
     }
   }
@@ -476,8 +477,9 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
     team_barrier();  // every entry is in its slot
     for (int b = 0; b < B; ++b) {
       float* ob = o + static_cast<int64_t>(b) * H * R;
-      attend(q + static_cast<int64_t>(b) * H * W + h0 * W, cache + b * batch_stride, h1 - h0, W,
-             P, R, cache_lens[b] + 1, scores + h0 * L_max, ob + h0 * R);
+      const float* rows = cache + b * batch_stride;  // keys [k_pe | latent], values latent
+      attend(q + static_cast<int64_t>(b) * H * W + h0 * W, h1 - h0, rows, W, rows + P, R, W,
+             cache_lens[b] + 1, scores + h0 * L_max, ob + h0 * R);
       if (m->w_uv_t != nullptr)  // o_v[h] = o_latent[h] · w_uv_t[h]
         for (int h = h0; h < h1; ++h)
           gemv_kn(ob + h * R, m->w_uv_t + static_cast<int64_t>(h) * R * Vo, R, Vo, Vo,
@@ -487,6 +489,73 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
     share(D, t, nt, 16, lo, hi);
     gemm_kn(m->w_uv_t != nullptr ? o_v : o, H * Vo, B, m->o_t + lo, H * Vo, hi - lo, D, out + lo,
             D, false);
+  }
+  return 0;
+}
+
+// ------------------------------------------------------------------------------ GQA
+
+struct GqaRow {
+  int32_t D, H, Hkv, d;
+  const float* qkv_t;  // (D, (H + 2·Hkv)·d): x -> [q · softmax scale | k | v]
+  const float* o_t;    // (H·d, D) = woᵀ
+};
+
+// B rows of one new token of GQA, row b over its own caches (k_cache / v_cache +
+// b·batch_stride: (S_max, Hkv, d), keys stored after RoPE) at position cache_lens[b]
+// (read here, so a prebound call stays valid as the caches grow): project, rotate q and
+// k, store the new k and v, attend (query head h reads kv head h / (H / Hkv)), project
+// out. The projections are one product over all B rows; a team splits them by columns,
+// the new entries by rows and the attention by (row, kv head). Returns 1, having touched
+// nothing, when a position is outside the cache; else 0.
+int32_t gqa_decode_rows(const GqaRow* m, const float* x, float* k_cache, float* v_cache,
+                        int64_t batch_stride, const int32_t* cache_lens, int32_t B,
+                        int32_t S_max, const float* cos, const float* sin, float* out) {
+  int L_max = 0;
+  for (int b = 0; b < B; ++b) {
+    if (cache_lens[b] < 0 || cache_lens[b] >= S_max) return 1;
+    L_max = std::max(L_max, cache_lens[b] + 1);
+  }
+  const int H = m->H, Hkv = m->Hkv, d = m->d, D = m->D, group = H / Hkv, half = d / 2;
+  const int Wy = (H + 2 * Hkv) * d, Wkv = Hkv * d;  // a projected row; a cached token
+  const int T = team_size();
+  float* y = scratch(static_cast<size_t>(B) * (Wy + H * d) +
+                     static_cast<size_t>(T) * group * L_max);
+  float* o = y + static_cast<int64_t>(B) * Wy;               // (B, H·d)
+  float* scores = o + static_cast<int64_t>(B) * H * d;      // (T, group, L_max)
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T) if (T > 1)
+#endif
+  {
+    const int t = team_rank(), nt = team_count();
+    int lo, hi;
+    share(Wy, t, nt, 16, lo, hi);  // [q | k | v] of every row
+    gemm_kn(x, D, B, m->qkv_t + lo, D, hi - lo, Wy, y + lo, Wy, false);
+    team_barrier();
+    share(B, t, nt, 1, lo, hi);
+    for (int b = lo; b < hi; ++b) {  // this member's rows: rotate q and k, store k and v
+      float* yb = y + static_cast<int64_t>(b) * Wy;
+      const int pos = cache_lens[b];
+      const float* c = cos + static_cast<int64_t>(pos) * half;
+      const float* s = sin + static_cast<int64_t>(pos) * half;
+      for (int h = 0; h < H + Hkv; ++h) rotate(yb + h * d, c, s, half);
+      const int64_t slot = b * batch_stride + static_cast<int64_t>(pos) * Wkv;
+      std::memcpy(k_cache + slot, yb + H * d, sizeof(float) * Wkv);
+      std::memcpy(v_cache + slot, yb + H * d + Wkv, sizeof(float) * Wkv);
+    }
+    team_barrier();  // every entry is in its slot
+    share(B * Hkv, t, nt, 1, lo, hi);
+    for (int i = lo; i < hi; ++i) {  // this member's (row, kv head) pairs
+      const int b = i / Hkv, g = i % Hkv;
+      const int64_t at = b * batch_stride + static_cast<int64_t>(g) * d;
+      attend(y + static_cast<int64_t>(b) * Wy + g * group * d, group, k_cache + at, d,
+             v_cache + at, d, Wkv, cache_lens[b] + 1,
+             scores + static_cast<int64_t>(t) * group * L_max,
+             o + static_cast<int64_t>(b) * H * d + g * group * d);
+    }
+    team_barrier();
+    share(D, t, nt, 16, lo, hi);
+    gemm_kn(o, H * d, B, m->o_t + lo, H * d, hi - lo, D, out + lo, D, false);
   }
   return 0;
 }

@@ -2,7 +2,7 @@
 
 A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
-(RMSNorm, MLA, MoE, dense FFN, the loop epilogue) for all of a step's rows in one C
+(RMSNorm, MLA, GQA, MoE, dense FFN, the loop epilogue) for all of a step's rows in one C
 call. It is compiled here, on the machine that runs it, with the host C++ compiler
 (``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native``, cached on disk by a hash of
 the source, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
@@ -45,7 +45,7 @@ from ..cache import replacing
 
 __all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",
-           "bind_rows", "run_bound", "contiguous", "MlaRow", "MoeRow", "FfnRow", "LoopRow",
+           "bind_rows", "run_bound", "contiguous", "MlaRow", "GqaRow", "MoeRow", "FfnRow", "LoopRow",
            "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
@@ -65,6 +65,11 @@ class MlaRow(ctypes.Structure):
                 ("nope", _i32), ("v", _i32), ("eps", ctypes.c_float),
                 ("down_t", _vp), ("kv_norm", _vp), ("q_up_t", _vp), ("w_uk", _vp),
                 ("w_uv_t", _vp), ("o_t", _vp)]
+
+
+class GqaRow(ctypes.Structure):
+    _fields_ = [("D", _i32), ("H", _i32), ("Hkv", _i32), ("d", _i32), ("qkv_t", _vp),
+                ("o_t", _vp)]
 
 
 class MoeRow(ctypes.Structure):
@@ -88,6 +93,8 @@ _SIGNATURES = {
     "rmsnorm_rows": [_vp, _vp, _vp, ctypes.c_float, _i32, _i32, _vp, _vp],
     "mla_decode_rows": [ctypes.POINTER(MlaRow), _vp, _vp, ctypes.c_int64, _vp, _i32, _i32, _vp,
                         _vp, _vp],
+    "gqa_decode_rows": [ctypes.POINTER(GqaRow), _vp, _vp, _vp, ctypes.c_int64, _vp, _i32, _i32,
+                        _vp, _vp, _vp],
     "moe_rows": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
     "ffn_rows": [ctypes.POINTER(FfnRow), _vp, _i32, _vp],
     "loop_epilogue_rows": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp,
@@ -271,7 +278,7 @@ def _load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.has_openmp.restype = lib.team_threads.restype = ctypes.c_int32
-    lib.mla_decode_rows.restype = ctypes.c_int32
+    lib.mla_decode_rows.restype = lib.gqa_decode_rows.restype = ctypes.c_int32
     lib.set_parallel(1 if lib.has_openmp() and _one_openmp_runtime() else 0)
     return lib
 

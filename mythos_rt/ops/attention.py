@@ -403,4 +403,5 @@ register("mla_attention", "cpu", "mythos_rt.cpu.attention:mla_attention_cpu",
          bind="mythos_rt.cpu.attention:bind_mla_attention_cpu",
          caches="mythos_rt.cpu.attention:joint_mla_caches")
 register("gqa_attention", "cpu", "mythos_rt.cpu.attention:gqa_attention_cpu",
-         prepare="mythos_rt.cpu.attention:prepare_gqa")
+         prepare="mythos_rt.cpu.attention:prepare_gqa",
+         bind="mythos_rt.cpu.attention:bind_gqa_attention_cpu")

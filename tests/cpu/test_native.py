@@ -1,7 +1,7 @@
 """The compiled row kernels of the cpu backend (mythos_rt.cpu.native): building and
-caching, every way they can be unavailable, argument checks, and MLA decode over the
-joint cache at awkward sizes (the other kernels: tests/cpu/test_cpu_backend.py, which
-runs every op with and without them)."""
+caching, every way they can be unavailable, argument checks, and MLA (over the joint
+cache) and GQA decode at awkward sizes (the other kernels: tests/cpu/test_cpu_backend.py,
+which runs every op with and without them)."""
 
 import warnings
 
@@ -231,3 +231,84 @@ def test_mla_rows_of_a_ragged_batch_match_the_pytorch_path(cfg, fold):
     written[torch.arange(3), lens.long()] = True
     assert_rel_close(our_cache[written], ref_cache[written], TOL_FP32_TORCH, "new entries")
     assert torch.equal(our_cache[~written].isnan(), joint[~written].isnan())
+
+
+def _gqa(H: int, Hkv: int, d: int, D: int) -> MythosConfig:
+    return MythosConfig(dim=D, n_heads=H, n_kv_heads=Hkv, max_seq_len=40, attn_type="gqa",
+                        rope_theta=10000.0)
+
+
+GQA_SHAPES = [  # none of d, D a multiple of 16
+    pytest.param(_gqa(6, 2, 10, 60), id="H6-kv2-d10"),
+    pytest.param(_gqa(3, 1, 18, 54), id="mqa-H3-d18"),
+    pytest.param(_gqa(2, 2, 34, 68), id="mha-H2-d34"),
+]
+
+
+@pytest.mark.parametrize("cfg", GQA_SHAPES)
+def test_gqa_one_row_decode_to_the_last_slot(cfg, row_path):
+    """Prefill then decode one row (unwritten cache slots NaN) against the reference, up to
+    the last slot of the cache."""
+    h = Harness("gqa", "cpu", b_max=1, s_max=20, cfg=cfg)
+    assert (h.w.row_kernel is not None) == (row_path == "compiled")
+    ref_cache = {}
+    x = h.x(1, 3)
+    assert_rel_close(h.ours(x, [0]), h.reference(x, 0, ref_cache), TOL_FP32_TORCH, "prefill")
+    for pos in range(3, 20):
+        x = h.x(1, 1)
+        assert_rel_close(h.ours(x, [pos]), h.reference(x, pos, ref_cache), TOL_FP32_TORCH,
+                         f"decode at {pos}")
+
+
+@needs_compiler
+@pytest.mark.parametrize("cfg", GQA_SHAPES)
+def test_gqa_rows_of_a_ragged_batch_match_the_pytorch_path(cfg):
+    """B rows at different positions over caches whose unwritten slots are NaN: the
+    compiled kernel against the cpu backend's PyTorch path."""
+    from dataclasses import replace
+
+    from mythos_rt.cpu.attention import gqa_attention_cpu
+
+    h = Harness("gqa", "cpu", b_max=4, s_max=16, cfg=cfg)
+    assert h.w.row_kernel is not None
+    lens = torch.tensor([5, 0, 15], dtype=torch.int32)  # 3 of 4 rows; one at the last slot
+    caches = [torch.full((4, 16, cfg.n_kv_heads, cfg.head_dim), float("nan")) for _ in range(2)]
+    for c in caches:
+        for b, n in enumerate(lens.tolist()):
+            c[b, :n] = torch.randn(n, cfg.n_kv_heads, cfg.head_dim)
+    x = h.x(3, 1)
+    results = []
+    for w in (h.w, replace(h.w, row_kernel=None)):
+        k, v = (c.clone() for c in caches)
+        results.append((gqa_attention_cpu(x, w, k, v, lens, h.cos, h.sin, h.scale), k, v))
+    (ours, ok, ov), (ref, rk, rv) = results
+    assert torch.isfinite(ours).all()
+    assert_rel_close(ours, ref, TOL_FP32_TORCH, "outputs")
+    for name, a, b, before in (("k", ok, rk, caches[0]), ("v", ov, rv, caches[1])):
+        written = torch.zeros(4, 16, dtype=torch.bool)
+        written[torch.arange(3), lens.long()] = True
+        assert_rel_close(a[written], b[written], TOL_FP32_TORCH, f"new {name} entries")
+        assert torch.equal(a[~written].isnan(), before[~written].isnan()), name
+
+
+@needs_compiler
+def test_a_bound_gqa_launch_refuses_a_position_outside_the_cache():
+    from mythos_rt.cpu.attention import bind_gqa_attention_cpu
+
+    h = Harness("gqa", "cpu", b_max=1, s_max=8)
+    k, v = (torch.zeros(1, 8, h.cfg.n_kv_heads, h.cfg.head_dim) for _ in range(2))
+    out = torch.full((1, 1, h.cfg.dim), float("nan"))
+    lens = torch.tensor([7], dtype=torch.int32)
+    launch = bind_gqa_attention_cpu(h.x(1, 1), h.w, k, v, lens, h.cos, h.sin, h.scale, out)
+    launch()  # the last slot
+    assert torch.isfinite(out).all()
+    lens.fill_(8)
+    before = (k.clone(), v.clone())
+    with pytest.raises(ValueError, match=r"positions \[8\] reach outside the cache of 8 slots"):
+        launch()
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+    # what the kernel cannot take is declined, for the PyTorch path to run
+    assert bind_gqa_attention_cpu(h.x(1, 1), h.w, k, v, lens, h.cos[:4], h.sin[:4], h.scale,
+                                  out) is None
+    assert bind_gqa_attention_cpu(h.x(1, 1), h.w, k.transpose(2, 3), v.transpose(2, 3), lens,
+                                  h.cos, h.sin, h.scale, out) is None
