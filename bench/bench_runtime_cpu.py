@@ -55,13 +55,21 @@ def _time(fn):
     return time.perf_counter() - t0
 
 
-def run(quick: bool = False, backend: str = "auto") -> list[dict]:
-    cfg = BENCH_CONFIG
+def bench_config(attn: str = "mla") -> MythosConfig:
+    """BENCH_CONFIG, or the same model with GQA attention (4 query heads over 2 KV heads)."""
+    if attn == "mla":
+        return BENCH_CONFIG
+    return dataclasses.replace(BENCH_CONFIG, attn_type="gqa", n_kv_heads=2)
+
+
+def run(quick: bool = False, backend: str = "auto", attn: str = "mla") -> list[dict]:
+    cfg = bench_config(attn)
     torch.manual_seed(0)
     ref = OpenMythos(cfg).eval()
     n_loops, steps = cfg.max_loop_iters, (3 if quick else 24)
     rt = mythos_rt.compile(ref, backend=backend, max_batch_size=max(b for b, _ in CASES))
-    models = {f"mythos-rt ({rt.backends['mla_attention']} backend)": rt, "eager reference": ref}
+    models = {f"mythos-rt ({rt.backends[f'{attn}_attention']} backend)": rt,
+              "eager reference": ref}
     up = _upstream(cfg)
     if up is not None:
         up.load_state_dict(ref.state_dict())
@@ -132,12 +140,16 @@ def main() -> None:
     p.add_argument("--unabsorbed", action="store_true",
                    help="keep the cpu backend's MLA projections unabsorbed (FOLD_LIMIT=0), "
                         "as mythos_1b-sized checkpoints get them")
+    p.add_argument("--attn", default="mla", choices=["mla", "gqa"],
+                   help="the model's attention (gqa: 4 query heads over 2 KV heads)")
     args = p.parse_args()
+    if args.unabsorbed and args.attn != "mla":
+        p.error("--unabsorbed applies to MLA only")
     torch.set_num_threads(2)
     if args.unabsorbed:
         from mythos_rt.cpu import attention
         attention.FOLD_LIMIT = 0.0
-    rows = run(args.quick, args.backend)
+    rows = run(args.quick, args.backend, args.attn)
     for r in rows:
         extra = (f"  rt is {r['rt_decode_speedup']}x at decode, {r['rt_prefill_speedup']}x "
                  f"at prefill" if "rt_decode_speedup" in r else "")
@@ -146,7 +158,8 @@ def main() -> None:
               f"tok/s{extra}")
     if args.out:
         from bench.harness import provenance
-        meta = dict(provenance(), device="cpu", config=BENCH_CONFIG.to_dict(), quick=args.quick,
+        meta = dict(provenance(), device="cpu", config=bench_config(args.attn).to_dict(),
+                    quick=args.quick,
                     backend=args.backend, mla_unabsorbed=args.unabsorbed,
                     cpu_row_kernels=_row_kernels(args.backend),
                     method="decode: median over interleaved steps (models alternate step by "

@@ -1,10 +1,13 @@
 """bench/bench_runtime_cpu.py runs (quick) and reports every model at every context."""
 
+import pytest
+
 from bench import bench_runtime_cpu
 
 
-def test_quick_run_reports_decode_and_prefill_for_each_model():
-    rows = bench_runtime_cpu.run(quick=True)
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_quick_run_reports_decode_and_prefill_for_each_model(attn):
+    rows = bench_runtime_cpu.run(quick=True, attn=attn)
     names = [r["name"] for r in rows]
     assert names[0] == "mythos-rt (cpu backend)" and "eager reference" in names
     for r in rows:
