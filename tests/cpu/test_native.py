@@ -117,6 +117,18 @@ def _awkward_mla() -> MythosConfig:
                         rope_theta=10000.0)
 
 
+def _prefill_then_decode_to_the_last_slot(h: Harness, s_max: int) -> None:
+    """Three prompt tokens, then one token per step up to slot s_max - 1, each against the
+    reference."""
+    ref_cache = {}
+    x = h.x(1, 3)
+    assert_rel_close(h.ours(x, [0]), h.reference(x, 0, ref_cache), TOL_FP32_TORCH, "prefill")
+    for pos in range(3, s_max):
+        x = h.x(1, 1)
+        assert_rel_close(h.ours(x, [pos]), h.reference(x, pos, ref_cache), TOL_FP32_TORCH,
+                         f"decode at {pos}")
+
+
 @pytest.mark.parametrize("fold", [True, False], ids=["absorbed", "two-step"])
 @pytest.mark.parametrize("cfg", [None, _awkward_mla()], ids=["harness", "awkward"])
 def test_mla_one_row_over_the_joint_cache(cfg, fold, row_path):
@@ -131,13 +143,7 @@ def test_mla_one_row_over_the_joint_cache(cfg, fold, row_path):
     P, R = h.cfg.qk_rope_head_dim, h.cfg.kv_lora_rank
     joint = torch.full((1, 24, P + R), float("nan"))
     h.caches = (joint[..., P:], joint[..., :P])
-    ref_cache = {}
-    x = h.x(1, 3)
-    assert_rel_close(h.ours(x, [0]), h.reference(x, 0, ref_cache), TOL_FP32_TORCH, "prefill")
-    for pos in range(3, 24):
-        x = h.x(1, 1)
-        assert_rel_close(h.ours(x, [pos]), h.reference(x, pos, ref_cache), TOL_FP32_TORCH,
-                         f"decode at {pos}")
+    _prefill_then_decode_to_the_last_slot(h, 24)
 
 
 def test_binders_take_their_ops_arguments():
@@ -251,13 +257,7 @@ def test_gqa_one_row_decode_to_the_last_slot(cfg, row_path):
     the last slot of the cache."""
     h = Harness("gqa", "cpu", b_max=1, s_max=20, cfg=cfg)
     assert (h.w.row_kernel is not None) == (row_path == "compiled")
-    ref_cache = {}
-    x = h.x(1, 3)
-    assert_rel_close(h.ours(x, [0]), h.reference(x, 0, ref_cache), TOL_FP32_TORCH, "prefill")
-    for pos in range(3, 20):
-        x = h.x(1, 1)
-        assert_rel_close(h.ours(x, [pos]), h.reference(x, pos, ref_cache), TOL_FP32_TORCH,
-                         f"decode at {pos}")
+    _prefill_then_decode_to_the_last_slot(h, 20)
 
 
 @needs_compiler
