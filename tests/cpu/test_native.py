@@ -312,3 +312,42 @@ def test_a_bound_gqa_launch_refuses_a_position_outside_the_cache():
                                   out) is None
     assert bind_gqa_attention_cpu(h.x(1, 1), h.w, k.transpose(2, 3), v.transpose(2, 3), lens,
                                   h.cos, h.sin, h.scale, out) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [3, 4])
+def test_uneven_teams_give_the_one_thread_answer(threads):
+    """Team sizes that split heads, (row, kv head) pairs, experts and columns unevenly
+    (oversubscribed on a small machine: correctness, not speed) agree with one thread."""
+    from mythos_rt.cpu.attention import gqa_attention_cpu, mla_attention_cpu
+
+    cfg = moe_cfg(D=48, I=24, E=7, k=3, S=2)
+    m = make_moe(cfg)
+    moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
+    mla = Harness("mla", "cpu", b_max=3, s_max=16, cfg=_awkward_mla())
+    gqa = Harness("gqa", "cpu", b_max=3, s_max=16, cfg=_gqa(6, 2, 10, 60))
+    lens = torch.tensor([5, 0, 11], dtype=torch.int32)
+    P, R = mla.cfg.qk_rope_head_dim, mla.cfg.kv_lora_rank
+    joint = torch.randn(3, 16, P + R)
+    kv = [torch.randn(3, 16, 2, 10) for _ in range(2)]
+    x_moe, x_mla, x_gqa = torch.randn(7, 48), mla.x(3, 1), gqa.x(3, 1)
+
+    def run():
+        j, k, v = joint.clone(), *(c.clone() for c in kv)
+        return [moe_ffn_cpu(x_moe, moe),
+                mla_attention_cpu(x_mla, mla.w, j[..., P:], j[..., :P], lens, mla.cos, mla.sin,
+                                  mla.scale), j,
+                gqa_attention_cpu(x_gqa, gqa.w, k, v, lens, gqa.cos, gqa.sin, gqa.scale), k, v]
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(threads)
+        if native.library().team_threads() != threads:
+            pytest.skip(f"the kernels run on one thread here ({native.describe()})")
+        many = run()
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b in zip(["moe", "mla", "mla cache", "gqa", "gqa k", "gqa v"], many, one):
+        assert_rel_close(a, b, 1e-6, name)
