@@ -599,14 +599,18 @@ void route(const float* biased, const float* bias, int E, int k, int* chosen, fl
 
 // N tokens: router and shared experts' gate/up (one product over all N), the shared
 // experts' down (one product), then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on
-// per token. A team splits the products by columns, the shared activations by tokens and
-// the (token, expert) pairs among its members (each member routes every token itself:
+// per token. The (token, expert) pairs are sorted by expert, so each run of one expert's
+// tokens is one product over its weights (read once for the run, not once per token). A
+// team splits the products by columns, the shared activations by tokens and the sorted
+// pairs into equal contiguous shares (each member routes and sorts every token itself:
 // the same answer, no wait), and sums the members' expert outputs at the end.
 void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
   const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
   const int F = shared + E;  // front width: [shared gate/up | biased router logits]
   const int T = std::max(1, team_size());
-  const int own = N * k + 3 * I + N * D;  // per member: weights, gate_up, act, expert sums
+  // per member: routing weights, expert sums, then one run's gathered rows, gate/up,
+  // activations and down outputs
+  const int64_t own = static_cast<int64_t>(N) * (k + D + D + 2 * I + I + D);
   float* front = scratch(static_cast<size_t>(N) * (F + S * I) + static_cast<size_t>(T) * own);
   float* shared_act = front + static_cast<int64_t>(N) * F;  // (N, S·I)
   float* members = shared_act + static_cast<int64_t>(N) * S * I;
@@ -615,12 +619,16 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
 #endif
   {
     const int t = team_rank(), nt = team_count();
-    thread_local std::vector<int> chosen;
+    thread_local std::vector<int> chosen, order, first;
     chosen.resize(static_cast<size_t>(N) * k);
-    float* weights = members + static_cast<int64_t>(t) * own;
-    float* gate_up = weights + N * k;
-    float* act = gate_up + 2 * I;
-    float* partial = act + I;
+    order.resize(static_cast<size_t>(N) * k);
+    first.assign(static_cast<size_t>(E) + 1, 0);
+    float* weights = members + static_cast<int64_t>(t) * own;  // (N·k,)
+    float* partial = weights + static_cast<int64_t>(N) * k;     // (N, D)
+    float* rows = partial + static_cast<int64_t>(N) * D;        // (≤ N, D)
+    float* gate_up = rows + static_cast<int64_t>(N) * D;        // (≤ N, 2I)
+    float* act = gate_up + static_cast<int64_t>(N) * 2 * I;     // (≤ N, I)
+    float* down = act + static_cast<int64_t>(N) * I;            // (≤ N, D)
     int lo, hi;
     share(F, t, nt, 16, lo, hi);
     for (int n = 0; n < N; ++n)
@@ -631,6 +639,9 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
     for (int n = 0; n < N; ++n)
       route(front + static_cast<int64_t>(n) * F + shared, m->router_bias, E, k,
             chosen.data() + n * k, weights + n * k);
+    for (int pair = 0; pair < N * k; ++pair) ++first[chosen[pair] + 1];  // counting sort
+    for (int e = 0; e < E; ++e) first[e + 1] += first[e];
+    for (int pair = 0; pair < N * k; ++pair) order[first[chosen[pair]]++] = pair;
     share(N, t, nt, 1, lo, hi);
     for (int n = lo; n < hi; ++n)
       for (int s = 0; s < S; ++s) {
@@ -645,14 +656,29 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
       for (int n = 0; n < N; ++n)
         std::memset(out + static_cast<int64_t>(n) * D + lo, 0, sizeof(float) * (hi - lo));
     std::memset(partial, 0, sizeof(float) * N * D);
-    for (int pair = t; pair < N * k; pair += nt) {
-      const int n = pair / k;
-      const int64_t e = chosen[pair];
-      gemv_nk(x + static_cast<int64_t>(n) * D, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up,
-              false);
-      swiglu(gate_up, gate_up + I, I, act);
-      gemv_nk(act, m->w2 + e * D * I, D, I, weights[pair], partial + static_cast<int64_t>(n) * D,
-              true);
+    int p0, p1;
+    share(N * k, t, nt, 1, p0, p1);
+    for (int a = p0; a < p1;) {  // this member's sorted pairs, one expert's run at a time
+      const int64_t e = chosen[order[a]];
+      int b = a;
+      while (b < p1 && chosen[order[b]] == e) ++b;
+      const int M = b - a;
+      for (int r = 0; r < M; ++r)
+        std::memcpy(rows + static_cast<int64_t>(r) * D,
+                    x + static_cast<int64_t>(order[a + r] / k) * D, sizeof(float) * D);
+      gemm_nk(rows, D, M, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, 2 * I, false);
+      for (int r = 0; r < M; ++r)
+        swiglu(gate_up + static_cast<int64_t>(r) * 2 * I,
+               gate_up + static_cast<int64_t>(r) * 2 * I + I, I, act + static_cast<int64_t>(r) * I);
+      gemm_nk(act, I, M, m->w2 + e * D * I, D, I, 1.0f, down, D, false);
+      for (int r = 0; r < M; ++r) {
+        const int pair = order[a + r];
+        float* y = partial + static_cast<int64_t>(pair / k) * D;
+        const float* v = down + static_cast<int64_t>(r) * D;
+        const float g = weights[pair];
+        for (int d = 0; d < D; ++d) y[d] += g * v[d];
+      }
+      a = b;
     }
     team_barrier();
     for (int u = 0; u < nt; ++u) {

@@ -9,11 +9,11 @@ denominator cancels), runs every expert row through one SwiGLU pass, and accumul
 ``w_j · down_j(silu(gate_j x) · up_j x)`` onto the shared experts' output with one
 ``addmv_`` each. No weight is copied; activations live in preallocated rows whose views
 are made once. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token with
-the shared slots batched. With the compiled kernels (``mythos_rt.cpu.native``) those
-tokens are one ``moe_rows`` call over the same layout instead. Longer chunks (prefill)
-sort their (token, slot) pairs by expert once and run one matmul pair per expert
-(``_moe_grouped``). Dtypes other than float32 run the torch implementation
-(``mythos_rt.ops.moe.moe_ffn_torch``).
+the shared slots batched. With the compiled kernels (``mythos_rt.cpu.native``), a batch
+of up to ``kernel_max_tokens`` tokens (about 4 per expert) is one ``moe_rows`` call over
+the same layout instead. Longer chunks (prefill) sort their (token, slot) pairs by
+expert once and run one matmul pair per expert (``_moe_grouped``). Dtypes other than
+float32 run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class CpuMoE:
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
     shared_w2_t: Optional[torch.Tensor]  # (S·I, D): the slots' downᵀ, stacked
     rows: "_Rows"
-    row_kernel: Optional[native.Kernel] = None  # up to MAX_TOKENS in one compiled call
+    row_kernel: Optional[native.Kernel] = None  # up to kernel_max_tokens in one call
+    kernel_max_tokens: int = 0
 
 
 @dataclass
@@ -103,12 +104,18 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
                  shared_w2_t=shared_w2_t))
+        moe.kernel_max_tokens = max(MAX_TOKENS, KERNEL_TOKENS_PER_EXPERT * E // packed.top_k)
     return moe
 
 
-# Up to this many tokens (decode batches) run token by token; more (prefill) are grouped
-# by expert.
+# Without the kernel, up to this many tokens (decode batches) run token by token; more
+# (prefill) are grouped by expert.
 MAX_TOKENS = 8
+# The kernel multiplies each run of one expert's tokens without a GEMM's blocking: it
+# beats the grouped matmuls while the tokens per expert are few (64 experts, top-4, on
+# 2 cores: 2.9x at 16 tokens, 1.08x at 64, 0.86x at 128), so it takes batches of up to
+# this many tokens per expert on average.
+KERNEL_TOKENS_PER_EXPERT = 4
 
 
 def _route(biased: torch.Tensor, top_k: int, bias: list[float]):
@@ -132,12 +139,12 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     N = x.shape[0]
     if x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
         return moe_ffn_torch(x, p, workspace, out)
-    if N > MAX_TOKENS:
-        return _moe_grouped(x, moe, out)
-    if moe.row_kernel is not None:
+    if moe.row_kernel is not None and N <= moe.kernel_max_tokens:
         res = native.run_bound(lambda target: bind_moe_ffn_cpu(x, moe, workspace, target), x, out)
         if res is not None:
             return res
+    if N > MAX_TOKENS:
+        return _moe_grouped(x, moe, out)
     rows = moe.rows
     if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
         torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
@@ -163,10 +170,10 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
 
 def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                      out: Optional[torch.Tensor] = None):
-    """``moe_ffn_cpu`` for up to ``MAX_TOKENS`` tokens as a prebound call of the compiled
-    kernel, or None where that does not apply (more tokens, not contiguous float32 rows,
-    no kernel, no ``out``)."""
-    return native.bind_rows(moe.row_kernel, x, out, MAX_TOKENS)
+    """``moe_ffn_cpu`` for up to ``kernel_max_tokens`` tokens as a prebound call of the
+    compiled kernel, or None where that does not apply (more tokens, not contiguous float32
+    rows, no kernel, no ``out``)."""
+    return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)
 
 
 def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> torch.Tensor:

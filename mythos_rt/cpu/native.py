@@ -45,8 +45,8 @@ from ..cache import replacing
 
 __all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",
-           "bind_rows", "run_bound", "contiguous", "MlaRow", "GqaRow", "MoeRow", "FfnRow", "LoopRow",
-           "Kernel", "kernel"]
+           "bind_rows", "run_bound", "contiguous", "MlaRow", "GqaRow", "MoeRow", "FfnRow",
+           "LoopRow", "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")

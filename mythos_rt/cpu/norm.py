@@ -57,7 +57,8 @@ def rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
             return launch()
     s = x
     if residual is not None:
-        s = torch.add(x, residual) if residual_out is None else torch.add(x, residual, out=residual_out)
+        s = (torch.add(x, residual) if residual_out is None
+             else torch.add(x, residual, out=residual_out))
     if s.dim() != 2:
         y = F.rms_norm(s, (x.shape[-1],), weight, eps)
         y = y if out is None else out.copy_(y)
