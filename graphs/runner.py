@@ -3,9 +3,12 @@
 A decode step is hundreds of small launches (n_loops × the block's kernels); launch
 overhead alone exceeds the memory-bound floor at batch 1. Every launch of a lowered
 plan reads and writes preallocated buffers, so the whole step can be captured once and
-replayed. Batch sizes are rounded up to buckets (1, 2, 4, 8, then multiples of 16);
+replayed. On a GPU, batch sizes are rounded up to buckets (1, 2, 4, 8, then multiples
+of 16), so that few graphs cover every batch and eager steps launch what replays do;
 padding rows compute on their own cache rows, which no live sequence uses, and their
-cache lengths are reset before each step so they never run past the cache.
+cache lengths are reset before each step so they never run past the cache. On a CPU
+nothing is captured, and a padding row costs as much as a live one: steps run the
+batch's rows exactly.
 
 Capture is lazy: the first step of a (bucket, n_loops) runs eagerly — it is a real
 step, and it compiles every Triton kernel — and the graph is captured right after, so
@@ -42,18 +45,20 @@ class DecodeGraphs:
     input_ids : the plan's token-id input buffer (padding rows set to token 0).
     static : tensors whose addresses a captured graph bakes in (checked in debug mode).
     enabled : capture CUDA graphs (ignored, i.e. eager, on a non-CUDA device).
+    pad : round batches up to buckets (default: on a CUDA device).
     """
 
     def __init__(self, run_plan: Callable[[int, int], None], device: torch.device,
                  max_batch: int, cache_lens: torch.Tensor, input_ids: torch.Tensor,
                  static: Optional[list[torch.Tensor]] = None, enabled: bool = True,
-                 debug: bool = False):
+                 debug: bool = False, pad: Optional[bool] = None):
         self._run_plan = run_plan
         self.device = torch.device(device)
         self.buckets = batch_buckets(max_batch)
         self._lens, self._ids = cache_lens, input_ids
         self._static = list(static or [])
         self.enabled = enabled and self.device.type == "cuda"
+        self.pad = self.device.type == "cuda" if pad is None else pad
         self.debug = debug
         self._graphs: dict[tuple[int, int], "torch.cuda.CUDAGraph"] = {}
         self._ptrs: dict[tuple[int, int], list[int]] = {}
@@ -61,9 +66,10 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
 
     def bucket(self, B: int) -> int:
+        """The rows a step of B rows runs: its bucket, or B itself when not padding."""
         for b in self.buckets:
             if B <= b:
-                return b
+                return b if self.pad else B
         raise ValueError(f"batch {B} exceeds the largest bucket {self.buckets[-1]}")
 
     @property

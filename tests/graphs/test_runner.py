@@ -16,10 +16,12 @@ def test_buckets():
 
 
 def test_eager_step_pads_to_bucket_and_resets_padding_rows():
+    """(The padding a GPU uses, asked for on a CPU to test it here.)"""
     calls = []
     lens = torch.full((8,), 5, dtype=torch.int32)
     ids = torch.full((8,), 7, dtype=torch.long)
-    graphs = DecodeGraphs(lambda B, n: calls.append((B, n)), torch.device("cpu"), 8, lens, ids)
+    graphs = DecodeGraphs(lambda B, n: calls.append((B, n)), torch.device("cpu"), 8, lens, ids,
+                          pad=True)
     assert graphs.step(3, 2) == 4 and calls == [(4, 2)]
     assert lens.tolist() == [5, 5, 5, 0, 5, 5, 5, 5] and ids[3] == 0  # row 3 is padding
     assert not graphs.enabled and graphs.captured == []
@@ -27,12 +29,23 @@ def test_eager_step_pads_to_bucket_and_resets_padding_rows():
         graphs.step(9, 2)
 
 
-def test_padded_bucket_rows_do_not_change_live_rows():
+def test_a_cpu_step_runs_the_batch_rows_exactly():
+    calls = []
+    lens = torch.full((16,), 5, dtype=torch.int32)
+    graphs = DecodeGraphs(lambda B, n: calls.append((B, n)), torch.device("cpu"), 16, lens,
+                          torch.zeros(16, dtype=torch.long))
+    assert not graphs.pad and graphs.step(9, 2) == 9 and calls == [(9, 2)]
+    assert lens.tolist() == [5] * 16
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_padded_bucket_rows_do_not_change_live_rows(backend):
     cfg = MythosConfig.from_preset("tiny_gqa")
     model = OpenMythos(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (3, 5))
-    rt = mythos_rt.compile(model, backend="torch", max_batch_size=8)
-    out = rt.generate(ids, 4, n_loops=2)  # decode steps run at bucket 4 with one padding row
+    rt = mythos_rt.compile(model, backend=backend, max_batch_size=8)
+    rt.graphs.pad = True  # as on a GPU: decode steps run at bucket 4 with one padding row
+    out = rt.generate(ids, 4, n_loops=2)
     assert torch.equal(out, model.generate(ids, 4, n_loops=2, temperature=0.0))
 
 
