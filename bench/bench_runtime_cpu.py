@@ -34,8 +34,8 @@ BENCH_CONFIG = dataclasses.replace(
     kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
     expert_dim=64, lora_rank=8, max_seq_len=1536, max_output_tokens=1536)
 # (batch rows, cached tokens per row) at decode: the eager models re-read/re-expand all of
-# them; batch 4 is a small serving batch.
-CASES = ((1, 128), (1, 1024), (4, 128))
+# them; batches 4 and 16 are small serving batches.
+CASES = ((1, 128), (1, 1024), (4, 128), (16, 128))
 QUICK_CASES = ((1, 32), (2, 16))
 
 
