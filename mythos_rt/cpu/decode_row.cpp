@@ -105,41 +105,67 @@ inline float hsum(v16 v) {  // a fixed tree: deterministic
 #endif
 }
 
+// Tile of gemm_kn: NR rows of X by NC 16-column chunks of Y, its NR·NC vector sums kept
+// in registers for the whole reduction over K (AVX-512 has 32 of them; two-register
+// vectors elsewhere halve that).
+#ifdef __AVX512F__
+constexpr int kTileRows = 4, kTileChunks = 4;
+#else
+constexpr int kTileRows = 2, kTileChunks = 2;
+#endif
+
+// Y[n][c..c+16·NC) for NR rows: Σ_k X[n][k] · w[k][c..] in order k = 0, 1, ..., each
+// loaded chunk of w serving NR rows and each X[n][k] NC chunks. Every output sums in the
+// same order whatever the tile, so tiling (and the team's split) never changes a result.
+template <int NR, int NC>
+inline void tile_kn(const float* __restrict X, int ldx, const float* __restrict w, int K,
+                    int ld, float* __restrict Y, int ldy, bool accumulate) {
+  v16 acc[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NC; ++j)
+      acc[r][j] = accumulate ? load16(Y + static_cast<int64_t>(r) * ldy + 16 * j) : v16{};
+  for (int k = 0; k < K; ++k) {
+    const float* wk = w + static_cast<int64_t>(k) * ld;
+    v16 wc[NC];
+    for (int j = 0; j < NC; ++j) wc[j] = load16(wk + 16 * j);
+    for (int r = 0; r < NR; ++r) {
+      const float xk = X[static_cast<int64_t>(r) * ldx + k];
+      for (int j = 0; j < NC; ++j) acc[r][j] += xk * wc[j];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NC; ++j) store16(Y + static_cast<int64_t>(r) * ldy + 16 * j, acc[r][j]);
+}
+
 // Y[n] = X[n] · w (+ Y[n] when accumulate) for N rows (X rows ldx apart, Y rows ldy
 // apart), w (K, cols) with rows ld apart (ld = cols for a whole matrix, wider for a block
-// of its columns): a row of w per input element, so the inner loop runs over contiguous
-// outputs; each group of 4 rows of w is read once for all N rows, so the weights cross
-// memory once per call, not once per row.
+// of its columns), in register tiles (tile_kn): each chunk of w is read once per tile of
+// rows, so the weights cross memory once per call (a few times from cache), not once
+// per row. Columns past the last whole chunk are summed one at a time, in the same order.
 void gemm_kn(const float* __restrict X, int ldx, int N, const float* __restrict w, int K,
              int cols, int ld, float* __restrict Y, int ldy, bool accumulate) {
-  if (!accumulate)
+  int c = 0;
+  for (; c + 16 * kTileChunks <= cols; c += 16 * kTileChunks) {
+    int n = 0;
+    for (; n + kTileRows <= N; n += kTileRows)
+      tile_kn<kTileRows, kTileChunks>(X + static_cast<int64_t>(n) * ldx, ldx, w + c, K, ld,
+                                      Y + static_cast<int64_t>(n) * ldy + c, ldy, accumulate);
+    for (; n < N; ++n)
+      tile_kn<1, kTileChunks>(X + static_cast<int64_t>(n) * ldx, ldx, w + c, K, ld,
+                              Y + static_cast<int64_t>(n) * ldy + c, ldy, accumulate);
+  }
+  for (; c + 16 <= cols; c += 16)
     for (int n = 0; n < N; ++n)
-      std::memset(Y + static_cast<int64_t>(n) * ldy, 0, sizeof(float) * cols);
-  int k = 0;
-  for (; k + 4 <= K; k += 4) {
-    const float* w0 = w + static_cast<int64_t>(k) * ld;
-    const float* w1 = w0 + ld;
-    const float* w2 = w1 + ld;
-    const float* w3 = w2 + ld;
+      tile_kn<1, 1>(X + static_cast<int64_t>(n) * ldx, ldx, w + c, K, ld,
+                    Y + static_cast<int64_t>(n) * ldy + c, ldy, accumulate);
+  for (; c < cols; ++c)
     for (int n = 0; n < N; ++n) {
-      const float* xn = X + static_cast<int64_t>(n) * ldx + k;
-      const float x0 = xn[0], x1 = xn[1], x2 = xn[2], x3 = xn[3];
-      float* y = Y + static_cast<int64_t>(n) * ldy;
-      int c = 0;
-      for (; c + 16 <= cols; c += 16)
-        store16(y + c, load16(y + c) + x0 * load16(w0 + c) + x1 * load16(w1 + c) +
-                           x2 * load16(w2 + c) + x3 * load16(w3 + c));
-      for (; c < cols; ++c) y[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+      const float* x = X + static_cast<int64_t>(n) * ldx;
+      float* y = Y + static_cast<int64_t>(n) * ldy + c;
+      float s = accumulate ? *y : 0.f;
+      for (int k = 0; k < K; ++k) s += x[k] * w[static_cast<int64_t>(k) * ld + c];
+      *y = s;
     }
-  }
-  for (; k < K; ++k) {
-    const float* wk = w + static_cast<int64_t>(k) * ld;
-    for (int n = 0; n < N; ++n) {
-      const float xk = X[static_cast<int64_t>(n) * ldx + k];
-      float* y = Y + static_cast<int64_t>(n) * ldy;
-      for (int c = 0; c < cols; ++c) y[c] += xk * wk[c];
-    }
-  }
 }
 
 // y = x · w (+ y when accumulate) for one row: gemm_kn with N = 1.
@@ -442,25 +468,26 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
     team_barrier();
     int h0, h1;
     share(H, t, nt, 1, h0, h1);
-    for (int b = 0; b < B; ++b) {  // this member's heads of every row's query
-      const float* c_q = entry + static_cast<int64_t>(b) * down_n + W;
-      float* ub = q_up + static_cast<int64_t>(b) * H * Wq;
-      float* qb = q + static_cast<int64_t>(b) * H * W;
-      gemv_kn(c_q, m->q_up_t + h0 * Wq, m->q_lora, (h1 - h0) * Wq, H * Wq, ub + h0 * Wq, false);
-      const float r_q = inv_rms(c_q, m->q_lora, m->eps);
+    // This member's heads of every row's query: the up-projection (then w_uk, if given)
+    // as one product over all B rows, so each weight is read once, not once per row.
+    gemm_kn(entry + W, down_n, B, m->q_up_t + h0 * Wq, m->q_lora, (h1 - h0) * Wq, H * Wq,
+            q_up + h0 * Wq, H * Wq, false);
+    if (m->w_uk != nullptr)  // q_latent = q_nope · w_uk[h] (r_q applied below)
+      for (int h = h0; h < h1; ++h)
+        gemm_kn(q_up + h * Wq + P, H * Wq, B, m->w_uk + static_cast<int64_t>(h) * m->nope * R,
+                m->nope, R, R, q + h * W + P, H * W, false);
+    for (int b = 0; b < B; ++b) {
+      const float r_q = inv_rms(entry + static_cast<int64_t>(b) * down_n + W, m->q_lora, m->eps);
       const float* c = cos + static_cast<int64_t>(cache_lens[b]) * half;
       const float* s = sin + static_cast<int64_t>(cache_lens[b]) * half;
       for (int h = h0; h < h1; ++h) {
-        const float* u = ub + h * Wq;
-        float* qh = qb + h * W;
+        const float* u = q_up + (static_cast<int64_t>(b) * H + h) * Wq;
+        float* qh = q + (static_cast<int64_t>(b) * H + h) * W;
         for (int i = 0; i < P; ++i) qh[i] = r_q * u[i];
-        if (m->w_uk != nullptr) {  // q_latent = (r_q · q_nope) · w_uk[h]
-          gemv_kn(u + P, m->w_uk + static_cast<int64_t>(h) * m->nope * R, m->nope, R, R, qh + P,
-                  false);
+        if (m->w_uk != nullptr)
           for (int i = P; i < W; ++i) qh[i] *= r_q;
-        } else {
+        else
           for (int i = P; i < W; ++i) qh[i] = r_q * u[i];
-        }
         rotate(qh, c, s, half);
       }
     }
@@ -476,15 +503,14 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
     }
     team_barrier();  // every entry is in its slot
     for (int b = 0; b < B; ++b) {
-      float* ob = o + static_cast<int64_t>(b) * H * R;
       const float* rows = cache + b * batch_stride;  // keys [k_pe | latent], values latent
       attend(q + static_cast<int64_t>(b) * H * W + h0 * W, h1 - h0, rows, W, rows + P, R, W,
-             cache_lens[b] + 1, scores + h0 * L_max, ob + h0 * R);
-      if (m->w_uv_t != nullptr)  // o_v[h] = o_latent[h] · w_uv_t[h]
-        for (int h = h0; h < h1; ++h)
-          gemv_kn(ob + h * R, m->w_uv_t + static_cast<int64_t>(h) * R * Vo, R, Vo, Vo,
-                  o_v + (static_cast<int64_t>(b) * H + h) * Vo, false);
+             cache_lens[b] + 1, scores + h0 * L_max, o + static_cast<int64_t>(b) * H * R + h0 * R);
     }
+    if (m->w_uv_t != nullptr)  // o_v[h] = o_latent[h] · w_uv_t[h], over all rows at once
+      for (int h = h0; h < h1; ++h)
+        gemm_kn(o + h * R, H * R, B, m->w_uv_t + static_cast<int64_t>(h) * R * Vo, R, Vo, Vo,
+                o_v + h * Vo, H * Vo, false);
     team_barrier();
     share(D, t, nt, 16, lo, hi);
     gemm_kn(m->w_uv_t != nullptr ? o_v : o, H * Vo, B, m->o_t + lo, H * Vo, hi - lo, D, out + lo,

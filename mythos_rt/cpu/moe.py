@@ -10,7 +10,7 @@ denominator cancels), runs every expert row through one SwiGLU pass, and accumul
 ``addmv_`` each. No weight is copied; activations live in preallocated rows whose views
 are made once. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token with
 the shared slots batched. With the compiled kernels (``mythos_rt.cpu.native``), a batch
-of up to ``kernel_max_tokens`` tokens (about 4 per expert) is one ``moe_rows`` call over
+of up to ``kernel_max_tokens`` tokens (16 per expert) is one ``moe_rows`` call over
 the same layout instead. Longer chunks (prefill) sort their (token, slot) pairs by
 expert once and run one matmul pair per expert (``_moe_grouped``). Dtypes other than
 float32 run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
@@ -104,18 +104,18 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
                  shared_w2_t=shared_w2_t))
-        moe.kernel_max_tokens = max(MAX_TOKENS, KERNEL_TOKENS_PER_EXPERT * E // packed.top_k)
+        moe.kernel_max_tokens = KERNEL_TOKENS_PER_EXPERT * E // packed.top_k
     return moe
 
 
 # Without the kernel, up to this many tokens (decode batches) run token by token; more
 # (prefill) are grouped by expert.
 MAX_TOKENS = 8
-# The kernel multiplies each run of one expert's tokens without a GEMM's blocking: it
-# beats the grouped matmuls while the tokens per expert are few (64 experts, top-4, on
-# 2 cores: 2.9x at 16 tokens, 1.08x at 64, 0.86x at 128), so it takes batches of up to
-# this many tokens per expert on average.
-KERNEL_TOKENS_PER_EXPERT = 4
+# The kernel reads each chosen expert once per call, but its expert products are not a
+# blocked GEMM: it beats the grouped matmuls while the tokens per expert are few (64
+# experts, top-4, on 2 cores: 4.2x at 16 tokens, 1.6x at 256, 0.64x at 1024), so it takes
+# chunks of up to this many tokens per expert on average (a 256-token prefill chunk there).
+KERNEL_TOKENS_PER_EXPERT = 16
 
 
 def _route(biased: torch.Tensor, top_k: int, bias: list[float]):
