@@ -398,12 +398,7 @@ def bind_mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, 
                            cache_lens.data_ptr(), B, S_max, cos.data_ptr(), sin.data_ptr(),
                            out.data_ptr(), keep=(x, rows, cache_lens, cos, sin, out))
 
-    def launch():
-        if call():
-            raise ValueError(f"mla_attention: positions {cache_lens.tolist()} reach outside "
-                             f"the cache of {S_max} slots")
-        return out
-    return launch
+    return native.in_cache_launch(call, "mla_attention", cache_lens, S_max, out)
 
 
 def _mla_one_row(x, w: CpuMLA, rows: torch.Tensor, p: int, ph, out):
@@ -473,9 +468,4 @@ def bind_gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin,
                            sin.data_ptr(), out.data_ptr(),
                            keep=(x, k_cache, v_cache, cache_lens, cos, sin, out))
 
-    def launch():
-        if call():
-            raise ValueError(f"gqa_attention: positions {cache_lens.tolist()} reach outside "
-                             f"the cache of {S_max} slots")
-        return out
-    return launch
+    return native.in_cache_launch(call, "gqa_attention", cache_lens, S_max, out)

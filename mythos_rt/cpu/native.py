@@ -45,8 +45,8 @@ from ..cache import replacing
 
 __all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",
-           "bind_rows", "run_bound", "contiguous", "MlaRow", "GqaRow", "MoeRow", "FfnRow",
-           "LoopRow", "Kernel", "kernel"]
+           "bind_rows", "in_cache_launch", "run_bound", "contiguous", "MlaRow", "GqaRow",
+           "MoeRow", "FfnRow", "LoopRow", "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
@@ -131,6 +131,19 @@ def bind_rows(k: Optional[Kernel], x: torch.Tensor, out: Optional[torch.Tensor],
 
     def launch():
         call()
+        return out
+    return launch
+
+
+def in_cache_launch(call: Callable[[], int], op: str, cache_lens: torch.Tensor, S_max: int,
+                    out: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The launch of a prebound attention kernel, returning ``out``: its nonzero return
+    (a position outside the cache of ``S_max`` slots; nothing was written) becomes a
+    ValueError naming ``op`` and the positions."""
+    def launch():
+        if call():
+            raise ValueError(f"{op}: positions {cache_lens.tolist()} reach outside the cache "
+                             f"of {S_max} slots")
         return out
     return launch
 
