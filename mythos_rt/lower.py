@@ -299,8 +299,12 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                     inj_B=W[w["inj_B"]], halt_w=W[w["halt_w"]].reshape(-1),
                     halt_b=W[w["halt_b"]].reshape(1), threshold=float(op.attrs["threshold"]),
                     max_loops=int(op.attrs["max_loops"]), loop_dim=cfg.loop_dim)
+                prepared: dict[Callable, object] = {}  # one form per prepare function
                 for name in ("loop_prologue", "loop_epilogue"):
-                    args[name] = impls[name].prepare(args["loop"])
+                    prep = impls[name].prepare
+                    if prep not in prepared:
+                        prepared[prep] = prep(args["loop"])
+                    args[name] = prepared[prep]
             if op.kind in ("mla_attention", "gqa_attention"):
                 key = op.attrs["cache"]
                 if isinstance(key, dict):

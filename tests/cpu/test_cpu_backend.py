@@ -174,6 +174,7 @@ def test_batch1_decode_matches_reference(name, monkeypatch, row_path):
     spread_act_halting(model, ids)
     rt = mythos_rt.compile(model, max_batch_size=1, max_loops=2 * cfg.max_loop_iters)
     assert set(rt.backends.values()) == {"cpu"}
+    assert rt._low.args["loop_prologue"] is rt._low.args["loop_epilogue"]  # prepared once
     if cfg.attn_type == "mla":  # the joint cache, and the kernel (or, absorbed, a one-row path)
         mla = [a for a in rt._low.args.values() if isinstance(a, cpu_attention.CpuMLA)]
         assert all((w.w_uk is None) == (name == "mla") for w in mla)
