@@ -126,42 +126,27 @@ def _loop(quick: bool) -> list[dict]:
         p = make_ref_loop(D, rank=cfg.lora_rank, max_loops=cfg.max_loop_iters).params(
             dtype=DT, device="cuda")
         try:
-            jit.specialize_loop(p, DT, "cuda")
-            has_jit = True
+            pj = jit.SpecializedLoop(p, jit.specialize_loop(p, DT, "cuda"))
         except Exception as exc:  # noqa: BLE001 — CuPy/NVRTC missing: AOT rows only
             print(f"bench_cuda: no JIT rows for {name}: {exc}", file=sys.stderr)
-            has_jit = False
-        jit.clear()
+            pj = None
         for n in ((1, 8192) if quick else (1, 64, 8192)):
             x, h, e = (torch.randn(n, D, device="cuda", dtype=DT) for _ in range(3))
             st = ACTState.allocate(n, D, DT, "cuda").reset(n)
             nc = torch.empty_like(h)
-
-            def aot(fn):
-                def run():
-                    jit.clear()
-                    fn()
-                return run
-
-            def with_jit(fn):
-                def run():
-                    jit.specialize_loop(p, DT, "cuda")   # in-memory hit after the first
-                    fn()
-                return run
-            epi = lambda f: (lambda: f(x, h, e, p, 3, st, nc))  # noqa: E731
-            impls = {"cuda": aot(epi(loop_epilogue_cuda))}
-            if has_jit:
-                impls["cuda_jit"] = with_jit(epi(loop_epilogue_cuda))
+            epi = lambda f, q=p: (lambda: f(x, h, e, q, 3, st, nc))  # noqa: E731
+            impls = {"cuda": epi(loop_epilogue_cuda)}
+            if pj is not None:
+                impls["cuda_jit"] = epi(loop_epilogue_cuda, pj)
             impls.update(triton=epi(loop_epilogue_triton), torch=epi(loop_epilogue_torch))
             nbytes = fused_bytes(n, D, cfg.lora_rank, cfg.max_loop_iters, 2)
             rows += _rows("loop_epilogue", name, n, impls, nbytes, quick)
-            pro = lambda f: (lambda: f(h, e, p, 3, nc))  # noqa: E731
-            impls = {"cuda": aot(pro(loop_prologue_cuda))}
-            if has_jit:
-                impls["cuda_jit"] = with_jit(pro(loop_prologue_cuda))
+            pro = lambda f, q=p: (lambda: f(h, e, q, 3, nc))  # noqa: E731
+            impls = {"cuda": pro(loop_prologue_cuda)}
+            if pj is not None:
+                impls["cuda_jit"] = pro(loop_prologue_cuda, pj)
             impls.update(triton=pro(loop_prologue_triton), torch=pro(loop_prologue_torch))
             rows += _rows("loop_prologue", name, n, impls, 3 * n * D * 2 + D * 2, quick)
-        jit.clear()
     return rows
 
 

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import mythos_rt.triton_kernels  # noqa: E402,F401 — interpreter on CPU before kernels load
 from bench.harness import H100_COPY_GBPS, row, time_ms  # noqa: E402
 from mythos_rt.config import MythosConfig  # noqa: E402
-from mythos_rt.ops.moe import moe_ffn_torch, moe_route_torch, pack_moe  # noqa: E402
+from mythos_rt.lower import op_args  # noqa: E402
+from mythos_rt.ops.moe import moe_ffn_torch, moe_route_torch  # noqa: E402
 from mythos_rt.reference import MoEFFN  # noqa: E402
 from mythos_rt.testing import rel_err  # noqa: E402
 from mythos_rt.triton_kernels import moe as tmoe  # noqa: E402
@@ -45,7 +46,7 @@ def _make(cfg: MythosConfig, dtype: torch.dtype, device: str):
             p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
         m.router_bias.normal_(0.0, 0.1)
     m = m.to(dtype).eval()
-    return m, pack_moe(m.state_dict(), "", cfg, dtype=dtype, device=device)
+    return m, op_args("moe", m.state_dict(), cfg, dtype=dtype, device=device)
 
 
 def _moe_flops(n: int, packed) -> float:

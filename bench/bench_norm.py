@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import row, time_ms  # noqa: E402
 from mythos_rt.config import MythosConfig  # noqa: E402
-from mythos_rt.ops.norm import rmsnorm_torch, swiglu_torch  # noqa: E402
+from mythos_rt.ops.ffn import swiglu_torch  # noqa: E402
+from mythos_rt.ops.norm import rmsnorm_torch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.harness import bench_main, row, time_ms  # noqa: E402
 from mythos_rt import reference as R  # noqa: E402
 from mythos_rt.config import MythosConfig  # noqa: E402
-from mythos_rt.ops.recurrent import (ACTState, LoopParams, loop_epilogue_torch)  # noqa: E402
+from mythos_rt.lower import op_args  # noqa: E402
+from mythos_rt.ops.recurrent import ACTState, loop_epilogue_torch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 
@@ -45,7 +46,7 @@ class _EagerLoop(torch.nn.Module):
         self.lora = R.LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
         self.injection = R.LTIInjection(cfg.dim)
         self.act = R.ACTHalting(cfg.dim)
-        self.loop_dim = cfg.dim // 8
+        self.loop_dim = cfg.loop_dim
         with torch.no_grad():
             self.injection.log_A.normal_(0, 0.5)
             self.lora.scale.weight.normal_()
@@ -91,8 +92,7 @@ def _case(name: str, cfg: MythosConfig, n: int, dtype, device, quick: bool) -> l
     torch.manual_seed(0)
     D, t = cfg.dim, 3
     eager = _EagerLoop(cfg).to(device=device, dtype=dtype)
-    sd = {f"recurrent.{k}": v for k, v in eager.state_dict().items()}
-    params = LoopParams.from_state_dict(sd, cfg, device=device)
+    params = op_args("loop", eager.state_dict(), cfg, device=device)
     block_out, h, e = (torch.randn(n, D, device=device, dtype=dtype) for _ in range(3))
     state = ACTState.allocate(n, D, dtype, device).reset(n)
     combined = torch.empty_like(h)

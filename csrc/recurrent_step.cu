@@ -9,7 +9,10 @@
 namespace mythos_rt {
 namespace ops {
 
-static constexpr double kLoopTheta = 10000.0;
+// emb_c of a loop_dim: f_j = exp(j·emb_c) = kLoopTheta^(-2j/loop_dim).
+static float emb_coef(int64_t loop_dim) {
+  return float(-2.0 * std::log(kLoopTheta) / double(loop_dim));
+}
 
 static void check_rows(const char* op, int64_t n_rows, int64_t dim, int64_t loop_dim) {
   check_range(op, "n_rows", n_rows, 0, int64_t(1) << 30);
@@ -23,24 +26,8 @@ static void check_stride(const char* op, const char* name, int64_t stride, int64
 }
 
 template <typename T>
-static Status prologue(uintptr_t h, uintptr_t e, uintptr_t norm_w, uintptr_t out, int64_t n,
-                       int64_t dim, int64_t sh, int64_t se, int64_t so, int64_t t,
-                       int64_t loop_dim, double eps, uintptr_t stream) {
-  PrologueParams<T> p{};
-  p.h = reinterpret_cast<const T*>(h);
-  p.e = reinterpret_cast<const T*>(e);
-  p.norm_w = reinterpret_cast<const T*>(norm_w);
-  p.out = reinterpret_cast<T*>(out);
-  p.stride_h = sh;
-  p.stride_e = se;
-  p.stride_out = so;
-  p.n_rows = int(n);
-  p.dim = int(dim);
-  p.t = int(t);
-  p.loop_dim = int(loop_dim);
-  p.emb_c = float(-2.0 * std::log(kLoopTheta) / double(loop_dim));
-  p.eps = float(eps);
-  return launch_loop_prologue<T>(p, as_stream(stream));
+static Status prologue(const PrologueArgs& a, uintptr_t stream) {
+  return launch_loop_prologue<T>(prologue_params<T>(a), as_stream(stream));
 }
 
 void loop_prologue(uintptr_t h, uintptr_t e, uintptr_t norm_w, uintptr_t out, int64_t n_rows,
@@ -59,54 +46,18 @@ void loop_prologue(uintptr_t h, uintptr_t e, uintptr_t norm_w, uintptr_t out, in
   check_ptr(op, "e", e, es);
   check_ptr(op, "norm_w", norm_w, es);
   check_ptr(op, "out", out, es);
+  const PrologueArgs a{h, e, norm_w, out, stride_h, stride_e, stride_out, int(n_rows),
+                       int(dim), int(t), int(loop_dim), emb_coef(loop_dim), float(eps)};
   Status st;
-  if (dtype == kFloat32) st = prologue<float>(h, e, norm_w, out, n_rows, dim, stride_h, stride_e, stride_out, t, loop_dim, eps, stream);
-  else if (dtype == kFloat16) st = prologue<__half>(h, e, norm_w, out, n_rows, dim, stride_h, stride_e, stride_out, t, loop_dim, eps, stream);
-  else st = prologue<__nv_bfloat16>(h, e, norm_w, out, n_rows, dim, stride_h, stride_e, stride_out, t, loop_dim, eps, stream);
+  if (dtype == kFloat32) st = prologue<float>(a, stream);
+  else if (dtype == kFloat16) st = prologue<__half>(a, stream);
+  else st = prologue<__nv_bfloat16>(a, stream);
   check_launch(op, st);
 }
 
-struct EpilogueArgs {
-  uintptr_t x, h, e, h_out, cum_p, halted, n_running, next, norm_w, lora_down, lora_B,
-      lora_scale, A, inj_B, halt_w, halt_b;
-  int64_t n_rows, dim, rank, max_loops, sx, sh, se, so, sn, t, loop_dim;
-  double threshold, eps;
-};
-
 template <typename T>
 static Status epilogue(const EpilogueArgs& a, uintptr_t stream) {
-  EpilogueParams<T> p{};
-  p.x = reinterpret_cast<const T*>(a.x);
-  p.h = reinterpret_cast<T*>(a.h);
-  p.e = reinterpret_cast<const T*>(a.e);
-  p.h_out = reinterpret_cast<T*>(a.h_out);
-  p.cum_p = reinterpret_cast<float*>(a.cum_p);
-  p.halted = reinterpret_cast<unsigned char*>(a.halted);
-  p.n_running = reinterpret_cast<int*>(a.n_running);
-  p.next = reinterpret_cast<T*>(a.next);
-  p.norm_w = reinterpret_cast<const T*>(a.norm_w);
-  p.lora_down = reinterpret_cast<const T*>(a.lora_down);
-  p.lora_B = reinterpret_cast<const T*>(a.lora_B);
-  p.lora_scale = reinterpret_cast<const T*>(a.lora_scale);
-  p.A = reinterpret_cast<const float*>(a.A);
-  p.inj_B = reinterpret_cast<const T*>(a.inj_B);
-  p.halt_w = reinterpret_cast<const T*>(a.halt_w);
-  p.halt_b = reinterpret_cast<const T*>(a.halt_b);
-  p.stride_x = a.sx;
-  p.stride_h = a.sh;
-  p.stride_e = a.se;
-  p.stride_out = a.so;
-  p.stride_next = a.sn;
-  p.n_rows = int(a.n_rows);
-  p.dim = int(a.dim);
-  p.rank = int(a.rank);
-  p.t = int(a.t);
-  p.tc = int(a.t < a.max_loops - 1 ? a.t : a.max_loops - 1);  // clamped LoRA scale row
-  p.loop_dim = int(a.loop_dim);
-  p.emb_c = float(-2.0 * std::log(kLoopTheta) / double(a.loop_dim));
-  p.eps = float(a.eps);
-  p.threshold = float(a.threshold);
-  return launch_loop_epilogue<T>(p, as_stream(stream));
+  return launch_loop_epilogue<T>(epilogue_params<T>(a), as_stream(stream));
 }
 
 void loop_epilogue(uintptr_t block_out, uintptr_t h, uintptr_t e, uintptr_t h_out,
@@ -139,10 +90,12 @@ void loop_epilogue(uintptr_t block_out, uintptr_t h, uintptr_t e, uintptr_t h_ou
       {"halt_w", halt_w, es}, {"halt_b", halt_b, es}};
   for (const auto& q : ptrs) check_ptr(op, q.name, q.p, q.align);
   if (next) check_ptr(op, "next_combined", next, es);
-  EpilogueArgs a{block_out, h, e, h_out, cum_p, halted, n_running, next, norm_w, lora_down,
-                 lora_B, lora_scale, A, inj_B, halt_w, halt_b, n_rows, dim, rank, max_loops,
-                 stride_x, stride_h, stride_e, stride_out, stride_next, t, loop_dim,
-                 threshold, eps};
+  const int tc = int(t < max_loops - 1 ? t : max_loops - 1);  // clamped LoRA scale row
+  const EpilogueArgs a{block_out, h, e, h_out, cum_p, halted, n_running, next, norm_w,
+                       lora_down, lora_B, lora_scale, A, inj_B, halt_w, halt_b, stride_x,
+                       stride_h, stride_e, stride_out, stride_next, int(n_rows), int(dim),
+                       int(rank), int(t), tc, int(loop_dim), emb_coef(loop_dim), float(eps),
+                       float(threshold)};
   Status st;
   if (dtype == kFloat32) st = epilogue<float>(a, stream);
   else if (dtype == kFloat16) st = epilogue<__half>(a, stream);

@@ -72,7 +72,7 @@ def _cmd_generate(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from . import artifact
-    from .passes import DEFAULT_PASSES, convert_dtype, run_passes
+    from .passes import PIPELINE, convert_dtype, run_passes
     from .trace import trace
     if artifact.is_artifact(args.model):
         if args.after_pass:
@@ -84,10 +84,10 @@ def _cmd_inspect(args) -> int:
     if args.after_pass is None:
         print(graph.to_text(), end="")
         return 0
-    names = [p.__name__ for p in DEFAULT_PASSES]
+    names = [p.__name__ for p in PIPELINE]
     if args.after_pass not in names + ["all"]:
         raise InputError(f"unknown pass {args.after_pass!r}; choose one of: {', '.join(names)}, all")
-    pipeline = list(DEFAULT_PASSES)
+    pipeline = list(PIPELINE)
     if args.after_pass != "all":
         pipeline = pipeline[: names.index(args.after_pass) + 1]
     if args.dtype:

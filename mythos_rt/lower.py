@@ -7,6 +7,11 @@ preallocated buffers: the activation arena (one buffer per IR value, sized for
 max_batch × chunk tokens), the KV caches and the ACT state. Steps take only the
 current batch rows B and chunk length T, so a decode step never allocates on the
 Triton path, syncs with the host or branches on device values.
+
+Each IR op kind has one ``Rule`` (``RULES``): the registry op that runs it, the builder
+of its arguments, what it allocates at compile time and how a plan step binds it. The
+rules ask the selected implementation (its record's hooks: prepare, bind, caches,
+workspace), never a backend's name.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ from .ir import Graph, Op
 from .ops.attention import GQAWeights, MLAWeights, new_caches, rope_tables
 from .ops.ffn import DenseFFN
 from .ops.moe import PackedMoE
+from .ops.norm import NORM_EPS
 from .ops.recurrent import ACTState, LoopParams
 from .ops.registry import Selected, select
+from .passes import run_passes
+from .trace import build_graph
+from .weights import materialize, sources
 
-# IR op kind → registry op name (kinds not listed run as plain torch in the plan).
-KERNEL_OF = {"rmsnorm": "rmsnorm", "add_rmsnorm": "rmsnorm", "mla_attention": "mla_attention",
-             "gqa_attention": "gqa_attention", "moe": "moe_ffn", "dense_ffn": "dense_ffn",
-             "loop_prologue": "loop_prologue", "loop_epilogue": "loop_epilogue"}
+
+# The backend label of plan steps that are plain PyTorch calls rather than registry ops.
+PLAIN_TORCH = "torch"
 
 
 class LoweringError(ValueError):
@@ -53,7 +61,10 @@ class Step:
     run: Callable[[Shape], None]
 
 
-def bound_run(bind: Callable[[Shape], Callable[[], None]]) -> Callable[[Shape], None]:
+Binder = Callable[[Shape], Callable[[], None]]
+
+
+def bound_run(bind: Binder) -> Callable[[Shape], None]:
     """A step's ``run(shape)`` from its ``bind(shape)``, which slices the buffers for that
     shape and returns the launch: binding happens once per shape, so running a step
     costs no slicing (on a CPU, where a decode step is bound by PyTorch calls, that is a
@@ -80,7 +91,7 @@ class Buffers:
     h: torch.Tensor  # loop state (N_max, D)
     cos: torch.Tensor
     sin: torch.Tensor
-    moe_workspace: Optional[object] = None
+    workspaces: dict[str, object] = field(default_factory=dict)  # op name → its scratch
 
 
 @dataclass
@@ -95,8 +106,13 @@ class Lowered:
     max_loops: int
     impls: dict[str, Selected]
     buffers: Buffers
-    args: dict[str, object] = field(default_factory=dict)  # op name → prepared weights
+    args: dict[str, object] = field(default_factory=dict)  # op name → prepared arguments
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    max_seq_len: int = 0
+
+    @property
+    def n_max(self) -> int:
+        return self.max_batch * self.chunk
 
     def plan(self, n_loops: int) -> list[Step]:
         """The flat step list for one forward chunk with ``n_loops`` iterations."""
@@ -104,132 +120,239 @@ class Lowered:
             raise ValueError(f"n_loops={n_loops} outside [1, {self.max_loops}] (compiled max_loops)")
         steps: list[Step] = []
         for op in self.graph.ops:
-            if op.kind == "loop":
-                steps += self._loop_steps(op, n_loops)
-            else:
-                steps.append(self._step(op))
-        steps.append(Step("advance_cache_lens", "cache", "torch", bound_run(self._advance_bind)))
+            rule = rule_of(op)
+            steps += rule.steps(self, op, n_loops) if rule.steps is not None else [self.step(op)]
+        steps.append(Step("advance_cache_lens", "cache", PLAIN_TORCH,
+                          bound_run(self._advance_bind)))
         return steps
 
-    # ---- per-op steps -----------------------------------------------------------------
-    def _buf(self, value: str) -> torch.Tensor:
+    def impl(self, op: Op) -> Optional[Selected]:
+        """The implementation selected for ``op`` (None for a plain-torch kind)."""
+        kernel = rule_of(op).kernel
+        return None if kernel is None else self.impls[kernel]
+
+    def buf(self, value: str) -> torch.Tensor:
         return self.buffers.arena[value]
 
-    def _impl(self, op: Op) -> Selected:
-        return self.impls[KERNEL_OF[op.kind]]
+    def roles(self, op: Op) -> dict[str, torch.Tensor]:
+        """``op``'s weights by role (the names its argument builder reads)."""
+        return {role: self.weights[name] for role, name in op.weights.items()}
 
-    def _step(self, op: Op, t: Optional[int] = None, cache_key: Optional[str] = None) -> Step:
-        k, W, buf = op.kind, op.weights, self._buf
-        backend = self.impls[KERNEL_OF[k]].backend if k in KERNEL_OF else "torch"
-        if k == "embed":
-            w, ids, out = self.weights[W["w"]], self.buffers.input_ids, buf(op.outputs[0])
-
-            def bind(s: Shape):
-                i, o = ids[:s.N], out[:s.N]
-                return lambda: torch.index_select(w, 0, i, out=o)
-        elif k == "rmsnorm":
-            impl, w, x, out = self._impl(op), self.weights[W["w"]], buf(op.inputs[0]), buf(op.outputs[0])
-
-            def bind(s: Shape):
-                return impl.launcher(x[:s.N], w, 1e-6, out=out[:s.N])
-        elif k == "add_rmsnorm":
-            impl, w = self._impl(op), self.weights[W["w"]]
-            a, b = buf(op.inputs[0]), buf(op.inputs[1])
-            normed, summed = buf(op.outputs[0]), buf(op.outputs[1])
-
-            def bind(s: Shape):
-                return impl.launcher(a[:s.N], w, 1e-6, residual=b[:s.N], out=normed[:s.N],
-                                     residual_out=summed[:s.N])
-        elif k == "add":
-            a, b, out = buf(op.inputs[0]), buf(op.inputs[1]), buf(op.outputs[0])
-
-            def bind(s: Shape):
-                av, bv, o = a[:s.N], b[:s.N], out[:s.N]
-                return lambda: torch.add(av, bv, out=o)
-        elif k in ("mla_attention", "gqa_attention"):
-            bind = self._attention_bind(op, cache_key or op.attrs["cache"])
-        elif k == "dense_ffn":
-            impl, w = self._impl(op), self.args[op.name]
-            x, out = buf(op.inputs[0]), buf(op.outputs[0])
-            gu, act = buf(f"{op.name}.gate_up"), buf(f"{op.name}.act")
-
-            def bind(s: Shape):
-                return impl.launcher(x[:s.N], w, out=out[:s.N], gate_up=gu[:s.N],
-                                     act=act[:s.N])
-        elif k == "moe":
-            impl, packed, ws = self._impl(op), self.args[op.name], self.buffers.moe_workspace
-            x, out = buf(op.inputs[0]), buf(op.outputs[0])
-
-            def bind(s: Shape):
-                return impl.launcher(x[:s.N], packed, ws, out=out[:s.N])
-        elif k == "head":
-            w_t, x, out = self.weights[W["w"]].t(), buf(op.inputs[0]), buf(op.outputs[0])
-
-            def bind(s: Shape):
-                xv, o = x[:s.N], out[:s.N]
-                return lambda: torch.matmul(xv, w_t, out=o)
-        else:
-            raise LoweringError(f"cannot lower op {op.name!r} of kind {k!r}")
-        return Step(op.name if t is None else f"{op.name}[t={t}]", k, backend, bound_run(bind))
-
-    def _attention_bind(self, op: Op, cache_key: str):
-        impl, w = self._impl(op), self.args[op.name]
-        first, second = self.buffers.caches[cache_key]
-        x, out = self._buf(op.inputs[0]), self._buf(op.outputs[0])
-        lens, cos, sin, D = self.buffers.cache_lens, self.buffers.cos, self.buffers.sin, self.cfg.dim
-        cfg = self.cfg
-        scale = ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 if op.kind == "mla_attention"
-                 else cfg.head_dim ** -0.5)
-
-        def bind(s: Shape):
-            xv, o, lv = x[:s.N].view(s.B, s.T, D), out[:s.N].view(s.B, s.T, D), lens[:s.B]
-            return impl.launcher(xv, w, first, second, lv, cos, sin, scale, out=o)
-        return bind
-
-    def _loop_steps(self, loop: Op, n_loops: int) -> list[Step]:
-        body = loop.body
-        e, h, act = self._buf(loop.inputs[1]), self.buffers.h, self.buffers.act
-        ops = body.ops
-        if ops[0].kind != "loop_prologue" or ops[-1].kind != "loop_epilogue":
-            raise LoweringError("the loop body must start with loop_prologue and end with "
-                                "loop_epilogue (run the fuse_recurrent_step pass)")
-        pro, epi = self.impls["loop_prologue"], self.impls["loop_epilogue"]
-        pro_params, epi_params = self.args["loop_prologue"], self.args["loop_epilogue"]
-        combined = self._buf(ops[0].outputs[0])
-        block_out = self._buf(ops[-1].inputs[0])
-        out = self._buf(loop.outputs[0])
-
-        def start(s: Shape):
-            hv, ev, cv, N = h[:s.N], e[:s.N], combined[:s.N], s.N
-
-            def run():
-                hv.copy_(ev)
-                act.reset(N)
-                pro.fn(hv, ev, pro_params, 0, out=cv)
-            return run
-
-        steps = [Step("loop_start+prologue[t=0]", "loop_prologue", pro.backend, bound_run(start))]
-        for t in range(n_loops):
-            key = f"recurrent_loop_{t}"
-            steps += [self._step(op, t=t, cache_key=key) for op in ops[1:-1]]
-            last = t == n_loops - 1
-
-            def epilogue(s: Shape, t=t, last=last):
-                nxt = None if last else combined[:s.N]
-                return epi.launcher(block_out[:s.N], h[:s.N], e[:s.N], epi_params, t, act,
-                                    next_combined=nxt)
-            steps.append(Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend,
-                              bound_run(epilogue)))
-
-        def finish(s: Shape):
-            o, r = out[:s.N], act.h_out[:s.N]
-            return lambda: o.copy_(r)
-        steps.append(Step("loop_result", "copy", "torch", bound_run(finish)))
-        return steps
+    def step(self, op: Op, t: Optional[int] = None) -> Step:
+        """One bound plan step of ``op`` (``t``: its loop index inside the loop region)."""
+        impl, rule = self.impl(op), rule_of(op)
+        if rule.bind is None:
+            raise LoweringError(f"{op.kind} {op.name!r} runs only inside its loop region")
+        return Step(op.name if t is None else f"{op.name}[t={t}]", op.kind,
+                    PLAIN_TORCH if impl is None else impl.backend,
+                    bound_run(rule.bind(self, op, t)))
 
     def _advance_bind(self, s: Shape):
         lens, T = self.buffers.cache_lens[:s.B], s.T
         return lambda: lens.add_(T)
+
+
+# ---- per-kind rules ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """How the lowering places one IR op kind.
+
+    bind(low, op, t): the step's binder (``t``: the loop index inside the loop region);
+        None for the loop's own ops, which the loop region's ``steps`` place.
+    steps(low, op, n_loops): a region's steps (the loop), instead of one bound step.
+    kernel: the registry op that runs it (None: plain torch in the plan).
+    build(weights_by_role, cfg): the op's generic arguments (the builder next to their
+        type); the lowering stores the selected implementation's prepared form in
+        ``Lowered.args[op.name]``, and its workspace hook's scratch, if any, in
+        ``Buffers.workspaces[op.name]``.
+    allocate(low, op, graph): what else the op needs at compile time (caches, scratch).
+    """
+    bind: Optional[Callable[[Lowered, Op, Optional[int]], Binder]]
+    kernel: Optional[str] = None
+    build: Optional[Callable[[Mapping[str, torch.Tensor], MythosConfig], object]] = None
+    allocate: Optional[Callable[[Lowered, Op, Graph], None]] = None
+    steps: Optional[Callable[[Lowered, Op, int], list[Step]]] = None
+
+
+def _bind_embed(low: Lowered, op: Op, t):
+    w, ids, out = low.weights[op.weights["w"]], low.buffers.input_ids, low.buf(op.outputs[0])
+
+    def bind(s: Shape):
+        i, o = ids[:s.N], out[:s.N]
+        return lambda: torch.index_select(w, 0, i, out=o)
+    return bind
+
+
+def _bind_rmsnorm(low: Lowered, op: Op, t):
+    impl, w = low.impl(op), low.weights[op.weights["w"]]
+    x, out = low.buf(op.inputs[0]), low.buf(op.outputs[0])
+    return lambda s: impl.launcher(x[:s.N], w, NORM_EPS, out=out[:s.N])
+
+
+def _bind_add_rmsnorm(low: Lowered, op: Op, t):
+    impl, w = low.impl(op), low.weights[op.weights["w"]]
+    a, b = low.buf(op.inputs[0]), low.buf(op.inputs[1])
+    normed, summed = low.buf(op.outputs[0]), low.buf(op.outputs[1])
+    return lambda s: impl.launcher(a[:s.N], w, NORM_EPS, residual=b[:s.N], out=normed[:s.N],
+                                   residual_out=summed[:s.N])
+
+
+def _bind_add(low: Lowered, op: Op, t):
+    a, b, out = low.buf(op.inputs[0]), low.buf(op.inputs[1]), low.buf(op.outputs[0])
+
+    def bind(s: Shape):
+        av, bv, o = a[:s.N], b[:s.N], out[:s.N]
+        return lambda: torch.add(av, bv, out=o)
+    return bind
+
+
+def _bind_head(low: Lowered, op: Op, t):
+    w_t, x, out = low.weights[op.weights["w"]].t(), low.buf(op.inputs[0]), low.buf(op.outputs[0])
+
+    def bind(s: Shape):
+        xv, o = x[:s.N], out[:s.N]
+        return lambda: torch.matmul(xv, w_t, out=o)
+    return bind
+
+
+def _cache_keys(op: Op, max_loops: int) -> list[str]:
+    """An attention op's cache keys: one, or one per loop index inside the loop region."""
+    key = op.attrs["cache"]
+    if isinstance(key, dict):
+        return [key["per_loop"].format(t=t) for t in range(max_loops)]
+    return [key]
+
+
+def _allocate_caches(low: Lowered, op: Op, g: Graph) -> None:
+    new_layer_caches = low.impl(op).caches or new_caches
+    for key in _cache_keys(op, low.max_loops):
+        low.buffers.caches[key] = new_layer_caches(low.cfg, low.max_batch, low.max_seq_len,
+                                                   low.dtype, low.device)
+
+
+def _bind_attention(low: Lowered, op: Op, t):
+    impl, w, cfg = low.impl(op), low.args[op.name], low.cfg
+    key = op.attrs["cache"]
+    first, second = low.buffers.caches[key if t is None else key["per_loop"].format(t=t)]
+    x, out = low.buf(op.inputs[0]), low.buf(op.outputs[0])
+    lens, cos, sin, D = low.buffers.cache_lens, low.buffers.cos, low.buffers.sin, cfg.dim
+    scale = ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 if op.kind == "mla_attention"
+             else cfg.head_dim ** -0.5)
+
+    def bind(s: Shape):
+        xv, o, lv = x[:s.N].view(s.B, s.T, D), out[:s.N].view(s.B, s.T, D), lens[:s.B]
+        return impl.launcher(xv, w, first, second, lv, cos, sin, scale, out=o)
+    return bind
+
+
+def _allocate_ffn_scratch(low: Lowered, op: Op, g: Graph) -> None:
+    hidden = low.weights[op.weights["w13"]].shape[0]
+    for name, width in ((f"{op.name}.gate_up", hidden), (f"{op.name}.act", hidden // 2)):
+        low.buffers.arena[name] = torch.empty(low.n_max, width, dtype=low.dtype, device=low.device)
+
+
+def _bind_dense_ffn(low: Lowered, op: Op, t):
+    impl, w = low.impl(op), low.args[op.name]
+    x, out = low.buf(op.inputs[0]), low.buf(op.outputs[0])
+    gu, act = low.buf(f"{op.name}.gate_up"), low.buf(f"{op.name}.act")
+    return lambda s: impl.launcher(x[:s.N], w, out=out[:s.N], gate_up=gu[:s.N], act=act[:s.N])
+
+
+def _bind_moe(low: Lowered, op: Op, t):
+    impl, packed, ws = low.impl(op), low.args[op.name], low.buffers.workspaces.get(op.name)
+    x, out = low.buf(op.inputs[0]), low.buf(op.outputs[0])
+    return lambda s: impl.launcher(x[:s.N], packed, ws, out=out[:s.N])
+
+
+def _loop_ops(body: Graph) -> list[Op]:
+    """The loop ops whose weights make the ``LoopParams``: the prologue's norm and the
+    epilogue's LoRA, LTI and ACT weights."""
+    return [op for op in body.ops if op.kind in ("loop_prologue", "loop_epilogue")]
+
+
+def _allocate_loop(low: Lowered, op: Op, g: Graph) -> None:
+    """The epilogue updates h in place (its output is h); both loop ops share one
+    LoopParams, prepared once per distinct prepare hook."""
+    low.buffers.arena[op.outputs[0]] = low.buffers.h
+    roles = {role: w for o in _loop_ops(g) for role, w in low.roles(o).items()}
+    low.args["loop"] = LoopParams.build(roles, low.cfg)
+    prepared: dict[Callable, object] = {}
+    for name in ("loop_prologue", "loop_epilogue"):
+        prep = low.impls[name].prepare
+        if prep not in prepared:
+            prepared[prep] = prep(low.args["loop"])
+        low.args[name] = prepared[prep]
+
+
+def _loop_steps(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
+    """The loop region expanded: its prologue, n_loops passes of the body, each closed by
+    the epilogue, and the ACT result."""
+    ops = loop.body.ops
+    if ops[0].kind != "loop_prologue" or ops[-1].kind != "loop_epilogue":
+        raise LoweringError("the loop body must start with loop_prologue and end with "
+                            "loop_epilogue (run the fuse_recurrent_step pass)")
+    e, h, act = low.buf(loop.inputs[1]), low.buffers.h, low.buffers.act
+    pro, epi = low.impls["loop_prologue"], low.impls["loop_epilogue"]
+    pro_params, epi_params = low.args["loop_prologue"], low.args["loop_epilogue"]
+    combined = low.buf(ops[0].outputs[0])
+    block_out = low.buf(ops[-1].inputs[0])
+    out = low.buf(loop.outputs[0])
+
+    def start(s: Shape):
+        hv, ev, cv, N = h[:s.N], e[:s.N], combined[:s.N], s.N
+
+        def run():
+            hv.copy_(ev)
+            act.reset(N)
+            pro.fn(hv, ev, pro_params, 0, out=cv)
+        return run
+
+    steps = [Step("loop_start+prologue[t=0]", "loop_prologue", pro.backend, bound_run(start))]
+    for t in range(n_loops):
+        steps += [low.step(op, t) for op in ops[1:-1]]
+        last = t == n_loops - 1
+
+        def epilogue(s: Shape, t=t, last=last):
+            nxt = None if last else combined[:s.N]
+            return epi.launcher(block_out[:s.N], h[:s.N], e[:s.N], epi_params, t, act,
+                                next_combined=nxt)
+        steps.append(Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend,
+                          bound_run(epilogue)))
+
+    def finish(s: Shape):
+        o, r = out[:s.N], act.h_out[:s.N]
+        return lambda: o.copy_(r)
+    steps.append(Step("loop_result", "copy", PLAIN_TORCH, bound_run(finish)))
+    return steps
+
+
+RULES: dict[str, Rule] = {
+    "embed": Rule(_bind_embed),
+    "rmsnorm": Rule(_bind_rmsnorm, "rmsnorm"),
+    "add_rmsnorm": Rule(_bind_add_rmsnorm, "rmsnorm"),
+    "add": Rule(_bind_add),
+    "mla_attention": Rule(_bind_attention, "mla_attention", MLAWeights.build, _allocate_caches),
+    "gqa_attention": Rule(_bind_attention, "gqa_attention", GQAWeights.build, _allocate_caches),
+    "dense_ffn": Rule(_bind_dense_ffn, "dense_ffn", DenseFFN.build, _allocate_ffn_scratch),
+    "moe": Rule(_bind_moe, "moe_ffn", PackedMoE.build),
+    "head": Rule(_bind_head),
+    "loop": Rule(None, steps=_loop_steps),
+    "loop_prologue": Rule(None, "loop_prologue"),
+    "loop_epilogue": Rule(None, "loop_epilogue", allocate=_allocate_loop),
+}
+
+
+def rule_of(op: Op) -> Rule:
+    rule = RULES.get(op.kind)
+    if rule is None:
+        raise LoweringError(f"cannot lower op {op.name!r} of kind {op.kind!r}")
+    return rule
+
+
+def _graphs(graph: Graph) -> list[Graph]:
+    """The graph and its loop bodies."""
+    return [graph] + [op.body for op in graph.ops if op.body is not None]
 
 
 def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
@@ -237,114 +360,71 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
           max_seq_len: int, max_loops: int, backend: str = "auto",
           overrides: Optional[Mapping[str, str]] = None) -> Lowered:
     """Place an optimized graph: select implementations, prepare op arguments, allocate."""
-    impls = {name: select(name, device, backend, overrides, dtype)
-             for name in set(KERNEL_OF.values())}
+    kernels = {r.kernel for r in RULES.values() if r.kernel is not None}
+    impls = {name: select(name, device, backend, overrides, dtype) for name in kernels}
     n_max = max_batch * chunk
-    args: dict[str, object] = {}
-    arena: dict[str, torch.Tensor] = {}
-    caches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    W = dict(weights)
-
-    def alloc(name: str, width: int, dt=dtype):
-        arena[name] = torch.empty(n_max, width, dtype=dt, device=device)
-
-    def width_of(value: str, g: Graph) -> int:
-        return cfg.vocab_size if g.values[value].shape[-1] == "vocab" else cfg.dim
-
-    attn = impls["mla_attention" if cfg.attn_type == "mla" else "gqa_attention"]
-    new_layer_caches = attn.caches or new_caches
-
-    def cache_for(key: str):
-        caches[key] = new_layer_caches(cfg, max_batch, max_seq_len, dtype, device)
-
-    # args hold each implementation's own form of its op's arguments: its prepare step
-    # (identity unless it registered one, e.g. the cpu backend's fused weights) runs once.
-    moe_packed = None
-    h_state = torch.empty(n_max, cfg.dim, dtype=dtype, device=device)  # the loop's h
-    for g in [graph] + [op.body for op in graph.ops if op.body is not None]:
-        for op in g.ops:
-            for v in op.outputs:
-                if op.kind == "loop_epilogue":  # it updates h in place: its output is h
-                    arena[v] = h_state
-                else:
-                    alloc(v, width_of(v, g))
-            if op.kind == "mla_attention":
-                names = ["q_down", "q_norm", "q_up_nope", "q_up_rope", "kv_down", "kv_norm",
-                         "kv_up", "wo", "w_uk", "w_uv"]
-                args[op.name] = impls["mla_attention"].prepare(
-                    MLAWeights(**{n: W[op.weights[n]] for n in names}))
-            elif op.kind == "gqa_attention":
-                args[op.name] = impls["gqa_attention"].prepare(GQAWeights(
-                    **{n: W[op.weights[n]] for n in ("wq", "wk", "wv", "wo")},
-                    n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads))
-            elif op.kind == "moe":
-                moe_packed = PackedMoE(
-                    w13=W[op.weights["w13"]], w2=W[op.weights["w2"]],
-                    router_w=W[op.weights["router"]],
-                    router_bias=W[op.weights["router_bias"]].float(),
-                    n_routed=op.attrs["n_experts"], n_shared_slots=op.attrs["n_shared_slots"],
-                    top_k=op.attrs["top_k"], expert_dim=op.attrs["expert_dim"])
-                args[op.name] = impls["moe_ffn"].prepare(moe_packed)
-            elif op.kind == "dense_ffn":
-                args[op.name] = impls["dense_ffn"].prepare(
-                    DenseFFN(w13=W[op.weights["w13"]], down=W[op.weights["down"]]))
-                hidden = W[op.weights["w13"]].shape[0]
-                alloc(f"{op.name}.gate_up", hidden)
-                alloc(f"{op.name}.act", hidden // 2)
-            elif op.kind == "loop_epilogue":
-                w = op.weights
-                args["loop"] = LoopParams(
-                    norm_w=W[g.ops[0].weights["norm_w"]], lora_down=W[w["lora_down"]],
-                    lora_B=W[w["lora_B"]], lora_scale=W[w["lora_scale"]], A=W[w["A"]],
-                    inj_B=W[w["inj_B"]], halt_w=W[w["halt_w"]].reshape(-1),
-                    halt_b=W[w["halt_b"]].reshape(1), threshold=float(op.attrs["threshold"]),
-                    max_loops=int(op.attrs["max_loops"]), loop_dim=cfg.loop_dim)
-                prepared: dict[Callable, object] = {}  # one form per prepare function
-                for name in ("loop_prologue", "loop_epilogue"):
-                    prep = impls[name].prepare
-                    if prep not in prepared:
-                        prepared[prep] = prep(args["loop"])
-                    args[name] = prepared[prep]
-            if op.kind in ("mla_attention", "gqa_attention"):
-                key = op.attrs["cache"]
-                if isinstance(key, dict):
-                    for t in range(max_loops):
-                        cache_for(key["per_loop"].format(t=t))
-                else:
-                    cache_for(key)
-
-    if impls["loop_epilogue"].backend == "cuda" and "loop" in args:
-        _specialize_cuda_loop(args["loop"], dtype, device)
     rope_dim = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
     cos, sin = rope_tables(rope_dim, max_seq_len, cfg.rope_theta, device=device)
-    workspace = None
-    if moe_packed is not None and impls["moe_ffn"].backend == "triton":
-        from .triton_kernels.moe import MoEWorkspace
-        workspace = MoEWorkspace.allocate(n_max, moe_packed, device)
     buffers = Buffers(
-        arena=arena, caches=caches,
+        arena={}, caches={},
         cache_lens=torch.zeros(max_batch, dtype=torch.int32, device=device),
         input_ids=torch.zeros(n_max, dtype=torch.long, device=device),
         act=ACTState.allocate(n_max, cfg.dim, dtype, device),
-        h=h_state,
-        cos=cos, sin=sin, moe_workspace=workspace)
-    return Lowered(cfg, graph, device, dtype, max_batch, chunk, max_loops, impls, buffers,
-                   args, W)
+        h=torch.empty(n_max, cfg.dim, dtype=dtype, device=device),
+        cos=cos, sin=sin)
+    low = Lowered(cfg, graph, device, dtype, max_batch, chunk, max_loops, impls, buffers,
+                  weights=dict(weights), max_seq_len=max_seq_len)
+    for g in _graphs(graph):
+        for op in g.ops:
+            rule, impl = rule_of(op), low.impl(op)
+            if rule.build is not None:
+                # the implementation's own form of the arguments, prepared once
+                low.args[op.name] = impl.prepare(rule.build(low.roles(op), cfg))
+                if impl.workspace is not None:
+                    buffers.workspaces[op.name] = impl.workspace(n_max, low.args[op.name], device)
+            if rule.allocate is not None:
+                rule.allocate(low, op, g)
+            for v in op.outputs:
+                if v not in buffers.arena:
+                    width = cfg.vocab_size if g.values[v].shape[-1] == "vocab" else cfg.dim
+                    buffers.arena[v] = torch.empty(n_max, width, dtype=dtype, device=device)
+    return low
 
 
-def _specialize_cuda_loop(params: LoopParams, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile the recurrent step with this model's sizes baked in (NVRTC), if possible.
+# ---- the same arguments from one module's state_dict (tests, benchmarks) ----------------
 
-    Falls back to the ahead-of-time CUDA kernels when CuPy/NVRTC is unavailable or
-    disabled (MYTHOS_RT_CUDA_JIT=0); always before any graph capture.
+def op_args(kind: str, state_dict: Mapping[str, torch.Tensor], cfg: MythosConfig,
+            prefix: str = "", dtype: Optional[torch.dtype] = None,
+            device: Optional[torch.device | str] = None):
+    """The generic arguments of a model's first ``kind`` op, built as ``lower`` builds
+    them (the traced graph of ``cfg``, the pass pipeline, ``weights.materialize``, the
+    kind's builder) from the parameters of that module alone.
+
+    kind : an IR op kind with a builder (``mla_attention``, ``gqa_attention``, ``moe``,
+        ``dense_ffn``) or ``"loop"`` for the recurrent loop's ``LoopParams``.
+    state_dict, prefix : the module's parameters, named as in the module under ``prefix``
+        (e.g. a bare ``MoEFFN``'s state_dict and ``""``, or a whole model's and
+        ``"recurrent.block.ffn."``; for ``"loop"``, the ``RecurrentBlock``'s).
+    dtype : storage dtype (default: the state_dict's); device : default the state_dict's.
     """
-    import warnings
-
-    from .cuda import jit
-    if not jit.enabled():
-        return
-    try:
-        jit.specialize_loop(params, dtype, device)
-    except jit.JITError as exc:
-        warnings.warn(f"recurrent step: NVRTC specialization unavailable ({exc}); "
-                      "using the ahead-of-time CUDA kernels", stacklevel=3)
+    first = next(v for v in state_dict.values() if v.is_floating_point())
+    g = run_passes(build_graph(cfg, first.dtype),
+                   dtype=None if dtype is None else str(dtype).replace("torch.", ""))
+    if kind == "loop":
+        body = next(op.body for op in g.ops if op.kind == "loop")
+        ops, module, build = _loop_ops(body), "recurrent", LoopParams.build
+    else:
+        found = [o for sub in _graphs(g) for o in sub.ops if o.kind == kind]
+        if not found or RULES[kind].build is None:
+            raise LoweringError(f"op_args: the {cfg.attn_type} model has no {kind!r} op "
+                                "with arguments")
+        ops, module, build = found[:1], found[0].name, RULES[kind].build
+    names = [n for o in ops for n in o.weights.values()]
+    sd = {f"{module}.{k[len(prefix):]}": v for k, v in state_dict.items() if k.startswith(prefix)}
+    missing = sorted(sources(g, names) - set(sd))
+    if missing:
+        raise KeyError(f"op_args({kind!r}): the state_dict has no "
+                       f"{prefix + missing[0][len(module) + 1:]!r}")
+    W = materialize(g, sd, torch.device(device if device is not None else first.device),
+                    names=names)
+    return build({role: W[n] for o in ops for role, n in o.weights.items()}, cfg)

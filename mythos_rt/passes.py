@@ -1,4 +1,4 @@
-"""IR passes: pure Graph → Graph functions, run in order by ``run_passes``.
+"""IR passes: pure Graph → Graph functions, run in the order of ``pipeline`` by ``run_passes``.
 
 Weight transforms are not done here: a pass only declares a derived weight (a
 ``WeightSpec`` with a ``derive`` recipe); ``weights.materialize`` computes them all.
@@ -173,25 +173,28 @@ def _find_seq(kinds: list[str], pattern: list[str]) -> Optional[int]:
     return None
 
 
-DEFAULT_PASSES: list[Pass] = [absorb_mla, pack_experts, fuse_recurrent_step,
-                               fuse_residual_norm, remove_dead_ops]
+PIPELINE: list[Pass] = [absorb_mla, pack_experts, fuse_recurrent_step, fuse_residual_norm,
+                        remove_dead_ops]
+
+
+def pipeline(dtype: Optional[str] = None) -> list[Pass]:
+    """The one ordered pass pipeline (compile and ``mythos-rt inspect`` both run it): the
+    passes in order, with the dtype conversion before the dead-op sweep when ``dtype``
+    is given."""
+    passes = list(PIPELINE)
+    if dtype is not None:
+        passes.insert(len(passes) - 1, convert_dtype(dtype))
+    return passes
 
 
 def run_passes(g: Graph, passes: Optional[list[Pass]] = None, dtype: Optional[str] = None,
                after: Optional[Callable[[str, Graph], None]] = None) -> Graph:
-    """Run ``passes`` (default pipeline, plus dtype conversion if asked) in order.
+    """Run ``passes`` (default: ``pipeline(dtype)``) in order.
 
     ``after(pass_name, graph)`` is called after each pass (e.g. to print the IR).
     """
-    pipeline = list(DEFAULT_PASSES if passes is None else passes)
-    if dtype is not None:
-        pipeline.insert(len(pipeline) - 1, convert_dtype(dtype))
-    for p in pipeline:
+    for p in pipeline(dtype) if passes is None else passes:
         g = p(g).verify()
         if after is not None:
             after(p.__name__, g)
     return g
-
-
-def pass_names() -> list[str]:
-    return [p.__name__ for p in DEFAULT_PASSES] + ["convert_dtype"]

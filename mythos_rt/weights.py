@@ -7,7 +7,7 @@ helpers (MLA absorption, expert splitting, the LTI decay), so a layout is define
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
@@ -31,20 +31,22 @@ RECIPES: dict[str, Callable[[list[torch.Tensor], dict], torch.Tensor]] = {
 }
 
 
-def materialize(g: Graph, state_dict: dict[str, torch.Tensor], device: torch.device,
-                only_used: bool = True, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Return name → tensor for every weight the graph's ops read, in the IR's dtypes.
+def materialize(g: Graph, state_dict: Mapping[str, torch.Tensor], device: torch.device,
+                progress: bool = False,
+                names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+    """Return name → tensor for every weight the graph's ops read (or only ``names``), in
+    the IR's dtypes.
 
     Derived weights are computed from their sources in float32 and then cast; source-only
-    checkpoint weights are not kept (``only_used``) so packed experts are not stored twice.
+    checkpoint weights are not kept, so packed experts are not stored twice.
     """
-    used = g.weight_names_used()
+    wanted = g.weight_names_used() if names is None else set(names)
     out: dict[str, torch.Tensor] = {}
-    names = [n for n in g.weights if n in used or not only_used]
     tied: dict[tuple, torch.Tensor] = {}  # checkpoint tensors sharing storage stay shared
-    for name in bar(names, desc="packing weights", enabled=progress):
+    for name in bar([n for n in g.weights if n in wanted], desc="packing weights",
+                    enabled=progress):
         spec = g.weights[name]
-        src = _make(name, spec, g, state_dict)
+        src = _make(name, spec, state_dict)
         if spec.derive is not None:
             out[name] = src.to(device=device, dtype=_dtype(spec))
             continue
@@ -55,7 +57,13 @@ def materialize(g: Graph, state_dict: dict[str, torch.Tensor], device: torch.dev
     return out
 
 
-def _make(name: str, spec: WeightSpec, g: Graph, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+def sources(g: Graph, names: Iterable[str]) -> set[str]:
+    """The checkpoint weights that materializing ``names`` reads."""
+    return {s for n in names
+            for s in (g.weights[n].derive["from"] if g.weights[n].derive else [n])}
+
+
+def _make(name: str, spec: WeightSpec, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if spec.derive is None:
         if name not in sd:
             raise KeyError(f"weight {name!r} is not in the state_dict")

@@ -140,4 +140,4 @@ def test_pass_manager_reports_after_each_pass(traced):
     _, g, _, _ = traced
     seen = []
     passes.run_passes(g, after=lambda name, graph: seen.append(name))
-    assert seen == [p.__name__ for p in passes.DEFAULT_PASSES]
+    assert seen == [p.__name__ for p in passes.PIPELINE]

@@ -798,3 +798,9 @@ def autotune_moe(packed: PackedMoE, token_counts: Iterable[int] = (1, 16, 128, 1
     if new:
         _save_cache(path, new)
     return result
+
+
+def moe_workspace(max_tokens: int, packed: PackedMoE, device) -> MoEWorkspace:
+    """The ``moe_ffn`` implementation record's workspace hook: a ``MoEWorkspace`` for up to
+    ``max_tokens`` tokens, allocated once at compile time."""
+    return MoEWorkspace.allocate(max_tokens, packed, device)

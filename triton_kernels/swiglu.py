@@ -2,7 +2,7 @@
 
 Elementwise: program (row, block) reads BLOCK_I gate and BLOCK_I up values of one row and
 writes BLOCK_I outputs, in float32. ``swiglu_triton`` has the signature of
-``mythos_rt.ops.norm.swiglu_torch``.
+``mythos_rt.ops.ffn.swiglu_torch``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _swiglu_kernel(gu_ptr, y_ptr, I, stride_gu, stride_y, BLOCK_I: tl.constexpr)
 
 
 def swiglu_triton(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Triton SwiGLU; see ``mythos_rt.ops.norm.swiglu_torch`` for the contract."""
+    """Triton SwiGLU; see ``mythos_rt.ops.ffn.swiglu_torch`` for the contract."""
     two_i = gate_up.shape[-1]
     if two_i % 2:
         raise ValueError(f"swiglu: last dim must be even (gate|up), got {two_i}")

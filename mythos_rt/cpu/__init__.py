@@ -26,8 +26,8 @@ cache), so every input gives the reference's answer.
 
 * ``mythos_rt.cpu.attention``  ``mla_attention_cpu``, ``gqa_attention_cpu``
 * ``mythos_rt.cpu.moe``        ``moe_ffn_cpu``
-* ``mythos_rt.cpu.ffn``        ``dense_ffn_cpu``
+* ``mythos_rt.cpu.ffn``        ``dense_ffn_cpu``, ``swiglu_cpu``
 * ``mythos_rt.cpu.recurrent``  ``loop_prologue_cpu``, ``loop_epilogue_cpu``
-* ``mythos_rt.cpu.norm``       ``rmsnorm_cpu``, ``swiglu_cpu``
+* ``mythos_rt.cpu.norm``       ``rmsnorm_cpu``
 * ``mythos_rt.cpu.native``     builds and loads ``decode_row.cpp``
 """

@@ -1,4 +1,5 @@
-"""Lean CPU dense SwiGLU FFN: decode rows in one call of the compiled kernels.
+"""Lean CPU SwiGLU FFN family: the dense FFN's decode rows in one call of the compiled
+kernels, and the ``swiglu`` activation.
 
 Up to ``KERNEL_MAX_TOKENS`` rows (decode) run ``ffn_rows`` of ``mythos_rt.cpu.native`` over the
 op's own weights (nothing is copied): gate/up rows split among threads, each row of the
@@ -14,10 +15,12 @@ from typing import Optional
 
 import torch
 
-from ..ops.ffn import DenseFFN, dense_ffn_torch
+import torch.nn.functional as F
+
+from ..ops.ffn import DenseFFN, dense_ffn_torch, swiglu_torch
 from . import native
 
-__all__ = ["CpuFFN", "prepare_dense_ffn", "dense_ffn_cpu", "bind_dense_ffn_cpu"]
+__all__ = ["CpuFFN", "prepare_dense_ffn", "dense_ffn_cpu", "bind_dense_ffn_cpu", "swiglu_cpu"]
 
 # The kernel reads the weights once for all rows but multiplies without a GEMM's
 # blocking: past about this many rows PyTorch's matmuls are faster (dim 256, hidden 1024,
@@ -61,3 +64,11 @@ def bind_dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] =
     kernel (its own scratch: ``gate_up``/``act`` are left alone), or None where that does
     not apply (more rows, not contiguous float32 rows, no kernel, no ``out``)."""
     return native.bind_rows(w.row_kernel, x, out, KERNEL_MAX_TOKENS)
+
+
+def swiglu_cpu(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``swiglu`` (see ``ops.ffn.swiglu_torch``)."""
+    if gate_up.dtype != torch.float32 or gate_up.shape[-1] % 2:
+        return swiglu_torch(gate_up, out)
+    g, u = gate_up.chunk(2, dim=-1)
+    return torch.mul(F.silu(g), u) if out is None else torch.mul(F.silu(g), u, out=out)

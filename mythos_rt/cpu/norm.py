@@ -1,4 +1,4 @@
-"""Lean CPU RMSNorm (optionally with the residual add) and SwiGLU.
+"""Lean CPU RMSNorm (optionally with the residual add).
 
 Same contracts as ``mythos_rt.ops.norm``: one ``torch.add`` for the residual, and for a
 single row the RMS read on the host as one norm (``inv_rms``), instead of the
@@ -15,11 +15,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..ops.norm import rmsnorm_torch, swiglu_torch
+from ..ops.norm import rmsnorm_torch
 from . import native
 
-__all__ = ["ZERO", "inv_rms", "rms_normalize", "rmsnorm_cpu", "bind_rmsnorm_cpu",
-           "swiglu_cpu"]
+__all__ = ["ZERO", "inv_rms", "rms_normalize", "rmsnorm_cpu", "bind_rmsnorm_cpu"]
 
 ZERO = torch.zeros(())  # the ignored ``input`` of addmm/addcmul calls that only scale
 
@@ -89,11 +88,3 @@ def bind_rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
         call()
         return out if residual is None else (out, residual_out)
     return launch
-
-
-def swiglu_cpu(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``swiglu`` (see ``ops.norm.swiglu_torch``)."""
-    if gate_up.dtype != torch.float32 or gate_up.shape[-1] % 2:
-        return swiglu_torch(gate_up, out)
-    g, u = gate_up.chunk(2, dim=-1)
-    return torch.mul(F.silu(g), u) if out is None else torch.mul(F.silu(g), u, out=out)

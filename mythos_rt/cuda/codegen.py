@@ -4,7 +4,8 @@
 headers (``csrc/include/mythos_rt/{common,recurrent_step}.cuh``, inlined verbatim, so
 the source hash covers them) and three ``extern "C"`` kernels whose width D, LoRA rank
 R, loop-embedding width, epsilon, ACT threshold, storage dtype and vector width are
-compile-time constants:
+compile-time constants, packed by the headers' own ``prologue_params`` /
+``epilogue_params`` (the packer of the AOT entry points too):
 
     mythos_loop_prologue        prologue_block<T, VEC, D>
     mythos_loop_epilogue        epilogue_block<T, VEC, false, D, R>
@@ -27,11 +28,12 @@ from pathlib import Path
 
 import torch
 
+from ..ops.recurrent import LOOP_THETA
+
 __all__ = ["LoopSpec", "loop_step_source", "include_dir", "KERNEL_NAMES", "ROW_WARPS"]
 
 KERNEL_NAMES = ("mythos_loop_prologue", "mythos_loop_epilogue", "mythos_loop_epilogue_next")
 ROW_WARPS = 4   # = mythos_rt::kRowWarps: rows (warps) per block
-LOOP_THETA = 10000.0
 _CTYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 _ELT = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -60,23 +62,12 @@ class LoopSpec:
         v = 16 // _ELT[self.dtype]
         return v if self.dim % v == 0 else 1
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
     @classmethod
     def from_params(cls, params, dtype: torch.dtype) -> "LoopSpec":
         """The spec of a ``LoopParams`` run with activations of ``dtype``."""
         return cls(dim=params.dim, rank=params.rank, loop_dim=params.loop_dim,
                    dtype=str(dtype).replace("torch.", ""), eps=float(params.eps),
                    threshold=float(params.threshold))
-
-    @classmethod
-    def from_config(cls, cfg, dtype: torch.dtype, eps: float = 1e-6) -> "LoopSpec":
-        """The spec of a ``MythosConfig``'s loop (no weights needed)."""
-        return cls(dim=cfg.dim, rank=cfg.lora_rank, loop_dim=cfg.loop_dim,
-                   dtype=str(dtype).replace("torch.", ""), eps=eps,
-                   threshold=float(cfg.act_threshold))
 
 
 def include_dir() -> Path:
@@ -134,21 +125,9 @@ static_assert(kD % kVec == 0, "D must be a multiple of the vector width");
 extern "C" __global__ void __launch_bounds__(32 * kWarps)
 {KERNEL_NAMES[0]}({u64} h, {u64} e, {u64} norm_w, {u64} out, long long stride_h,
                      long long stride_e, long long stride_out, int n_rows, int t) {{
-  mythos_rt::PrologueParams<T> p;
-  p.h = reinterpret_cast<const T*>(h);
-  p.e = reinterpret_cast<const T*>(e);
-  p.norm_w = reinterpret_cast<const T*>(norm_w);
-  p.out = reinterpret_cast<T*>(out);
-  p.stride_h = stride_h;
-  p.stride_e = stride_e;
-  p.stride_out = stride_out;
-  p.n_rows = n_rows;
-  p.dim = kD;
-  p.t = t;
-  p.loop_dim = kLoopDim;
-  p.emb_c = {_f32(emb_c)};
-  p.eps = {_f32(spec.eps)};
-  mythos_rt::prologue_block<T, kVec, kD>(p);
+  const mythos_rt::PrologueArgs a{{h, e, norm_w, out, stride_h, stride_e, stride_out, n_rows,
+                                  kD, t, kLoopDim, {_f32(emb_c)}, {_f32(spec.eps)}}};
+  mythos_rt::prologue_block<T, kVec, kD>(mythos_rt::prologue_params<T>(a));
 }}
 
 template <bool HAS_NEXT>
@@ -158,38 +137,12 @@ __device__ __forceinline__ void epilogue(
     {u64} inj_B, {u64} halt_w, {u64} halt_b, long long stride_x, long long stride_h,
     long long stride_e, long long stride_out, long long stride_next, int n_rows, int t, int tc) {{
   __shared__ float z[kWarps * kR];
-  mythos_rt::EpilogueParams<T> p;
-  p.x = reinterpret_cast<const T*>(x);
-  p.h = reinterpret_cast<T*>(h);
-  p.e = reinterpret_cast<const T*>(e);
-  p.h_out = reinterpret_cast<T*>(h_out);
-  p.cum_p = reinterpret_cast<float*>(cum_p);
-  p.halted = reinterpret_cast<unsigned char*>(halted);
-  p.n_running = reinterpret_cast<int*>(n_running);
-  p.next = reinterpret_cast<T*>(next);
-  p.norm_w = reinterpret_cast<const T*>(norm_w);
-  p.lora_down = reinterpret_cast<const T*>(lora_down);
-  p.lora_B = reinterpret_cast<const T*>(lora_B);
-  p.lora_scale = reinterpret_cast<const T*>(lora_scale);
-  p.A = reinterpret_cast<const float*>(A);
-  p.inj_B = reinterpret_cast<const T*>(inj_B);
-  p.halt_w = reinterpret_cast<const T*>(halt_w);
-  p.halt_b = reinterpret_cast<const T*>(halt_b);
-  p.stride_x = stride_x;
-  p.stride_h = stride_h;
-  p.stride_e = stride_e;
-  p.stride_out = stride_out;
-  p.stride_next = stride_next;
-  p.n_rows = n_rows;
-  p.dim = kD;
-  p.rank = kR;
-  p.t = t;
-  p.tc = tc;
-  p.loop_dim = kLoopDim;
-  p.emb_c = {_f32(emb_c)};
-  p.eps = {_f32(spec.eps)};
-  p.threshold = {_f32(spec.threshold)};
-  mythos_rt::epilogue_block<T, kVec, HAS_NEXT, kD, kR>(p, z);
+  const mythos_rt::EpilogueArgs a{{x, h, e, h_out, cum_p, halted, n_running, next, norm_w,
+                                  lora_down, lora_B, lora_scale, A, inj_B, halt_w, halt_b,
+                                  stride_x, stride_h, stride_e, stride_out, stride_next, n_rows,
+                                  kD, kR, t, tc, kLoopDim, {_f32(emb_c)}, {_f32(spec.eps)},
+                                  {_f32(spec.threshold)}}};
+  mythos_rt::epilogue_block<T, kVec, HAS_NEXT, kD, kR>(mythos_rt::epilogue_params<T>(a), z);
 }}
 
 #define MYTHOS_EPILOGUE_ARGS \\

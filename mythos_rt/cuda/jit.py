@@ -1,11 +1,12 @@
 """NVRTC specialization of the recurrent step: compile (CuPy), cache on disk, launch.
 
-``specialize_loop(params, dtype, device)`` is the compile-time step: it generates the
-source for the model's sizes (``mythos_rt.cuda.codegen``), compiles it with NVRTC
-through CuPy (only when not cached), loads it as a ``cupy.RawModule`` and registers it,
-so that ``loop_prologue_cuda`` / ``loop_epilogue_cuda`` launch the specialized kernels
-for every later call with matching sizes/dtype. Without it those ops run the AOT
-kernels of ``mythos_rt._C``. ``MYTHOS_RT_CUDA_JIT=0`` turns the JIT off.
+``prepare_loop(params)`` is the cuda recurrent step's prepare hook (a compile-time step):
+``specialize_loop`` generates the source for the model's sizes
+(``mythos_rt.cuda.codegen``), compiles it with NVRTC through CuPy (only when not
+cached) and loads it as a ``cupy.RawModule``; the prepared ``SpecializedLoop`` carries
+those kernels to ``loop_prologue_cuda`` / ``loop_epilogue_cuda``, which run the AOT
+kernels of ``mythos_rt._C`` for plain ``LoopParams`` or where no kernels were compiled.
+``MYTHOS_RT_CUDA_JIT=0`` turns the JIT off.
 
 Cache: ``$MYTHOS_RT_CACHE_DIR/nvrtc/<sha256>.cubin`` (default ``~/.cache/mythos_rt``),
 keyed by the generated source (which inlines the device headers), target arch, NVRTC
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 
@@ -26,8 +29,8 @@ from ..cache import cache_dir as shared_cache_dir
 from ..cache import write_atomic
 from .codegen import KERNEL_NAMES, ROW_WARPS, LoopSpec, loop_step_source
 
-__all__ = ["JITError", "cache_dir", "enabled", "compile_cubin", "specialize_loop", "lookup",
-           "LoopKernels", "clear"]
+__all__ = ["JITError", "cache_dir", "enabled", "compile_cubin", "specialize_loop",
+           "LoopKernels", "SpecializedLoop", "prepare_loop"]
 
 OPTIONS = ("--std=c++17",)
 
@@ -169,14 +172,11 @@ class LoopKernels:
         return True
 
 
-_LOADED: Dict[Tuple[LoopSpec, int], LoopKernels] = {}
-
-
 def specialize_loop(params, dtype: torch.dtype, device) -> LoopKernels:
-    """Compile (or fetch from the disk cache) and register the kernels for ``params``.
+    """Compile (or fetch from the disk cache) and load the kernels for ``params``.
 
-    Call at compile time (e.g. from ``lower`` when the ``cuda`` backend is selected),
-    never under CUDA-graph capture. Raises ``JITError`` when CuPy/NVRTC cannot do it.
+    A compile-time step, never under CUDA-graph capture. Raises ``JITError`` when
+    CuPy/NVRTC cannot do it.
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -184,21 +184,30 @@ def specialize_loop(params, dtype: torch.dtype, device) -> LoopKernels:
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     spec = LoopSpec.from_params(params, dtype)
-    key = (spec, device.index)
-    if key not in _LOADED:
-        cubin = compile_cubin(loop_step_source(spec), arch_of(device))
-        _LOADED[key] = LoopKernels(spec, device, cubin)
-    return _LOADED[key]
+    return LoopKernels(spec, device, compile_cubin(loop_step_source(spec), arch_of(device)))
 
 
-def lookup(params, dtype: torch.dtype) -> Optional[LoopKernels]:
-    """The registered kernels for these params/dtype on their device, or None."""
-    if not _LOADED or not enabled():
-        return None
-    dev = params.norm_w.device
-    return _LOADED.get((LoopSpec.from_params(params, dtype), dev.index))
+@dataclass(frozen=True)
+class SpecializedLoop:
+    """The cuda recurrent step's prepared arguments: the ``LoopParams`` and the kernels
+    compiled for them, or None to run the ahead-of-time kernels of ``mythos_rt._C``."""
+    params: object  # LoopParams
+    kernels: Optional[LoopKernels]
 
 
-def clear() -> None:
-    """Forget every loaded specialization (the disk cache stays)."""
-    _LOADED.clear()
+def prepare_loop(params) -> SpecializedLoop:
+    """The prepare hook of the cuda ``loop_prologue`` / ``loop_epilogue``: specialize the
+    recurrent step to the model's sizes and storage dtype on its device (NVRTC).
+
+    Off with ``MYTHOS_RT_CUDA_JIT=0``; where CuPy/NVRTC cannot compile it, a warning and
+    the ahead-of-time kernels. Runs at compile time, before any graph capture.
+    """
+    if not enabled():
+        return SpecializedLoop(params, None)
+    try:
+        kernels = specialize_loop(params, params.norm_w.dtype, params.norm_w.device)
+    except JITError as exc:
+        warnings.warn(f"recurrent step: NVRTC specialization unavailable ({exc}); "
+                      "using the ahead-of-time CUDA kernels", stacklevel=2)
+        kernels = None
+    return SpecializedLoop(params, kernels)

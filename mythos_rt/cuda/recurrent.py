@@ -2,9 +2,11 @@
 backend of ``loop_prologue`` / ``loop_epilogue``. Contracts and math:
 ``mythos_rt.ops.recurrent.loop_prologue_torch`` / ``loop_epilogue_torch``.
 
-Kernels: one warp per row (csrc/include/mythos_rt/recurrent_step.cuh). When
-``mythos_rt.cuda.jit.specialize_loop`` has compiled kernels for these params' sizes and
-dtype (a compile-time step), they are used; otherwise the AOT kernels of ``_C`` run.
+Kernels: one warp per row (csrc/include/mythos_rt/recurrent_step.cuh). Given the
+``SpecializedLoop`` of the prepare hook (``mythos_rt.cuda.jit.prepare_loop``, a
+compile-time step) its NVRTC-compiled kernels run; given plain ``LoopParams``, or where
+no kernels were compiled or the tensors' alignment does not fit them, the AOT kernels
+of ``_C`` run.
 Nothing here allocates or synchronizes: both ops are CUDA-graph capturable.
 """
 
@@ -16,7 +18,7 @@ import torch
 
 from mythos_rt.ops.recurrent import ACTState, LoopParams, check_step_args
 
-from . import jit
+from .jit import SpecializedLoop
 from ._ext import _C, check_cuda, check_dtype, dtype_code, ptr, stream
 
 __all__ = ["loop_prologue_cuda", "loop_epilogue_cuda"]
@@ -36,15 +38,24 @@ def _check_params(params: LoopParams, dtype: torch.dtype, device: torch.device,
     check_cuda(device, **{"params.A": params.A})
 
 
-def loop_prologue_cuda(h: torch.Tensor, e: torch.Tensor, params: LoopParams, t: int,
-                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _unpack(params: LoopParams | SpecializedLoop):
+    """(LoopParams, specialized kernels or None)."""
+    if isinstance(params, SpecializedLoop):
+        return params.params, params.kernels
+    return params, None
+
+
+def loop_prologue_cuda(h: torch.Tensor, e: torch.Tensor, params: LoopParams | SpecializedLoop,
+                       t: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CUDA ``loop_prologue`` (see ``mythos_rt.ops.recurrent.loop_prologue_torch``).
 
     h, e : (N, D) float32/float16/bfloat16, same dtype, unit last stride.
-    params : LoopParams whose weights are in h's dtype, on h's device.
+    params : LoopParams whose weights are in h's dtype, on h's device (or its
+        ``SpecializedLoop``).
     t : loop index. out : optional (N, D) buffer of h's dtype.
     Returns combined (N, D) in h's dtype (float32 math).
     """
+    params, kern = _unpack(params)
     check_step_args(h, e, params, out=out)
     code = dtype_code("h", h)
     check_cuda(h.device, e=e, out=out)
@@ -56,7 +67,6 @@ def loop_prologue_cuda(h: torch.Tensor, e: torch.Tensor, params: LoopParams, t: 
     N, D = h.shape
     if N == 0:
         return out
-    kern = jit.lookup(params, h.dtype)
     if kern is not None and kern.prologue(h, e, params, int(t), out):
         return out
     _C.loop_prologue(h=ptr(h), e=ptr(e), norm_w=ptr(params.norm_w), out=ptr(out), n_rows=N,
@@ -67,15 +77,17 @@ def loop_prologue_cuda(h: torch.Tensor, e: torch.Tensor, params: LoopParams, t: 
 
 
 def loop_epilogue_cuda(block_out: torch.Tensor, h: torch.Tensor, e: torch.Tensor,
-                       params: LoopParams, t: int, state: ACTState,
+                       params: LoopParams | SpecializedLoop, t: int, state: ACTState,
                        next_combined: Optional[torch.Tensor] = None) -> None:
     """CUDA ``loop_epilogue``, one launch (see ``mythos_rt.ops.recurrent.loop_epilogue_torch``).
 
     block_out, h, e : (N, D), same dtype, unit last stride; h updated in place.
-    params : LoopParams with weights in h's dtype (A float32) on h's device.
+    params : LoopParams with weights in h's dtype (A float32) on h's device (or its
+        ``SpecializedLoop``).
     state : ACTState (h_out in h's dtype, cum_p float32, halted bool, n_running int32).
     next_combined : optional (N, D) buffer for the next loop's prologue; may alias block_out.
     """
+    params, kern = _unpack(params)
     check_step_args(h, e, params, block_out=block_out, state=state, out=next_combined)
     code = dtype_code("h", h)
     check_cuda(h.device, block_out=block_out, e=e, next_combined=next_combined,
@@ -94,7 +106,6 @@ def loop_epilogue_cuda(block_out: torch.Tensor, h: torch.Tensor, e: torch.Tensor
     N, D = h.shape
     if N == 0:
         return None
-    kern = jit.lookup(params, h.dtype)
     if kern is not None and kern.epilogue(block_out, h, e, params, int(t), state,
                                           next_combined):
         return None

@@ -23,12 +23,14 @@ Triton versions are capturable on the decode path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Mapping
 
 import torch
 
 from ..reference import precompute_rope_freqs
-from .registry import register
+from .norm import NORM_EPS
+from .registry import CPU_DTYPES, register
 
 __all__ = [
     "MLAWeights", "GQAWeights", "absorb_mla_weights", "rope_tables", "rope", "rope_cache_write",
@@ -73,7 +75,7 @@ class MLAWeights:
     wo: torch.Tensor          # (D, H*v)
     w_uk: torch.Tensor        # (H, nope, R)
     w_uv: torch.Tensor        # (H, v, R)
-    eps: float = 1e-6
+    eps: float = NORM_EPS
 
     @property
     def n_heads(self) -> int:
@@ -96,14 +98,11 @@ class MLAWeights:
         return self.q_up_rope.shape[0] // self.n_heads
 
     @classmethod
-    def from_state_dict(cls, sd, prefix: str, cfg) -> "MLAWeights":
-        """Read ``MLAttention``'s parameters under ``prefix`` (e.g. "prelude.0.attn.")."""
-        g = lambda name: sd[prefix + name + ".weight"]  # noqa: E731
-        w_uk, w_uv = absorb_mla_weights(g("kv_up"), cfg.n_heads, cfg.qk_nope_head_dim,
-                                        cfg.v_head_dim)
-        return cls(q_down=g("q_down"), q_norm=g("q_norm"), q_up_nope=g("q_up_nope"),
-                   q_up_rope=g("q_up_rope"), kv_down=g("kv_down"), kv_norm=g("kv_norm"),
-                   kv_up=g("kv_up"), wo=g("wo"), w_uk=w_uk, w_uv=w_uv)
+    def build(cls, w: Mapping[str, torch.Tensor], cfg) -> "MLAWeights":
+        """The one builder (``lower`` and ``lower.op_args``): ``w`` maps the IR op's weight
+        roles (this class's tensor fields, ``w_uk``/``w_uv`` from ``absorb_mla_weights``)
+        to tensors."""
+        return cls(**{f.name: w[f.name] for f in fields(cls) if f.name != "eps"})
 
 
 @dataclass
@@ -121,11 +120,11 @@ class GQAWeights:
         return self.wq.shape[0] // self.n_heads
 
     @classmethod
-    def from_state_dict(cls, sd, prefix: str, cfg) -> "GQAWeights":
-        """Read ``GQAttention``'s parameters under ``prefix`` (e.g. "coda.1.attn.")."""
-        g = lambda name: sd[prefix + name + ".weight"]  # noqa: E731
-        return cls(wq=g("wq"), wk=g("wk"), wv=g("wv"), wo=g("wo"),
-                   n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads)
+    def build(cls, w: Mapping[str, torch.Tensor], cfg) -> "GQAWeights":
+        """The one builder (``lower`` and ``lower.op_args``): ``w`` maps the IR op's weight
+        roles wq, wk, wv, wo to tensors; the head counts come from ``cfg``."""
+        return cls(wq=w["wq"], wk=w["wk"], wv=w["wv"], wo=w["wo"], n_heads=cfg.n_heads,
+                   n_kv_heads=cfg.n_kv_heads)
 
 
 def rope_tables(dim: int, max_len: int, theta: float, device=None):
@@ -215,9 +214,6 @@ def mla_decode(q_lat, q_pe, ckv, kpe, kv_lens, scale, num_splits=None, out=None)
     o_lat : (B, H, R) in q_lat's dtype, ``softmax(scale·(q_lat·ckv + q_pe·kpe)) @ ckv``.
     """
     B = q_lat.shape[0]
-    if ckv.device.type == "cpu":  # reading a length is free on CPU: skip the unused tail
-        S = max(1, min(int(kv_lens[:B].max()), ckv.shape[1]))
-        ckv, kpe = ckv[:, :S], kpe[:, :S]
     keep = torch.arange(ckv.shape[1], device=ckv.device)[None, :] < kv_lens[:, None]
     # Unwritten slots may hold anything (NaN): zero them so 0-probability * NaN can't leak.
     c = ckv[:B].float().masked_fill(~keep[..., None], 0.0)
@@ -240,9 +236,6 @@ def gqa_decode(q, k_cache, v_cache, kv_lens, scale, num_splits=None, out=None):
     """
     B, H, _ = q.shape
     g = H // k_cache.shape[2]
-    if k_cache.device.type == "cpu":  # reading a length is free on CPU: skip the unused tail
-        S = max(1, min(int(kv_lens[:B].max()), k_cache.shape[1]))
-        k_cache, v_cache = k_cache[:, :S], v_cache[:, :S]
     keep = torch.arange(k_cache.shape[1], device=q.device)[None, :] < kv_lens[:, None]
     k = k_cache[:B].float().masked_fill(~keep[..., None, None], 0.0).repeat_interleave(g, 2)
     v = v_cache[:B].float().masked_fill(~keep[..., None, None], 0.0).repeat_interleave(g, 2)
@@ -401,7 +394,7 @@ for _op, _torch, _triton in [
 register("mla_attention", "cpu", "mythos_rt.cpu.attention:mla_attention_cpu",
          prepare="mythos_rt.cpu.attention:prepare_mla",
          bind="mythos_rt.cpu.attention:bind_mla_attention_cpu",
-         caches="mythos_rt.cpu.attention:joint_mla_caches")
+         caches="mythos_rt.cpu.attention:joint_mla_caches", dtypes=CPU_DTYPES)
 register("gqa_attention", "cpu", "mythos_rt.cpu.attention:gqa_attention_cpu",
          prepare="mythos_rt.cpu.attention:prepare_gqa",
-         bind="mythos_rt.cpu.attention:bind_gqa_attention_cpu")
+         bind="mythos_rt.cpu.attention:bind_gqa_attention_cpu", dtypes=CPU_DTYPES)

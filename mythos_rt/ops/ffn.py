@@ -1,22 +1,51 @@
-"""Dense SwiGLU FFN of the Prelude and Coda blocks: ``down(silu(gate·x) · up·x)``.
+"""The SwiGLU FFN family: the ``swiglu`` activation and the dense FFN of the Prelude and
+Coda blocks, ``down(silu(gate·x) · up·x)``.
 
-One op so that a backend can run the whole FFN its own way: ``torch`` and ``triton`` are
-two matmuls around the ``swiglu`` op's implementation of the same backend (the launches
-the lowering made before this op existed), ``cpu`` adds compiled row kernels for decode
-(``mythos_rt.cpu.ffn``).
+``dense_ffn`` is one op so that a backend can run the whole FFN its own way: ``torch`` and
+``triton`` are two matmuls around the ``swiglu`` op's implementation of the same backend,
+``cpu`` adds compiled row kernels for decode (``mythos_rt.cpu.ffn``). Every backend
+computes in float32 whatever the storage dtype and casts back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
-from .norm import swiglu_torch
-from .registry import register
+from .registry import CPU_DTYPES, register
 
-__all__ = ["DenseFFN", "dense_ffn_torch", "dense_ffn_triton"]
+__all__ = ["DenseFFN", "swiglu", "swiglu_torch", "dense_ffn_torch", "dense_ffn_triton"]
+
+
+def swiglu_torch(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SwiGLU activation ``silu(gate) * up`` of a fused gate/up projection.
+
+    Parameters
+    ----------
+    gate_up : (..., 2I) = [gate | up] along the last dim, fp32 / fp16 / bf16.
+    out : optional (..., I) buffer of gate_up's dtype.
+
+    Returns
+    -------
+    (..., I) in gate_up's dtype, computed in float32.
+    """
+    two_i = gate_up.shape[-1]
+    if two_i % 2:
+        raise ValueError(f"swiglu: last dim must be even (gate|up), got {two_i}")
+    g, u = gate_up.float().chunk(2, dim=-1)
+    y = torch.nn.functional.silu(g) * u
+    if out is None:
+        return y.to(gate_up.dtype)
+    out.copy_(y)
+    return out
+
+
+def swiglu(gate_up, out=None, backend="auto"):
+    """Dispatch ``swiglu`` to the backend chosen for gate_up's device (see ``swiglu_torch``)."""
+    from .registry import select
+    return select("swiglu", gate_up.device, backend).fn(gate_up, out)
 
 
 @dataclass(frozen=True)
@@ -24,6 +53,12 @@ class DenseFFN:
     """The FFN's weights in nn.Linear layout: ``w13`` (2H, D) = [gate; up], ``down`` (D, H)."""
     w13: torch.Tensor
     down: torch.Tensor
+
+    @classmethod
+    def build(cls, w: Mapping[str, torch.Tensor], cfg) -> "DenseFFN":
+        """The one builder (``lower`` and ``lower.op_args``): ``w`` maps the IR op's weight
+        roles w13 (gate and up fused by the ``pack_experts`` pass) and down to tensors."""
+        return cls(w13=w["w13"], down=w["down"])
 
 
 def _dense_ffn(swiglu: Callable, x: torch.Tensor, w: DenseFFN, out: Optional[torch.Tensor],
@@ -59,7 +94,11 @@ def dense_ffn_triton(x: torch.Tensor, w: DenseFFN, out: Optional[torch.Tensor] =
     return _dense_ffn(swiglu_triton, x, w, out, gate_up, act)
 
 
+register("swiglu", "torch", "mythos_rt.ops.ffn:swiglu_torch")
+register("swiglu", "triton", "mythos_rt.triton_kernels.swiglu:swiglu_triton")
+register("swiglu", "cpu", "mythos_rt.cpu.ffn:swiglu_cpu", dtypes=CPU_DTYPES)
 register("dense_ffn", "torch", "mythos_rt.ops.ffn:dense_ffn_torch")
 register("dense_ffn", "triton", "mythos_rt.ops.ffn:dense_ffn_triton")
 register("dense_ffn", "cpu", "mythos_rt.cpu.ffn:dense_ffn_cpu",
-         prepare="mythos_rt.cpu.ffn:prepare_dense_ffn", bind="mythos_rt.cpu.ffn:bind_dense_ffn_cpu")
+         prepare="mythos_rt.cpu.ffn:prepare_dense_ffn", bind="mythos_rt.cpu.ffn:bind_dense_ffn_cpu",
+         dtypes=CPU_DTYPES)

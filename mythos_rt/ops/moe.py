@@ -9,7 +9,8 @@ The op family (DESIGN.md "Reference semantics", MoE):
 * ``moe_ffn(x, packed, workspace=None, out=None) -> (N, D)``: k routed SwiGLU experts per
   token weighted by the routing weights, plus the shared experts (always on, weight 1).
 
-Packing (``pack_moe``) turns the reference parameters into one stacked weight set:
+Packing (the ``pack_experts`` pass, with ``split_w13``/``split_w2``) turns the reference
+parameters into one stacked weight set:
 ``w13[e] = [gate; up]`` (2I, D) and ``w2[e] = down`` (D, I) for ``E_tot = E + S`` experts,
 where every shared expert (hidden k·I) is split exactly into k slices of hidden I that
 are appended after the routed experts as always-selected experts ("shared slots",
@@ -29,9 +30,9 @@ from typing import Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .registry import register
+from .registry import CPU_DTYPES, register
 
-__all__ = ["PackedMoE", "pack_moe", "moe_route_torch", "moe_ffn_torch"]
+__all__ = ["PackedMoE", "moe_route_torch", "moe_ffn_torch"]
 
 
 @dataclass
@@ -61,10 +62,6 @@ class PackedMoE:
         return self.w13.shape[-1]
 
     @property
-    def n_total(self) -> int:
-        return self.n_routed + self.n_shared_slots
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.w13.dtype
 
@@ -72,22 +69,15 @@ class PackedMoE:
     def device(self) -> torch.device:
         return self.w13.device
 
-    def to(self, dtype: Optional[torch.dtype] = None,
-           device: Optional[torch.device | str] = None) -> "PackedMoE":
-        """A copy with the expert/router weights in ``dtype`` on ``device`` (bias stays fp32)."""
-        cast = dict(dtype=dtype) if dtype is not None else {}
-        return PackedMoE(
-            w13=self.w13.to(device=device, **cast).contiguous(),
-            w2=self.w2.to(device=device, **cast).contiguous(),
-            router_w=self.router_w.to(device=device, **cast).contiguous(),
-            router_bias=self.router_bias.to(device=device, dtype=torch.float32).contiguous(),
-            n_routed=self.n_routed, n_shared_slots=self.n_shared_slots, top_k=self.top_k,
-            expert_dim=self.expert_dim)
-
-    def expert_weight_bytes(self, n_experts: int = 1) -> int:
-        """Bytes of ``n_experts`` experts' w13 + w2 (what a kernel must read per expert used)."""
-        per = (self.w13[0].numel() + self.w2[0].numel()) * self.w13.element_size()
-        return per * n_experts
+    @classmethod
+    def build(cls, w: Mapping[str, torch.Tensor], cfg) -> "PackedMoE":
+        """The one builder (``lower`` and ``lower.op_args``): ``w`` maps the IR op's weight
+        roles router, router_bias (float32) and w13, w2 (stacked by the ``pack_experts``
+        pass) to tensors; the expert counts come from ``cfg``."""
+        k = cfg.n_experts_per_tok
+        return cls(w13=w["w13"], w2=w["w2"], router_w=w["router"], router_bias=w["router_bias"],
+                   n_routed=cfg.n_experts, n_shared_slots=cfg.n_shared_experts * k, top_k=k,
+                   expert_dim=cfg.expert_dim)
 
 
 def split_w13(gate: torch.Tensor, up: torch.Tensor, expert_dim: int) -> list[torch.Tensor]:
@@ -103,50 +93,6 @@ def split_w13(gate: torch.Tensor, up: torch.Tensor, expert_dim: int) -> list[tor
 def split_w2(down: torch.Tensor, expert_dim: int) -> list[torch.Tensor]:
     """An expert's down (D, m·I) as m (D, I) blocks, matching ``split_w13``'s slices."""
     return [down[:, s:s + expert_dim] for s in range(0, down.shape[1], expert_dim)]
-
-
-def pack_moe(state_dict: Mapping[str, torch.Tensor], prefix: str, cfg,
-             dtype: Optional[torch.dtype] = None,
-             device: Optional[torch.device | str] = None) -> PackedMoE:
-    """Pack a reference ``MoEFFN``'s parameters (compile time).
-
-    Parameters
-    ----------
-    state_dict : mapping holding ``{prefix}router.weight`` (E, D), ``{prefix}router_bias`` (E,),
-        ``{prefix}routed_experts.{i}.{gate,up,down}.weight`` and
-        ``{prefix}shared_experts.{j}.{gate,up,down}.weight``.
-    prefix : e.g. ``"recurrent.block.ffn."`` (``""`` for a bare ``MoEFFN.state_dict()``).
-    cfg : ``MythosConfig`` (n_experts, n_shared_experts, n_experts_per_tok, expert_dim, dim).
-    dtype, device : storage dtype/device of the packed weights (default: the checkpoint's).
-    """
-    E, k, I, D = cfg.n_experts, cfg.n_experts_per_tok, cfg.expert_dim, cfg.dim
-    n_shared = cfg.n_shared_experts
-
-    def get(name: str, shape: Tuple[int, ...]) -> torch.Tensor:
-        key = prefix + name
-        if key not in state_dict:
-            raise KeyError(f"pack_moe: missing parameter {key!r}")
-        t = state_dict[key]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"pack_moe: {key!r} has shape {tuple(t.shape)}, expected {shape}")
-        return t
-
-    w13, w2 = [], []
-    experts = [(f"routed_experts.{i}.", I) for i in range(E)] + [
-        (f"shared_experts.{j}.", k * I) for j in range(n_shared)]
-    for base, hidden in experts:
-        w13 += split_w13(get(base + "gate.weight", (hidden, D)),
-                         get(base + "up.weight", (hidden, D)), I)
-        w2 += split_w2(get(base + "down.weight", (D, hidden)), I)
-    router_w = get("router.weight", (E, D))
-    router_bias = get("router_bias", (E,))
-    dtype = dtype or router_w.dtype
-    return PackedMoE(
-        w13=torch.stack(w13).to(device=device, dtype=dtype).contiguous(),
-        w2=torch.stack(w2).to(device=device, dtype=dtype).contiguous(),
-        router_w=router_w.to(device=device, dtype=dtype).contiguous(),
-        router_bias=router_bias.to(device=device, dtype=torch.float32).contiguous(),
-        n_routed=E, n_shared_slots=n_shared * k, top_k=k, expert_dim=I)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,9 +131,6 @@ def moe_route_torch(x: torch.Tensor, router_w: torch.Tensor, router_bias: torch.
     return ids, w
 
 
-_GATHER_MAX_PAIRS = 64  # (token, slot) pairs up to which moe_ffn_torch gathers weights
-
-
 def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoE FFN in composite PyTorch (same signature as the Triton backend).
@@ -203,26 +146,19 @@ def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
     -------
     (N, D) in x's dtype: ``Σ_j w_j·expert_{ids_j}(x)`` in slot order, plus the shared
     slots (weight 1), accumulated in float32. Each expert runs in the storage dtype, as
-    the reference does. Up to 64 (token, slot) pairs it gathers the selected experts' weights (decode);
-    beyond, it loops over the experts present (host sync): not graph-capturable.
+    the reference does. It loops over the experts present (host sync): not
+    graph-capturable.
     """
     del workspace
     N, D = x.shape
     E, k, S, I = packed.n_routed, packed.top_k, packed.n_shared_slots, packed.expert_dim
     ids, weights = moe_route_torch(x, packed.router_w, packed.router_bias, k)
     ids_l = ids.long()
-    if N * k <= _GATHER_MAX_PAIRS:
-        # Decode: gather each (token, slot)'s expert weights and run one batched matmul —
-        # reads exactly the selected experts, no per-expert Python loop or host sync.
-        gu = torch.bmm(packed.w13[ids_l.reshape(-1)], x.repeat_interleave(k, 0)[:, :, None])
-        h = F.silu(gu[:, :I, 0]) * gu[:, I:, 0]                                 # (N·k, I)
-        y = torch.bmm(packed.w2[ids_l.reshape(-1)], h[:, :, None]).view(N, k, D)
-    else:
-        y = x.new_zeros(N, k, D)
-        for e in ids_l.unique().tolist():
-            tok, slot = (ids_l == e).nonzero(as_tuple=True)
-            gu = F.linear(x[tok], packed.w13[e])
-            y[tok, slot] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], packed.w2[e])
+    y = x.new_zeros(N, k, D)
+    for e in ids_l.unique().tolist():
+        tok, slot = (ids_l == e).nonzero(as_tuple=True)
+        gu = F.linear(x[tok], packed.w13[e])
+        y[tok, slot] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], packed.w2[e])
     acc = torch.zeros(N, D, dtype=torch.float32, device=x.device)
     for j in range(k):
         acc = acc + weights[:, j:j + 1] * y[:, j].float()
@@ -244,9 +180,11 @@ def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
 register("moe_route", "torch", "mythos_rt.ops.moe:moe_route_torch")
 register("moe_route", "triton", "mythos_rt.triton_kernels.moe:moe_route_triton")
 register("moe_ffn", "torch", "mythos_rt.ops.moe:moe_ffn_torch")
-register("moe_ffn", "triton", "mythos_rt.triton_kernels.moe:moe_ffn_triton")
+register("moe_ffn", "triton", "mythos_rt.triton_kernels.moe:moe_ffn_triton",
+         workspace="mythos_rt.triton_kernels.moe:moe_workspace")
 register("moe_ffn", "cpu", "mythos_rt.cpu.moe:moe_ffn_cpu",
-         prepare="mythos_rt.cpu.moe:prepare_moe", bind="mythos_rt.cpu.moe:bind_moe_ffn_cpu")
+         prepare="mythos_rt.cpu.moe:prepare_moe", bind="mythos_rt.cpu.moe:bind_moe_ffn_cpu",
+         dtypes=CPU_DTYPES)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""RMSNorm (optionally fused with the residual add) and the SwiGLU activation.
+"""RMSNorm, optionally fused with the residual add.
 
-Torch implementations (composite PyTorch, the per-op references, run anywhere) plus the
-registrations of their Triton kernels in ``mythos_rt.triton_kernels.{rmsnorm,swiglu}``.
-Both backends take identical arguments and accumulate in float32 whatever the storage
-dtype (fp32 / fp16 / bf16); results are cast back to the storage dtype.
+The torch implementation (composite PyTorch, the per-op reference, runs anywhere) plus
+the registrations of the Triton kernel (``mythos_rt.triton_kernels.rmsnorm``) and the
+cpu one (``mythos_rt.cpu.norm``). Every backend takes identical arguments and accumulates
+in float32 whatever the storage dtype (fp32 / fp16 / bf16); results are cast back to the
+storage dtype.
 
 The torch backend allocates temporaries (fine under CUDA-graph capture, which gives it a
 private pool); the Triton backend allocates nothing when ``out=`` (and ``residual_out=``)
@@ -16,9 +17,12 @@ from typing import Optional
 
 import torch
 
-from .registry import register
+from .registry import CPU_DTYPES, register
 
-__all__ = ["rmsnorm", "swiglu", "rmsnorm_torch", "swiglu_torch"]
+__all__ = ["NORM_EPS", "rmsnorm", "rmsnorm_torch"]
+
+# The epsilon of every RMSNorm of an OpenMythos model (the reference's RMSNorm default).
+NORM_EPS = 1e-6
 
 
 def _check_last_dim(name: str, x: torch.Tensor, dim: int) -> None:
@@ -26,7 +30,7 @@ def _check_last_dim(name: str, x: torch.Tensor, dim: int) -> None:
         raise ValueError(f"{name}: last dim {x.shape[-1]} != {dim}")
 
 
-def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = NORM_EPS,
                   residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                   residual_out: Optional[torch.Tensor] = None):
     """RMSNorm ``y = s * rsqrt(mean(s²) + eps) * weight`` with ``s = x (+ residual)``.
@@ -66,45 +70,13 @@ def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return out if residual is None else (out, s)
 
 
-def swiglu_torch(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """SwiGLU activation ``silu(gate) * up`` of a fused gate/up projection.
-
-    Parameters
-    ----------
-    gate_up : (..., 2I) = [gate | up] along the last dim, fp32 / fp16 / bf16.
-    out : optional (..., I) buffer of gate_up's dtype.
-
-    Returns
-    -------
-    (..., I) in gate_up's dtype, computed in float32.
-    """
-    two_i = gate_up.shape[-1]
-    if two_i % 2:
-        raise ValueError(f"swiglu: last dim must be even (gate|up), got {two_i}")
-    g, u = gate_up.float().chunk(2, dim=-1)
-    y = torch.nn.functional.silu(g) * u
-    if out is None:
-        return y.to(gate_up.dtype)
-    out.copy_(y)
-    return out
-
-
-def rmsnorm(x, weight, eps=1e-6, residual=None, out=None, residual_out=None, backend="auto"):
+def rmsnorm(x, weight, eps=NORM_EPS, residual=None, out=None, residual_out=None, backend="auto"):
     """Dispatch ``rmsnorm`` to the backend chosen for x's device (see ``rmsnorm_torch``)."""
     from .registry import select
     return select("rmsnorm", x.device, backend).fn(x, weight, eps, residual, out, residual_out)
 
 
-def swiglu(gate_up, out=None, backend="auto"):
-    """Dispatch ``swiglu`` to the backend chosen for gate_up's device (see ``swiglu_torch``)."""
-    from .registry import select
-    return select("swiglu", gate_up.device, backend).fn(gate_up, out)
-
-
 register("rmsnorm", "torch", "mythos_rt.ops.norm:rmsnorm_torch")
 register("rmsnorm", "triton", "mythos_rt.triton_kernels.rmsnorm:rmsnorm_triton")
-register("swiglu", "torch", "mythos_rt.ops.norm:swiglu_torch")
-register("swiglu", "triton", "mythos_rt.triton_kernels.swiglu:swiglu_triton")
 register("rmsnorm", "cpu", "mythos_rt.cpu.norm:rmsnorm_cpu",
-         bind="mythos_rt.cpu.norm:bind_rmsnorm_cpu")
-register("swiglu", "cpu", "mythos_rt.cpu.norm:swiglu_cpu")
+         bind="mythos_rt.cpu.norm:bind_rmsnorm_cpu", dtypes=CPU_DTYPES)

@@ -35,16 +35,19 @@ recurrent_step``) allocates nothing when given its buffers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
 
-from .registry import register
+from .norm import NORM_EPS
+from .registry import CPU_DTYPES, register
 
 __all__ = ["LoopParams", "ACTState", "loop_prologue", "loop_epilogue",
            "loop_prologue_torch", "loop_epilogue_torch", "loop_embedding"]
 
+# The loop-index embedding's frequency base; the C++ copy (kLoopTheta in
+# csrc/include/mythos_rt/recurrent_step.cuh) is checked against it by tests/csrc.
 LOOP_THETA = 10000.0
 
 
@@ -70,7 +73,7 @@ class LoopParams:
     threshold : ACT threshold (``cfg.act_threshold``).
     max_loops : rows of the LoRA scale table (``cfg.max_loop_iters``); loop indices
         beyond it use the last row.
-    loop_dim : channels carrying the loop-index embedding (D // 8, even).
+    loop_dim : channels carrying the loop-index embedding (``cfg.loop_dim``, even).
     eps : RMSNorm epsilon.
     """
 
@@ -85,7 +88,7 @@ class LoopParams:
     threshold: float
     max_loops: int
     loop_dim: int
-    eps: float = 1e-6
+    eps: float = NORM_EPS
 
     def __post_init__(self):
         D = self.norm_w.numel()
@@ -117,43 +120,16 @@ class LoopParams:
         return self.lora_down.shape[0]
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], cfg, prefix: str = "recurrent.",
-                        dtype: Optional[torch.dtype] = None,
-                        device: Optional[torch.device | str] = None) -> "LoopParams":
-        """Build from a reference/upstream state_dict (names of ``RecurrentBlock``).
-
-        ``dtype`` casts the weights (not ``A``, which stays float32; ``A`` is computed in
-        float32 from the stored ``log_A``/``log_dt``); ``device`` moves everything.
-        """
-        def get(name):
-            key = prefix + name
-            if key not in sd:
-                raise KeyError(f"state_dict has no {key!r}")
-            t = sd[key].detach()
-            if device is not None:
-                t = t.to(device)
-            return t
-
-        def w(name):
-            t = get(name)
-            return (t.to(dtype) if dtype is not None else t).contiguous()
-
-        A = lti_decay(get("injection.log_A"), get("injection.log_dt")).contiguous()
-        return cls(norm_w=w("norm.weight"), lora_down=w("lora.down.weight"),
-                   lora_B=w("lora.B"), lora_scale=w("lora.scale.weight"), A=A,
-                   inj_B=w("injection.B"), halt_w=w("act.halt.weight").reshape(-1),
-                   halt_b=w("act.halt.bias").reshape(1), threshold=float(cfg.act_threshold),
-                   max_loops=int(cfg.max_loop_iters), loop_dim=int(cfg.dim // 8))
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LoopParams":
-        """A copy on ``device`` with weights cast to ``dtype`` (``A`` stays float32)."""
-        kw = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.to(device=device, dtype=None if f.name == "A" else dtype)
-            kw[f.name] = v
-        return LoopParams(**kw)
+    def build(cls, w: Mapping[str, torch.Tensor], cfg) -> "LoopParams":
+        """The one builder (``lower`` and ``lower.op_args``): ``w`` maps the loop ops' weight
+        roles (this class's tensor fields: the prologue's norm_w, the epilogue's LoRA, LTI
+        and ACT weights, ``A`` derived by ``lti_decay``) to tensors; the scalars come from
+        ``cfg``."""
+        return cls(norm_w=w["norm_w"], lora_down=w["lora_down"], lora_B=w["lora_B"],
+                   lora_scale=w["lora_scale"], A=w["A"], inj_B=w["inj_B"],
+                   halt_w=w["halt_w"].reshape(-1), halt_b=w["halt_b"].reshape(1),
+                   threshold=float(cfg.act_threshold), max_loops=int(cfg.max_loop_iters),
+                   loop_dim=int(cfg.loop_dim))
 
 
 @dataclass
@@ -322,10 +298,13 @@ register("loop_prologue", "triton", "mythos_rt.triton_kernels.recurrent_step:loo
 register("loop_epilogue", "torch", "mythos_rt.ops.recurrent:loop_epilogue_torch")
 register("loop_epilogue", "triton", "mythos_rt.triton_kernels.recurrent_step:loop_epilogue_triton")
 register("loop_prologue", "cpu", "mythos_rt.cpu.recurrent:loop_prologue_cpu",
-         prepare="mythos_rt.cpu.recurrent:prepare_loop")
+         prepare="mythos_rt.cpu.recurrent:prepare_loop", dtypes=CPU_DTYPES)
 register("loop_epilogue", "cpu", "mythos_rt.cpu.recurrent:loop_epilogue_cpu",
          prepare="mythos_rt.cpu.recurrent:prepare_loop",
-         bind="mythos_rt.cpu.recurrent:bind_loop_epilogue_cpu")
-# CUDA backends (mythos_rt._C, built with MYTHOS_RT_BUILD_CUDA=1); see docs/cuda.md.
-register("loop_prologue", "cuda", "mythos_rt.cuda.recurrent:loop_prologue_cuda")
-register("loop_epilogue", "cuda", "mythos_rt.cuda.recurrent:loop_epilogue_cuda")
+         bind="mythos_rt.cpu.recurrent:bind_loop_epilogue_cpu", dtypes=CPU_DTYPES)
+# CUDA backends (mythos_rt._C, built with MYTHOS_RT_BUILD_CUDA=1); see docs/cuda.md. The
+# prepare hook compiles the recurrent step for the model's sizes (NVRTC) where it can.
+register("loop_prologue", "cuda", "mythos_rt.cuda.recurrent:loop_prologue_cuda",
+         prepare="mythos_rt.cuda.jit:prepare_loop")
+register("loop_epilogue", "cuda", "mythos_rt.cuda.recurrent:loop_epilogue_cuda",
+         prepare="mythos_rt.cuda.jit:prepare_loop")

@@ -1,26 +1,34 @@
-"""Ops registry: each fused op has a `torch` implementation and optionally `triton`,
-`cuda` and `cpu` ones.
+"""Ops registry: one implementation record per (op, backend).
 
-Implementations are registered by dotted path ("module:function") and imported only
-when selected, so importing mythos-rt never imports Triton or the CUDA extension.
-``torch`` is the per-op reference (composite PyTorch, any device); ``cpu`` is the lean
-CPU decode path of ``mythos_rt.cpu`` (few dispatches per token, weights pre-fused).
+Each fused op has a ``torch`` implementation (composite PyTorch, any device, the per-op
+reference) and optionally ``triton``, ``cuda`` and ``cpu`` ones. An ``Impl`` record names
+the implementation's function and its optional hooks by dotted path ("module:function");
+they are imported only when selected, so importing mythos-rt never imports Triton or
+the CUDA extension. The hooks, all called by the lowering at compile time:
+
+* ``prepare(args) -> args'``: the op's generic arguments (``MLAWeights``, ``PackedMoE``,
+  ``LoopParams``, ...) in the form the function runs on (the cpu backend's fused
+  weights; the cuda recurrent step's NVRTC-specialized kernels). Identity when absent.
+* ``bind(*call) -> launch | None``: given the arguments of one call on buffers that
+  never move (a plan step), a zero-argument launch with everything it can fix already
+  fixed (the cpu backend: a compiled kernel with its addresses), or None to be called
+  plainly (``Selected.launcher``).
+* ``caches(cfg, batch, seq_len, dtype, device) -> (first, second)``: one attention
+  layer's KV caches in the memory layout the function reads (the cpu MLA: one joint
+  buffer whose views are the two caches); ``ops.attention.new_caches`` otherwise.
+* ``workspace(max_tokens, args', device) -> scratch``: buffers the function takes as its
+  ``workspace`` argument, sized for ``max_tokens`` rows (the Triton MoE).
+
+``dtypes`` (optional): the storage dtypes ``backend="auto"`` picks the implementation
+for (the cpu backend registers float32 only: its fast paths are float32, and for other
+dtypes it would only hold unused copies). A backend asked for by name is used whatever
+the dtype.
 
 Selection (``select``): ``backend="auto"`` picks triton > cuda > torch on a CUDA device
-and cpu > torch on the CPU (cpu for float32 models only), the first one registered and
-importable; a named backend is used as asked, or is a clear error if that op has no
-such implementation. Per-op overrides (``{"moe_ffn": "torch"}``) win over the global
+and cpu > torch on the CPU, the first one registered, usable there and registered for
+the model's dtype; a named backend is used as asked, or is a clear error if that op has
+no such implementation. Per-op overrides (``{"moe_ffn": "torch"}``) win over the global
 choice, for debugging.
-
-An implementation may come with a ``prepare`` function that turns the op's generic
-arguments (``MLAWeights``, ``PackedMoE``, ``LoopParams``) into the form it runs on; the
-lowering calls it once, at compile time. It may also come with a ``bind`` function: given
-the arguments of one call on buffers that never move (a plan step), it returns a
-zero-argument launch with everything it can fix already fixed (the cpu backend: a
-compiled kernel with its addresses), or None to be called plainly
-(``Selected.launcher``). An attention implementation may also choose how its two KV
-caches are laid out in memory (``caches``; the cpu backend: one joint buffer whose views
-are the two caches); otherwise ``ops.attention.new_caches`` allocates them apart.
 """
 
 from __future__ import annotations
@@ -28,54 +36,86 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
+
+from ..cuda import extension_available
 
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 # Triton first until the GPU benchmarks show where a hand-written CUDA kernel wins
 # (docs/cuda.md); ask for "cuda" explicitly or per op through overrides meanwhile.
 _AUTO_ORDER_GPU = ("triton", "cuda", "torch")
 _AUTO_ORDER_CPU = ("cpu", "torch")
-
-_REGISTRY: dict[str, dict[str, str]] = {}
-_PREPARE: dict[tuple[str, str], str] = {}
-_BIND: dict[tuple[str, str], str] = {}
-_CACHES: dict[tuple[str, str], str] = {}
+HOOKS = ("prepare", "bind", "caches", "workspace")
+# The storage dtypes the cpu backend registers for: its fast paths are float32.
+CPU_DTYPES = (torch.float32,)
 
 
 class BackendError(RuntimeError):
     """The requested backend cannot run this op here."""
 
 
-def register(op: str, backend: str, target: str, prepare: Optional[str] = None,
-             bind: Optional[str] = None, caches: Optional[str] = None) -> None:
-    """Register ``target`` ("package.module:function") as ``op``'s ``backend`` implementation,
-    with an optional ``prepare`` ("module:function") for its arguments, ``bind`` for
-    prebound launches and ``caches`` for its KV-cache allocation."""
+@dataclass(frozen=True)
+class Impl:
+    """One registered implementation: its function and hooks as dotted paths (see the
+    module docstring), and the storage dtypes auto selection uses it for (None: any)."""
+    op: str
+    backend: str
+    fn: str
+    prepare: Optional[str] = None
+    bind: Optional[str] = None
+    caches: Optional[str] = None
+    workspace: Optional[str] = None
+    dtypes: Optional[frozenset] = None
+
+    def serves(self, dtype: Optional[torch.dtype]) -> bool:
+        """Whether auto selection may pick this implementation for a ``dtype`` model."""
+        return dtype is None or self.dtypes is None or dtype in self.dtypes
+
+
+_IMPLS: dict[str, dict[str, Impl]] = {}
+
+
+def register(op: str, backend: str, fn: str, *, prepare: Optional[str] = None,
+             bind: Optional[str] = None, caches: Optional[str] = None,
+             workspace: Optional[str] = None,
+             dtypes: Optional[Iterable[torch.dtype]] = None) -> Impl:
+    """Register ``fn`` ("package.module:function") as ``op``'s ``backend`` implementation,
+    with its optional hooks (each "module:function") and auto-selection ``dtypes``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    for path in (target, prepare, bind, caches):
+    for path in (fn, prepare, bind, caches, workspace):
         if path is not None and ":" not in path:
             raise ValueError(f"target must look like 'module:function', got {path!r}")
-    _REGISTRY.setdefault(op, {})[backend] = target
-    if prepare is not None:
-        _PREPARE[(op, backend)] = prepare
-    if bind is not None:
-        _BIND[(op, backend)] = bind
-    if caches is not None:
-        _CACHES[(op, backend)] = caches
+    impl = Impl(op, backend, fn, prepare, bind, caches, workspace,
+                None if dtypes is None else frozenset(dtypes))
+    _IMPLS.setdefault(op, {})[backend] = impl
+    return impl
 
 
 def ops() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_IMPLS)
 
 
 def backends_of(op: str) -> list[str]:
     """Backends registered for ``op``, in BACKENDS order."""
-    if op not in _REGISTRY:
+    if op not in _IMPLS:
         raise KeyError(f"unknown op {op!r}; registered ops: {', '.join(ops())}")
-    return [b for b in BACKENDS if b in _REGISTRY[op]]
+    return [b for b in BACKENDS if b in _IMPLS[op]]
+
+
+def record(op: str, backend: str) -> Impl:
+    """The registered record of ``op``'s ``backend`` implementation."""
+    if backend not in backends_of(op):
+        raise BackendError(f"op {op!r} has no {backend!r} implementation "
+                           f"(available: {', '.join(backends_of(op))})")
+    return _IMPLS[op][backend]
+
+
+def records() -> list[Impl]:
+    """Every registered implementation."""
+    return [impl for op in ops() for impl in _IMPLS[op].values()]
 
 
 def _import(op: str, backend: str, path: str) -> Callable:
@@ -88,10 +128,7 @@ def _import(op: str, backend: str, path: str) -> Callable:
 
 def load(op: str, backend: str) -> Callable:
     """Import and return ``op``'s ``backend`` implementation."""
-    if backend not in backends_of(op):
-        raise BackendError(f"op {op!r} has no {backend!r} implementation "
-                           f"(available: {', '.join(backends_of(op))})")
-    return _import(op, backend, _REGISTRY[op][backend])
+    return _import(op, backend, record(op, backend).fn)
 
 
 def _identity(args):
@@ -100,15 +137,15 @@ def _identity(args):
 
 @dataclass(frozen=True)
 class Selected:
-    """A resolved implementation: which backend, the callable, its argument prepare step
-    (identity unless the implementation registered one), its binder and its KV-cache
-    allocator (if any)."""
+    """A resolved implementation: which backend, the callable and its imported hooks
+    (``prepare`` is the identity unless the implementation registered one)."""
     op: str
     backend: str
     fn: Callable
     prepare: Callable = _identity
     bind: Optional[Callable] = None
     caches: Optional[Callable] = None
+    workspace: Optional[Callable] = None
 
     def launcher(self, *args, **kwargs) -> Callable[[], object]:
         """A zero-argument launch of ``fn(*args, **kwargs)`` on arguments that will not
@@ -121,18 +158,11 @@ class Selected:
         return lambda: fn(*args, **kwargs)
 
 
-def _selected(op: str, backend: str) -> Selected:
-    hook = lambda table: _import(op, backend, table[(op, backend)]) if (op, backend) in table else None  # noqa: E731
-    return Selected(op, backend, load(op, backend), hook(_PREPARE) or _identity,
-                    hook(_BIND), hook(_CACHES))
-
-
-def _cuda_extension_available() -> bool:
-    try:
-        importlib.import_module("mythos_rt._C")
-    except ImportError:
-        return False
-    return True
+def resolve(impl: Impl) -> Selected:
+    """Import ``impl``'s function and hooks."""
+    hooks = {h: _import(impl.op, impl.backend, getattr(impl, h))
+             for h in HOOKS if getattr(impl, h) is not None}
+    return Selected(impl.op, impl.backend, _import(impl.op, impl.backend, impl.fn), **hooks)
 
 
 def _usable(backend: str, device: torch.device) -> bool:
@@ -143,7 +173,7 @@ def _usable(backend: str, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     if backend == "cuda":
-        return _cuda_extension_available()
+        return extension_available()
     return importlib.util.find_spec("triton") is not None
 
 
@@ -152,28 +182,26 @@ def select(op: str, device: torch.device | str, backend: str = "auto",
            dtype: Optional[torch.dtype] = None) -> Selected:
     """Resolve the implementation of ``op`` for ``device`` (see module docstring).
 
-    ``dtype``: the model's storage dtype when known; auto skips the cpu backend for
-    anything but float32 (its fast paths are float32; it would only hold unused copies).
+    ``dtype``: the model's storage dtype when known; auto skips implementations not
+    registered for it (``Impl.dtypes``).
     """
     device = torch.device(device)
     wanted = (overrides or {}).get(op, backend)
     if wanted == "auto":
         order = _AUTO_ORDER_GPU if device.type == "cuda" else _AUTO_ORDER_CPU
-        if dtype is not None and dtype != torch.float32:
-            order = tuple(b for b in order if b != "cpu")
         for b in order:
-            if b in backends_of(op) and _usable(b, device):
-                return _selected(op, b)
+            if b in backends_of(op) and _usable(b, device) and _IMPLS[op][b].serves(dtype):
+                return resolve(_IMPLS[op][b])
         raise BackendError(f"op {op!r}: no usable implementation on {device}")
     if wanted not in BACKENDS:
         raise BackendError(f"unknown backend {wanted!r} for op {op!r}; "
                            f"expected 'auto' or one of {BACKENDS}")
     if wanted == "cuda" and device.type != "cuda":
         raise BackendError(f"op {op!r}: the 'cuda' backend needs a CUDA device, got {device}")
-    if wanted == "cuda" and not _cuda_extension_available():
+    if wanted == "cuda" and not extension_available():
         raise BackendError(f"op {op!r}: the 'cuda' backend needs the mythos_rt._C extension "
                            "(reinstall with MYTHOS_RT_BUILD_CUDA=1)")
     if wanted == "cpu" and device.type != "cpu":
         raise BackendError(f"op {op!r}: the 'cpu' backend runs on the CPU only, got {device}")
     # "triton" on CPU is allowed: mythos_rt.triton_kernels runs it under the interpreter.
-    return _selected(op, wanted)
+    return resolve(record(op, wanted))

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from mythos_rt.cpu.attention import prepare_mla
-from mythos_rt.cpu.ffn import dense_ffn_cpu, prepare_dense_ffn
+from mythos_rt.cpu.ffn import dense_ffn_cpu, prepare_dense_ffn, swiglu_cpu
 from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
-from mythos_rt.cpu.norm import rmsnorm_cpu, swiglu_cpu
+from mythos_rt.cpu.norm import rmsnorm_cpu
 from mythos_rt.cpu.recurrent import loop_epilogue_cpu, loop_prologue_cpu, prepare_loop
+from mythos_rt.lower import op_args
 from mythos_rt.ops import BackendError, select
-from mythos_rt.ops.moe import pack_moe
-from mythos_rt.ops.norm import rmsnorm_torch, swiglu_torch
+from mythos_rt.ops.ffn import swiglu_torch
+from mythos_rt.ops.norm import rmsnorm_torch
 from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
 
 from ..ops._attn_ref import Harness
@@ -65,7 +66,7 @@ def test_moe_matches_reference(spec, N, row_path):
     path.)"""
     cfg = moe_cfg(**spec)
     m = make_moe(cfg)
-    moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
+    moe = prepare_moe(op_args("moe", m.state_dict(), cfg))
     if row_path == "compiled":
         assert moe.kernel_max_tokens == 16 * cfg.n_experts // cfg.n_experts_per_tok
         takes = N <= moe.kernel_max_tokens
@@ -80,14 +81,15 @@ def test_moe_matches_reference(spec, N, row_path):
 
 @pytest.mark.parametrize("N", [1, 3, 16, 20], ids=["one", "decode-batch", "max-rows", "prefill"])
 def test_dense_ffn_matches_reference(N):
-    ex, w = make_ffn(40, 37)  # nothing a multiple of 16
+    ex, w = make_ffn(40)  # hidden 53: nothing a multiple of 16
     ffn = prepare_dense_ffn(w)
     x = torch.randn(N, 40)
     with torch.no_grad():
         ref = ex(x)
     assert_rel_close(dense_ffn_cpu(x, ffn), ref, TOL_FP32_TORCH)
     out = torch.full((N, 40), float("nan"))
-    assert dense_ffn_cpu(x, ffn, out=out, gate_up=torch.empty(N, 74), act=torch.empty(N, 37)) is out
+    gate_up, act = torch.empty(N, 106), torch.empty(N, 53)
+    assert dense_ffn_cpu(x, ffn, out=out, gate_up=gate_up, act=act) is out
     assert_rel_close(out, ref, TOL_FP32_TORCH)
 
 
@@ -150,7 +152,7 @@ def test_other_dtypes_run_the_torch_reference():
     assert torch.equal(rmsnorm_cpu(x, w), rmsnorm_torch(x, w))
     cfg = moe_cfg()
     m = make_moe(cfg).to(torch.bfloat16)
-    moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
+    moe = prepare_moe(op_args("moe", m.state_dict(), cfg))
     x = torch.randn(1, cfg.dim).to(torch.bfloat16)
     from mythos_rt.ops.moe import moe_ffn_torch
     assert torch.equal(moe_ffn_cpu(x, moe), moe_ffn_torch(x, moe.base))

@@ -12,7 +12,7 @@ from mythos_rt.config import MythosConfig
 from mythos_rt.cpu import native
 from mythos_rt.cpu.attention import prepare_mla
 from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
-from mythos_rt.ops.moe import pack_moe
+from mythos_rt.lower import op_args
 from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
 
 from ..ops._attn_ref import Harness
@@ -70,7 +70,7 @@ def test_without_a_compiler_the_pytorch_path_runs(fresh, monkeypatch):
     assert "no C++ compiler" in native.describe()
     cfg = moe_cfg()
     m = make_moe(cfg)
-    moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
+    moe = prepare_moe(op_args("moe", m.state_dict(), cfg))
     assert moe.row_kernel is None
     x = torch.randn(1, cfg.dim)
     assert_rel_close(moe_ffn_cpu(x, moe), ref_forward(m, x), TOL_FP32_TORCH)
@@ -152,11 +152,12 @@ def test_binders_take_their_ops_arguments():
 
     from mythos_rt.ops import registry
 
-    assert registry._BIND, "no binders registered"
-    for (op, backend), path in registry._BIND.items():
-        sel = registry.select(op, "cpu", backend)
+    bound = [impl for impl in registry.records() if impl.bind is not None]
+    assert bound, "no binders registered"
+    for impl in bound:
+        sel = registry.select(impl.op, "cpu", impl.backend)
         assert (list(inspect.signature(sel.bind).parameters)
-                == list(inspect.signature(sel.fn).parameters)), path
+                == list(inspect.signature(sel.fn).parameters)), impl.bind
 
 
 def test_launcher_calls_the_op_where_the_binder_declines():
@@ -323,7 +324,7 @@ def test_uneven_teams_give_the_one_thread_answer(threads):
 
     cfg = moe_cfg(D=48, I=24, E=7, k=3, S=2)
     m = make_moe(cfg)
-    moe = prepare_moe(pack_moe(m.state_dict(), "", cfg))
+    moe = prepare_moe(op_args("moe", m.state_dict(), cfg))
     mla = Harness("mla", "cpu", b_max=3, s_max=16, cfg=_awkward_mla())
     gqa = Harness("gqa", "cpu", b_max=3, s_max=16, cfg=_gqa(6, 2, 10, 60))
     lens = torch.tensor([5, 0, 11], dtype=torch.int32)

@@ -18,6 +18,7 @@ import torch
 
 from mythos_rt.config import MythosConfig
 from mythos_rt.cuda.codegen import LoopSpec, loop_step_source
+from mythos_rt.ops.norm import NORM_EPS
 
 from ._build import GENCODE, ROOT, nvcc
 
@@ -60,7 +61,9 @@ def _compile(src: str, path) -> subprocess.CompletedProcess:
 
 @needs_nvcc
 def test_generated_sources_compile(tmp_path):
-    specs = [LoopSpec.from_config(MythosConfig.from_preset(n), dt) for n, dt in JIT_CASES]
+    cfgs = [(MythosConfig.from_preset(n), str(dt).replace("torch.", "")) for n, dt in JIT_CASES]
+    specs = [LoopSpec(dim=c.dim, rank=c.lora_rank, loop_dim=c.loop_dim, dtype=dt, eps=NORM_EPS,
+                      threshold=c.act_threshold) for c, dt in cfgs]
     # fp16, D=52 (not a multiple of 8): the scalar (VEC=1) specialization
     specs.append(LoopSpec(dim=52, rank=3, loop_dim=6, dtype="float16", eps=1e-6, threshold=0.9))
     assert specs[1].vec == 8 and specs[2].vec == 1

@@ -108,8 +108,8 @@ def test_moe_align_feeds_triton_gemms_like_triton_alignment():
     from tests.ops.test_moe import make_moe
     cfg = MythosConfig.from_preset("small_mla")
     m = make_moe(cfg).to(DEV)
-    from mythos_rt.ops.moe import pack_moe
-    packed = pack_moe(m.state_dict(), "", cfg, dtype=torch.bfloat16, device=DEV)
+    from mythos_rt.lower import op_args
+    packed = op_args("moe", m.state_dict(), cfg, dtype=torch.bfloat16, device=DEV)
     x = torch.randn(77, cfg.dim, device=DEV, dtype=torch.bfloat16)
     ws = tmoe.MoEWorkspace.allocate(77, packed)
     ref = tmoe.moe_ffn_triton(x, packed, ws).clone()
@@ -198,22 +198,19 @@ def test_jit_specialized_kernels_equal_aot(tmp_path, monkeypatch):
     x, h, e = (torch.randn(N, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     res = []
     for use_jit in (False, True):
-        jit.clear()
+        pp = jit.SpecializedLoop(p, jit.specialize_loop(p, torch.bfloat16, DEV)) if use_jit else p
         if use_jit:
-            jit.specialize_loop(p, torch.bfloat16, DEV)
             assert list((tmp_path / "nvrtc").glob("*.cubin"))
         st = ACTState.allocate(N, D, torch.bfloat16, DEV).reset(N)
         hh, nc = h.clone(), torch.empty_like(h)
-        loop_epilogue_cuda(x, hh, e, p, 1, st, nc)
-        res.append((hh, nc, st.h_out.clone(), loop_prologue_cuda(hh, e, p, 3)))
-    jit.clear()
+        loop_epilogue_cuda(x, hh, e, pp, 1, st, nc)
+        res.append((hh, nc, st.h_out.clone(), loop_prologue_cuda(hh, e, pp, 3)))
     for a, b, name in zip(res[0], res[1], ("h", "next", "h_out", "prologue")):
         assert_rel_close(b, a, 1e-6, f"jit vs aot: {name}")
     # second specialization is a disk-cache hit
     n_files = len(list((tmp_path / "nvrtc").glob("*.cubin")))
     jit.specialize_loop(p, torch.bfloat16, DEV)
     assert len(list((tmp_path / "nvrtc").glob("*.cubin"))) == n_files
-    jit.clear()
 
 
 def test_epilogue_graph_capture():

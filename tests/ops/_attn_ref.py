@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mythos_rt.config import MythosConfig
+from mythos_rt.lower import op_args
 from mythos_rt.ops import attention as A
 from mythos_rt.ops import select
 from mythos_rt.reference import GQAttention, MLAttention, causal_mask, precompute_rope_freqs
@@ -42,12 +43,12 @@ class Harness:
                     p.normal_(1.0, 0.3)  # random RMSNorm gains, never ones/zeros
         # The reference sees the same (dtype-rounded) weights in fp32.
         self.ref = mod.to(dtype).float().eval()
-        sd = {k: v.to(dtype) for k, v in self.ref.state_dict().items()}
+        sd = self.ref.state_dict()
         rope_dim = cfg.qk_rope_head_dim if self.mla else cfg.head_dim
         self.freqs = precompute_rope_freqs(rope_dim, s_max, cfg.rope_theta)
         self.cos, self.sin = A.rope_tables(rope_dim, s_max, cfg.rope_theta)
         if self.mla:
-            self.w = A.MLAWeights.from_state_dict(sd, "", cfg)
+            self.w = op_args("mla_attention", sd, cfg, dtype=dtype)
             self.scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
             self.caches = (torch.full((b_max, s_max, cfg.kv_lora_rank), float("nan"), dtype=dtype),
                            torch.full((b_max, s_max, cfg.qk_rope_head_dim), float("nan"),
@@ -55,7 +56,7 @@ class Harness:
             sel = select("mla_attention", "cpu", backend)
             self.fn, self.w = sel.fn, sel.prepare(self.w)
         else:
-            self.w = A.GQAWeights.from_state_dict(sd, "", cfg)
+            self.w = op_args("gqa_attention", sd, cfg, dtype=dtype)
             self.scale = cfg.head_dim ** -0.5
             shape = (b_max, s_max, cfg.n_kv_heads, cfg.head_dim)
             self.caches = (torch.full(shape, float("nan"), dtype=dtype),

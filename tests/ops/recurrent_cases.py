@@ -13,6 +13,7 @@ import torch
 
 from mythos_rt import reference as R
 from mythos_rt.config import MythosConfig
+from mythos_rt.lower import op_args
 from mythos_rt.ops.recurrent import ACTState, LoopParams
 from mythos_rt.testing import assert_rel_close
 
@@ -36,8 +37,8 @@ class RefLoop:
         return sd
 
     def params(self, dtype=None, device=None) -> LoopParams:
-        return LoopParams.from_state_dict(self.state_dict(), self.cfg, dtype=dtype,
-                                          device=device)
+        return op_args("loop", self.state_dict(), self.cfg, "recurrent.", dtype=dtype,
+                       device=device)
 
 
 def randomize_(norm, lora, injection, act):
@@ -172,7 +173,7 @@ def run_loop(prologue, epilogue, scenario: str, T: int, n_loops: int, tol: float
     freqs = model.freqs_cis_mla[:T]
     mask = R.causal_mask(T, T, h0.device)
     N, D = T, cfg.dim
-    params = LoopParams.from_state_dict(model.state_dict(), cfg, dtype=dtype, device=device)
+    params = op_args("loop", model.state_dict(), cfg, "recurrent.", dtype=dtype, device=device)
     state = ACTState.allocate(N + 2, D, dtype, device).reset(N)
     h = h0.reshape(N, D).to(device=device, dtype=dtype).clone()
     e_dev = e.reshape(N, D).to(device=device, dtype=dtype)

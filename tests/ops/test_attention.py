@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mythos_rt.config import MythosConfig
+from mythos_rt.lower import op_args
 from mythos_rt.ops import attention as A
 from mythos_rt.ops import backends_of
 from mythos_rt.reference import MLAttention, apply_rope, precompute_rope_freqs
@@ -63,14 +64,18 @@ def test_absorb_mla_weights_per_head():
         A.absorb_mla_weights(w, H + 1, nope, v)
 
 
-def test_weights_from_state_dict_prefix():
+def test_weights_under_a_prefix():
+    """The lowering's arguments of an attention module given under a prefix; MLA's
+    absorbed matrices are kv_up's per-head blocks."""
     h = Harness("mla")
     sd = {"recurrent.block.attn." + k: v for k, v in h.ref.state_dict().items()}
-    w = A.MLAWeights.from_state_dict(sd, "recurrent.block.attn.", h.cfg)
+    w = op_args("mla_attention", sd, h.cfg, "recurrent.block.attn.")
     assert (w.n_heads, w.nope, w.rope_dim, w.v_dim, w.kv_lora_rank) == (3, 12, 8, 10, 24)
+    w_uk, w_uv = A.absorb_mla_weights(h.ref.kv_up.weight.detach(), 3, 12, 10)
+    assert torch.equal(w.w_uk, w_uk) and torch.equal(w.w_uv, w_uv)
     g = Harness("gqa")
     sd = {"coda.1.attn." + k: v for k, v in g.ref.state_dict().items()}
-    w = A.GQAWeights.from_state_dict(sd, "coda.1.attn.", g.cfg)
+    w = op_args("gqa_attention", sd, g.cfg, "coda.1.attn.")
     assert (w.n_heads, w.n_kv_heads, w.head_dim) == (4, 2, 10)
 
 
@@ -201,17 +206,16 @@ def test_bf16_gpu_long(kind):
         for name, p in mod.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.3)
-    sd = {k: v.to(torch.bfloat16) for k, v in mod.state_dict().items()}
     rope_dim = cfg.qk_rope_head_dim if kind == "mla" else cfg.head_dim
     cos, sin = A.rope_tables(rope_dim, S_max, cfg.rope_theta, dev)
     freqs = precompute_rope_freqs(rope_dim, S_max, cfg.rope_theta).to(dev)
     from mythos_rt.ops import select
     from mythos_rt.reference import causal_mask
     if kind == "mla":
-        w = A.MLAWeights.from_state_dict(sd, "", cfg)
+        w = op_args("mla_attention", mod.state_dict(), cfg, dtype=torch.bfloat16)
         scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
     else:
-        w = A.GQAWeights.from_state_dict(sd, "", cfg)
+        w = op_args("gqa_attention", mod.state_dict(), cfg, dtype=torch.bfloat16)
         scale = cfg.head_dim ** -0.5
     caches = A.new_caches(cfg, B, S_max, torch.bfloat16, dev)
     fn = select(f"{kind}_attention", dev, "triton").fn

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from mythos_rt.config import MythosConfig
 from mythos_rt.ops import backends_of, load, select
-from mythos_rt.ops.moe import PackedMoE, moe_ffn_torch, moe_route_torch, pack_moe
+from mythos_rt.lower import op_args
+from mythos_rt.ops.moe import PackedMoE, moe_ffn_torch, moe_route_torch
 from mythos_rt.reference import Expert, MoEFFN, route
 from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
 
@@ -50,7 +51,7 @@ def test_moe_ffn_torch_matches_reference(case):
     cfg = moe_cfg(**spec["cfg"])
     m = make_moe(cfg)
     x = torch.randn(spec["N"], cfg.dim)
-    packed = pack_moe(m.state_dict(), "", cfg)
+    packed = op_args("moe", m.state_dict(), cfg)
     assert_rel_close(moe_ffn_torch(x, packed), ref_forward(m, x), TOL_FP32_TORCH, case)
 
 
@@ -59,7 +60,7 @@ def test_moe_ffn_torch_out_buffer():
     m = make_moe(cfg)
     x = torch.randn(7, cfg.dim)
     out = torch.empty(7, cfg.dim)
-    res = moe_ffn_torch(x, pack_moe(m.state_dict(), "", cfg), out=out)
+    res = moe_ffn_torch(x, op_args("moe", m.state_dict(), cfg), out=out)
     assert res is out
     assert_rel_close(out, ref_forward(m, x), TOL_FP32_TORCH)
 
@@ -77,11 +78,13 @@ def test_moe_route_torch_matches_reference(k, E):
     assert torch.allclose(wts.sum(-1), torch.ones(N))
 
 
-def test_pack_moe_layout_and_prefix():
+def test_packed_moe_layout_and_prefix():
+    """The lowering's arguments (pack_experts pass + materialize + PackedMoE.build) of a
+    MoEFFN given under a prefix, in fp16."""
     cfg = moe_cfg(D=24, I=8, E=3, k=2, S=2)
     m = make_moe(cfg)
     sd = {"recurrent.block.ffn." + n: t for n, t in m.state_dict().items()}
-    p = pack_moe(sd, "recurrent.block.ffn.", cfg, dtype=torch.float16)
+    p = op_args("moe", sd, cfg, "recurrent.block.ffn.", dtype=torch.float16)
     E, k, I, D = 3, 2, 8, 24
     assert isinstance(p, PackedMoE)
     assert p.w13.shape == (E + 2 * k, 2 * I, D) and p.w2.shape == (E + 2 * k, D, I)
@@ -96,8 +99,9 @@ def test_pack_moe_layout_and_prefix():
         e = E + 1 * k + s
         assert torch.equal(p.w13[e, :I], sh.gate.weight[s * I:(s + 1) * I].half())
         assert torch.equal(p.w2[e], sh.down.weight[:, s * I:(s + 1) * I].half())
-    with pytest.raises(KeyError, match="missing parameter"):
-        pack_moe({}, "x.", cfg)
+    del sd["recurrent.block.ffn.shared_experts.1.up.weight"]
+    with pytest.raises(KeyError, match="no 'recurrent.block.ffn.shared_experts.1.up.weight'"):
+        op_args("moe", sd, cfg, "recurrent.block.ffn.")
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -106,7 +110,7 @@ def test_shared_expert_split_equals_unsplit(k):
     D, I = 40, 24
     cfg = moe_cfg(D=D, I=I, E=4, k=k, S=1)
     m = make_moe(cfg)
-    p = pack_moe(m.state_dict(), "", cfg)
+    p = op_args("moe", m.state_dict(), cfg)
     x = torch.randn(19, D)
     with torch.no_grad():
         unsplit = m.shared_experts[0](x)

@@ -7,6 +7,7 @@ import torch
 
 from mythos_rt import reference as R
 from mythos_rt.config import MythosConfig
+from mythos_rt.lower import op_args
 from mythos_rt.ops import registry
 from mythos_rt.ops.recurrent import (ACTState, LoopParams, loop_epilogue, loop_epilogue_torch,
                                      loop_prologue, loop_prologue_torch)
@@ -18,29 +19,28 @@ DIMS = [pytest.param(48, id="D48"), pytest.param(208, id="D208")]  # D//8 even, 
 ROWS = [pytest.param(1, id="N1"), pytest.param(7, id="N7"), pytest.param(37, id="N37")]
 
 
-def test_loop_params_from_state_dict():
+def test_loop_params_as_the_lowering_builds_them():
     cfg = MythosConfig.from_preset("tiny_mla")
     model = R.OpenMythos(cfg)
     rb = model.recurrent
     with torch.no_grad():
         rb.injection.log_A.copy_(torch.randn(cfg.dim) * 3)  # some hit the ±20 clamp
         rb.injection.log_dt.fill_(15.0)
-    p = LoopParams.from_state_dict(model.state_dict(), cfg)
-    assert p.dim == cfg.dim and p.rank == cfg.lora_rank and p.loop_dim == cfg.dim // 8
+    p = op_args("loop", model.state_dict(), cfg, "recurrent.")
+    assert p.dim == cfg.dim and p.rank == cfg.lora_rank and p.loop_dim == cfg.loop_dim
     assert p.max_loops == cfg.max_loop_iters and p.threshold == cfg.act_threshold
     assert p.A.dtype == torch.float32
     assert torch.equal(p.A, rb.injection.get_A().detach())
     assert torch.equal(p.lora_scale, rb.lora.scale.weight)
     assert torch.equal(p.halt_w, rb.act.halt.weight.reshape(-1))
     assert p.halt_b.shape == (1,) and p.lora_down.shape == (cfg.lora_rank, cfg.dim)
-    half = LoopParams.from_state_dict(model.state_dict(), cfg, dtype=torch.float16)
+    half = op_args("loop", model.state_dict(), cfg, "recurrent.", dtype=torch.float16)
     assert half.norm_w.dtype == torch.float16 and half.A.dtype == torch.float32
-    sub = {k[len("recurrent."):]: v for k, v in model.state_dict().items()
-           if k.startswith("recurrent.")}
-    assert torch.equal(LoopParams.from_state_dict(sub, cfg, prefix="").inj_B, p.inj_B)
+    sub = rb.state_dict()
+    assert torch.equal(op_args("loop", sub, cfg).inj_B, p.inj_B)
     with pytest.raises(KeyError, match="recurrent.lora.B"):
-        LoopParams.from_state_dict({k: v for k, v in model.state_dict().items()
-                                    if k != "recurrent.lora.B"}, cfg)
+        op_args("loop", {k: v for k, v in model.state_dict().items()
+                         if k != "recurrent.lora.B"}, cfg, "recurrent.")
 
 
 def test_act_state_reset_keeps_buffers():

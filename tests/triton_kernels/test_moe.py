@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import mythos_rt.triton_kernels  # noqa: F401 — turns on the interpreter on CPU
-from mythos_rt.ops.moe import moe_ffn_torch, pack_moe
+from mythos_rt.lower import op_args
+from mythos_rt.ops.moe import moe_ffn_torch
 from mythos_rt.reference import route
 from mythos_rt.testing import (TOL_BF16_KERNEL, TOL_FP16_INTERPRET, TOL_FP32_INTERPRET,
                                assert_rel_close)
@@ -37,7 +38,7 @@ def build(cfg_kw, N, dtype, bias=None):
             m.router_bias.copy_(bias)
     m = m.to(dtype).float()                      # the kernel's weights, exactly, in fp32
     x = torch.randn(N, cfg.dim).to(dtype)
-    packed = pack_moe(m.state_dict(), "", cfg, dtype=dtype, device=DEV)
+    packed = op_args("moe", m.state_dict(), cfg, dtype=dtype, device=DEV)
     return cfg, m, packed, x
 
 
@@ -199,9 +200,9 @@ def test_pinned_configs(cfg):
 
 
 def test_triton_matches_torch_backend_fp32():
-    _, m, packed, x = build(dict(), 21, torch.float32)
+    cfg, m, packed, x = build(dict(), 21, torch.float32)
     assert_rel_close(moe_ffn_triton(x.to(DEV), packed).cpu(),
-                     moe_ffn_torch(x, packed.to(device="cpu")), TOL_FP32_INTERPRET)
+                     moe_ffn_torch(x, op_args("moe", m.state_dict(), cfg)), TOL_FP32_INTERPRET)
 
 
 def test_config_cache_roundtrip(tmp_path, monkeypatch):

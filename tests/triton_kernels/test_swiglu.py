@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mythos_rt import reference as R
-from mythos_rt.ops.norm import swiglu, swiglu_torch
+from mythos_rt.ops.ffn import swiglu, swiglu_torch
 from mythos_rt.testing import (TOL_BF16_KERNEL, TOL_FP16_INTERPRET, TOL_FP32_INTERPRET,
                                TOL_FP32_TORCH, assert_rel_close)
 from mythos_rt.triton_kernels.swiglu import swiglu_triton

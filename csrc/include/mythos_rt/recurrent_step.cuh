@@ -62,6 +62,53 @@ struct EpilogueParams {
   float emb_c, eps, threshold;
 };
 
+// The loop-index embedding's frequency base: f_j = kLoopTheta^(-2j/loop_dim). The same
+// constant as mythos_rt.ops.recurrent.LOOP_THETA (tests/csrc/test_codegen.py checks it).
+constexpr double kLoopTheta = 10000.0;
+
+// The step's arguments as the AOT entry points (csrc/recurrent_step.cu) and the JIT
+// kernels (mythos_rt/cuda/codegen.py) receive them: device addresses as integers, row
+// strides in elements. `prologue_params` / `epilogue_params` are the one packer of both
+// into the kernels' typed parameters.
+struct PrologueArgs {
+  unsigned long long h, e, norm_w, out;
+  long long stride_h, stride_e, stride_out;
+  int n_rows, dim, t, loop_dim;
+  float emb_c, eps;
+};
+
+struct EpilogueArgs {
+  unsigned long long x, h, e, h_out, cum_p, halted, n_running, next, norm_w, lora_down,
+      lora_B, lora_scale, A, inj_B, halt_w, halt_b;
+  long long stride_x, stride_h, stride_e, stride_out, stride_next;
+  int n_rows, dim, rank, t, tc, loop_dim;  // tc: the clamped LoRA scale row
+  float emb_c, eps, threshold;
+};
+
+template <typename P>
+__host__ __device__ inline P* addr(unsigned long long a) {
+  return reinterpret_cast<P*>(a);
+}
+
+// Fields in the declaration order of PrologueParams / EpilogueParams.
+template <typename T>
+__host__ __device__ inline PrologueParams<T> prologue_params(const PrologueArgs& a) {
+  return {addr<const T>(a.h), addr<const T>(a.e), addr<const T>(a.norm_w), addr<T>(a.out),
+          a.stride_h, a.stride_e, a.stride_out, a.n_rows, a.dim, a.t, a.loop_dim, a.emb_c,
+          a.eps};
+}
+
+template <typename T>
+__host__ __device__ inline EpilogueParams<T> epilogue_params(const EpilogueArgs& a) {
+  return {addr<const T>(a.x), addr<T>(a.h), addr<const T>(a.e), addr<T>(a.h_out),
+          addr<float>(a.cum_p), addr<unsigned char>(a.halted), addr<int>(a.n_running),
+          addr<T>(a.next), addr<const T>(a.norm_w), addr<const T>(a.lora_down),
+          addr<const T>(a.lora_B), addr<const T>(a.lora_scale), addr<const float>(a.A),
+          addr<const T>(a.inj_B), addr<const T>(a.halt_w), addr<const T>(a.halt_b),
+          a.stride_x, a.stride_h, a.stride_e, a.stride_out, a.stride_next, a.n_rows, a.dim,
+          a.rank, a.t, a.tc, a.loop_dim, a.emb_c, a.eps, a.threshold};
+}
+
 // Channel c of the loop-index embedding: sin(t·f_j) on [0, ld/2), cos on [ld/2, ld), 0 after.
 __device__ __forceinline__ float loop_embed(int c, float t, int loop_dim, float emb_c) {
   if (c >= loop_dim) return 0.0f;

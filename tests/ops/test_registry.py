@@ -1,0 +1,66 @@
+"""The implementation records and the lowering's per-kind rules: the lowering asks the
+selected implementation's hooks, never a backend's name."""
+
+import pytest
+import torch
+
+from mythos_rt import reference as R
+from mythos_rt.config import MythosConfig
+from mythos_rt.lower import RULES, lower
+from mythos_rt.ops import registry
+from mythos_rt.passes import run_passes
+from mythos_rt.trace import trace
+from mythos_rt.weights import materialize
+
+
+def test_records_name_importable_hooks():
+    """Every registered hook of the torch / cpu / triton implementations imports (cuda's
+    need the extension: tests/csrc)."""
+    for impl in (i for i in registry.records() if i.backend != "cuda"):
+        sel = registry.resolve(impl)
+        for hook in ("bind", "caches", "workspace"):
+            assert (getattr(impl, hook) is None) == (getattr(sel, hook) is None), impl
+        assert callable(sel.fn) and callable(sel.prepare)
+        if impl.prepare is None:
+            args = object()
+            assert sel.prepare(args) is args, impl
+
+
+def test_register_rejects_unknown_backends_and_bare_names():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        registry.register("moe_ffn", "tpu", "m:f")
+    with pytest.raises(ValueError, match="module:function"):
+        registry.register("moe_ffn", "torch", "mythos_rt.ops.moe:moe_ffn_torch", workspace="ws")
+
+
+def test_auto_selection_follows_the_records_dtypes():
+    assert registry.record("moe_ffn", "cpu").dtypes == frozenset({torch.float32})
+    assert registry.select("moe_ffn", "cpu", dtype=torch.float32).backend == "cpu"
+    assert registry.select("moe_ffn", "cpu", dtype=torch.float16).backend == "torch"
+
+
+def _lowered(**kw):
+    cfg = MythosConfig.from_preset("tiny_mla")
+    graph, cfg, sd = trace(R.OpenMythos(cfg))
+    g = run_passes(graph)
+    cpu = torch.device("cpu")
+    return lower(g, cfg, materialize(g, sd, cpu), cpu, torch.float32, max_batch=2, chunk=3,
+                 max_seq_len=16, max_loops=cfg.max_loop_iters, **kw)
+
+
+def test_lowering_allocates_the_selected_implementations_workspace():
+    """The Triton MoE's workspace comes from its record's hook, sized for the plan's rows;
+    the torch implementation registers none, so none is allocated."""
+    from mythos_rt.triton_kernels.moe import MoEWorkspace
+    low = _lowered(overrides={"moe_ffn": "triton"})
+    ws = low.buffers.workspaces["recurrent.block.ffn"]
+    assert isinstance(ws, MoEWorkspace) and ws.max_tokens == 6
+    assert _lowered(backend="torch").buffers.workspaces == {}
+
+
+def test_every_traced_kind_has_one_rule():
+    low = _lowered(backend="torch")
+    kinds = {op.kind for g in [low.graph] + [op.body for op in low.graph.ops if op.body]
+             for op in g.ops}
+    assert kinds <= set(RULES)
+    assert {r.kernel for r in RULES.values() if r.kernel} == set(low.impls)
