@@ -60,7 +60,7 @@ def make_ref_loop(dim: int, rank: int = 4, max_loops: int = 3, thr: float = 0.99
     to that dtype (kept fp32) so a low-precision kernel sees exactly the reference's weights."""
     cfg = MythosConfig(dim=dim, lora_rank=rank, max_loop_iters=max_loops, act_threshold=thr)
     m = RefLoop(R.RMSNorm(dim), R.LoRAAdapter(dim, rank, max_loops), R.LTIInjection(dim),
-                R.ACTHalting(dim), dim // 8, thr, cfg)
+                R.ACTHalting(dim), cfg.loop_dim, thr, cfg)
     randomize_(m.norm, m.lora, m.injection, m.act)
     if round_to is not None:
         with torch.no_grad():
