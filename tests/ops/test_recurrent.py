@@ -9,8 +9,8 @@ from mythos_rt import reference as R
 from mythos_rt.config import MythosConfig
 from mythos_rt.lower import op_args
 from mythos_rt.ops import registry
-from mythos_rt.ops.recurrent import (ACTState, LoopParams, loop_epilogue, loop_epilogue_torch,
-                                     loop_prologue, loop_prologue_torch)
+from mythos_rt.ops.recurrent import (ACTState, loop_epilogue, loop_epilogue_torch, loop_prologue,
+                                     loop_prologue_torch)
 from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
 
 from .recurrent_cases import check_step, make_ref_loop, ref_prologue, run_loop
