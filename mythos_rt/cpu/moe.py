@@ -36,12 +36,12 @@ __all__ = ["CpuMoE", "prepare_moe", "moe_ffn_cpu", "bind_moe_ffn_cpu"]
 class CpuMoE:
     """One MoE FFN laid out for decode, with its scratch rows."""
     base: PackedMoE
-    front_t: torch.Tensor              # (D, S·2I + E) = [shared slots' [gate; up] | router]ᵀ
+    front: torch.Tensor                # (S·2I + E, D) = [shared slots' [gate; up]; router]
     front_bias: torch.Tensor           # (S·2I + E,) = [0 | router bias]
     router_bias: list[float]           # the selection bias, on the host
     w13_t: list[torch.Tensor]          # per routed expert (D, 2I) = [gate; up]ᵀ (a view)
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
-    shared_w2_t: Optional[torch.Tensor]  # (S·I, D): the slots' downᵀ, stacked
+    shared_w2: Optional[torch.Tensor]  # (D, S·I): the slots' down side by side
     rows: "_Rows"
     row_kernel: Optional[native.Kernel] = None  # up to kernel_max_tokens in one call
     kernel_max_tokens: int = 0
@@ -88,22 +88,22 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
     sharing a matmul with the router."""
     E, S, I, D = packed.n_routed, packed.n_shared_slots, packed.expert_dim, packed.dim
     shared_w13 = packed.w13[E:].reshape(S * 2 * I, D)                   # slot-major [g; u]
-    front_t = torch.cat([shared_w13, packed.router_w]).t().contiguous()
+    front = torch.cat([shared_w13, packed.router_w])
     front_bias = torch.cat([torch.zeros(S * 2 * I), packed.router_bias.float()])
-    shared_w2_t = packed.w2[E:].permute(0, 2, 1).reshape(S * I, D).contiguous() if S else None
-    moe = CpuMoE(base=packed, front_t=front_t, front_bias=front_bias,
+    shared_w2 = packed.w2[E:].permute(1, 0, 2).reshape(D, S * I).contiguous() if S else None
+    moe = CpuMoE(base=packed, front=front, front_bias=front_bias,
                  router_bias=packed.router_bias.tolist(),
                  w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
-                 w2=list(packed.w2[:E].unbind(0)), shared_w2_t=shared_w2_t,
+                 w2=list(packed.w2[:E].unbind(0)), shared_w2=shared_w2,
                  rows=_Rows.allocate(packed.top_k, S, I, E))
     lib = native.library()
     if lib is not None and packed.w13.dtype == torch.float32:
         moe.row_kernel = native.kernel(
             lib, "moe_rows", native.MoeRow, dict(D=D, E=E, S=S, I=I, k=packed.top_k),
-            dict(front_t=front_t, front_bias=front_bias,
+            dict(front=front, front_bias=front_bias,
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
-                 shared_w2_t=shared_w2_t))
+                 shared_w2=shared_w2))
         moe.kernel_max_tokens = KERNEL_TOKENS_PER_EXPERT * E // packed.top_k
     return moe
 
@@ -147,14 +147,14 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
         return _moe_grouped(x, moe, out)
     rows = moe.rows
     if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
-        torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
+        torch.addmm(moe.front_bias, x, moe.front.t(), out=rows.front)
         routes = _route(rows.logits, p.top_k, moe.router_bias)
         for e, row in zip(routes[0][0], rows.routed):
             torch.mm(x, moe.w13_t[e], out=row)
         rows.activate()
         res = _shared_output(rows.shared_act, x, moe, out)
     else:
-        front = torch.addmm(moe.front_bias, x, moe.front_t)
+        front = torch.addmm(moe.front_bias, x, moe.front.t())
         routes = _route(front[:, _shared_width(p):], p.top_k, moe.router_bias)
         res = _shared_output(_shared_act(front, p), x, moe, out)
     for n, (ids, weights) in enumerate(routes):
@@ -182,7 +182,7 @@ def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> t
     the weighted rows added back onto the shared experts' output."""
     p = moe.base
     k, I = p.top_k, p.expert_dim
-    front = torch.addmm(moe.front_bias, x, moe.front_t)             # [shared g/u | biased]
+    front = torch.addmm(moe.front_bias, x, moe.front.t())             # [shared g/u | biased]
     top = torch.topk(front[:, _shared_width(p):], k)
     weights = torch.softmax(top.values - p.router_bias[top.indices], -1)  # chosen, renormed
     flat = top.indices.reshape(-1)
@@ -220,8 +220,8 @@ def _shared_output(act: Optional[torch.Tensor], x: torch.Tensor, moe: CpuMoE,
     if act is None:
         return torch.zeros_like(x) if out is None else out.zero_()
     if out is None:
-        return torch.mm(act, moe.shared_w2_t)
-    return torch.mm(act, moe.shared_w2_t, out=out)
+        return torch.mm(act, moe.shared_w2.t())
+    return torch.mm(act, moe.shared_w2.t(), out=out)
 
 
 def _swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:
