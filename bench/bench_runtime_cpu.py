@@ -204,8 +204,8 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
         for name in models:
             times = decode[name]
             r = {"name": name, "threads": t, "prompt": prompt,
-                 "decode_s_per_token": round(statistics.median(times), 3),
-                 "decode_s_range": [round(min(times), 3), round(max(times), 3)],
+                 "decode_s_per_token": round(statistics.median(times), 5),
+                 "decode_s_range": [round(min(times), 5), round(max(times), 5)],
                  "pct_of_read_floor": round(100 * floor_s / statistics.median(times), 1),
                  "pct_of_read_floor_best_token": round(100 * floor_s / min(times), 1),
                  "prefill_s": round(prefill[name], 2),
