@@ -208,7 +208,7 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
                  "decode_s_range": [round(min(times), 5), round(max(times), 5)],
                  "pct_of_read_floor": round(100 * floor_s / statistics.median(times), 1),
                  "pct_of_read_floor_best_token": round(100 * floor_s / min(times), 1),
-                 "prefill_s": round(prefill[name], 2),
+                 "prefill_s": round(prefill[name], 4),
                  "prefill_tok_s": round(prompt / prefill[name], 2)}
             if name != rt_name:
                 r["rt_decode_speedup"] = round(statistics.median(
@@ -222,7 +222,7 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
     facts = {"preset": preset, "dtype": dtype, "config": cfg.to_dict(), "n_loops": n_loops,
              "decode_bytes_per_token": bytes_per_token, "backends": rt.backends,
              "read_probe": f"{probe_mib} MiB of random float32, {probe.how}",
-             "read_gbps_best": round(best_gbps, 1), "floor_s_per_token": round(floor_s, 3),
+             "read_gbps_best": round(best_gbps, 1), "floor_s_per_token": round(floor_s, 6),
              "decode_tokens_per_thread_count": steps}
     return rows, facts
 
