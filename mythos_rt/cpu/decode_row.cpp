@@ -258,15 +258,20 @@ int32_t gqa_decode_rows(const GqaRow* m, const float* x, float* k_cache, float* 
 
 // ------------------------------------------------------------------------------ MoE
 
+// The matrices are float32 (moe_rows) or bf16 (moe_rows_bf16); the biases float32.
 struct MoeRow {
   int32_t D, E, S, I, k;
-  const float* front;        // (S·2I + E, D): [shared slots' [gate; up] rows; router]
+  const void* front;         // (S·2I + E, D): [shared slots' [gate; up] rows; router]
   const float* front_bias;   // (S·2I + E,) = [0 | router bias]
   const float* router_bias;  // (E,)
-  const float* w13;          // (E + S, 2I, D): per expert [gate; up]
-  const float* w2;           // (E + S, D, I): per expert down
-  const float* shared_w2;    // (D, S·I): the shared slots' down side by side, null when S == 0
+  const void* w13;           // (E + S, 2I, D): per expert [gate; up]
+  const void* w2;            // (E + S, D, I): per expert down
+  const void* shared_w2;     // (D, S·I): the shared slots' down side by side, null when S == 0
 };
+
+}  // extern "C"
+
+namespace {
 
 // The k largest of biased[0..E) in descending order (as torch.topk), and the softmax of
 // their unbiased logits (biased - bias): the renormalized routing weights.
@@ -302,7 +307,12 @@ void route(const float* biased, const float* bias, int E, int k, int* chosen, fl
 // matrix), the shared activations by tokens and the sorted
 // pairs into equal contiguous shares (each member routes and sorts every token itself:
 // the same answer, no wait), and sums the members' expert outputs at the end.
-void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
+template <class W>
+void moe_rows_of(const MoeRow* m, const float* x, int32_t N, float* out) {
+  const W* front_w = static_cast<const W*>(m->front);
+  const W* w13 = static_cast<const W*>(m->w13);
+  const W* w2 = static_cast<const W*>(m->w2);
+  const W* shared_w2 = static_cast<const W*>(m->shared_w2);
   const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
   const int F = shared + E;  // front width: [shared gate/up | biased router logits]
   const int T = std::max(1, team_size());
@@ -332,7 +342,7 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
     for (int n = 0; n < N; ++n)
       std::memcpy(front + static_cast<int64_t>(n) * F + lo, m->front_bias + lo,
                   sizeof(float) * (hi - lo));
-    gemm_nk(x, D, N, m->front + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, front + lo, F,
+    gemm_nk(x, D, N, front_w + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, front + lo, F,
             true);
     team_barrier();  // the front is complete
     for (int n = 0; n < N; ++n)
@@ -350,7 +360,7 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
     team_barrier();  // so are the shared activations
     share(D, t, nt, 4, lo, hi);
     if (S > 0)
-      gemm_nk(shared_act, S * I, N, m->shared_w2 + static_cast<int64_t>(lo) * S * I, hi - lo,
+      gemm_nk(shared_act, S * I, N, shared_w2 + static_cast<int64_t>(lo) * S * I, hi - lo,
               S * I, 1.0f, out + lo, D, false);
     else
       for (int n = 0; n < N; ++n)
@@ -366,11 +376,11 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
       for (int r = 0; r < M; ++r)
         std::memcpy(rows + static_cast<int64_t>(r) * D,
                     x + static_cast<int64_t>(order[a + r] / k) * D, sizeof(float) * D);
-      gemm_nk(rows, D, M, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, 2 * I, false);
+      gemm_nk(rows, D, M, w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, 2 * I, false);
       for (int r = 0; r < M; ++r)
         swiglu(gate_up + static_cast<int64_t>(r) * 2 * I,
                gate_up + static_cast<int64_t>(r) * 2 * I + I, I, act + static_cast<int64_t>(r) * I);
-      gemm_nk(act, I, M, m->w2 + e * D * I, D, I, 1.0f, down, D, false);
+      gemm_nk(act, I, M, w2 + e * D * I, D, I, 1.0f, down, D, false);
       for (int r = 0; r < M; ++r) {
         const int pair = order[a + r];
         float* y = partial + static_cast<int64_t>(pair / k) * D;
@@ -388,6 +398,18 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
           out[static_cast<int64_t>(n) * D + d] += p[static_cast<int64_t>(n) * D + d];
     }
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
+  moe_rows_of<float>(m, x, N, out);
+}
+
+void moe_rows_bf16(const MoeRow* m, const float* x, int32_t N, float* out) {
+  moe_rows_of<bf16>(m, x, N, out);
 }
 
 // ------------------------------------------------------------------------------ dense FFN

@@ -12,8 +12,10 @@ are made once. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token 
 the shared slots batched. With the compiled kernels (``mythos_rt.cpu.native``), a batch
 of up to ``kernel_max_tokens`` tokens (16 per expert) is one ``moe_rows`` call over
 the same layout instead. Longer chunks (prefill) sort their (token, slot) pairs by
-expert once and run one matmul pair per expert (``_moe_grouped``). Dtypes other than
-float32 run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
+expert once and run one matmul pair per expert (``_moe_grouped``). bf16 weights stay
+bf16 (half the bytes a decode token streams) and run ``moe_rows_bf16``, which widens
+them to float32 in registers, for the same chunks; longer bf16 chunks and other dtypes
+run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
 """
 
 from __future__ import annotations
@@ -97,13 +99,16 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
                  w2=list(packed.w2[:E].unbind(0)), shared_w2=shared_w2,
                  rows=_Rows.allocate(packed.top_k, S, I, E))
     lib = native.library()
-    if lib is not None and packed.w13.dtype == torch.float32:
+    bf16 = packed.w13.dtype == torch.bfloat16
+    if lib is not None and packed.w13.dtype in (torch.float32, torch.bfloat16):
+        matrices = ("front", "w13", "w2", "shared_w2")
         moe.row_kernel = native.kernel(
-            lib, "moe_rows", native.MoeRow, dict(D=D, E=E, S=S, I=I, k=packed.top_k),
+            lib, "moe_rows_bf16" if bf16 else "moe_rows", native.MoeRow,
+            dict(D=D, E=E, S=S, I=I, k=packed.top_k),
             dict(front=front, front_bias=front_bias,
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
-                 shared_w2=shared_w2))
+                 shared_w2=shared_w2), bf16=matrices if bf16 else ())
         moe.kernel_max_tokens = KERNEL_TOKENS_PER_EXPERT * E // packed.top_k
     return moe
 
@@ -137,12 +142,12 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     run the lean path."""
     p = moe.base
     N = x.shape[0]
-    if x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
-        return moe_ffn_torch(x, p, workspace, out)
     if moe.row_kernel is not None and N <= moe.kernel_max_tokens:
         res = native.run_bound(lambda target: bind_moe_ffn_cpu(x, moe, workspace, target), x, out)
         if res is not None:
             return res
+    if x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
+        return moe_ffn_torch(x, p, workspace, out)
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
     rows = moe.rows
@@ -171,9 +176,24 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
 def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                      out: Optional[torch.Tensor] = None):
     """``moe_ffn_cpu`` for up to ``kernel_max_tokens`` tokens as a prebound call of the
-    compiled kernel, or None where that does not apply (more tokens, not contiguous float32
-    rows, no kernel, no ``out``)."""
-    return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)
+    compiled kernel, or None where that does not apply (more tokens, rows not contiguous
+    in the weights' dtype, no kernel, no ``out``). bf16 weights: the rows are widened into
+    float32 staging rows (allocated here, once per binding) and the result rounded back."""
+    if moe.base.w13.dtype != torch.bfloat16:
+        return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)
+    if (x.dtype != torch.bfloat16 or out is None or out.dtype != torch.bfloat16
+            or out.shape != x.shape or not out.is_contiguous()):
+        return None
+    x32, out32 = torch.empty(x.shape), torch.empty(x.shape)
+    launch32 = native.bind_rows(moe.row_kernel, x32, out32, moe.kernel_max_tokens)
+    if launch32 is None:
+        return None
+
+    def launch():
+        x32.copy_(x)
+        launch32()
+        return out.copy_(out32)
+    return launch
 
 
 def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> torch.Tensor:

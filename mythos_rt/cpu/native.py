@@ -97,6 +97,7 @@ _SIGNATURES = {
     "gqa_decode_rows": [ctypes.POINTER(GqaRow), _vp, _vp, _vp, ctypes.c_int64, _vp, _i32, _i32,
                         _vp, _vp, _vp],
     "moe_rows": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
+    "moe_rows_bf16": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
     "ffn_rows": [ctypes.POINTER(FfnRow), _vp, _i32, _vp],
     "loop_epilogue_rows": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp,
                            _vp, _vp, _vp],
@@ -180,14 +181,17 @@ class Kernel:
 
 
 def kernel(lib: ctypes.CDLL, name: str, struct: type, sizes: Mapping[str, float],
-           tensors: Mapping[str, Optional[torch.Tensor]]) -> Kernel:
+           tensors: Mapping[str, Optional[torch.Tensor]],
+           bf16: tuple[str, ...] = ()) -> Kernel:
     """Bind kernel ``name`` to ``struct(**sizes, **addresses of tensors)``; every tensor
-    must be a contiguous float32 CPU tensor (None passes a null pointer)."""
+    must be a contiguous float32 CPU tensor (bfloat16 for the keys in ``bf16``; None passes
+    a null pointer)."""
     for key, t in tensors.items():
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"
+        want = torch.bfloat16 if key in bf16 else torch.float32
+        if t is not None and (t.dtype != want or t.device.type != "cpu"
                               or not t.is_contiguous()):
-            raise NativeError(f"{name}: {key} must be a contiguous float32 CPU tensor, got "
-                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
+            raise NativeError(f"{name}: {key} must be a contiguous {str(want)[6:]} CPU tensor, "
+                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     args = struct(**sizes, **{k: address(t) for k, t in tensors.items()})
     return Kernel(getattr(lib, name), args, ctypes.byref(args),
                   tuple(t for t in tensors.values() if t is not None))

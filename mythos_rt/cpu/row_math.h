@@ -94,6 +94,30 @@ inline v16 load16(const float* p) {
 
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
+// bfloat16 weights (their bits): widened to float32 in registers, so a bf16 matrix is
+// half the bytes to stream and every product still sums in float32.
+typedef uint16_t bf16;
+
+inline v16 load16(const bf16* p) {
+  typedef uint16_t h16 __attribute__((vector_size(32)));
+  typedef int32_t i16 __attribute__((vector_size(64)));
+  h16 h;
+  std::memcpy(&h, p, sizeof h);
+  const i16 bits = __builtin_convertvector(h, i16) << 16;
+  v16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline float to_float(float v) { return v; }
+
+inline float to_float(bf16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 inline float hsum(v16 v) {  // a fixed tree: deterministic
 #if defined(__clang__) || __GNUC__ >= 12
   typedef float v8 __attribute__((vector_size(32)));
@@ -197,8 +221,8 @@ constexpr int kNkInputs = 4;  // 16 sums + 4 weight vectors + 1 input in 32 regi
 constexpr int kNkInputs = 1;  // 4 two-register sums + weights in AVX2's 16 registers
 #endif
 
-template <int NW, int NX>
-inline void tile_nk(const float* __restrict X, int ldx, const float* __restrict w, int K,
+template <int NW, int NX, class W>
+inline void tile_nk(const float* __restrict X, int ldx, const W* __restrict w, int K,
                     float alpha, float* __restrict Y, int ldy, bool accumulate) {
   v16 acc[NX][NW] = {};
   int i = 0;
@@ -214,25 +238,26 @@ inline void tile_nk(const float* __restrict X, int ldx, const float* __restrict 
     const float* xr = X + static_cast<int64_t>(x) * ldx;
     float* y = Y + static_cast<int64_t>(x) * ldy;
     for (int j = 0; j < NW; ++j) {
-      const float* wr = w + static_cast<int64_t>(j) * K;
+      const W* wr = w + static_cast<int64_t>(j) * K;
       float s = hsum(acc[x][j]);
-      for (int t = i; t < K; ++t) s += wr[t] * xr[t];
+      for (int t = i; t < K; ++t) s += to_float(wr[t]) * xr[t];
       y[j] = accumulate ? y[j] + alpha * s : alpha * s;
     }
   }
 }
 
 // Y[i][r] = alpha · (w[r, :] · X[i]) (+ Y[i][r] when accumulate) for the rows r < N of w
-// (N, K) row-major (nn.Linear's layout) and inputs i < M (X rows ldx apart, Y rows ldy
+// (N, K) row-major (nn.Linear's layout; float32 or bf16) and inputs i < M (X rows ldx apart, Y rows ldy
 // apart), in register tiles (tile_nk): w streams through memory once, front to back, in
 // blocks of four rows, each block serving every input while it sits in L1. The
 // streaming layout of decode: a team splits w's rows, so each member reads one
 // contiguous stretch of the matrix.
-void gemm_nk(const float* __restrict X, int ldx, int M, const float* __restrict w, int N, int K,
+template <class W>
+void gemm_nk(const float* __restrict X, int ldx, int M, const W* __restrict w, int N, int K,
              float alpha, float* __restrict Y, int ldy, bool accumulate) {
   int n = 0;
   for (; n + 4 <= N; n += 4) {
-    const float* wn = w + static_cast<int64_t>(n) * K;
+    const W* wn = w + static_cast<int64_t>(n) * K;
     int m = 0;
     for (; m + kNkInputs <= M; m += kNkInputs)
       tile_nk<4, kNkInputs>(X + static_cast<int64_t>(m) * ldx, ldx, wn, K, alpha,

@@ -153,13 +153,13 @@ def select(op: str, device: torch.device | str, backend: str = "auto",
     """Resolve the implementation of ``op`` for ``device`` (see module docstring).
 
     ``dtype``: the model's storage dtype when known; auto skips the cpu backend for
-    anything but float32 (its fast paths are float32; it would only hold unused copies).
+    anything but float32 and bfloat16 (its fast paths; it would only hold unused copies).
     """
     device = torch.device(device)
     wanted = (overrides or {}).get(op, backend)
     if wanted == "auto":
         order = _AUTO_ORDER_GPU if device.type == "cuda" else _AUTO_ORDER_CPU
-        if dtype is not None and dtype != torch.float32:
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
             order = tuple(b for b in order if b != "cpu")
         for b in order:
             if b in backends_of(op) and _usable(b, device):
