@@ -109,7 +109,8 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
                  shared_w2=shared_w2), bf16=matrices if bf16 else ())
-        moe.kernel_max_tokens = KERNEL_TOKENS_PER_EXPERT * E // packed.top_k
+        moe.kernel_max_tokens = (BF16_KERNEL_MAX_TOKENS if bf16
+                                 else KERNEL_TOKENS_PER_EXPERT * E // packed.top_k)
     return moe
 
 
@@ -121,6 +122,11 @@ MAX_TOKENS = 8
 # experts, top-4, on 2 cores: 4.2x at 16 tokens, 1.6x at 256, 0.64x at 1024), so it takes
 # chunks of up to this many tokens per expert on average (a 256-token prefill chunk there).
 KERNEL_TOKENS_PER_EXPERT = 16
+# bf16 weights: the kernel widens every weight it reads, and torch's bf16 matmuls (oneDNN)
+# win on chunks: a 64-token mythos_1b prompt ran at 0.41x the eager reference through the
+# kernel (bench/results/2026-12-01-cpu-mythos_1b-bf16-kernel-prefill.json). The kernel takes
+# decode batches only.
+BF16_KERNEL_MAX_TOKENS = 16
 
 
 def _route(biased: torch.Tensor, top_k: int, bias: list[float]):
