@@ -1,5 +1,5 @@
 // Row kernels of mythos-rt's cpu backend (decode steps, and prefill's norms and loop
-// epilogues), float32.
+// epilogues), float32 (the MoE also over bf16 weights, widened in registers).
 //
 // Why: a decode sublayer is a handful of small matrix-vector products per row, and the
 // PyTorch calls that would run them cost more than their arithmetic. Each function here

@@ -1,20 +1,26 @@
-"""The cpu backend's compiled row kernels (``decode_row.cpp``): build, cache, load.
+"""The cpu backend's compiled row kernels (``decode_row.cpp``, over the shared math of
+``row_math.h``): build, cache, load.
 
 A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
 (RMSNorm, MLA, GQA, MoE, dense FFN, the loop epilogue) for all of a step's rows in one C
 call. It is compiled here, on the machine that runs it, with the host C++ compiler
-(``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native`` (``march``), cached on disk by a hash of
-the source, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
+(``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native`` (``march``), cached on disk by
+a hash of the sources, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
 torch headers, any torch version). Without a compiler, or with
 ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is None (with one warning saying why) and the
 cpu ops run their PyTorch paths.
 
 Threads: built with OpenMP where the compiler has it, the kernels split their work
-(columns of each product, heads, experts, or rows) over up to four of torch's threads
-(``torch.set_num_threads`` applies) — allowed only when the process has one OpenMP
-runtime, i.e. ours resolved to torch's libgomp; otherwise they run on the calling
-thread.
+(output rows or columns of each product, heads, experts, or rows) over up to four of
+torch's threads (``torch.set_num_threads`` applies) — allowed only when the process has
+one OpenMP runtime, i.e. ours resolved to torch's libgomp; otherwise they run on the
+calling thread. On a machine shared with other busy processes, start Python with
+``OMP_WAIT_POLICY=PASSIVE``: spin-waiting team members then stop stealing the cores a
+descheduled member needs (docs/cpu.md).
+
+Vector paths: ``-march=native`` (AVX-512 where the CPU has it, else AVX2 + FMA);
+``MYTHOS_RT_CPU_ARCH`` overrides it (``x86-64-v3``: the AVX2 path anywhere).
 
 Cache: ``$MYTHOS_RT_CACHE_DIR/cpu/<sha256>.so`` (default ``~/.cache/mythos_rt``); when
 that is not writable, a fresh temporary directory (one build per process).
