@@ -1,6 +1,14 @@
-"""CPU benchmark: compiled runtime (cpu backend) vs the eager reference(s), small config.
+"""CPU benchmark: compiled runtime (cpu backend) vs the eager reference(s).
 
-Decode ms per step (one new token for each of the batch's rows at a given cached
+Two modes. ``--preset NAME`` (e.g. ``mythos_1b``): the real preset with random weights
+at batch 1 — one prompt (``--prompt`` tokens) prefilled by each model, then a few decode
+tokens with the runtime, the eager reference and a read-bandwidth probe interleaved
+step by step, at each of ``--threads``; decode seconds per token against the read floor
+(the weight bytes a token reads / the bandwidth measured in the same run), prefill
+tokens/s. Without ``--preset``: the small configuration below, whose numbers are about
+per-call overhead, not the kernels (labelled so in its results).
+
+Small configuration: decode ms per step (one new token for each of the batch's rows at a given cached
 context; median over steps, the models interleaved step by step) and prefill tokens/s
 for mythos-rt's compiled Runtime (``backend="auto"``: the cpu backend, with its
 compiled row kernels where a C++ compiler exists; the JSON records which) against
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -93,11 +102,14 @@ def run(quick: bool = False, backend: str = "auto", attn: str = "mla") -> list[d
     return rows
 
 
-def _prefill_and_decode(models: dict, ids, n_loops: int, steps: int):
+def _prefill_and_decode(models: dict, ids, n_loops: int, steps: int, probes: dict = None):
     """Prefill every model (KV cache, greedy), then decode ``steps`` tokens with the models
-    interleaved step by step, so machine noise hits them alike. Returns (prefill seconds
-    per model, per-step decode seconds per model)."""
-    prefill, decode, caches = {}, {name: [] for name in models}, {}
+    (and ``probes``: name -> callable, timed alike) interleaved step by step, so machine
+    noise hits them alike. Returns (prefill seconds per model, per-step decode seconds per
+    model and probe)."""
+    probes = probes or {}
+    prefill, caches = {}, {}
+    decode = {name: [] for name in [*models, *probes]}
     tok = ids[:, -1:]
     with torch.no_grad():
         for name, model in models.items():
@@ -113,7 +125,118 @@ def _prefill_and_decode(models: dict, ids, n_loops: int, steps: int):
                 else:
                     decode[name].append(_time(lambda: model(
                         tok, n_loops=n_loops, kv_cache=caches[name], start_pos=ids.shape[1] + i)))
+            for name, probe in probes.items():
+                decode[name].append(_time(probe))
     return prefill, decode
+
+
+def _random_reference(cfg: MythosConfig, dtype: torch.dtype) -> OpenMythos:
+    """The reference at ``cfg`` with random weights (scaled by fan-in, never zero)."""
+    torch.manual_seed(0)
+    ref = OpenMythos(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    return ref.to(dtype)
+
+
+def decode_bytes_per_token(ref: OpenMythos, cfg: MythosConfig, n_loops: int) -> int:
+    """Weight bytes one decode token reads at batch 1: Prelude, Coda and the head once,
+    the loop block ``n_loops`` times, of its routed experts only the ``top_k`` chosen (the
+    tied embedding counts once, as the head's matrix)."""
+    rest = loop = routed = 0
+    for name, p in ref.named_parameters():
+        size = p.numel() * p.element_size()
+        if ".routed_experts." in name:
+            routed += size
+        elif name.startswith("recurrent."):
+            loop += size
+        else:
+            rest += size
+    return rest + n_loops * (loop + routed * cfg.n_experts_per_tok // cfg.n_experts)
+
+
+class ReadProbe:
+    """One pass over ``n_bytes`` of random float32 (random: identical pages could be
+    merged by the host, and a zero page reads from nowhere), summed by the row kernels'
+    ``stream_sum`` (their team, their vector width) or, without them, by torch."""
+
+    def __init__(self, n_bytes: int):
+        from mythos_rt.cpu import native
+        self.buf = torch.randn(n_bytes // 4)
+        lib = native.library()
+        self.how = "row kernels' stream_sum" if lib is not None else "torch.sum"
+        self.run = (lambda: lib.stream_sum(self.buf.data_ptr(), self.buf.numel())) if lib \
+            else (lambda: self.buf.sum())
+
+    def __call__(self):
+        self.run()
+
+    def gbps(self, seconds: float) -> float:
+        return self.buf.numel() * 4 / seconds / 1e9
+
+
+def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int = 64,
+               steps: int = 3, probe_mib: int = 512) -> tuple[list[dict], dict]:
+    """Real-size runs (see the module docstring); returns (rows, facts about the model and
+    the probe for the results file)."""
+    cfg = dataclasses.replace(MythosConfig.from_preset(preset),
+                              max_seq_len=prompt + steps + 8)
+    n_loops = cfg.max_loop_iters
+    tdtype = getattr(torch, dtype)
+    ref = _random_reference(cfg, tdtype)
+    rt = mythos_rt.compile(ref, dtype=tdtype, max_batch_size=1, max_seq_len=cfg.max_seq_len)
+    bytes_per_token = decode_bytes_per_token(ref, cfg, n_loops)
+    probe = ReadProbe(probe_mib * 2**20)
+    models = {f"mythos-rt ({rt.backends['moe_ffn']} backend)": rt, "eager reference": ref}
+    rt_name = next(iter(models))
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    rows, runs = [], {}
+    for t in threads:
+        torch.set_num_threads(t)
+        runs[t] = _prefill_and_decode(models, ids, n_loops, steps, {"read probe": probe})
+    # The floor: the weight bytes over the best bandwidth the probe saw in this run (the
+    # machine's capability; a busy machine only slows a pass down).
+    best_gbps = max(probe.gbps(p) for _, decode in runs.values() for p in decode["read probe"])
+    floor_s = bytes_per_token / (best_gbps * 1e9)
+    for t, (prefill, decode) in runs.items():
+        for name in models:
+            times = decode[name]
+            r = {"name": name, "threads": t, "prompt": prompt,
+                 "decode_s_per_token": round(statistics.median(times), 5),
+                 "decode_s_range": [round(min(times), 5), round(max(times), 5)],
+                 "pct_of_read_floor": round(100 * floor_s / statistics.median(times), 1),
+                 "pct_of_read_floor_best_token": round(100 * floor_s / min(times), 1),
+                 "prefill_s": round(prefill[name], 4),
+                 "prefill_tok_s": round(prompt / prefill[name], 2)}
+            if name != rt_name:
+                r["rt_decode_speedup"] = round(statistics.median(
+                    o / b for o, b in zip(times, decode[rt_name])), 2)
+                r["rt_prefill_speedup"] = round(prefill[name] / prefill[rt_name], 2)
+            rows.append(r)
+        bw = [probe.gbps(p) for p in decode["read probe"]]
+        rows.append({"name": "read probe", "threads": t,
+                     "read_gbps_median": round(statistics.median(bw), 1),
+                     "read_gbps_range": [round(min(bw), 1), round(max(bw), 1)]})
+    facts = {"preset": preset, "dtype": dtype, "config": cfg.to_dict(), "n_loops": n_loops,
+             "decode_bytes_per_token": bytes_per_token, "backends": rt.backends,
+             "read_probe": f"{probe_mib} MiB of random float32, {probe.how}",
+             "read_gbps_best": round(best_gbps, 1), "floor_s_per_token": round(floor_s, 6),
+             "decode_tokens_per_thread_count": steps}
+    return rows, facts
+
+
+def _cpu_flags() -> str:
+    """The CPU's vector-relevant feature flags (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])
+    keep = ("avx", "fma", "f16c", "amx")
+    return " ".join(f for f in flags if f.startswith(keep))
 
 
 def _row_kernels(backend: str) -> str:
@@ -126,7 +249,7 @@ def _row_kernels(backend: str) -> str:
         return native.describe()
     version = subprocess.run([native.compiler(), "--version"], capture_output=True,
                              text=True).stdout.splitlines()
-    flags = " ".join(native.FLAGS + ((native.OPENMP,) if lib.has_openmp() else ()))
+    flags = " ".join(native.flags(bool(lib.has_openmp())))
     return (f"{native.describe()} ({flags}, by "
             f"{version[0] if version else native.compiler()})")
 
@@ -142,9 +265,23 @@ def main() -> None:
                         "as mythos_1b-sized checkpoints get them")
     p.add_argument("--attn", default="mla", choices=["mla", "gqa"],
                    help="the model's attention (gqa: 4 query heads over 2 KV heads)")
+    p.add_argument("--preset", help="a real preset (e.g. mythos_1b) instead of the small "
+                                     "configuration: batch 1, random weights")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="storage dtype of both models (with --preset)")
+    p.add_argument("--threads", default="2,1",
+                   help="torch thread counts to run, comma-separated (with --preset)")
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens (with --preset)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="decode tokens per thread count (with --preset)")
+    p.add_argument("--note", default="", help="free text recorded in the results file "
+                                              "(e.g. the machine's other load)")
     args = p.parse_args()
     if args.unabsorbed and args.attn != "mla":
         p.error("--unabsorbed applies to MLA only")
+    if args.preset:
+        _main_preset(args)
+        return
     torch.set_num_threads(2)
     if args.unabsorbed:
         from mythos_rt.cpu import attention
@@ -159,11 +296,43 @@ def main() -> None:
     if args.out:
         from bench.harness import provenance
         meta = dict(provenance(), device="cpu", config=bench_config(args.attn).to_dict(),
+                    model="small configuration (mythos_1b's structure at dim 256): "
+                          "per-call overhead dominates, not the kernels",
                     quick=args.quick,
                     backend=args.backend, mla_unabsorbed=args.unabsorbed,
                     cpu_row_kernels=_row_kernels(args.backend),
                     method="decode: median over interleaved steps (models alternate step by "
                            "step); speedup: median of per-step time ratios; prefill: one run")
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+def _main_preset(args) -> None:
+    threads = tuple(int(t) for t in args.threads.split(","))
+    rows, facts = run_preset(args.preset, args.dtype, threads, args.prompt, args.steps)
+    for r in rows:
+        if r["name"] == "read probe":
+            print(f"threads {r['threads']}  read probe {r['read_gbps_median']} GB/s "
+                  f"{r['read_gbps_range']}")
+            continue
+        extra = (f"  rt is {r['rt_decode_speedup']}x at decode, {r['rt_prefill_speedup']}x "
+                 f"at prefill" if "rt_decode_speedup" in r else "")
+        print(f"threads {r['threads']}  {r['name']:<28} decode {r['decode_s_per_token']} s/token "
+              f"{r['decode_s_range']} ({r['pct_of_read_floor']}% of floor, best token "
+              f"{r['pct_of_read_floor_best_token']}%)  prefill {r['prefill_tok_s']} tok/s{extra}")
+    print(f"read floor {facts['floor_s_per_token']} s/token: "
+          f"{facts['decode_bytes_per_token'] / 1e9:.2f} GB at {facts['read_gbps_best']} GB/s "
+          f"(the best probe)")
+    if args.out:
+        from bench.harness import provenance
+        meta = dict(provenance(), **facts, cpu_flags=_cpu_flags(),
+                    cpu_row_kernels=_row_kernels(args.backend),
+                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset (libgomp: spin)"),
+                    note=args.note,
+                    method="one prefill per model and thread count; decode: runtime, eager "
+                           "and read probe interleaved token by token, medians and ranges; "
+                           "speedup: median of per-token ratios; read floor: bytes per token "
+                           "/ the best probe bandwidth of the run; % of floor: floor / median "
+                           "(and / best) token time")
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

@@ -22,12 +22,15 @@ in as few calls as possible:
 
 Same signatures and cache contracts as the torch implementations, which they fall back
 to for what they do not specialize (dtypes other than float32, positions past the
-cache), so every input gives the reference's answer.
+cache), so every input gives the reference's answer. bf16 models: the MoE keeps its
+weights bf16 and runs a kernel that widens them in registers; the other ops run the torch
+implementations. Real-size behaviour and numbers: ``docs/cpu.md``.
 
 * ``mythos_rt.cpu.attention``  ``mla_attention_cpu``, ``gqa_attention_cpu``
 * ``mythos_rt.cpu.moe``        ``moe_ffn_cpu``
 * ``mythos_rt.cpu.ffn``        ``dense_ffn_cpu``, ``swiglu_cpu``
 * ``mythos_rt.cpu.recurrent``  ``loop_prologue_cpu``, ``loop_epilogue_cpu``
 * ``mythos_rt.cpu.norm``       ``rmsnorm_cpu``
-* ``mythos_rt.cpu.native``     builds and loads ``decode_row.cpp``
+* ``mythos_rt.cpu.native``     builds and loads ``decode_row.cpp`` (kernels) with
+                               ``row_math.h`` (their shared math)
 """

@@ -1,5 +1,5 @@
 // Row kernels of mythos-rt's cpu backend (decode steps, and prefill's norms and loop
-// epilogues), float32.
+// epilogues), float32 (the MoE also over bf16 weights, widened in registers).
 //
 // Why: a decode sublayer is a handful of small matrix-vector products per row, and the
 // PyTorch calls that would run them cost more than their arithmetic. Each function here
@@ -13,369 +13,7 @@
 // The structs mirror the ctypes.Structure classes of mythos_rt/cpu/native.py field for
 // field; change both together.
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-namespace {
-
-// This thread's scratch of at least n floats (grows once, then reused: no allocation in
-// steady state, and concurrent callers on different threads never share it).
-float* scratch(size_t n) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
-}
-
-// The team a kernel splits its work over: OpenMP's threads (torch's own pool when both
-// use the same libgomp, so torch.set_num_threads applies) once set_parallel(1) allowed
-// it, else the caller alone. One row's work is a few hundred kilobytes: a few threads
-// share it well (measured on 2 cores), many would spend more on waking and waiting than
-// they save. Splits are static, so a given team size always sums in the same order.
-int parallel_allowed = 0;
-constexpr int kMaxTeam = 4;
-
-int team_size() {
-#ifdef _OPENMP
-  return parallel_allowed ? std::min(omp_get_max_threads(), kMaxTeam) : 1;
-#else
-  return 1;
-#endif
-}
-
-int team_rank() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-int team_count() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
-
-void team_barrier() {
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-}
-
-// Member t of T's share [lo, hi) of n items, in blocks of `block` (vector-aligned splits).
-void share(int n, int t, int T, int block, int& lo, int& hi) {
-  const int blocks = (n + block - 1) / block;
-  lo = std::min(n, (blocks * t / T) * block);
-  hi = std::min(n, (blocks * (t + 1) / T) * block);
-}
-
-// 16 floats as one vector (GCC/Clang vector extension: AVX-512 registers where the CPU
-// has them, pairs of AVX registers or narrower elsewhere), loaded from any address.
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-
-inline float hsum(v16 v) {  // a fixed tree: deterministic
-#if defined(__clang__) || __GNUC__ >= 12
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b =
-      __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-#else
-  const float a0 = (v[0] + v[8]) + (v[4] + v[12]), a1 = (v[1] + v[9]) + (v[5] + v[13]);
-  const float a2 = (v[2] + v[10]) + (v[6] + v[14]), a3 = (v[3] + v[11]) + (v[7] + v[15]);
-  return (a0 + a2) + (a1 + a3);
-#endif
-}
-
-// Tile of gemm_kn: NR rows of X by NC 16-column chunks of Y, its NR·NC vector sums kept
-// in registers for the whole reduction over K (AVX-512 has 32 of them; two-register
-// vectors elsewhere halve that).
-#ifdef __AVX512F__
-constexpr int kTileRows = 4, kTileChunks = 4;
-#else
-constexpr int kTileRows = 2, kTileChunks = 2;
-#endif
-
-// Y[n][c..c+16·NC) for NR rows: Σ_k X[n][k] · w[k][c..] in order k = 0, 1, ..., each
-// loaded chunk of w serving NR rows and each X[n][k] NC chunks. Every output sums in the
-// same order whatever the tile, so tiling (and the team's split) never changes a result.
-template <int NR, int NC>
-inline void tile_kn(const float* __restrict X, int ldx, const float* __restrict w, int K,
-                    int ld, float* __restrict Y, int ldy, bool accumulate) {
-  v16 acc[NR][NC];
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NC; ++j)
-      acc[r][j] = accumulate ? load16(Y + static_cast<int64_t>(r) * ldy + 16 * j) : v16{};
-  for (int k = 0; k < K; ++k) {
-    const float* wk = w + static_cast<int64_t>(k) * ld;
-    v16 wc[NC];
-    for (int j = 0; j < NC; ++j) wc[j] = load16(wk + 16 * j);
-    for (int r = 0; r < NR; ++r) {
-      const float xk = X[static_cast<int64_t>(r) * ldx + k];
-      for (int j = 0; j < NC; ++j) acc[r][j] += xk * wc[j];
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NC; ++j) store16(Y + static_cast<int64_t>(r) * ldy + 16 * j, acc[r][j]);
-}
-
-// Y[n] = X[n] · w (+ Y[n] when accumulate) for N rows (X rows ldx apart, Y rows ldy
-// apart), w (K, cols) with rows ld apart (ld = cols for a whole matrix, wider for a block
-// of its columns), in register tiles (tile_kn): each chunk of w is read once per tile of
-// rows, so the weights cross memory once per call (a few times from cache), not once
-// per row. Columns past the last whole chunk are summed one at a time, in the same order.
-void gemm_kn(const float* __restrict X, int ldx, int N, const float* __restrict w, int K,
-             int cols, int ld, float* __restrict Y, int ldy, bool accumulate) {
-  int c = 0;
-  for (; c + 16 * kTileChunks <= cols; c += 16 * kTileChunks) {
-    int n = 0;
-    for (; n + kTileRows <= N; n += kTileRows)
-      tile_kn<kTileRows, kTileChunks>(X + static_cast<int64_t>(n) * ldx, ldx, w + c, K, ld,
-                                      Y + static_cast<int64_t>(n) * ldy + c, ldy, accumulate);
-    for (; n < N; ++n)
-      tile_kn<1, kTileChunks>(X + static_cast<int64_t>(n) * ldx, ldx, w + c, K, ld,
-                              Y + static_cast<int64_t>(n) * ldy + c, ldy, accumulate);
-  }
-  for (; c + 16 <= cols; c += 16)
-    for (int n = 0; n < N; ++n)
-      tile_kn<1, 1>(X + static_cast<int64_t>(n) * ldx, ldx, w + c, K, ld,
-                    Y + static_cast<int64_t>(n) * ldy + c, ldy, accumulate);
-  for (; c < cols; ++c)
-    for (int n = 0; n < N; ++n) {
-      const float* x = X + static_cast<int64_t>(n) * ldx;
-      float* y = Y + static_cast<int64_t>(n) * ldy + c;
-      float s = accumulate ? *y : 0.f;
-      for (int k = 0; k < K; ++k) s += x[k] * w[static_cast<int64_t>(k) * ld + c];
-      *y = s;
-    }
-}
-
-// y = x · w (+ y when accumulate) for one row: gemm_kn with N = 1.
-inline void gemv_kn(const float* x, const float* w, int K, int N, int ld, float* y,
-                    bool accumulate) {
-  gemm_kn(x, K, 1, w, K, N, ld, y, N, accumulate);
-}
-
-float dot(const float* __restrict a, const float* __restrict b, int n) {
-  v16 acc = {};
-  int i = 0;
-  for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// Y[i][r] = alpha · (w[r, :] · X[i]) (+ Y[i][r] when accumulate) for the rows r < N of w
-// (N, K) row-major and inputs i < M (X rows ldx apart, Y rows ldy apart): four rows of w
-// at a time, each read once for all M inputs, their sums running side by side.
-void gemm_nk(const float* __restrict X, int ldx, int M, const float* __restrict w, int N, int K,
-             float alpha, float* __restrict Y, int ldy, bool accumulate) {
-  int n = 0;
-  for (; n + 4 <= N; n += 4) {
-    const float* r0 = w + static_cast<int64_t>(n) * K;
-    const float* r1 = r0 + K;
-    const float* r2 = r1 + K;
-    const float* r3 = r2 + K;
-    for (int m = 0; m < M; ++m) {
-      const float* x = X + static_cast<int64_t>(m) * ldx;
-      float* y = Y + static_cast<int64_t>(m) * ldy + n;
-      v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      int i = 0;
-      for (; i + 16 <= K; i += 16) {
-        const v16 xi = load16(x + i);
-        a0 += load16(r0 + i) * xi;
-        a1 += load16(r1 + i) * xi;
-        a2 += load16(r2 + i) * xi;
-        a3 += load16(r3 + i) * xi;
-      }
-      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (; i < K; ++i) {
-        s[0] += r0[i] * x[i];
-        s[1] += r1[i] * x[i];
-        s[2] += r2[i] * x[i];
-        s[3] += r3[i] * x[i];
-      }
-      for (int j = 0; j < 4; ++j) y[j] = accumulate ? y[j] + alpha * s[j] : alpha * s[j];
-    }
-  }
-  for (; n < N; ++n)
-    for (int m = 0; m < M; ++m) {
-      const float v =
-          alpha * dot(w + static_cast<int64_t>(n) * K, X + static_cast<int64_t>(m) * ldx, K);
-      float* y = Y + static_cast<int64_t>(m) * ldy + n;
-      *y = accumulate ? *y + v : v;
-    }
-}
-
-// y[n] = alpha · (w[n, :] · x) (+ y[n] when accumulate) for one input: gemm_nk with M = 1.
-inline void gemv_nk(const float* x, const float* w, int N, int K, float alpha, float* y,
-                    bool accumulate) {
-  gemm_nk(x, K, 1, w, N, K, alpha, y, N, accumulate);
-}
-
-float inv_rms(const float* x, int n, float eps) {
-  return 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
-}
-
-// exp of 16 floats: 2^n · e^r with n = round(x·log2 e) and |r| ≤ ln2/2, e^r by the classic
-// (Cephes) degree-7 polynomial, about 1 ulp; inputs clamped to [-87.3, 88.3], the floats
-// whose exp is a normal float.
-typedef int32_t vi16 __attribute__((vector_size(64)));
-
-inline v16 exp16(v16 x) {
-  const v16 lo = x < -87.3f ? v16{} - 87.3f : x;  // the comparison is a lane mask
-  x = lo > 88.3f ? v16{} + 88.3f : lo;
-  const float shifter = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  v16 n = x * 1.44269504088896341f + shifter;
-  vi16 bits;
-  std::memcpy(&bits, &n, sizeof bits);
-  n -= shifter;
-  const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  v16 y = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const vi16 scale = (bits - 0x4B400000 + 127) << 23;  // 2^n as float bits
-  v16 two_n;
-  std::memcpy(&two_n, &scale, sizeof two_n);
-  return y * two_n;
-}
-
-float max_of(const float* x, int n) {
-  float top = x[0];
-  int i = 0;
-  if (n >= 16) {
-    v16 m = load16(x);
-    for (i = 16; i + 16 <= n; i += 16) {
-      const v16 v = load16(x + i);
-      m = v > m ? v : m;
-    }
-    for (int l = 0; l < 16; ++l) top = m[l] > top ? m[l] : top;
-  }
-  for (; i < n; ++i) top = x[i] > top ? x[i] : top;
-  return top;
-}
-
-// x[i] = exp(x[i] - shift) for i < n; returns their sum.
-float exp_shifted(float* x, int n, float shift) {
-  v16 acc = {};
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16 e = exp16(load16(x + i) - shift);
-    store16(x + i, e);
-    acc += e;
-  }
-  float total = hsum(acc);
-  for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - shift);
-    total += x[i];
-  }
-  return total;
-}
-
-// act[i] = silu(gate[i]) · up[i] = gate / (1 + e^-gate) · up, for i < n.
-void swiglu(const float* gate, const float* up, int n, float* act) {
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16 g = load16(gate + i);
-    store16(act + i, g / (1.0f + exp16(-g)) * load16(up + i));
-  }
-  for (; i < n; ++i) act[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-}
-
-// scores[h·L + j] = q_h · key_j for NH heads (rows of q, W wide) and keys j < L (W wide,
-// key_j = keys + j·stride): each key is read once for all NH heads.
-template <int NH>
-void scores_of(const float* q, const float* keys, int W, int64_t stride, int L,
-               float* scores) {
-  for (int j = 0; j < L; ++j) {
-    const float* key = keys + j * stride;
-    v16 acc[NH] = {};
-    int i = 0;
-    for (; i + 16 <= W; i += 16) {
-      const v16 k = load16(key + i);
-      for (int h = 0; h < NH; ++h) acc[h] += load16(q + h * W + i) * k;
-    }
-    for (int h = 0; h < NH; ++h) {
-      float s = hsum(acc[h]);
-      for (int t = i; t < W; ++t) s += q[h * W + t] * key[t];
-      scores[h * L + j] = s;
-    }
-  }
-}
-
-// o[c] = Σ_j p[j] · values_j[c] for c < 16·NV, values_j = values + j·stride.
-template <int NV>
-void weighted_sum(const float* p, const float* values, int64_t stride, int L, float* o) {
-  v16 even[NV] = {}, odd[NV] = {};  // two chains per column block: half the FMA latency
-  int j = 0;
-  for (; j + 2 <= L; j += 2) {
-    const float* v = values + j * stride;
-    for (int c = 0; c < NV; ++c) {
-      even[c] += p[j] * load16(v + 16 * c);
-      odd[c] += p[j + 1] * load16(v + stride + 16 * c);
-    }
-  }
-  if (j < L)
-    for (int c = 0; c < NV; ++c) even[c] += p[j] * load16(values + j * stride + 16 * c);
-  for (int c = 0; c < NV; ++c) store16(o + 16 * c, even[c] + odd[c]);
-}
-
-// Attention of H query rows (q, Wk wide) over L cached tokens, token j's key at
-// keys + j·stride (Wk wide) and its value at values + j·stride (Wv wide):
-// o (H, Wv) = softmax(q·keysᵀ) · values. scores: scratch (H, L).
-void attend(const float* q, int H, const float* keys, int Wk, const float* values, int Wv,
-            int64_t stride, int L, float* scores, float* o) {
-  int h = 0;
-  for (; h + 4 <= H; h += 4) scores_of<4>(q + h * Wk, keys, Wk, stride, L, scores + h * L);
-  for (; h < H; ++h) scores_of<1>(q + h * Wk, keys, Wk, stride, L, scores + h * L);
-  for (h = 0; h < H; ++h) {
-    float* sc = scores + h * L;
-    const float top = max_of(sc, L);
-    const float inv = 1.0f / exp_shifted(sc, L, top);
-    for (int j = 0; j < L; ++j) sc[j] *= inv;
-    float* oh = o + h * Wv;
-    int c = 0;
-    for (; c + 64 <= Wv; c += 64) weighted_sum<4>(sc, values + c, stride, L, oh + c);
-    for (; c + 16 <= Wv; c += 16) weighted_sum<1>(sc, values + c, stride, L, oh + c);
-    for (; c < Wv; ++c) {
-      float acc = 0.f;
-      for (int j = 0; j < L; ++j) acc += sc[j] * values[j * stride + c];
-      oh[c] = acc;
-    }
-  }
-}
-
-// x's adjacent pairs times the phasors (cos + i·sin): the reference's complex RoPE.
-void rotate(float* x, const float* cos, const float* sin, int pairs) {
-  for (int i = 0; i < pairs; ++i) {
-    const float a = x[2 * i], b = x[2 * i + 1];
-    x[2 * i] = a * cos[i] - b * sin[i];
-    x[2 * i + 1] = a * sin[i] + b * cos[i];
-  }
-}
-
-}  // namespace
+#include "row_math.h"
 
 extern "C" {
 
@@ -390,6 +28,38 @@ int32_t has_openmp() {
 }
 
 void set_parallel(int32_t on) { parallel_allowed = on; }
+
+// The widest vector registers this build uses: 512 (AVX-512), 256 (AVX2) or 128.
+int32_t vector_bits() {
+#if defined(__AVX512F__)
+  return 512;
+#elif defined(__AVX2__)
+  return 256;
+#else
+  return 128;
+#endif
+}
+
+// Σ x[i] for i < n, the team splitting x into contiguous stretches: a pass over memory
+// at the speed the kernels' weight streams could reach (the benchmark's read floor).
+float stream_sum(const float* x, int64_t n) {
+  const int T = team_size();
+  float total = 0.f;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T) if (T > 1) reduction(+ : total)
+#endif
+  {
+    const int64_t blocks = n / 64, t = team_rank(), nt = team_count();
+    const int64_t lo = blocks * t / nt * 64, hi = blocks * (t + 1) / nt * 64;
+    v16 acc[4] = {};
+    for (int64_t i = lo; i < hi; i += 64)
+      for (int j = 0; j < 4; ++j) acc[j] += load16(x + i + 16 * j);
+    total = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    if (t == nt - 1)
+      for (int64_t i = blocks * 64; i < n; ++i) total += x[i];
+  }
+  return total;
+}
 
 // The threads a kernel would use now.
 int32_t team_threads() { return team_size(); }
@@ -588,15 +258,20 @@ int32_t gqa_decode_rows(const GqaRow* m, const float* x, float* k_cache, float* 
 
 // ------------------------------------------------------------------------------ MoE
 
+// The matrices are float32 (moe_rows) or bf16 (moe_rows_bf16); the biases float32.
 struct MoeRow {
   int32_t D, E, S, I, k;
-  const float* front_t;      // (D, S·2I + E): [shared slots' [gate | up] | router]ᵀ
+  const void* front;         // (S·2I + E, D): [shared slots' [gate; up] rows; router]
   const float* front_bias;   // (S·2I + E,) = [0 | router bias]
   const float* router_bias;  // (E,)
-  const float* w13;          // (E + S, 2I, D): per expert [gate; up]
-  const float* w2;           // (E + S, D, I): per expert down
-  const float* shared_w2_t;  // (S·I, D), null when S == 0
+  const void* w13;           // (E + S, 2I, D): per expert [gate; up]
+  const void* w2;            // (E + S, D, I): per expert down
+  const void* shared_w2;     // (D, S·I): the shared slots' down side by side, null when S == 0
 };
+
+}  // extern "C"
+
+namespace {
 
 // The k largest of biased[0..E) in descending order (as torch.topk), and the softmax of
 // their unbiased logits (biased - bias): the renormalized routing weights.
@@ -626,11 +301,18 @@ void route(const float* biased, const float* bias, int E, int k, int* chosen, fl
 // N tokens: router and shared experts' gate/up (one product over all N), the shared
 // experts' down (one product), then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on
 // per token. The (token, expert) pairs are sorted by expert, so each run of one expert's
-// tokens is one product over its weights (read once for the run, not once per token). A
-// team splits the products by columns, the shared activations by tokens and the sorted
+// tokens is one product over its weights (read once for the run, not once per token).
+// Every product streams its weights in nn.Linear's (out, in) layout. A team splits the
+// products by output rows (each member streams its own contiguous stretch of the
+// matrix), the shared activations by tokens and the sorted
 // pairs into equal contiguous shares (each member routes and sorts every token itself:
 // the same answer, no wait), and sums the members' expert outputs at the end.
-void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
+template <class W>
+void moe_rows_of(const MoeRow* m, const float* x, int32_t N, float* out) {
+  const W* front_w = static_cast<const W*>(m->front);
+  const W* w13 = static_cast<const W*>(m->w13);
+  const W* w2 = static_cast<const W*>(m->w2);
+  const W* shared_w2 = static_cast<const W*>(m->shared_w2);
   const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
   const int F = shared + E;  // front width: [shared gate/up | biased router logits]
   const int T = std::max(1, team_size());
@@ -656,11 +338,12 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
     float* act = gate_up + static_cast<int64_t>(N) * 2 * I;     // (≤ N, I)
     float* down = act + static_cast<int64_t>(N) * I;            // (≤ N, D)
     int lo, hi;
-    share(F, t, nt, 16, lo, hi);
+    share(F, t, nt, 4, lo, hi);  // each member streams its own rows of the front
     for (int n = 0; n < N; ++n)
       std::memcpy(front + static_cast<int64_t>(n) * F + lo, m->front_bias + lo,
                   sizeof(float) * (hi - lo));
-    gemm_kn(x, D, N, m->front_t + lo, D, hi - lo, F, front + lo, F, true);
+    gemm_nk(x, D, N, front_w + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, front + lo, F,
+            true);
     team_barrier();  // the front is complete
     for (int n = 0; n < N; ++n)
       route(front + static_cast<int64_t>(n) * F + shared, m->router_bias, E, k,
@@ -675,9 +358,10 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
         swiglu(g, g + I, I, shared_act + (static_cast<int64_t>(n) * S + s) * I);
       }
     team_barrier();  // so are the shared activations
-    share(D, t, nt, 16, lo, hi);
+    share(D, t, nt, 4, lo, hi);
     if (S > 0)
-      gemm_kn(shared_act, S * I, N, m->shared_w2_t + lo, S * I, hi - lo, D, out + lo, D, false);
+      gemm_nk(shared_act, S * I, N, shared_w2 + static_cast<int64_t>(lo) * S * I, hi - lo,
+              S * I, 1.0f, out + lo, D, false);
     else
       for (int n = 0; n < N; ++n)
         std::memset(out + static_cast<int64_t>(n) * D + lo, 0, sizeof(float) * (hi - lo));
@@ -692,11 +376,11 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
       for (int r = 0; r < M; ++r)
         std::memcpy(rows + static_cast<int64_t>(r) * D,
                     x + static_cast<int64_t>(order[a + r] / k) * D, sizeof(float) * D);
-      gemm_nk(rows, D, M, m->w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, 2 * I, false);
+      gemm_nk(rows, D, M, w13 + e * 2 * I * D, 2 * I, D, 1.0f, gate_up, 2 * I, false);
       for (int r = 0; r < M; ++r)
         swiglu(gate_up + static_cast<int64_t>(r) * 2 * I,
                gate_up + static_cast<int64_t>(r) * 2 * I + I, I, act + static_cast<int64_t>(r) * I);
-      gemm_nk(act, I, M, m->w2 + e * D * I, D, I, 1.0f, down, D, false);
+      gemm_nk(act, I, M, w2 + e * D * I, D, I, 1.0f, down, D, false);
       for (int r = 0; r < M; ++r) {
         const int pair = order[a + r];
         float* y = partial + static_cast<int64_t>(pair / k) * D;
@@ -714,6 +398,18 @@ void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
           out[static_cast<int64_t>(n) * D + d] += p[static_cast<int64_t>(n) * D + d];
     }
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+void moe_rows(const MoeRow* m, const float* x, int32_t N, float* out) {
+  moe_rows_of<float>(m, x, N, out);
+}
+
+void moe_rows_bf16(const MoeRow* m, const float* x, int32_t N, float* out) {
+  moe_rows_of<bf16>(m, x, N, out);
 }
 
 // ------------------------------------------------------------------------------ dense FFN

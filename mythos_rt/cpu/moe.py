@@ -12,8 +12,10 @@ are made once. A decode batch (up to ``MAX_TOKENS`` tokens) runs token by token 
 the shared slots batched. With the compiled kernels (``mythos_rt.cpu.native``), a batch
 of up to ``kernel_max_tokens`` tokens (16 per expert) is one ``moe_rows`` call over
 the same layout instead. Longer chunks (prefill) sort their (token, slot) pairs by
-expert once and run one matmul pair per expert (``_moe_grouped``). Dtypes other than
-float32 run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
+expert once and run one matmul pair per expert (``_moe_grouped``). bf16 weights stay
+bf16 (half the bytes a decode token streams) and run ``moe_rows_bf16``, which widens
+them to float32 in registers, for the same chunks; longer bf16 chunks and other dtypes
+run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ __all__ = ["CpuMoE", "prepare_moe", "moe_ffn_cpu", "bind_moe_ffn_cpu"]
 class CpuMoE:
     """One MoE FFN laid out for decode, with its scratch rows."""
     base: PackedMoE
-    front_t: torch.Tensor              # (D, S·2I + E) = [shared slots' [gate; up] | router]ᵀ
+    front: torch.Tensor                # (S·2I + E, D) = [shared slots' [gate; up]; router]
     front_bias: torch.Tensor           # (S·2I + E,) = [0 | router bias]
     router_bias: list[float]           # the selection bias, on the host
     w13_t: list[torch.Tensor]          # per routed expert (D, 2I) = [gate; up]ᵀ (a view)
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
-    shared_w2_t: Optional[torch.Tensor]  # (S·I, D): the slots' downᵀ, stacked
+    shared_w2: Optional[torch.Tensor]  # (D, S·I): the slots' down side by side
     rows: "_Rows"
     row_kernel: Optional[native.Kernel] = None  # up to kernel_max_tokens in one call
     kernel_max_tokens: int = 0
@@ -88,23 +90,27 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE:
     sharing a matmul with the router."""
     E, S, I, D = packed.n_routed, packed.n_shared_slots, packed.expert_dim, packed.dim
     shared_w13 = packed.w13[E:].reshape(S * 2 * I, D)                   # slot-major [g; u]
-    front_t = torch.cat([shared_w13, packed.router_w]).t().contiguous()
+    front = torch.cat([shared_w13, packed.router_w])
     front_bias = torch.cat([torch.zeros(S * 2 * I), packed.router_bias.float()])
-    shared_w2_t = packed.w2[E:].permute(0, 2, 1).reshape(S * I, D).contiguous() if S else None
-    moe = CpuMoE(base=packed, front_t=front_t, front_bias=front_bias,
+    shared_w2 = packed.w2[E:].permute(1, 0, 2).reshape(D, S * I).contiguous() if S else None
+    moe = CpuMoE(base=packed, front=front, front_bias=front_bias,
                  router_bias=packed.router_bias.tolist(),
                  w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
-                 w2=list(packed.w2[:E].unbind(0)), shared_w2_t=shared_w2_t,
+                 w2=list(packed.w2[:E].unbind(0)), shared_w2=shared_w2,
                  rows=_Rows.allocate(packed.top_k, S, I, E))
     lib = native.library()
-    if lib is not None and packed.w13.dtype == torch.float32:
+    bf16 = packed.w13.dtype == torch.bfloat16
+    if lib is not None and packed.w13.dtype in (torch.float32, torch.bfloat16):
+        matrices = ("front", "w13", "w2", "shared_w2")
         moe.row_kernel = native.kernel(
-            lib, "moe_rows", native.MoeRow, dict(D=D, E=E, S=S, I=I, k=packed.top_k),
-            dict(front_t=front_t, front_bias=front_bias,
+            lib, "moe_rows_bf16" if bf16 else "moe_rows", native.MoeRow,
+            dict(D=D, E=E, S=S, I=I, k=packed.top_k),
+            dict(front=front, front_bias=front_bias,
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
-                 shared_w2_t=shared_w2_t))
-        moe.kernel_max_tokens = KERNEL_TOKENS_PER_EXPERT * E // packed.top_k
+                 shared_w2=shared_w2), bf16=matrices if bf16 else ())
+        moe.kernel_max_tokens = (BF16_KERNEL_MAX_TOKENS if bf16
+                                 else KERNEL_TOKENS_PER_EXPERT * E // packed.top_k)
     return moe
 
 
@@ -116,6 +122,11 @@ MAX_TOKENS = 8
 # experts, top-4, on 2 cores: 4.2x at 16 tokens, 1.6x at 256, 0.64x at 1024), so it takes
 # chunks of up to this many tokens per expert on average (a 256-token prefill chunk there).
 KERNEL_TOKENS_PER_EXPERT = 16
+# bf16 weights: the kernel widens every weight it reads, and torch's bf16 matmuls (oneDNN)
+# win on chunks: a 64-token mythos_1b prompt ran at 0.41x the eager reference through the
+# kernel (bench/results/2026-12-01-cpu-mythos_1b-bf16-kernel-prefill.json). The kernel takes
+# decode batches only.
+BF16_KERNEL_MAX_TOKENS = 16
 
 
 def _route(biased: torch.Tensor, top_k: int, bias: list[float]):
@@ -137,24 +148,24 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     run the lean path."""
     p = moe.base
     N = x.shape[0]
-    if x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
-        return moe_ffn_torch(x, p, workspace, out)
     if moe.row_kernel is not None and N <= moe.kernel_max_tokens:
         res = native.run_bound(lambda target: bind_moe_ffn_cpu(x, moe, workspace, target), x, out)
         if res is not None:
             return res
+    if x.dtype != torch.float32 or p.router_w.dtype != torch.float32:
+        return moe_ffn_torch(x, p, workspace, out)
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
     rows = moe.rows
     if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
-        torch.addmm(moe.front_bias, x, moe.front_t, out=rows.front)
+        torch.addmm(moe.front_bias, x, moe.front.t(), out=rows.front)
         routes = _route(rows.logits, p.top_k, moe.router_bias)
         for e, row in zip(routes[0][0], rows.routed):
             torch.mm(x, moe.w13_t[e], out=row)
         rows.activate()
         res = _shared_output(rows.shared_act, x, moe, out)
     else:
-        front = torch.addmm(moe.front_bias, x, moe.front_t)
+        front = torch.addmm(moe.front_bias, x, moe.front.t())
         routes = _route(front[:, _shared_width(p):], p.top_k, moe.router_bias)
         res = _shared_output(_shared_act(front, p), x, moe, out)
     for n, (ids, weights) in enumerate(routes):
@@ -171,9 +182,24 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
 def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                      out: Optional[torch.Tensor] = None):
     """``moe_ffn_cpu`` for up to ``kernel_max_tokens`` tokens as a prebound call of the
-    compiled kernel, or None where that does not apply (more tokens, not contiguous float32
-    rows, no kernel, no ``out``)."""
-    return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)
+    compiled kernel, or None where that does not apply (more tokens, rows not contiguous
+    in the weights' dtype, no kernel, no ``out``). bf16 weights: the rows are widened into
+    float32 staging rows (allocated here, once per binding) and the result rounded back."""
+    if moe.base.w13.dtype != torch.bfloat16:
+        return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)
+    if (x.dtype != torch.bfloat16 or out is None or out.dtype != torch.bfloat16
+            or out.shape != x.shape or not out.is_contiguous()):
+        return None
+    x32, out32 = torch.empty(x.shape), torch.empty(x.shape)
+    launch32 = native.bind_rows(moe.row_kernel, x32, out32, moe.kernel_max_tokens)
+    if launch32 is None:
+        return None
+
+    def launch():
+        x32.copy_(x)
+        launch32()
+        return out.copy_(out32)
+    return launch
 
 
 def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +208,7 @@ def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> t
     the weighted rows added back onto the shared experts' output."""
     p = moe.base
     k, I = p.top_k, p.expert_dim
-    front = torch.addmm(moe.front_bias, x, moe.front_t)             # [shared g/u | biased]
+    front = torch.addmm(moe.front_bias, x, moe.front.t())             # [shared g/u | biased]
     top = torch.topk(front[:, _shared_width(p):], k)
     weights = torch.softmax(top.values - p.router_bias[top.indices], -1)  # chosen, renormed
     flat = top.indices.reshape(-1)
@@ -220,8 +246,8 @@ def _shared_output(act: Optional[torch.Tensor], x: torch.Tensor, moe: CpuMoE,
     if act is None:
         return torch.zeros_like(x) if out is None else out.zero_()
     if out is None:
-        return torch.mm(act, moe.shared_w2_t)
-    return torch.mm(act, moe.shared_w2_t, out=out)
+        return torch.mm(act, moe.shared_w2.t())
+    return torch.mm(act, moe.shared_w2.t(), out=out)
 
 
 def _swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:

@@ -1,20 +1,26 @@
-"""The cpu backend's compiled row kernels (``decode_row.cpp``): build, cache, load.
+"""The cpu backend's compiled row kernels (``decode_row.cpp``, over the shared math of
+``row_math.h``): build, cache, load.
 
 A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
 (RMSNorm, MLA, GQA, MoE, dense FFN, the loop epilogue) for all of a step's rows in one C
 call. It is compiled here, on the machine that runs it, with the host C++ compiler
-(``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native``, cached on disk by a hash of
-the source, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
+(``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native`` (``march``), cached on disk by
+a hash of the sources, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
 torch headers, any torch version). Without a compiler, or with
 ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is None (with one warning saying why) and the
 cpu ops run their PyTorch paths.
 
 Threads: built with OpenMP where the compiler has it, the kernels split their work
-(columns of each product, heads, experts, or rows) over up to four of torch's threads
-(``torch.set_num_threads`` applies) — allowed only when the process has one OpenMP
-runtime, i.e. ours resolved to torch's libgomp; otherwise they run on the calling
-thread.
+(output rows or columns of each product, heads, experts, or rows) over up to four of
+torch's threads (``torch.set_num_threads`` applies) — allowed only when the process has
+one OpenMP runtime, i.e. ours resolved to torch's libgomp; otherwise they run on the
+calling thread. On a machine shared with other busy processes, start Python with
+``OMP_WAIT_POLICY=PASSIVE``: spin-waiting team members then stop stealing the cores a
+descheduled member needs (docs/cpu.md).
+
+Vector paths: ``-march=native`` (AVX-512 where the CPU has it, else AVX2 + FMA);
+``MYTHOS_RT_CPU_ARCH`` overrides it (``x86-64-v3``: the AVX2 path anywhere).
 
 Cache: ``$MYTHOS_RT_CACHE_DIR/cpu/<sha256>.so`` (default ``~/.cache/mythos_rt``); when
 that is not writable, a fresh temporary directory (one build per process).
@@ -43,13 +49,14 @@ import torch
 from ..cache import cache_dir as shared_cache_dir
 from ..cache import replacing
 
-__all__ = ["SOURCE", "FLAGS", "OPENMP", "NativeError", "enabled", "cache_dir", "compiler",
+__all__ = ["SOURCE", "HEADER", "FLAGS", "OPENMP", "march", "flags", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",
            "bind_rows", "in_cache_launch", "run_bound", "contiguous", "MlaRow", "GqaRow",
            "MoeRow", "FfnRow", "LoopRow", "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
+HEADER = Path(__file__).with_name("row_math.h")  # the shared math SOURCE includes
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
 OPENMP = "-fopenmp"
 
 _i32 = ctypes.c_int32
@@ -74,8 +81,8 @@ class GqaRow(ctypes.Structure):
 
 class MoeRow(ctypes.Structure):
     _fields_ = [("D", _i32), ("E", _i32), ("S", _i32), ("I", _i32), ("k", _i32),
-                ("front_t", _vp), ("front_bias", _vp), ("router_bias", _vp), ("w13", _vp),
-                ("w2", _vp), ("shared_w2_t", _vp)]
+                ("front", _vp), ("front_bias", _vp), ("router_bias", _vp), ("w13", _vp),
+                ("w2", _vp), ("shared_w2", _vp)]
 
 
 class FfnRow(ctypes.Structure):
@@ -96,12 +103,15 @@ _SIGNATURES = {
     "gqa_decode_rows": [ctypes.POINTER(GqaRow), _vp, _vp, _vp, ctypes.c_int64, _vp, _i32, _i32,
                         _vp, _vp, _vp],
     "moe_rows": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
+    "moe_rows_bf16": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
     "ffn_rows": [ctypes.POINTER(FfnRow), _vp, _i32, _vp],
     "loop_epilogue_rows": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp,
                            _vp, _vp, _vp],
     "set_parallel": [_i32],
     "has_openmp": [],
     "team_threads": [],
+    "vector_bits": [],
+    "stream_sum": [_vp, ctypes.c_int64],
 }
 
 
@@ -177,14 +187,17 @@ class Kernel:
 
 
 def kernel(lib: ctypes.CDLL, name: str, struct: type, sizes: Mapping[str, float],
-           tensors: Mapping[str, Optional[torch.Tensor]]) -> Kernel:
+           tensors: Mapping[str, Optional[torch.Tensor]],
+           bf16: tuple[str, ...] = ()) -> Kernel:
     """Bind kernel ``name`` to ``struct(**sizes, **addresses of tensors)``; every tensor
-    must be a contiguous float32 CPU tensor (None passes a null pointer)."""
+    must be a contiguous float32 CPU tensor (bfloat16 for the keys in ``bf16``; None passes
+    a null pointer)."""
     for key, t in tensors.items():
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"
+        want = torch.bfloat16 if key in bf16 else torch.float32
+        if t is not None and (t.dtype != want or t.device.type != "cpu"
                               or not t.is_contiguous()):
-            raise NativeError(f"{name}: {key} must be a contiguous float32 CPU tensor, got "
-                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
+            raise NativeError(f"{name}: {key} must be a contiguous {str(want)[6:]} CPU tensor, "
+                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     args = struct(**sizes, **{k: address(t) for k, t in tensors.items()})
     return Kernel(getattr(lib, name), args, ctypes.byref(args),
                   tuple(t for t in tensors.values() if t is not None))
@@ -192,6 +205,19 @@ def kernel(lib: ctypes.CDLL, name: str, struct: type, sizes: Mapping[str, float]
 
 def enabled() -> bool:
     return os.environ.get("MYTHOS_RT_CPU_NATIVE", "1") != "0"
+
+
+def march() -> str:
+    """The instruction set the kernels are compiled for: ``$MYTHOS_RT_CPU_ARCH`` (a GCC
+    ``-march`` value, e.g. ``x86-64-v3`` for AVX2 + FMA without AVX-512), else ``native``:
+    every feature of the CPU that builds them (AVX-512 where it has it, else AVX2)."""
+    return os.environ.get("MYTHOS_RT_CPU_ARCH", "native")
+
+
+def flags(openmp: bool) -> tuple[str, ...]:
+    """The compiler flags of a build: FLAGS, the target (``march``), the header's folder,
+    and OpenMP when asked."""
+    return FLAGS + (f"-march={march()}", f"-I{HEADER.parent}") + ((OPENMP,) if openmp else ())
 
 
 def cache_dir() -> Path:
@@ -236,31 +262,31 @@ def build(cxx: Optional[str] = None, openmp: bool = True) -> Path:
     version = _compiler_version(cxx)
     if openmp:
         try:
-            return _build(cxx, version, FLAGS + (OPENMP,))
+            return _build(cxx, version, flags(True))
         except NativeError:
             pass  # e.g. no omp.h: the kernels then run on the calling thread alone
-    return _build(cxx, version, FLAGS)
+    return _build(cxx, version, flags(False))
 
 
-def _build(cxx: str, version: str, flags: tuple[str, ...]) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+def _build(cxx: str, version: str, opts: tuple[str, ...]) -> Path:
+    source = SOURCE.read_bytes() + b"\0" + HEADER.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(opts).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()
     target = cache_dir() / f"{key}.so"
     if target.exists():
         return target
     try:
-        return _compile(cxx, flags, target)
+        return _compile(cxx, opts, target)
     except OSError:  # an unwritable cache costs a rebuild per process, not the kernels
-        return _compile(cxx, flags, Path(tempfile.mkdtemp(prefix="mythos_rt_cpu_")) / target.name)
+        return _compile(cxx, opts, Path(tempfile.mkdtemp(prefix="mythos_rt_cpu_")) / target.name)
 
 
-def _compile(cxx: str, flags: tuple[str, ...], target: Path) -> Path:
+def _compile(cxx: str, opts: tuple[str, ...], target: Path) -> Path:
     """Compile into ``target``, whole or not at all (a concurrent build never sees half a
     file); OSError only where ``target``'s directory cannot be written."""
     with replacing(target) as tmp:
         try:
-            done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True,
+            done = subprocess.run([cxx, *opts, str(SOURCE), "-o", tmp], capture_output=True,
                                   text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
             raise NativeError(f"{cxx} could not compile {SOURCE.name}: {exc}") from exc
@@ -290,8 +316,9 @@ def _load(path: Path) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.has_openmp.restype = lib.team_threads.restype = ctypes.c_int32
+    lib.has_openmp.restype = lib.team_threads.restype = lib.vector_bits.restype = ctypes.c_int32
     lib.mla_decode_rows.restype = lib.gqa_decode_rows.restype = ctypes.c_int32
+    lib.stream_sum.restype = ctypes.c_float
     lib.set_parallel(1 if lib.has_openmp() and _one_openmp_runtime() else 0)
     return lib
 
@@ -323,7 +350,8 @@ def describe() -> str:
     lib = library()
     if lib is None:
         return f"PyTorch paths ({_LIBRARY.get('why', 'kernels not loaded')})"
-    return f"compiled, {lib.team_threads()} thread(s)"
+    return (f"compiled for -march={march()} ({lib.vector_bits()}-bit vectors), "
+            f"{lib.team_threads()} thread(s)")
 
 
 def reset() -> None:

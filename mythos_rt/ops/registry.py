@@ -20,8 +20,8 @@ the CUDA extension. The hooks, all called by the lowering at compile time:
   ``workspace`` argument, sized for ``max_tokens`` rows (the Triton MoE).
 
 ``dtypes`` (optional): the storage dtypes ``backend="auto"`` picks the implementation
-for (the cpu backend registers float32 only: its fast paths are float32, and for other
-dtypes it would only hold unused copies). A backend asked for by name is used whatever
+for (the cpu backend registers ``CPU_DTYPES``, float32 and bfloat16: for other dtypes it
+would only hold unused copies). A backend asked for by name is used whatever
 the dtype.
 
 Selection (``select``): ``backend="auto"`` picks triton > cuda > torch on a CUDA device
@@ -48,8 +48,9 @@ BACKENDS = ("torch", "triton", "cuda", "cpu")
 _AUTO_ORDER_GPU = ("triton", "cuda", "torch")
 _AUTO_ORDER_CPU = ("cpu", "torch")
 HOOKS = ("prepare", "bind", "caches", "workspace")
-# The storage dtypes the cpu backend registers for: its fast paths are float32.
-CPU_DTYPES = (torch.float32,)
+# The storage dtypes the cpu backend registers for: its kernels stream float32 weights,
+# or bfloat16 ones widened to float32 in registers (the MoE; other ops run torch in bf16).
+CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class BackendError(RuntimeError):

@@ -85,8 +85,10 @@ def test_disabled_by_the_environment_without_a_warning(fresh, monkeypatch):
 
 
 @needs_compiler
-def test_describe_says_on_how_many_threads(fresh):
-    assert native.describe() == f"compiled, {native.library().team_threads()} thread(s)"
+def test_describe_says_for_what_and_on_how_many_threads(fresh):
+    lib = native.library()
+    assert native.describe() == (f"compiled for -march=native ({lib.vector_bits()}-bit "
+                                 f"vectors), {lib.team_threads()} thread(s)")
 
 
 @needs_compiler
