@@ -34,7 +34,8 @@ def test_register_rejects_unknown_backends_and_bare_names():
 
 
 def test_auto_selection_follows_the_records_dtypes():
-    assert registry.record("moe_ffn", "cpu").dtypes == frozenset({torch.float32})
+    assert registry.record("moe_ffn", "cpu").dtypes == frozenset({torch.float32, torch.bfloat16})
+    assert registry.select("moe_ffn", "cpu", dtype=torch.bfloat16).backend == "cpu"
     assert registry.select("moe_ffn", "cpu", dtype=torch.float32).backend == "cpu"
     assert registry.select("moe_ffn", "cpu", dtype=torch.float16).backend == "torch"
 
