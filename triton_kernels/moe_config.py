@@ -14,6 +14,7 @@ from mythos_rt.cache import cache_dir, write_atomic
 from mythos_rt.ops.moe import PackedMoE
 
 from . import interpreted
+from .split_kv import pow2
 
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 
@@ -74,7 +75,14 @@ def heuristic_config(n_tokens: int, dim: int, expert_dim: int, n_routed: int, to
     else:              # prefill: tensor-core bound
         cfg = MoEConfig(block_m=128, block_n1=64, block_k1=64, block_n2=128, block_k2=64,
                         block_m_shared=128, num_warps=8, num_stages=3)
-    return cfg
+    return fit_k_tiles(cfg, dim, expert_dim)
+
+
+def fit_k_tiles(cfg: MoEConfig, dim: int, expert_dim: int) -> MoEConfig:
+    """K tiles no wider than the reductions they cover (D for GEMM1, I for GEMM2): a
+    128-wide tile over I = 12 compiled to 255 registers and kilobytes of spills."""
+    return replace(cfg, block_k1=min(cfg.block_k1, pow2(dim, 16)),
+                   block_k2=min(cfg.block_k2, pow2(expert_dim, 16)))
 
 
 def cache_path() -> str:
@@ -186,6 +194,7 @@ def candidates(n_tokens: int, packed: PackedMoE, dtype: torch.dtype) -> list:
     elt = torch.empty((), dtype=dtype).element_size()
     seen, uniq = set(), []
     for c in out:
+        c = fit_k_tiles(c, packed.dim, packed.expert_dim)
         if c not in seen and smem_bytes(c, elt) <= _SMEM_BUDGET:
             seen.add(c)
             uniq.append(c)

@@ -3,7 +3,7 @@ it, on a machine without a GPU, and report registers, spills and shared memory.
 
     TRITON_INTERPRET=0 python -m mythos_rt.triton_kernels.sm90_check
         [--presets ...] [--dtypes bf16 fp16] [--batches 1 64] [--no-prefill]
-        [--no-candidates] [--markdown FILE]
+        [--candidates PRESET ...] [--markdown FILE]
 
 How: Triton's launch path (``JITFunction.run``) is kept, with two substitutions: the
 active driver is a stand-in that names an sm_90 target (device 0, stream 0), and every
@@ -48,6 +48,7 @@ PRESETS = ("tiny_mla", "tiny_gqa", "small_mla", "mythos_1b", "mythos_3b")
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 48, 64)
 MAX_PREFILL = 8192
 AUTOTUNE_TOKENS = (1, 16, 128, 1024, 8192)   # autotune_moe's default token counts
+CANDIDATE_PRESETS = ("mythos_1b", "mythos_3b")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -237,9 +238,13 @@ def launch_step(m: PresetModel, B: int, T: int, prefix: int, max_batch: int,
 
 
 def sweep(presets=PRESETS, dtypes=("bf16", "fp16"), batches=DECODE_BATCHES,
-          prefill: bool = True, candidates: bool = True, chunk: Optional[int] = None,
+          prefill: bool = True, candidates=CANDIDATE_PRESETS, chunk: Optional[int] = None,
           log=lambda s: None) -> StaticCompiler:
-    """Compile every launch of every case; returns the checker with its results."""
+    """Compile every launch of every case; returns the checker with its results.
+
+    ``candidates``: presets whose MoE autotune candidates are compiled too (bf16, the
+    dtype autotuning runs in on the GPU machines).
+    """
     from ..runtime import DEFAULT_CHUNK
     chunk = chunk or DEFAULT_CHUNK
     with StaticCompiler() as sc:
@@ -256,7 +261,7 @@ def sweep(presets=PRESETS, dtypes=("bf16", "fp16"), batches=DECODE_BATCHES,
                 for B, T, at, what in steps:
                     sc.case(f"{preset} {what}", what.split()[0], dname)
                     launch_step(m, B, T, at, max_batch, s_max)
-                for n in AUTOTUNE_TOKENS if candidates else ():
+                for n in AUTOTUNE_TOKENS if preset in candidates and dname == "bf16" else ():
                     _autotune(sc, m, n, f"{preset} autotune N={n}", dname)
                 log(f"{preset} {dname}: {len(sc.results)} distinct compiles so far")
     return sc
@@ -306,11 +311,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--batches", nargs="+", type=int, default=list(DECODE_BATCHES))
     ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--no-candidates", action="store_true", help="skip MoE autotune candidates")
+    ap.add_argument("--candidates", nargs="*", default=list(CANDIDATE_PRESETS),
+                    help="presets whose MoE autotune candidates are compiled (bf16); none: "
+                         "skip them")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
     args = ap.parse_args(argv)
     sc = sweep(args.presets, args.dtypes, args.batches, not args.no_prefill,
-               not args.no_candidates, log=lambda s: print(s, file=sys.stderr, flush=True))
+               tuple(args.candidates), log=lambda s: print(s, file=sys.stderr, flush=True))
     bad = 0
     for c in rows(sc):
         problems = c.problems()
