@@ -73,8 +73,12 @@ setup(
                  "mythos_rt.graphs": "graphs"},
     # compiled on first use by mythos_rt.cpu.native, on the machine that runs it
     package_data={"mythos_rt.cpu": ["decode_row.cpp"]},
+    # No upper caps: the code uses nothing newer than torch 2.11 / triton 3.6 and CI runs the
+    # interpreted kernels under the newest Triton too (scripts/bootstrap.sh, .venv-newest);
+    # a cap would make pip downgrade a user's newer torch, whose CUDA build brings the
+    # Triton it was built with.
     install_requires=[
-        "torch>=2.11,<2.14",
+        "torch>=2.11",
         "triton>=3.6",
         "numpy",
         "safetensors",

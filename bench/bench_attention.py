@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Iterator
 
 import torch
 
@@ -90,21 +91,18 @@ def _prefill_case(kind, T, cfg, dtype, dev, reps):
                kernel="flash_attention", variant=kind, tokens=T, dtype=str(dtype).split(".")[-1])
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Benchmark rows (see module docstring)."""
-    rows = []
+def iter_rows(quick: bool = False) -> Iterator[dict]:
+    """Benchmark rows (see module docstring), yielded as each case finishes."""
     if not torch.cuda.is_available():
         # Interpreter smoke test: tiny shapes, fp32.
         cfg = MythosConfig(dim=64, n_heads=4, n_kv_heads=2, kv_lora_rank=32,
                            qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
-        f32 = torch.float32
-        rows.append(_mla_decode_case(2, 64, cfg, f32, "cpu", reps=2))
-        rows.append(_gqa_decode_case(2, 64, cfg, f32, "cpu", reps=2))
-        rows.append(_prefill_case("mla", 32, cfg, f32, "cpu", reps=2))
-        rows.append(_prefill_case("gqa", 32, cfg, f32, "cpu", reps=2))
-        for r in rows:
-            r["note"] = "CPU interpreter smoke test; times are not performance"
-        return rows
+        f32, note = torch.float32, "CPU interpreter smoke test; times are not performance"
+        yield {**_mla_decode_case(2, 64, cfg, f32, "cpu", reps=2), "note": note}
+        yield {**_gqa_decode_case(2, 64, cfg, f32, "cpu", reps=2), "note": note}
+        yield {**_prefill_case("mla", 32, cfg, f32, "cpu", reps=2), "note": note}
+        yield {**_prefill_case("gqa", 32, cfg, f32, "cpu", reps=2), "note": note}
+        return
     cfg = MythosConfig.from_preset("mythos_1b")
     bf16, dev = torch.bfloat16, "cuda"
     batches = (1, 64) if quick else (1, 8, 64)
@@ -112,12 +110,15 @@ def run(quick: bool = False) -> list[dict]:
     reps = 20 if quick else 50
     for B in batches:
         for L in lens:
-            rows.append(_mla_decode_case(B, L, cfg, bf16, dev, reps))
-            rows.append(_gqa_decode_case(B, L, cfg, bf16, dev, reps))
+            yield _mla_decode_case(B, L, cfg, bf16, dev, reps)
+            yield _gqa_decode_case(B, L, cfg, bf16, dev, reps)
     for T in (1024, 8192):
-        rows.append(_prefill_case("mla", T, cfg, bf16, dev, reps))
-        rows.append(_prefill_case("gqa", T, cfg, bf16, dev, reps))
-    return rows
+        yield _prefill_case("mla", T, cfg, bf16, dev, reps)
+        yield _prefill_case("gqa", T, cfg, bf16, dev, reps)
+
+
+def run(quick: bool = False) -> list[dict]:
+    return list(iter_rows(quick))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,14 +151,26 @@ def _loop(quick: bool) -> list[dict]:
     return rows
 
 
+def iter_rows(quick: bool) -> Iterator[dict]:
+    """Result rows (module docstring), per op; where it cannot run, one ``skipped`` row
+    whose ``reason`` says why."""
+    why = _why_not()
+    if why:
+        yield {"name": "cuda", "status": "skipped", "reason": why}
+        return
+    torch.manual_seed(0)
+    yield from _route(quick)
+    yield from _align(quick)
+    yield from _loop(quick)
+
+
 def run(quick: bool) -> list[dict]:
     """Result rows (module docstring); [] with a printed reason where it cannot run."""
     why = _why_not()
     if why:
         print(why)
         return []
-    torch.manual_seed(0)
-    return _route(quick) + _align(quick) + _loop(quick)
+    return list(iter_rows(quick))
 
 
 def main(argv=None):

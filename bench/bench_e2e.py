@@ -18,10 +18,12 @@ repeats, wall clock: what a caller streaming tokens sees. Every row carries the 
 (``mythos_rt.costmodel``) and % of it reached; non-mythos-rt rows carry ``x_vs_rt``
 (their time / mythos-rt's; > 1 = slower than mythos-rt).
 
-Each (model, system) runs in a worker subprocess under a share of ``--budget-s``; a
-worker that runs out of time is killed and its remaining cases are listed as skipped,
-so a slow ``torch.compile`` cannot take the suite past its budget. On CPU: the tiny_mla
-config only, fp32, tiny lengths; torch.compile systems only when asked (``--systems``).
+Each (model, system) runs in a worker subprocess under a share of ``--budget-s``
+(``harness.share_s``: the first worker, which pays the cold Triton compiles, may run
+past an equal share as long as each later one keeps a floor); rows stream back as each
+case finishes, and a worker that runs out of time is killed, its remaining cases listed
+as skipped with the reason. torch.compile systems run only when asked (``--systems``).
+On CPU: the tiny_mla config only, fp32, tiny lengths.
 
     python bench/bench_e2e.py [--quick] [--budget-s 240] [--preset mythos_1b ...]
                               [--checkpoint DIR] [--systems ...] [--out FILE.json]
@@ -45,18 +47,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import env_threads  # noqa: E402
+from bench.harness import emit_row, env_threads, share_s, stream_rows  # noqa: E402
 from mythos_rt import costmodel  # noqa: E402
 from mythos_rt.config import MythosConfig  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
-SYSTEMS = ("mythos-rt", "mythos-rt+graphs", "eager", "compile:max-autotune-no-cudagraphs",
+SYSTEMS = ("mythos-rt+graphs", "mythos-rt", "eager", "compile:max-autotune-no-cudagraphs",
            "compile:reduce-overhead")
-CPU_SYSTEMS = ("mythos-rt", "mythos-rt+graphs", "eager")
+# torch.compile of an 8-loop model takes minutes cold: only when asked (--systems).
+DEFAULT_SYSTEMS = ("mythos-rt+graphs", "mythos-rt", "eager")
+COMPILE_SYSTEMS = SYSTEMS[3:]
 GPU_PRESETS = ("mythos_1b", "mythos_3b")
 CPU_PRESETS = ("tiny_mla",)
-ROW_TAG = "E2E_ROW "
 DEFAULT_BUDGET_S = 240.0
+# A later worker keeps at least this much of the budget when an earlier one runs long.
+GROUP_FLOOR_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,7 @@ def _floors(cfg: MythosConfig, case: Case, ms: float, dtype: torch.dtype,
 
 
 def worker(job: dict) -> None:
-    """Run one (model, system)'s cases; print one ``E2E_ROW {json}`` line per case."""
+    """Run one (model, system)'s cases; emit one row (``harness.emit_row``) per case."""
     device = torch.device(job["device"])
     dtype = getattr(torch, job["dtype"])
     torch.set_num_threads(job.get("threads", torch.get_num_threads()))
@@ -265,7 +270,7 @@ def worker(job: dict) -> None:
             res = {"status": "error", "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print(ROW_TAG + json.dumps({**base, **res}), flush=True)
+        emit_row({**base, **res})
 
 
 # ---- orchestration (parent side) ------------------------------------------------------------
@@ -286,48 +291,52 @@ def _name(r: dict) -> str:
     return f"e2e/{r['preset']}/{c.key}/{r['system']}"
 
 
-def _run_worker(job: dict, timeout_s: float, log: Callable[[str], None]) -> tuple[list[dict], str]:
+def _run_worker(job: dict, timeout_s: float, on_row: Callable[[dict], None]) -> str:
+    """Run one worker, passing each row on as it arrives; returns "ok" or why it stopped."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    status = "ok"
-    try:
-        out, err = proc.communicate(timeout=max(1.0, timeout_s))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        status = f"timed out after {timeout_s:.0f} s (budget share)"
-    rows = [json.loads(line[len(ROW_TAG):]) for line in out.splitlines() if line.startswith(ROW_TAG)]
-    if proc.returncode not in (0, None) and status == "ok":
-        tail = (err.strip().splitlines() or ["no stderr"])[-1][:300]
-        status = f"worker exited {proc.returncode}: {tail}"
-    return rows, status
+    end = stream_rows(cmd, timeout_s, on_row)
+    return "ok" if end.status == "ok" else f"worker {end.reason}"
 
 
 def run_e2e(specs: Optional[list[dict]] = None, *, quick: bool = False,
             budget_s: float = DEFAULT_BUDGET_S, systems: Optional[list[str]] = None,
             device: Optional[str] = None, dtype: Optional[str] = None,
             ceilings: Optional[costmodel.Ceilings] = None, threads: Optional[int] = None,
+            case_list: Optional[list[Case]] = None,
+            on_row: Callable[[dict], None] = lambda r: None,
             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Run the e2e set within ``budget_s``; returns {"rows", "skipped", "notes", ...}.
 
     specs: [{"preset": name}] or [{"checkpoint": path}]; default mythos_1b + mythos_3b on
-    GPU, tiny_mla on CPU.
+    GPU, tiny_mla on CPU. case_list: the cases (default ``cases(quick)``). ``on_row``
+    sees every row as soon as it exists: measured, n/a, and skipped ones (``status``
+    "skipped", ``note`` the reason), so a caller can save results before the end.
     """
     t_start = time.perf_counter()
     device = device or ("cuda" if ON_GPU else "cpu")
     on_gpu = device.startswith("cuda")
     dtype = dtype or ("bfloat16" if on_gpu else "float32")
     specs = specs or [{"preset": p} for p in (GPU_PRESETS if on_gpu else CPU_PRESETS)]
-    systems = list(systems or (SYSTEMS if on_gpu else CPU_SYSTEMS))
+    systems = list(systems or DEFAULT_SYSTEMS)
     for s in systems:
         if s not in SYSTEMS:
             raise ValueError(f"unknown system {s!r}; choose from: {', '.join(SYSTEMS)}")
     ceilings = ceilings or costmodel.H100
-    case_list = cases(quick, on_gpu)
+    case_list = case_list or cases(quick, on_gpu)
     notes, rows, skipped = [], [], []
     if not ceilings.measured:
         notes.append(f"floors use {ceilings.source}")
     switch = _graphs_switch()
+
+    def add(r: dict) -> None:
+        rows.append(r)
+        on_row(r)
+
+    def skip(label: str, c: Case, system: str, reason: str) -> None:
+        skipped.append({"name": f"e2e/{label}/{c.key}/{system}", "reason": reason})
+        on_row({"name": skipped[-1]["name"], "preset": label, "system": system,
+                **dataclasses.asdict(c), "status": "skipped", "note": reason})
+
     groups = []
     for spec in specs:
         label = spec.get("preset") or Path(spec["checkpoint"]).name
@@ -336,8 +345,9 @@ def run_e2e(specs: Optional[list[dict]] = None, *, quick: bool = False,
             from mythos_rt.checkpoint import load_checkpoint  # config only, weights mmapped
             cfg, _ = load_checkpoint(spec["checkpoint"])
             too_long = [c for c in spec_cases if c.length + c.new_tokens + 1 > cfg.max_seq_len]
-            skipped += [{"name": f"e2e/{label}/{c.key}/*", "reason": f"needs {c.length + c.new_tokens + 1} "
-                         f"positions > the checkpoint's max_seq_len={cfg.max_seq_len}"} for c in too_long]
+            for c in too_long:
+                skip(label, c, "*", f"needs {c.length + c.new_tokens + 1} positions > the "
+                     f"checkpoint's max_seq_len={cfg.max_seq_len}")
             spec_cases = [c for c in spec_cases if c not in too_long]
         else:
             spec = {**spec, "max_seq_len": max(c.length + c.new_tokens + 1 for c in spec_cases)}
@@ -345,32 +355,34 @@ def run_e2e(specs: Optional[list[dict]] = None, *, quick: bool = False,
             if system == "mythos-rt+graphs" and (switch is None or not on_gpu):
                 why = ("CUDA graphs need a GPU" if not on_gpu else
                        "the runtime exposes no CUDA-graph switch yet (graphs= / use_cuda_graphs)")
-                rows += [{"name": f"e2e/{label}/{c.key}/{system}", "preset": label, "system": system,
-                          **dataclasses.asdict(c), "status": "n/a", "note": why} for c in spec_cases]
+                for c in spec_cases:
+                    add({"name": f"e2e/{label}/{c.key}/{system}", "preset": label,
+                         "system": system, **dataclasses.asdict(c), "status": "n/a", "note": why})
                 continue
             groups.append((label, spec, system, spec_cases))
     for i, (label, spec, system, spec_cases) in enumerate(groups):
         left = budget_s - (time.perf_counter() - t_start)
-        share = left / (len(groups) - i)
         if left < 2.0:
-            skipped += [{"name": f"e2e/{label}/{c.key}/{system}", "reason": "time budget spent"}
-                        for c in spec_cases]
+            for c in spec_cases:
+                skip(label, c, system, "time budget spent")
             continue
         job = {"spec": spec, "label": label, "system": system, "device": device, "dtype": dtype,
                "cases": [dataclasses.asdict(c) for c in spec_cases], "sizes": _sizes(spec_cases),
                "reps": 2 if (quick or not on_gpu) else 3, "ceilings": ceilings.to_dict(),
                "threads": threads or (torch.get_num_threads() if on_gpu else env_threads())}
         t0 = time.perf_counter()
-        got, status = _run_worker(job, share, log)
-        log(f"e2e {label} {system}: {len(got)}/{len(spec_cases)} cases in "
-            f"{time.perf_counter() - t0:.1f} s ({status})")
-        done = {(r["phase"], r["batch"], r["length"], r["n_loops"]) for r in got}
-        for r in got:
+        done = set()
+
+        def got(r: dict) -> None:
             r["name"] = _name(r)
-        rows += got
+            done.add((r["phase"], r["batch"], r["length"], r["n_loops"]))
+            add(r)
+        status = _run_worker(job, share_s(left, len(groups) - i, GROUP_FLOOR_S), got)
+        log(f"e2e {label} {system}: {len(done)}/{len(spec_cases)} cases in "
+            f"{time.perf_counter() - t0:.1f} s ({status})")
         for c in spec_cases:
             if (c.phase, c.batch, c.length, c.n_loops) not in done:
-                skipped.append({"name": f"e2e/{label}/{c.key}/{system}", "reason": status})
+                skip(label, c, system, status if status != "ok" else "worker emitted no row")
     _add_ratios(rows)
     return {"rows": rows, "skipped": skipped, "notes": notes, "budget_s": budget_s,
             "wall_s": round(time.perf_counter() - t_start, 2), "quick": quick,
@@ -415,7 +427,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S)
     p.add_argument("--preset", action="append", help="preset name (repeatable)")
     p.add_argument("--checkpoint", help="benchmark this checkpoint instead of random presets")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS)
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS,
+                   help=f"default: {' '.join(DEFAULT_SYSTEMS)} (torch.compile only when named)")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", type=Path, help="write the result JSON here")

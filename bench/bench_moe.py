@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,8 +64,7 @@ def _weight_bytes(x, packed) -> float:
     return packed.expert_weight_bytes(used + packed.n_shared_slots) + router
 
 
-def _gpu_rows(quick: bool, tune: bool) -> list[dict]:
-    rows = []
+def _gpu_rows(quick: bool, tune: bool) -> Iterator[dict]:
     dtype, dev = torch.bfloat16, "cuda"
     tokens = QUICK_TOKENS if quick else TOKENS
     for model in ("mythos_1b", "mythos_3b"):
@@ -87,16 +87,15 @@ def _gpu_rows(quick: bool, tune: bool) -> list[dict]:
             dense_ms = time_ms(lambda: torch.matmul(x, dense_b))
             err = rel_err(out.float(), ref.float())
             base = f"moe_ffn/{model}/bf16/n{n}"
-            rows.append(row(f"{base}/triton", ms, bytes_moved=nbytes, flops=flops,
-                            floor_ms=round(nbytes / (H100_COPY_GBPS * 1e9) * 1e3, 5),
-                            speedup_vs_ref=round(ref_ms / ms, 2),
-                            pct_of_dense=round(100 * dense_ms / ms, 1),
-                            rel_err_vs_ref_bf16=round(err, 5), config=cfg_used.to_dict()))
-            rows.append(row(f"{base}/reference", ref_ms, bytes_moved=nbytes, flops=flops))
-            rows.append(row(f"{base}/dense_cublas_equal_flops", dense_ms, flops=flops))
+            yield row(f"{base}/triton", ms, bytes_moved=nbytes, flops=flops,
+                      floor_ms=round(nbytes / (H100_COPY_GBPS * 1e9) * 1e3, 5),
+                      speedup_vs_ref=round(ref_ms / ms, 2),
+                      pct_of_dense=round(100 * dense_ms / ms, 1),
+                      rel_err_vs_ref_bf16=round(err, 5), config=cfg_used.to_dict())
+            yield row(f"{base}/reference", ref_ms, bytes_moved=nbytes, flops=flops)
+            yield row(f"{base}/dense_cublas_equal_flops", dense_ms, flops=flops)
         del m, packed, ws, dense_b
         torch.cuda.empty_cache()
-    return rows
 
 
 def _cpu_rows() -> list[dict]:
@@ -122,11 +121,17 @@ def _cpu_rows() -> list[dict]:
     ]
 
 
-def run(quick: bool = False, tune: bool = False) -> list[dict]:
-    """Benchmark rows (bench/harness.py format). CPU: the tiny smoke case only."""
+def iter_rows(quick: bool = False, tune: bool = False) -> Iterator[dict]:
+    """Benchmark rows (bench/harness.py format), as each case finishes. CPU: the tiny
+    smoke case only."""
     if torch.cuda.is_available():
-        return _gpu_rows(quick, tune or os.environ.get("MYTHOS_RT_BENCH_TUNE") == "1")
-    return _cpu_rows()
+        yield from _gpu_rows(quick, tune or os.environ.get("MYTHOS_RT_BENCH_TUNE") == "1")
+    else:
+        yield from _cpu_rows()
+
+
+def run(quick: bool = False, tune: bool = False) -> list[dict]:
+    return list(iter_rows(quick, tune))
 
 
 def main(argv=None) -> int:

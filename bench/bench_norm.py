@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Iterator
 
 import torch
 
@@ -35,11 +36,11 @@ def _cases(quick: bool):
     return cases, torch.bfloat16, "cuda", ((3, 20) if quick else (10, 100))
 
 
-def run(quick: bool) -> list[dict]:
+def iter_rows(quick: bool) -> Iterator[dict]:
+    """Rows (module docstring), as each measurement finishes."""
     from mythos_rt.triton_kernels.rmsnorm import rmsnorm_triton
     from mythos_rt.triton_kernels.swiglu import swiglu_triton
     cases, dtype, dev, (warm, reps) = _cases(quick)
-    rows = []
     for name, D, I, n in cases:
         x, r = (torch.randn(n, D, device=dev, dtype=dtype) for _ in range(2))
         w = torch.randn(D, device=dev, dtype=dtype)
@@ -59,10 +60,13 @@ def run(quick: bool) -> list[dict]:
         for op, nbytes, f_torch, f_triton in jobs:
             for impl, fn in (("torch", f_torch), ("triton", f_triton)):
                 ms = time_ms(fn, warmup=warm, reps=reps)
-                rows.append(row(f"{op}/{name}/N{n}/{impl}", ms, bytes_moved=nbytes, op=op,
-                                preset=name, tokens=n, dim=D, hidden=I, impl=impl,
-                                dtype=str(dtype).replace("torch.", "")))
-    return rows
+                yield row(f"{op}/{name}/N{n}/{impl}", ms, bytes_moved=nbytes, op=op,
+                          preset=name, tokens=n, dim=D, hidden=I, impl=impl,
+                          dtype=str(dtype).replace("torch.", ""))
+
+
+def run(quick: bool) -> list[dict]:
+    return list(iter_rows(quick))
 
 
 if __name__ == "__main__":

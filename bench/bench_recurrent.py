@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Iterator
 
 import torch
 
@@ -133,18 +134,21 @@ def _case(name: str, cfg: MythosConfig, n: int, dtype, device, quick: bool) -> l
     return out
 
 
-def run(quick: bool) -> list[dict]:
-    """Result rows (see module docstring). ``quick`` trims repetitions (and on CPU sizes)."""
-    rows: list[dict] = []
+def iter_rows(quick: bool) -> Iterator[dict]:
+    """Result rows (see module docstring), as each case finishes. ``quick`` trims
+    repetitions (and on CPU sizes)."""
     if ON_GPU:
         for name in ("mythos_1b", "mythos_3b"):
             cfg = MythosConfig.from_preset(name)
             for n in (1, 64, 8192):
-                rows += _case(name, cfg, n, torch.bfloat16, "cuda", quick)
+                yield from _case(name, cfg, n, torch.bfloat16, "cuda", quick)
     else:
         cfg = MythosConfig.from_preset("tiny_mla")
-        rows += _case("tiny_mla(cpu smoke)", cfg, 7, torch.float32, "cpu", quick)
-    return rows
+        yield from _case("tiny_mla(cpu smoke)", cfg, 7, torch.float32, "cpu", quick)
+
+
+def run(quick: bool) -> list[dict]:
+    return list(iter_rows(quick))
 
 
 def main(argv=None):

@@ -1,34 +1,45 @@
-"""The one command for a GPU machine: GPU tests, every microbenchmark, the e2e set.
+"""The one command for a GPU machine: the most valuable numbers first, none ever lost.
 
-    python bench/gpu_suite.py [--out DIR] [--quick] [--budget-s 480]
+    python bench/gpu_suite.py [--out DIR] [--quick] [--budget-s S] [--parts ...]
+                              [--torch-compile]
 
-Installs nothing and needs no network. Parts, each under its own share of the budget
-(8 minutes on GPU; unused time flows to the next part):
+Installs nothing and needs no network. After provenance and the ceilings measured now
+(device copy GB/s, bf16 matmul TFLOP/s), parts run in order of value, each until its
+own deadline (its share of the budget, plus whatever earlier parts left unused):
 
-1. provenance (GPU, driver, clocks via NVML, versions, git commit) and ceilings measured
-   now (device copy GB/s, bf16 matmul TFLOP/s);
-2. ``pytest -m gpu -q`` in a subprocess (its summary line is recorded);
-3. every ``bench/bench_*.py`` module's ``run(quick)``, each in its own subprocess: a
-   kernel fault (illegal address) poisons the CUDA context of the process it happens in,
-   so one broken module must not take the next ones down; a failure or timeout is
-   recorded and the suite goes on;
-4. ``bench/bench_e2e.py``'s set (mythos-rt / eager / torch.compile, vs cost-model floors).
+  parity      (a) bf16 end-to-end parity of the compiled runtime vs the float32 eager
+                  reference, mythos_1b with random weights (``bench_parity``)
+  decode      (b) mythos_1b batch-1 decode ms/token with and without CUDA graphs and the
+                  eager reference, against the cost-model floor (``bench_e2e``)
+  throughput  (c) batch 8 / 32 decode tokens/s
+  micro       (d) kernel micro-benchmarks against the roofline (``bench_<op>.py``)
+  tests       (e) ``pytest -m gpu``, one row per test
+  compile     torch.compile of the reference, only with ``--torch-compile``
 
-Writes ``bench/results/<date>-<gpu>.json`` and ``.md`` (or into ``--out DIR``) and prints a
-short summary table last. Without CUDA it runs the CPU subset (tiny cases, interpreter)
-so CI keeps it working: ``--quick`` then fits in about 40 s.
+Every group of work runs in its own subprocess (a kernel fault poisons the CUDA context
+of its process) and streams a row per finished case. Each row is appended to
+``<stem>.jsonl`` and the ``<stem>.json`` / ``.md`` pair is rewritten atomically, so a
+kill at any moment keeps everything measured so far. A part that runs out of time, a
+worker that crashes and a module that cannot run (e.g. ``bench_cuda`` without the CUDA
+extension) each leave a row saying so. The default budget (420 s) leaves an 8-minute
+GPU slot room for ``pip install --no-deps --no-build-isolation -e .`` and cold starts.
+
+Without CUDA the same parts run at CPU sizes (tiny_mla, fp32, Triton interpreter): a dry
+run that shows the order, the budgets and the files. Writes into ``--out DIR`` or
+``bench/results/`` as ``<date>-<gpu>.{json,jsonl,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -38,243 +49,363 @@ from bench import harness  # noqa: E402
 from mythos_rt.costmodel import Ceilings  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
-BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
-E2E_MODULE = "bench_e2e"
-GPU_ONLY_SKIP = {"bench_runtime_cpu": "CPU benchmark (compares against CPU eager runs)"}
-ROWS_TAG = "SUITE_ROWS "
-PARTS = ("tests", "micro", "e2e")
-# Shares of the budget per part (tests, microbenchmarks, e2e); the rest is a reserve.
-SHARES = {"gpu": (0.35, 0.30, 0.30), "cpu": (0.12, 0.50, 0.33)}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GPU_BUDGET_S, CPU_BUDGET_S, CPU_QUICK_BUDGET_S = 420.0, 300.0, 90.0
+# Kernel micro-benchmark modules, most informative first.
+MICRO_MODULES = ("bench_attention", "bench_moe", "bench_recurrent", "bench_norm", "bench_cuda")
+# A later module (or e2e worker) keeps at least this much when an earlier one runs long.
+MICRO_FLOOR_S = 15.0
 
 
-def default_budget(quick: bool) -> float:
-    return 480.0 if ON_GPU else (40.0 if quick else 300.0)
+# ---- the record: every row lands on disk as it arrives ----------------------------------
+
+class Record:
+    """The suite's result: rows per part, written to disk after every change.
+
+    ``<stem>.jsonl`` gets one line per row (append-only); ``<stem>.json`` (the whole
+    result) and ``<stem>.md`` are replaced atomically (write, then rename), so a reader
+    never sees a half-written file and a kill loses nothing already recorded.
+    """
+
+    def __init__(self, out_dir: Path, header: dict):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = harness.results_stem(header["provenance"])
+        self.json_path, self.md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+        self.jsonl_path = out_dir / f"{stem}.jsonl"
+        self.jsonl_path.write_text("")
+        self.t0 = time.perf_counter()
+        self.data = {**header, "parts": {}, "rows": [], "complete": False, "wall_s": 0.0}
+        self.flush()
+
+    def row(self, part: str, r: dict) -> None:
+        r = {"part": part, **r}
+        self.data["rows"].append(r)
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(r, default=str) + "\n")
+        self.flush()
+
+    def part(self, name: str, **info) -> None:
+        self.data["parts"].setdefault(name, {}).update(info)
+        self.flush()
+
+    def flush(self) -> None:
+        self.data["wall_s"] = round(time.perf_counter() - self.t0, 2)
+        self.data["summary"] = summary_rows(self.data)
+        _replace(self.json_path, json.dumps(self.data, indent=1, default=str) + "\n")
+        _replace(self.md_path, to_markdown(self.data))
 
 
-def _part(status: str, t0: float, budget: float, **kw) -> dict:
-    return {"status": status, "wall_s": round(time.perf_counter() - t0, 2),
-            "budget_s": round(budget, 1), **kw}
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
-# ---- parts ---------------------------------------------------------------------------------
+# ---- parts -----------------------------------------------------------------------------
 
-def run_tests(budget_s: float) -> dict:
-    """``pytest -m gpu -q`` in a subprocess; on CPU every GPU test reports as skipped."""
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
-    try:
-        proc = subprocess.run(cmd, cwd=harness.REPO, capture_output=True, text=True,
-                              timeout=max(1.0, budget_s))
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return _part("timeout", t0, budget_s, command=" ".join(cmd[1:]),
-                     summary=f"killed after {budget_s:.0f} s", tail=out[-2000:])
-    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
-    summary = lines[-1].strip("= ") if lines else "no output"
-    status = "ok" if proc.returncode in (0, 5) else "failed"  # 5: nothing collected
-    part = _part(status, t0, budget_s, command=" ".join(cmd[1:]), returncode=proc.returncode,
-                 summary=summary)
-    if status != "ok":
-        part["tail"] = (proc.stdout + proc.stderr)[-4000:]
-    if not ON_GPU:
-        part["note"] = "no CUDA device: GPU tests are collected and skipped"
-    return part
+@dataclass
+class Context:
+    """What a part runs with: its deadline, the record, and the run's settings."""
+    part: str
+    deadline: float  # time.perf_counter() value
+    record: Record
+    quick: bool
+    ceilings: Ceilings
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def add(self, r: dict) -> None:
+        self.record.row(self.part, r)
 
 
-def bench_modules() -> list[str]:
-    return sorted(p.stem for p in BENCH_DIR.glob("bench_*.py") if p.stem != E2E_MODULE)
+@dataclass
+class Part:
+    name: str
+    title: str
+    share: float  # of the total budget
+    run: Callable[[Context], None]
 
 
-def _run_module(name: str, quick: bool, timeout_s: float) -> dict:
-    t0 = time.perf_counter()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-module", name]
-    if quick:
-        cmd.append("--quick")
-    try:
-        proc = subprocess.run(cmd, cwd=harness.REPO, capture_output=True, text=True,
-                              timeout=max(1.0, timeout_s))
-    except subprocess.TimeoutExpired:
-        return _part("timeout", t0, timeout_s, rows=[],
-                     error=f"killed after {timeout_s:.0f} s (budget share)")
-    for line in proc.stdout.splitlines():
-        if line.startswith(ROWS_TAG):
-            return _part("ok", t0, timeout_s, rows=json.loads(line[len(ROWS_TAG):]))
-    err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}, no rows"])[-1]
-    return _part("error", t0, timeout_s, rows=[], error=err[:500],
-                 tail=proc.stderr[-3000:])
+def child(ctx: Context, label: str, cmd: Sequence[str], timeout_s: float) -> harness.Finished:
+    """Run one worker process under ``timeout_s``; its rows land as they arrive, and a
+    timeout or crash adds a row naming ``label`` and the reason."""
+    n = [0]
+
+    def on_row(r: dict) -> None:
+        n[0] += 1
+        ctx.add({"status": "ok", **r})  # benchmark rows are measurements unless they say
+    end = harness.stream_rows(cmd, timeout_s, on_row)
+    if end.status != "ok":
+        ctx.add({"name": f"{ctx.part}/{label}", "status": end.status,
+                 "reason": f"{end.reason}; {n[0]} row(s) recorded before",
+                 "stderr_tail": end.stderr_tail[-1500:]})
+    return end
 
 
-def run_microbench(quick: bool, budget_s: float) -> dict:
-    """Each module in order, each under the budget left; the rest is skipped, and said so."""
-    t0 = time.perf_counter()
-    modules: dict[str, dict] = {}
-    names = bench_modules()
-    for i, name in enumerate(names):
-        if ON_GPU and name in GPU_ONLY_SKIP:
-            modules[name] = {"status": "skipped", "reason": GPU_ONLY_SKIP[name], "rows": []}
-            continue
-        left = budget_s - (time.perf_counter() - t0)
+def _module_cmd(module: str, quick: bool) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", module] + (
+        ["--quick"] if quick else [])
+
+
+def run_parity(ctx: Context) -> None:
+    child(ctx, "bench_parity", _module_cmd("bench_parity", ctx.quick), ctx.left())
+
+
+def _e2e(ctx: Context, cases: list, systems: Sequence[str]) -> None:
+    from bench import bench_e2e
+    preset = "mythos_1b" if ON_GPU else "tiny_mla"
+    bench_e2e.run_e2e([{"preset": preset}], quick=ctx.quick, budget_s=ctx.left(),
+                      systems=list(systems), ceilings=ctx.ceilings, case_list=cases,
+                      on_row=ctx.add, log=_log)
+
+
+def _decode_case(batch: int, quick: bool):
+    from bench.bench_e2e import Case
+    if ON_GPU:
+        return Case("decode", batch, 128, 16, 16 if quick else 32)
+    return Case("decode", batch, 8, 4, 3 if quick else 4)
+
+
+def run_decode(ctx: Context) -> None:
+    _e2e(ctx, [_decode_case(1, ctx.quick)], ("mythos-rt+graphs", "mythos-rt", "eager"))
+
+
+def run_throughput(ctx: Context) -> None:
+    batches = (8, 32) if ON_GPU else (4,)
+    _e2e(ctx, [_decode_case(b, ctx.quick) for b in batches],
+         ("mythos-rt+graphs", "eager", "mythos-rt"))
+
+
+def run_compile(ctx: Context) -> None:
+    from bench.bench_e2e import COMPILE_SYSTEMS
+    _e2e(ctx, [_decode_case(1, ctx.quick)], COMPILE_SYSTEMS)
+
+
+def run_micro(ctx: Context) -> None:
+    for i, module in enumerate(MICRO_MODULES):
+        left = ctx.left()
         if left < 2.0:
-            modules[name] = {"status": "skipped", "reason": "microbenchmark budget spent",
-                             "rows": []}
+            ctx.add({"name": f"micro/{module}", "status": "skipped",
+                     "reason": "the part's budget is spent"})
             continue
-        modules[name] = _run_module(name, quick, left)
-        print(f"[gpu_suite] {name}: {modules[name]['status']} "
-              f"({modules[name]['wall_s']} s)", file=sys.stderr, flush=True)
-    n_ok = sum(m["status"] == "ok" for m in modules.values())
-    status = "ok" if n_ok == len(modules) else ("partial" if n_ok else "failed")
-    return _part(status, t0, budget_s, modules=modules)
+        t0 = time.perf_counter()
+        end = child(ctx, module, _module_cmd(module, ctx.quick),
+                    harness.share_s(left, len(MICRO_MODULES) - i, MICRO_FLOOR_S))
+        _log(f"micro {module}: {end.status} ({time.perf_counter() - t0:.1f} s)")
 
 
-def run_e2e_part(quick: bool, budget_s: float, ceilings: Ceilings) -> dict:
-    t0 = time.perf_counter()
-    if budget_s < 5:
-        return _part("skipped", t0, budget_s, reason="no budget left", rows=[], skipped=[])
-    try:
-        from bench.bench_e2e import run_e2e
-        res = run_e2e(quick=quick, budget_s=budget_s, ceilings=ceilings,
-                      log=lambda s: print(f"[gpu_suite] {s}", file=sys.stderr, flush=True))
-    except Exception as exc:  # noqa: BLE001 - recorded, the suite still writes its files
-        return _part("error", t0, budget_s, error=f"{type(exc).__name__}: {exc}", rows=[],
-                     skipped=[])
-    ok = sum(r.get("status") == "ok" for r in res["rows"])
-    status = "ok" if ok and not res["skipped"] else ("partial" if ok else "failed")
-    return _part(status, t0, budget_s, **res)
+def run_tests(ctx: Context) -> None:
+    child(ctx, "pytest -m gpu", _module_cmd("pytest", ctx.quick), ctx.left())
 
 
-# ---- report --------------------------------------------------------------------------------
-
-def summary_rows(result: dict) -> list[dict]:
-    p = result["parts"]
-    t = p["tests"]
-    mods = p["microbench"]["modules"]
-    e = p["e2e"]
-    rows = [{"part": "ceilings", "status": "measured" if result["ceilings"]["measured"] else
-             "not measured", "wall_s": result.get("ceilings_wall_s", 0.0),
-             "detail": f"{result['ceilings']['copy_gbps']} GB/s copy, "
-                       f"{result['ceilings']['bf16_tflops']} TFLOP/s bf16"},
-            {"part": "tests", "status": t["status"], "wall_s": t["wall_s"],
-             "detail": t.get("summary", t.get("reason", ""))},
-            {"part": "microbench", "status": p["microbench"]["status"],
-             "wall_s": p["microbench"]["wall_s"],
-             "detail": ", ".join(f"{n}: {m['status']}" for n, m in mods.items())
-                       or p["microbench"].get("reason", "")}]
-    e_rows = e.get("rows", [])
-    detail = (f"{sum(r.get('status') == 'ok' for r in e_rows)} ok, "
-              f"{len(e.get('skipped', []))} skipped")
-    key = [r for r in e_rows if r.get("status") == "ok" and r["system"] == "mythos-rt"
-           and r["phase"] == "decode" and r["batch"] == 1]
-    if key:
-        r = key[0]
-        detail += (f"; {r['preset']} decode B1 T{r['n_loops']}: {r['ms']:.3g} ms/token "
-                   f"(floor {r['floor_ms']:.3g} ms, {r['pct_of_floor']:.3g}% of floor)")
-    rows.append({"part": "e2e", "status": e["status"], "wall_s": e["wall_s"], "detail": detail})
-    return rows
+# Shares of the budget in order of value; 7% stays in reserve for the files and the slack
+# of killing a worker. --torch-compile adds its part and scales the others to make room.
+PARTS = (
+    Part("parity", "(a) end-to-end parity vs the float32 reference (mythos_1b, bf16)", 0.25,
+         run_parity),
+    Part("decode", "(b) mythos_1b batch-1 decode: CUDA graphs, eager steps, eager reference, "
+         "vs the bandwidth floor", 0.20, run_decode),
+    Part("throughput", "(c) batch 8 / 32 decode throughput", 0.12, run_throughput),
+    Part("micro", "(d) kernel micro-benchmarks vs the roofline", 0.20, run_micro),
+    Part("tests", "(e) GPU-marked tests", 0.16, run_tests),
+)
+COMPILE_PART = Part("compile", "torch.compile of the eager reference (--torch-compile)", 0.15,
+                    run_compile)
+PART_NAMES = tuple(p.name for p in PARTS) + (COMPILE_PART.name,)
 
 
-def to_markdown(result: dict) -> str:
-    prov, c = result["provenance"], result["ceilings"]
-    md = [f"# mythos-rt GPU suite — {prov.get('gpu') or 'CPU (no GPU)'}, {prov['date_utc']}\n",
-          f"commit `{prov.get('git_commit')}`{' (dirty)' if prov.get('git_dirty') else ''}; "
-          f"torch {prov['torch']}, triton {prov['triton']}, CUDA {prov.get('cuda_runtime')}, "
-          f"driver {prov.get('driver', 'n/a')}; quick={result['quick']}; "
-          f"wall {result['wall_s']} s of {result['budget_s']} s budget\n",
-          f"Ceilings: {c['copy_gbps']} GB/s device copy, {c['bf16_tflops']} TFLOP/s bf16 "
-          f"({c['source']})\n", "## Summary\n", harness.markdown_table(result["summary"])]
-    t = result["parts"]["tests"]
-    md += ["## GPU tests\n", f"`{t.get('command', '')}`: {t.get('summary', t.get('reason', t['status']))}\n"]
-    md.append("## Microbenchmarks\n")
-    for name, m in result["parts"]["microbench"]["modules"].items():
-        md.append(f"### {name} — {m['status']}\n")
-        if m.get("rows"):
-            md.append(harness.markdown_table(m["rows"]))
-        for k in ("reason", "error"):
-            if m.get(k):
-                md.append(f"{k}: {m[k]}\n")
-    e = result["parts"]["e2e"]
-    md.append("## End-to-end\n")
-    if e.get("rows"):
-        from bench.bench_e2e import format_table
-        md.append(format_table(e))
-    elif e.get("reason") or e.get("error"):
-        md.append(f"{e.get('reason') or e.get('error')}\n")
-    return "\n".join(md)
-
-
-def validate(result: dict) -> None:
-    """Raise ValueError if ``result`` does not have the suite's JSON shape (used by tests)."""
-    need = {"schema": str, "provenance": dict, "ceilings": dict, "budget_s": (int, float),
-            "wall_s": (int, float), "quick": bool, "parts": dict, "summary": list}
-    for k, typ in need.items():
-        if not isinstance(result.get(k), typ):
-            raise ValueError(f"result[{k!r}] missing or not {typ}")
-    if result["schema"] != harness.SCHEMA:
-        raise ValueError(f"schema {result['schema']!r} != {harness.SCHEMA!r}")
-    for k in ("date_utc", "git_commit", "torch", "triton", "device"):
-        if k not in result["provenance"]:
-            raise ValueError(f"provenance lacks {k!r}")
-    for k in ("copy_gbps", "bf16_tflops", "measured", "source"):
-        if k not in result["ceilings"]:
-            raise ValueError(f"ceilings lack {k!r}")
-    for part in ("tests", "microbench", "e2e"):
-        p = result["parts"].get(part)
-        if not isinstance(p, dict) or "status" not in p or "wall_s" not in p:
-            raise ValueError(f"part {part!r} lacks status/wall_s")
-    for name, m in result["parts"]["microbench"]["modules"].items():
-        if "status" not in m or not isinstance(m.get("rows"), list):
-            raise ValueError(f"module {name!r} lacks status/rows")
-        for r in m["rows"]:
-            if "name" not in r:
-                raise ValueError(f"a {name} row has no name: {r}")
-    for r in result["parts"]["e2e"].get("rows", []):
-        for k in ("name", "preset", "system", "phase", "status"):
-            if k not in r:
-                raise ValueError(f"e2e row lacks {k!r}: {r}")
-        if r["status"] == "ok" and not all(k in r for k in ("ms", "floor_ms", "pct_of_floor")):
-            raise ValueError(f"e2e ok row lacks timing/floor: {r}")
+def plan(names: Optional[Sequence[str]] = None, torch_compile: bool = False) -> list[Part]:
+    """The parts to run, in order, with their shares (re-scaled to the parts chosen)."""
+    parts = list(PARTS) + ([COMPILE_PART] if torch_compile else [])
+    if names:
+        unknown = set(names) - set(PART_NAMES)
+        if unknown:
+            raise ValueError(f"unknown part(s) {sorted(unknown)}; choose from {PART_NAMES}")
+        parts = [p for p in parts if p.name in names]
+        if COMPILE_PART.name in names and COMPILE_PART not in parts:
+            parts.append(COMPILE_PART)
+    used = sum(p.share for p in PARTS)  # the default plan's total: keep the same reserve
+    total = sum(p.share for p in parts)
+    return [dataclasses.replace(p, share=p.share * used / total) for p in parts]
 
 
 def run_suite(out_dir: Optional[Path] = None, quick: bool = False,
-              budget_s: Optional[float] = None,
-              parts: Optional[list[str]] = None) -> tuple[dict, Path, Path]:
+              budget_s: Optional[float] = None, parts: Optional[list[Part]] = None) -> Record:
+    """Run ``parts`` (default ``plan()``) within ``budget_s``; returns the final record."""
     t_start = time.perf_counter()
-    budget = default_budget(quick) if budget_s is None else budget_s
+    budget = budget_s or (GPU_BUDGET_S if ON_GPU else CPU_QUICK_BUDGET_S if quick
+                          else CPU_BUDGET_S)
+    parts = parts if parts is not None else plan()
     prov = harness.provenance()
-    t0 = time.perf_counter()
-    ceilings = harness.measure_ceilings(quick=quick)
-    ceilings_wall = round(time.perf_counter() - t0, 2)
-    s_tests, s_micro, s_e2e = SHARES["gpu" if ON_GPU else "cpu"]
-    spent = lambda: time.perf_counter() - t_start  # noqa: E731
-    parts = set(parts or PARTS)
-    tests = (run_tests(s_tests * budget) if "tests" in parts else
-             {"status": "skipped", "wall_s": 0.0, "reason": "not in --parts"})
-    micro = (run_microbench(quick, (s_tests + s_micro) * budget - spent()) if "micro" in parts
-             else {"status": "skipped", "wall_s": 0.0, "reason": "not in --parts", "modules": {}})
-    e2e = (run_e2e_part(quick, (s_tests + s_micro + s_e2e) * budget - spent(), ceilings)
-           if "e2e" in parts else
-           {"status": "skipped", "wall_s": 0.0, "reason": "not in --parts", "rows": [], "skipped": []})
-    result = {"schema": harness.SCHEMA, "provenance": prov, "ceilings": ceilings.to_dict(),
-              "ceilings_wall_s": ceilings_wall, "budget_s": budget, "quick": quick,
-              "parts": {"tests": tests, "microbench": micro, "e2e": e2e}}
-    result["wall_s"] = round(spent(), 2)
-    result["summary"] = summary_rows(result)
-    validate(result)
-    out_dir = Path(out_dir) if out_dir else RESULTS_DIR
-    stem = harness.results_stem(prov)
-    json_path = harness.write_json(out_dir / f"{stem}.json", result)
-    md_path = out_dir / f"{stem}.md"
-    md_path.write_text(to_markdown(result))
-    return result, json_path, md_path
+    ceilings = harness.measure_ceilings(quick=True)
+    deadlines, at = [], 0.0
+    for p in parts:
+        at += p.share * budget
+        deadlines.append(at)
+    header = {"schema": harness.SCHEMA, "provenance": prov, "ceilings": ceilings.to_dict(),
+              "ceilings_wall_s": round(time.perf_counter() - t_start, 2), "budget_s": budget,
+              "quick": quick,
+              "plan": [{"part": p.name, "title": p.title, "share": round(p.share, 4),
+                        "budget_s": round(p.share * budget, 1), "deadline_s": round(d, 1)}
+                       for p, d in zip(parts, deadlines)]}
+    rec = Record(Path(out_dir) if out_dir else RESULTS_DIR, header)
+    for p, d in zip(parts, deadlines):
+        ctx = Context(p.name, t_start + d, rec, quick, ceilings)
+        t0 = time.perf_counter()
+        rec.part(p.name, status="running", started_s=round(t0 - t_start, 2),
+                 budget_s=round(ctx.left(), 1))
+        _log(f"part {p.name}: {p.title}; {ctx.left():.0f} s until its deadline")
+        if ctx.left() < 2.0:
+            rec.part(p.name, status="skipped", reason="no budget left", wall_s=0.0)
+            ctx.add({"name": f"{p.name}", "status": "skipped", "reason": "no budget left"})
+            continue
+        try:
+            p.run(ctx)
+            status = part_status([r for r in rec.data["rows"] if r["part"] == p.name])
+            rec.part(p.name, status=status, wall_s=round(time.perf_counter() - t0, 2))
+        except Exception as exc:  # noqa: BLE001 - recorded; the later parts still run
+            rec.part(p.name, status="error", wall_s=round(time.perf_counter() - t0, 2),
+                     reason=f"{type(exc).__name__}: {exc}")
+            ctx.add({"name": p.name, "status": "error", "reason": f"{type(exc).__name__}: {exc}"})
+    rec.data["complete"] = True
+    rec.flush()
+    return rec
 
 
-def _module_main(name: str, quick: bool) -> int:
+def part_status(rows: list[dict]) -> str:
+    """ok: nothing failed; partial: something failed and something succeeded; failed:
+    nothing succeeded; skipped: every row skipped or n/a (e.g. GPU tests on a CPU)."""
+    bad = [r for r in rows if r.get("status") in ("failed", "error", "timeout")]
+    good = [r for r in rows if r.get("status") == "ok"]
+    if bad:
+        return "partial" if good else "failed"
+    return "ok" if good else ("skipped" if rows else "empty")
+
+
+def _log(msg: str) -> None:
+    print(f"[gpu_suite] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- report ------------------------------------------------------------------------------
+
+def summary_rows(data: dict) -> list[dict]:
+    """One line per planned part: status, time against its budget, and its key number."""
+    out = []
+    for p in data.get("plan", []):
+        name = p["part"]
+        info = data["parts"].get(name, {})
+        rows = [r for r in data["rows"] if r["part"] == name]
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
+        out.append({"part": name, "status": info.get("status", "not started"),
+                    "wall_s": info.get("wall_s"), "budget_s": info.get("budget_s", p["budget_s"]),
+                    "rows": ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+                    "key": _key_number(name, rows)})
+    return out
+
+
+def _key_number(part: str, rows: list[dict]) -> str:
+    parity = [r for r in rows if "max_rel_err" in r]
+    if part == "parity" and parity:
+        r = parity[0]
+        return (f"{r['preset']} B{r['batch']}: max rel err {r['max_rel_err']:.3g} "
+                f"(bound {r['bound']:g}), greedy {100 * r['greedy_match']:.0f}%")
+    if part in ("decode", "throughput", "compile"):
+        return "; ".join(f"{r['system']} B{r['batch']}: {r['ms']:.3g} ms/token "
+                         f"({r['pct_of_floor']:.3g}% of floor)"
+                         for r in rows if r.get("status") == "ok")
+    return ""
+
+
+PART_COLUMNS = {
+    "parity": ("name", "status", "max_rel_err", "mean_rel_err", "eager_rel_err", "bound",
+               "greedy_match", "compile_s", "backends", "reason"),
+    "decode": ("name", "status", "ms", "tok_s", "floor_ms", "pct_of_floor", "compile_s", "note",
+               "reason"),
+    "tests": ("name", "status", "wall_s", "reason"),
+}
+PART_COLUMNS["throughput"] = PART_COLUMNS["compile"] = PART_COLUMNS["decode"]
+
+
+def to_markdown(data: dict) -> str:
+    prov, c = data["provenance"], data["ceilings"]
+    md = [f"# mythos-rt GPU suite — {prov.get('gpu') or 'CPU dry run (no GPU)'}, "
+          f"{prov['date_utc']}\n",
+          f"commit `{prov.get('git_commit')}`{' (dirty)' if prov.get('git_dirty') else ''}; "
+          f"torch {prov['torch']}, triton {prov['triton']}, CUDA {prov.get('cuda_runtime')}, "
+          f"driver {prov.get('driver', 'n/a')}; quick={data['quick']}; "
+          f"wall {data['wall_s']} s of {data['budget_s']} s budget"
+          f"{'' if data['complete'] else ' — INCOMPLETE (still running or killed)'}\n",
+          f"Ceilings: {c['copy_gbps']} GB/s device copy, {c['bf16_tflops']} TFLOP/s bf16 "
+          f"({c['source']})\n", "## Plan\n", harness.markdown_table(data["plan"]),
+          "## Summary\n", harness.markdown_table(data["summary"])]
+    for p in data["plan"]:
+        rows = [r for r in data["rows"] if r["part"] == p["part"]]
+        md += [f"## {p['title']}\n", harness.markdown_table(rows, PART_COLUMNS.get(p["part"]))]
+    return "\n".join(md)
+
+
+def validate(data: dict) -> None:
+    """Raise ValueError if ``data`` does not have the suite's JSON shape (used by tests)."""
+    need = {"schema": str, "provenance": dict, "ceilings": dict, "budget_s": (int, float),
+            "wall_s": (int, float), "quick": bool, "plan": list, "parts": dict, "rows": list,
+            "summary": list, "complete": bool}
+    for k, typ in need.items():
+        if not isinstance(data.get(k), typ):
+            raise ValueError(f"result[{k!r}] missing or not {typ}")
+    if data["schema"] != harness.SCHEMA:
+        raise ValueError(f"schema {data['schema']!r} != {harness.SCHEMA!r}")
+    for k in ("date_utc", "git_commit", "torch", "triton", "device"):
+        if k not in data["provenance"]:
+            raise ValueError(f"provenance lacks {k!r}")
+    for k in ("copy_gbps", "bf16_tflops", "measured", "source"):
+        if k not in data["ceilings"]:
+            raise ValueError(f"ceilings lack {k!r}")
+    planned = {p["part"] for p in data["plan"]}
+    for r in data["rows"]:
+        for k in ("part", "name", "status"):
+            if k not in r:
+                raise ValueError(f"a row lacks {k!r}: {r}")
+        if r["part"] not in planned:
+            raise ValueError(f"row of unplanned part {r['part']!r}: {r}")
+        if r["status"] in ("timeout", "failed", "error", "skipped") and not (
+                r.get("reason") or r.get("note") or "max_rel_err" in r):
+            raise ValueError(f"a {r['status']} row gives no reason: {r}")
+        if r["part"] in ("decode", "throughput", "compile") and r["status"] == "ok" and not all(
+                k in r for k in ("ms", "floor_ms", "pct_of_floor")):
+            raise ValueError(f"e2e ok row lacks timing/floor: {r}")
+
+
+# ---- worker processes --------------------------------------------------------------------
+
+class _TestRows:
+    """pytest plugin: one row per test as soon as its outcome is known."""
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            status = {"passed": "ok", "failed": "failed", "skipped": "skipped"}[report.outcome]
+            r = {"name": report.nodeid, "status": status,
+                 "wall_s": round(report.duration, 3)}
+            if report.skipped and isinstance(report.longrepr, tuple):
+                r["reason"] = report.longrepr[2]
+            elif report.failed:
+                r["reason"] = str(report.longrepr).strip().splitlines()[-1][:300]
+            harness.emit_row(r)
+
+
+def _child_main(name: str, quick: bool) -> int:
+    if name == "pytest":
+        import pytest
+        return int(pytest.main(["-m", "gpu", "-q", "-p", "no:cacheprovider",
+                                str(harness.REPO / "tests")], plugins=[_TestRows()]) not in (0, 5))
     import importlib
     if not ON_GPU:
         torch.set_num_threads(harness.env_threads())
     mod = importlib.import_module(f"bench.{name}")
-    rows = mod.run(quick)
-    print(ROWS_TAG + json.dumps(rows, default=str), flush=True)
+    for r in mod.iter_rows(quick):
+        harness.emit_row(r)
     return 0
 
 
@@ -282,19 +413,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help=f"directory for the result files (default {RESULTS_DIR})")
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats")
-    p.add_argument("--budget-s", type=float, help="total time budget (default 480 s on GPU)")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                   help="run only these parts (default: all)")
-    p.add_argument("--run-module", help=argparse.SUPPRESS)
+    p.add_argument("--budget-s", type=float,
+                   help=f"total time budget (default {GPU_BUDGET_S:.0f} s on GPU, "
+                        f"{CPU_BUDGET_S:.0f} s on CPU, {CPU_QUICK_BUDGET_S:.0f} s CPU --quick)")
+    p.add_argument("--parts", nargs="+", choices=PART_NAMES,
+                   help="run only these parts, in the suite's order (default: all but compile)")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="add the torch.compile rows (minutes of cold compiles per mode)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.run_module:
-        return _module_main(args.run_module, args.quick)
+    if args.child:
+        return _child_main(args.child, args.quick)
     if not ON_GPU:
-        print("[gpu_suite] no CUDA device: running the CPU subset (tiny cases, Triton "
-              "interpreter; H100 ceilings from DESIGN.md, not measured)", file=sys.stderr)
-    result, json_path, md_path = run_suite(args.out, args.quick, args.budget_s, args.parts)
-    print(f"wrote {json_path} and {md_path}")
-    print(harness.markdown_table(result["summary"]), end="")
+        _log("no CUDA device: CPU dry run (tiny_mla, fp32, Triton interpreter; H100 "
+             "ceilings from DESIGN.md, not measured)")
+    rec = run_suite(args.out, args.quick, args.budget_s, plan(args.parts, args.torch_compile))
+    print(f"wrote {rec.json_path}, {rec.jsonl_path.name} and {rec.md_path.name}")
+    print(harness.markdown_table(rec.data["summary"]), end="")
     return 0
 
 

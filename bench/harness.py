@@ -17,9 +17,11 @@ import datetime as _dt
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -314,3 +316,83 @@ def bench_main(run, cols: list[str], description: str, argv=None) -> None:
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
+
+
+# ---- subprocesses that stream rows -----------------------------------------------------
+
+ROW_TAG = "BENCH_ROW "
+
+
+def emit_row(r: dict) -> None:
+    """Print one result row for a parent reading this process with ``stream_rows``."""
+    print(ROW_TAG + json.dumps(r, default=str), flush=True)
+
+
+@dataclass
+class Finished:
+    """How a streamed subprocess ended: ``status`` ok | failed | timeout, and why."""
+    status: str
+    reason: str
+    returncode: Optional[int]
+    stderr_tail: str
+
+
+def stream_rows(cmd: Sequence[str], timeout_s: float, on_row: Callable[[dict], None],
+                cwd: Optional[Path] = None, env: Optional[dict] = None) -> Finished:
+    """Run ``cmd``, calling ``on_row`` for each row it emits (``emit_row``) as it arrives.
+
+    A process that outlives ``timeout_s`` is killed with its whole process group (Triton
+    compiles in children); rows it emitted before are kept by the caller's ``on_row``.
+    A kernel fault poisons the CUDA context of the process it happens in, which is why
+    each benchmark group runs in its own process.
+    """
+    proc = subprocess.Popen(list(cmd), cwd=cwd or REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    err: list[str] = []
+    drain = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    drain.start()
+    killed = threading.Event()
+
+    def on_timeout():
+        killed.set()
+        _kill_group(proc)
+    timer = threading.Timer(max(0.5, timeout_s), on_timeout)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            at = line.find(ROW_TAG)  # pytest's progress characters may precede it
+            if at >= 0:
+                on_row(json.loads(line[at + len(ROW_TAG):]))
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:  # on_row raised: leave no orphan behind
+            _kill_group(proc)
+            proc.wait()
+    drain.join(timeout=5)
+    tail = "".join(err)[-4000:]
+    if killed.is_set():
+        return Finished("timeout", f"killed after {timeout_s:.0f} s (its budget share)",
+                        proc.returncode, tail)
+    if proc.returncode != 0:
+        last = (tail.strip().splitlines() or ["no stderr"])[-1][:300]
+        return Finished("failed", f"exited {proc.returncode}: {last}", proc.returncode, tail)
+    return Finished("ok", "", 0, tail)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def share_s(left_s: float, n_left: int, floor_s: float) -> float:
+    """Time for the next of ``n_left`` jobs sharing ``left_s``: at least an equal share,
+    and as much more as keeps ``floor_s`` (at most an equal share) for each later one.
+
+    The first job of a group pays cold compiles the later ones find cached, so equal
+    shares starve it; a floor keeps one slow job from starving the rest.
+    """
+    equal = left_s / max(1, n_left)
+    return max(equal, left_s - min(equal, floor_s) * (n_left - 1))

@@ -12,8 +12,11 @@ batch's rows exactly.
 
 Capture is lazy: the first step of a (bucket, n_loops) runs eagerly — it is a real
 step, and it compiles every Triton kernel — and the graph is captured right after, so
-capture never sees a compile and never executes anything. All graphs share one memory
-pool. On a CPU (or with ``enabled=False``) the same API runs the plan eagerly, so this
+capture never sees a compile and never executes anything. That warm-up step runs on the
+capture's side stream, as PyTorch recommends (lazily created handles and workspaces
+then belong to the stream that captures). A capture that fails, whatever the exception,
+leaves that (bucket, n_loops) eager, with the reason in ``fallbacks``. All graphs share
+one memory pool. On a CPU (or with ``enabled=False``) the same API runs the plan eagerly, so this
 logic is tested in CI.
 """
 
@@ -64,6 +67,8 @@ class DecodeGraphs:
         self._ptrs: dict[tuple[int, int], list[int]] = {}
         self._seen: set[tuple[int, int]] = set()
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self._stream: Optional["torch.cuda.Stream"] = None
+        self.fallbacks: dict[tuple[int, int], str] = {}  # (bucket, n_loops) -> why eager
 
     def bucket(self, B: int) -> int:
         """The rows a step of B rows runs: its bucket, or B itself when not padding."""
@@ -89,12 +94,26 @@ class DecodeGraphs:
             if self.debug:
                 self._check_pointers(key)
             graph.replay()
+        elif self.enabled and key not in self._seen:
+            self._seen.add(key)
+            self._warm_up_and_capture(key)
         else:
             self._run_plan(b, n_loops)
-            if self.enabled and key not in self._seen:
-                self._seen.add(key)
-                self._capture(key)
         return b
+
+    def _side_stream(self) -> "torch.cuda.Stream":
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def _warm_up_and_capture(self, key: tuple[int, int]) -> None:
+        """The real step, on the capture's side stream, then the capture."""
+        side, main = self._side_stream(), torch.cuda.current_stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self._run_plan(*key)
+        main.wait_stream(side)
+        self._capture(key)
 
     def _capture(self, key: tuple[int, int]) -> None:
         b, n_loops = key
@@ -103,11 +122,14 @@ class DecodeGraphs:
         # Capturing records launches without running them: cache lengths and caches are
         # left exactly as the eager step just left them.
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._side_stream()):
                 self._run_plan(b, n_loops)
-        except RuntimeError as exc:  # an op that syncs (e.g. a torch-backend override)
+        except Exception as exc:  # noqa: BLE001 - any failure (a sync, an assert in a
+            # launcher, a driver error) leaves this step eager, with its reason
+            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            self.fallbacks[key] = why
             warnings.warn(f"decode step {key} cannot be captured in a CUDA graph and runs "
-                          f"eagerly: {str(exc).splitlines()[0]}", stacklevel=3)
+                          f"eagerly: {why}", stacklevel=3)
             return
         self._graphs[key] = graph
         self._ptrs[key] = [t.data_ptr() for t in self._static]
@@ -129,3 +151,4 @@ class DecodeGraphs:
         self._graphs.clear()
         self._ptrs.clear()
         self._seen.clear()
+        self.fallbacks.clear()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.attention import GQAWeights, MLAWeights, _finish, gqa_sublayer, mla_query
+from ..ops.attention import GQAWeights, MLAWeights, gqa_sublayer, mla_sublayer
 from .flash_attention import _launch as _flash_launch
 from .flash_attention import flash_attention
 from .gqa_decode import gqa_decode
@@ -18,33 +18,29 @@ from .mla_decode import mla_decode
 from .rope import mla_cache_write, rope, rope_cache_write
 
 
+def mla_prefill(q_nope, q_pe, ckv, kpe, cache_lens, w: MLAWeights, scale):
+    """Causal attention of a chunk over prefix + chunk: K_nope/V expanded from the latent
+    cache, the shared rope key passed as the flash kernel's second key part with head
+    stride 0 (never copied per head). Returns (B, T, H, v_dim)."""
+    B, T, H, nope = q_nope.shape
+    vd = w.v_dim
+    S = min(int(cache_lens.max()) + T, ckv.shape[1])  # host sync to size the range
+    kv = (ckv[:B, :S] @ w.kv_up.t()).view(B, S, H, nope + vd)
+    kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
+    o = torch.empty(B, T, H, vd, device=q_nope.device, dtype=q_nope.dtype)
+    return _flash_launch(q_nope, q_pe, kv[..., :nope],
+                         kpe[:B, :S].unsqueeze(2).expand(B, S, H, -1), kv[..., nope:], o,
+                         cache_lens, kv_len, scale, True)
+
+
 def mla_attention(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out=None):
     """MLA sublayer: normed x (B, T, D) -> (B, T, D); writes ckv/kpe at cache_lens[b] + i.
 
-    T == 1: absorbed decode (q_nope·w_uk -> latent query; split-KV over ckv/kpe; latent
-    output · w_uv per head). T > 1: K_nope/V expanded from the cache prefix + chunk,
-    flash attention with the shared rope key passed separately (head stride 0).
+    The composition is ``ops.attention.mla_sublayer``'s, with this package's kernels:
+    T == 1 the absorbed split-KV decode over ckv/kpe; T > 1 ``mla_prefill``.
     """
-    B, T, _ = x.shape
-    H, nope, vd = w.n_heads, w.nope, w.v_dim
-    S_max = ckv.shape[1]
-    q_nope, q_pe = mla_query(x, w)
-    q_pe = rope(q_pe, cos, sin, cache_lens)
-    mla_cache_write(x @ w.kv_down.t(), w.kv_norm, w.eps, cos, sin, cache_lens, ckv, kpe)
-    if T == 1:
-        # (H, B, nope) @ (H, nope, R) -> (H, B, R), viewed as (B, H, R) without a copy.
-        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), w.w_uk).transpose(0, 1)
-        kv_lens = (cache_lens + 1).clamp(max=S_max).to(torch.int32)
-        o_lat = mla_decode(q_lat, q_pe[:, 0], ckv, kpe, kv_lens, scale)
-        o = torch.bmm(o_lat.transpose(0, 1), w.w_uv.transpose(1, 2))  # (H, B, v)
-        return _finish(o.transpose(0, 1).reshape(B, 1, H * vd), w.wo, out)
-    S = min(int(cache_lens.max()) + T, S_max)  # prefill only: host sync to size the range
-    kv = (ckv[:B, :S] @ w.kv_up.t()).view(B, S, H, nope + vd)
-    kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
-    o = torch.empty(B, T, H, vd, device=x.device, dtype=x.dtype)
-    _flash_launch(q_nope, q_pe, kv[..., :nope], kpe[:B, :S].unsqueeze(2).expand(B, S, H, -1),
-                  kv[..., nope:], o, cache_lens, kv_len, scale, True)
-    return _finish(o.reshape(B, T, H * vd), w.wo, out)
+    return mla_sublayer(x, w, ckv, kpe, cache_lens, cos, sin, scale, out,
+                        (rope, mla_cache_write, mla_decode, mla_prefill))
 
 
 def gqa_attention(x, w: GQAWeights, k_cache, v_cache, cache_lens, cos, sin, scale, out=None):

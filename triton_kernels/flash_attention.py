@@ -130,9 +130,7 @@ def _launch(q1, q2, k1, k2, v, out, q_start, kv_len, scale, causal):
     D2 = q2.shape[-1] if has_k2 else 0
     q2a, k2a = (q2, k2) if has_k2 else (q1, k1)
     BLOCK_D1, BLOCK_D2, BLOCK_DV = pow2(D1), pow2(D2), pow2(DV)
-    wide = BLOCK_D1 + BLOCK_D2 > 128 or BLOCK_DV > 128
-    BLOCK_M = min(64 if wide else 128, pow2(T))
-    BLOCK_N = 32 if wide else 64
+    BLOCK_M, BLOCK_N, num_warps = tile_config(D1, D2, DV, T)
     grid = (triton.cdiv(T, BLOCK_M), B * H)
     _flash_kernel[grid](
         q1, q2a, k1, k2a, v, out, q_start, kv_len,
@@ -142,8 +140,21 @@ def _launch(q1, q2, k1, k2, v, out, q_start, kv_len, scale, causal):
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         CAUSAL=bool(causal), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D1=BLOCK_D1,
         BLOCK_D2=BLOCK_D2, BLOCK_DV=BLOCK_DV, HAS_K2=has_k2, IP=input_precision(q1.dtype),
-        num_warps=4 if BLOCK_M <= 64 else 8, num_stages=2)
+        num_warps=num_warps, num_stages=2)
     return out
+
+
+def tile_config(d1: int, d2: int, dv: int, T: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for key parts of widths d1 and d2 (0: no second
+    part) and value width dv: 128×64 tiles on 8 warps up to 128 wide, 64×32 on 4 above.
+
+    The width is the parts' padded sum; a missing second part counts 0, not its
+    placeholder block (pow2(0) = 16), which would mark d = 128 as wide.
+    """
+    width = pow2(d1) + (pow2(d2) if d2 else 0)
+    wide = width > 128 or pow2(dv) > 128
+    block_m = min(64 if wide else 128, pow2(T))
+    return block_m, 32 if wide else 64, 4 if block_m <= 64 else 8
 
 
 def split_dim(d: int) -> int:

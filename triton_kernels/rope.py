@@ -43,7 +43,9 @@ def _rope_store_kernel(
         yo = xo
     if TO_CACHE:
         row = pos
-        mask = mask & (pos < S_DST)
+        # A block mask & a scalar comparison is rejected by Triton 3.9's interpreter
+        # ("mask has unsupported dtype"): compare a block of positions instead.
+        mask = mask & (pos + 0 * hs[:, None] < S_DST)
     else:
         row = t
     dst = DST + b * sd_b + row * sd_t + hs[:, None] * sd_h + 2 * i[None, :]
@@ -88,16 +90,18 @@ def _mla_cache_write_kernel(
     b = (tl.program_id(0) // T).to(tl.int64)
     t = (tl.program_id(0) % T).to(tl.int64)
     pos = tl.load(LENS + b).to(tl.int64) + t
-    ok = pos < S_DST
     src = KV + b * sx_b + t * sx_t
     r = tl.arange(0, BLOCK_R)
     x = tl.load(src + r, mask=r < R, other=0.0).to(tl.float32)
     w = tl.load(W + r, mask=r < R, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / R + eps)
     y = x * inv * w
-    tl.store(CKV + b * sc_b + pos * sc_s + r, y.to(CKV.dtype.element_ty), mask=(r < R) & ok)
+    # masks are blocks throughout (Triton 3.9's interpreter rejects block & scalar)
+    tl.store(CKV + b * sc_b + pos * sc_s + r, y.to(CKV.dtype.element_ty),
+             mask=(r < R) & (pos + 0 * r < S_DST))
     i = tl.arange(0, BLOCK_HALF)
     im = i < HALF
+    ok = pos + 0 * i < S_DST
     xe = tl.load(src + R + 2 * i, mask=im, other=0.0).to(tl.float32)
     xo = tl.load(src + R + 2 * i + 1, mask=im, other=0.0).to(tl.float32)
     p = tl.minimum(pos, S_TAB - 1)

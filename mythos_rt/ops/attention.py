@@ -300,6 +300,43 @@ def mla_query(x, w: MLAWeights):
             (c_q @ w.q_up_rope.t()).view(B, T, w.n_heads, w.rope_dim))
 
 
+def mla_sublayer(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out,
+                 kernels) -> torch.Tensor:
+    """The MLA sublayer's composition, shared by the torch and Triton backends.
+
+    ``kernels`` = (rope, mla_cache_write, mla_decode, mla_prefill) of one backend, where
+    ``mla_prefill(q_nope, q_pe, ckv, kpe, cache_lens, w, scale)`` is causal attention of
+    the chunk over prefix + chunk, (B, T, H, v_dim).
+    """
+    rope_fn, cache_write_fn, decode_fn, prefill_fn = kernels
+    B, T, _ = x.shape
+    H = w.n_heads
+    q_nope, q_pe = mla_query(x, w)
+    q_pe = rope_fn(q_pe, cos, sin, cache_lens)
+    cache_write_fn(x @ w.kv_down.t(), w.kv_norm, w.eps, cos, sin, cache_lens, ckv, kpe)
+    if T == 1:
+        # (H, B, nope) @ (H, nope, R) -> (H, B, R), viewed as (B, H, R) without a copy.
+        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), w.w_uk).transpose(0, 1)
+        kv_lens = (cache_lens + 1).clamp(max=ckv.shape[1]).to(torch.int32)
+        o_lat = decode_fn(q_lat, q_pe[:, 0], ckv, kpe, kv_lens, scale)
+        o = torch.bmm(o_lat.transpose(0, 1), w.w_uv.transpose(1, 2))  # (H, B, v)
+        return _finish(o.transpose(0, 1).reshape(B, 1, H * w.v_dim), w.wo, out)
+    o = prefill_fn(q_nope, q_pe, ckv, kpe, cache_lens, w, scale)
+    return _finish(o.reshape(B, T, H * w.v_dim), w.wo, out)
+
+
+def mla_prefill(q_nope, q_pe, ckv, kpe, cache_lens, w: MLAWeights, scale):
+    """Causal attention of a chunk (B, T, H, ·) over the cached prefix + chunk: per-head
+    K/V expanded from the latent cache through kv_up. Returns (B, T, H, v_dim)."""
+    B, T, H, nope = q_nope.shape
+    S = min(int(cache_lens.max()) + T, ckv.shape[1])  # host sync to size the range
+    kv = (ckv[:B, :S] @ w.kv_up.t()).view(B, S, H, nope + w.v_dim)
+    k = torch.cat([kv[..., :nope], kpe[:B, :S, None, :].expand(B, S, H, w.rope_dim)], -1)
+    kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
+    return flash_attention(torch.cat([q_nope, q_pe], -1), k, kv[..., nope:], cache_lens,
+                           kv_len, scale, causal=True)
+
+
 def mla_attention(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out=None):
     """The MLA attention sublayer: normed input x (B, T, D) -> wo(attention) (B, T, D).
 
@@ -308,25 +345,8 @@ def mla_attention(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out=N
     decode (scores and output in latent space, per-head K/V never formed); T > 1 expands
     per-head K/V from the cache (prefix + chunk) and runs causal attention.
     """
-    B, T, _ = x.shape
-    H, nope = w.n_heads, w.nope
-    q_nope, q_pe = mla_query(x, w)
-    q_pe = rope(q_pe, cos, sin, cache_lens)
-    mla_cache_write(x @ w.kv_down.t(), w.kv_norm, w.eps, cos, sin, cache_lens, ckv, kpe)
-    S_max = ckv.shape[1]
-    if T == 1:
-        q_lat = torch.einsum("bhn,hnr->bhr", q_nope[:, 0], w.w_uk)
-        kv_lens = (cache_lens + 1).clamp(max=S_max).to(torch.int32)
-        o_lat = mla_decode(q_lat, q_pe[:, 0], ckv, kpe, kv_lens, scale)
-        o = torch.einsum("bhr,hvr->bhv", o_lat, w.w_uv).reshape(B, 1, H * w.v_dim)
-        return _finish(o, w.wo, out)
-    S = min(int(cache_lens.max()) + T, S_max)  # prefill only: host sync to size the range
-    kv = (ckv[:B, :S] @ w.kv_up.t()).view(B, S, H, nope + w.v_dim)
-    k = torch.cat([kv[..., :nope], kpe[:B, :S, None, :].expand(B, S, H, w.rope_dim)], -1)
-    q = torch.cat([q_nope, q_pe], -1)
-    kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
-    o = flash_attention(q, k, kv[..., nope:], cache_lens, kv_len, scale, causal=True)
-    return _finish(o.reshape(B, T, H * w.v_dim), w.wo, out)
+    return mla_sublayer(x, w, ckv, kpe, cache_lens, cos, sin, scale, out,
+                        (rope, mla_cache_write, mla_decode, mla_prefill))
 
 
 def gqa_sublayer(x, w: GQAWeights, k_cache, v_cache, cache_lens, cos, sin, scale, out,

@@ -61,3 +61,27 @@ def test_graph_replay_is_bitwise_equal_to_eager_plan(B):
     b, lb = graphed.generate(ids, 6, n_loops=4, return_logits=True)
     assert graphed.graphs.captured, "no decode step was captured"
     assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@pytest.mark.gpu
+def test_capture_failure_of_any_type_falls_back_to_eager_with_reason():
+    """The warm-up runs on the capture's side stream; an exception during capture that is
+    no RuntimeError (here a ValueError) still leaves the step eager, saying why."""
+    streams, runs = [], []
+    lens = torch.zeros(4, dtype=torch.int32, device="cuda")
+    ids = torch.zeros(4, dtype=torch.long, device="cuda")
+
+    def run_plan(B, n_loops):
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError("a launcher checked a device value")
+        streams.append(torch.cuda.current_stream())
+        runs.append(B)
+
+    g = DecodeGraphs(run_plan, torch.device("cuda"), 4, lens, ids)
+    with pytest.warns(UserWarning, match="ValueError: a launcher checked"):
+        g.step(3, 2)
+    assert streams[0] != torch.cuda.default_stream()  # warm-up on the side stream
+    assert g.fallbacks == {(4, 2): "ValueError: a launcher checked a device value"}
+    assert not g.captured
+    g.step(3, 2)
+    assert runs == [4, 4]  # eager from then on, no second capture attempt

@@ -50,6 +50,16 @@ def test_fp16():
     assert_rel_close(flash_attention(q, k, v, q_start, kv_len, 0.2), ref, TOL_FP16_INTERPRET)
 
 
+def test_tile_config_counts_only_present_key_parts():
+    """GQA d=128 has one key part: the 128x64 tiles on 8 warps, not the wide ones."""
+    from mythos_rt.triton_kernels.flash_attention import tile_config
+    assert tile_config(128, 0, 128, 4096) == (128, 64, 8)
+    assert tile_config(64, 32, 64, 4096) == (128, 64, 8)     # MLA 1b: nope 64 + rope 32
+    assert tile_config(128, 64, 128, 4096) == (64, 32, 4)    # 128 + 64 is wide
+    assert tile_config(96, 32, 96, 4096) == (64, 32, 4)      # 3b: pow2(96) = 128 + 32
+    assert tile_config(128, 0, 128, 7) == (16, 64, 4)        # a short chunk: small M
+
+
 def test_split_dim():
     assert [split_dim(d) for d in (10, 16, 20, 64, 96, 128, 192)] == [10, 16, 16, 64, 64, 128, 128]
 
