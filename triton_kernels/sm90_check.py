@@ -41,6 +41,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+from ..ops.norm import NORM_EPS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 227 * 1024   # opt-in shared memory per block on sm_90
@@ -172,23 +173,18 @@ class PresetModel:
 
     def __init__(self, preset: str, dtype: torch.dtype):
         from ..config import MythosConfig
-        from ..ops.attention import GQAWeights, MLAWeights
-        from ..ops.ffn import DenseFFN
-        from ..ops.moe import pack_moe
-        from ..ops.recurrent import LoopParams
+        from ..lower import op_args
         from ..reference import OpenMythos
         self.cfg = cfg = MythosConfig.from_preset(preset)
         self.dtype = dtype
         with torch.device("meta"):
             sd = OpenMythos(cfg).to(dtype).state_dict()
-        weights = MLAWeights if cfg.attn_type == "mla" else GQAWeights
-        self.attn = weights.from_state_dict(sd, "prelude.0.attn.", cfg)
-        p = "prelude.0.ffn."
-        self.ffn = DenseFFN(w13=torch.cat([sd[p + "gate.weight"], sd[p + "up.weight"]]),
-                            down=sd[p + "down.weight"])
+        attn = "mla_attention" if cfg.attn_type == "mla" else "gqa_attention"
+        self.attn = op_args(attn, sd, cfg, "prelude.0.attn.", dtype, "meta")
+        self.ffn = op_args("dense_ffn", sd, cfg, "prelude.0.ffn.", dtype, "meta")
         self.norm_w = sd["prelude.0.attn_norm.weight"]
-        self.moe = pack_moe(sd, "recurrent.block.ffn.", cfg, dtype=dtype, device="meta")
-        self.loop = LoopParams.from_state_dict(sd, cfg, dtype=dtype, device="meta")
+        self.moe = op_args("moe", sd, cfg, "recurrent.block.ffn.", dtype, "meta")
+        self.loop = op_args("loop", sd, cfg, "recurrent.", dtype, "meta")
 
 
 def _meta(*shape, dtype):
@@ -208,8 +204,8 @@ def launch_step(m: PresetModel, B: int, T: int, prefix: int, max_batch: int,
     cfg, dt = m.cfg, m.dtype
     N, D = B * T, cfg.dim
     x = _meta(N, D, dtype=dt)
-    rmsnorm_triton(x, m.norm_w, 1e-6)
-    rmsnorm_triton(x, m.norm_w, 1e-6, residual=_meta(N, D, dtype=dt), out=_meta(N, D, dtype=dt),
+    rmsnorm_triton(x, m.norm_w, NORM_EPS)
+    rmsnorm_triton(x, m.norm_w, NORM_EPS, residual=_meta(N, D, dtype=dt), out=_meta(N, D, dtype=dt),
                    residual_out=_meta(N, D, dtype=dt))
     half = (cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim) // 2
     cos = sin = _meta(s_max, half, dtype=torch.float32)
@@ -245,7 +241,7 @@ def sweep(presets=PRESETS, dtypes=("bf16", "fp16"), batches=DECODE_BATCHES,
     ``candidates``: presets whose MoE autotune candidates are compiled too (bf16, the
     dtype autotuning runs in on the GPU machines).
     """
-    from ..runtime import DEFAULT_CHUNK
+    from ..options import DEFAULT_CHUNK
     chunk = chunk or DEFAULT_CHUNK
     with StaticCompiler() as sc:
         for preset in presets:

@@ -72,10 +72,12 @@ class PackedMoE:
     @classmethod
     def build(cls, w: Mapping[str, torch.Tensor], cfg) -> "PackedMoE":
         """The one builder (``lower`` and ``lower.op_args``): ``w`` maps the IR op's weight
-        roles router, router_bias (float32) and w13, w2 (stacked by the ``pack_experts``
-        pass) to tensors; the expert counts come from ``cfg``."""
+        roles router, router_bias and w13, w2 (stacked by the ``pack_experts`` pass) to
+        tensors; the expert counts come from ``cfg``. The bias only steers the top-k choice
+        and stays float32 whatever the weights' dtype (a bf16 model's included)."""
         k = cfg.n_experts_per_tok
-        return cls(w13=w["w13"], w2=w["w2"], router_w=w["router"], router_bias=w["router_bias"],
+        return cls(w13=w["w13"], w2=w["w2"], router_w=w["router"],
+                   router_bias=w["router_bias"].float(),
                    n_routed=cfg.n_experts, n_shared_slots=cfg.n_shared_experts * k, top_k=k,
                    expert_dim=cfg.expert_dim)
 
