@@ -452,14 +452,19 @@ def config_key(n_tokens: int, packed: PackedMoE, dtype: torch.dtype,
 
 
 def get_config(n_tokens: int, packed: PackedMoE, dtype: torch.dtype,
-               device: torch.device | str, path: Optional[str] = None) -> MoEConfig:
-    """The config for this call: fixed under the interpreter, else cache hit or heuristic.
+               device: torch.device | str, path: Optional[str] = None,
+               tuned: Optional[Dict[str, dict]] = None) -> MoEConfig:
+    """The config for this call: fixed under the interpreter, else a hit in ``tuned``, a
+    cache hit or the heuristic.
 
     Never tunes (tuning is ``autotune_moe``, a compile-time step); host-only, no sync.
     """
     if interpreted() or torch.device(device).type != "cuda":
         return INTERPRETER_CONFIG
-    hit = _load_cache(path or cache_path()).get(config_key(n_tokens, packed, dtype, device))
+    key = config_key(n_tokens, packed, dtype, device)
+    hit = (tuned or {}).get(key)
+    if hit is None:
+        hit = _load_cache(path or cache_path()).get(key)
     cfg = _config_from(hit) if hit is not None else None
     if cfg is not None:
         return cfg
@@ -482,7 +487,8 @@ class MoEWorkspace:
 
     Allocate once (``MoEWorkspace.allocate``) and reuse: calls with N ≤ max_tokens then
     allocate nothing, which is what CUDA-graph capture needs. ``config`` (optional) pins
-    the tile config instead of ``get_config``'s choice.
+    the tile config instead of ``get_config``'s choice; ``tuned`` (optional, a runtime's
+    own table, e.g. its artifact's) is looked up before the autotune cache.
     """
     max_tokens: int
     ids: torch.Tensor            # (max_tokens, k) int32
@@ -498,6 +504,7 @@ class MoEWorkspace:
     y_shared: torch.Tensor       # (rows, D) partial dtype, shared-slot partial sums
     out: torch.Tensor            # (max_tokens, D) storage dtype, default output
     config: Optional[MoEConfig] = None
+    tuned: Optional[Dict[str, dict]] = None
 
     @classmethod
     def allocate(cls, max_tokens: int, packed: PackedMoE,
@@ -702,7 +709,7 @@ def moe_ffn_triton(x: torch.Tensor, packed: PackedMoE, workspace: Optional[MoEWo
         raise ValueError(f"out must be ({N}, {D}) {x.dtype} with unit last stride")
     if N == 0:
         return out
-    cfg = ws.config or get_config(N, packed, x.dtype, x.device)
+    cfg = ws.config or get_config(N, packed, x.dtype, x.device, tuned=ws.tuned)
     if cfg.block_m not in BLOCK_M_CHOICES:
         raise ValueError(f"block_m={cfg.block_m} not in {BLOCK_M_CHOICES}")
     if ws.config is None and not interpreted():
