@@ -134,6 +134,25 @@ def _replace_mode(target: Path, overwrite: bool) -> str:
                      "to write the artifact's files into it")
 
 
+def check_destination(target: Union[str, os.PathLike], overwrite: bool = False) -> str:
+    """How a save would land on ``target`` (see ``_replace_mode``), after checking that it
+    can be written there; InputError naming the path otherwise. Cheap: run it before a
+    long compile."""
+    target = Path(target).absolute()
+    mode = _replace_mode(target, overwrite)
+    probe = target if mode == "into" else target.parent
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is not a directory")
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".mythos-rt-probe-"))
+    except OSError as exc:
+        raise InputError(f"cannot write an artifact at {target}: "
+                         f"{exc.strerror or exc}{f' ({probe})' if probe != target else ''}") from None
+    return mode
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False where
     the OS or file system cannot."""
@@ -180,7 +199,7 @@ def write_artifact(directory: Union[str, os.PathLike], weights: Mapping[str, tor
     InputError unless ``overwrite``. Raises InputError where it cannot be written.
     """
     target = Path(directory).absolute()
-    mode = _replace_mode(target, overwrite)
+    mode = check_destination(target, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new-"))
