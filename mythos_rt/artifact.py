@@ -326,6 +326,10 @@ def read_artifact(directory: Union[str, os.PathLike]
         options = CompileOptions(**_json(d / "options.json"))
     except (ConfigError, IRError, TypeError, KeyError, AttributeError) as exc:
         raise ArtifactError(f"{d}: unreadable artifact: {str(exc)[:300]}") from None
+    try:
+        options.validate(cfg)
+    except InputError as exc:
+        raise ArtifactError(f"{d / 'options.json'}: {exc}") from None
     check_config_copies(cfg, graph, options, d)
     tuning = _read_tuning(d, manifest["files"])
     try:

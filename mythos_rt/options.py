@@ -48,6 +48,13 @@ class CompileOptions:
             if value > LIMITS.get(name, value):
                 raise InputError(f"{name}={value} is larger than mythos-rt supports "
                                  f"({LIMITS[name]})")
+        for name in ("cuda_graphs", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {str(getattr(self, name))[:40]!r}")
+        if not isinstance(self.overrides, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.overrides.items()):
+            raise InputError(f"overrides must map op names to backend names, got "
+                             f"{str(self.overrides)[:60]!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return self

@@ -151,7 +151,8 @@ class Runtime:
         from .triton_kernels import moe as tmoe
         from .tuning import valid_entries
         try:
-            cached = valid_entries(json.loads(open(tmoe.cache_path(), "rb").read()))
+            with open(tmoe.cache_path(), "rb") as f:
+                cached = valid_entries(json.loads(f.read()))
         except (OSError, ValueError):
             cached = {}
         packed = next(a for a in self._low.args.values() if isinstance(a, PackedMoE))

@@ -34,7 +34,7 @@ MOE_FIELDS: dict[str, frozenset] = {
 }
 MAX_ENTRIES = 1024  # device names × 14 token buckets × a few models, with room to spare
 MAX_FILE_BYTES = 1 << 20
-_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}\|n\d{1,9}\|D\d{1,7}\|I\d{1,7}\|E\d{1,7}\|k\d{1,4}"
+_KEY = re.compile(r"[^|\x00-\x20]{1,64}\|n\d{1,9}\|D\d{1,7}\|I\d{1,7}\|E\d{1,7}\|k\d{1,4}"
                   r"\|S\d{1,5}\|(float32|float16|bfloat16)")
 
 

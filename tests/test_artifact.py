@@ -112,6 +112,14 @@ def test_every_copy_of_the_config_must_agree(saved, where):
         mythos_rt.load(d)
 
 
+def test_hostile_options_are_refused(saved):
+    _, d = saved
+    edit_json(d / "options.json", lambda o: o.update(max_batch_size=10**12))
+    reseal(d)
+    with pytest.raises(ArtifactError, match="options.json: max_batch_size=1000000000000 is larger"):
+        mythos_rt.load(d)
+
+
 def _triton_runtime():
     """A runtime whose MoE runs on the Triton backend (lowered only: nothing runs here)."""
     cfg = MythosConfig.from_preset("tiny_mla")

@@ -114,6 +114,10 @@ def test_input_errors_are_clear():
             call()
     with pytest.raises(InputError, match="max_seq_len=100 exceeds the model's max_seq_len=64"):
         mythos_rt.compile(OpenMythos(cfg), max_seq_len=100)
+    with pytest.raises(InputError, match="cuda_graphs must be True or False, got 'yes'"):
+        mythos_rt.compile(OpenMythos(cfg), cuda_graphs="yes")
+    with pytest.raises(InputError, match="overrides must map op names to backend names"):
+        mythos_rt.compile(OpenMythos(cfg), overrides={"moe_ffn": 3})
     for name in ("max_batch_size", "max_loops"):
         with pytest.raises(InputError, match=f"{name}=1000000000 is larger than mythos-rt supports"):
             mythos_rt.compile(OpenMythos(cfg), **{name: 10**9})
