@@ -288,3 +288,17 @@ def test_a_killed_save_leaves_the_old_or_the_new_artifact(tmp_path):
         rt = mythos_rt.load(d)
         embeds.add(float(rt.weights["embed.weight"][0, 0]))
     assert 1 <= len(embeds) <= 2
+
+
+def test_the_tuning_schema_covers_every_moe_config_and_accepts_the_tuners_own():
+    from dataclasses import fields
+
+    from mythos_rt.triton_kernels import moe as tmoe
+    from mythos_rt.tuning import MOE_FIELDS, valid_entries
+    assert set(MOE_FIELDS) == {f.name for f in fields(tmoe.MoEConfig)}
+    assert set(tmoe.BLOCK_M_CHOICES) == MOE_FIELDS["block_m"]
+    proposed = {f"NVIDIA_H200|n{n}|D2048|I1024|E64|k4|S8|{dt}": dict(c.to_dict(), _ms=0.1)
+                for dt in ("bfloat16", "float32") for n in (1, 16, 128, 1024, 8192)
+                for c in [tmoe.heuristic_config(n, 2048, 1024, 64, 4, 8, getattr(torch, dt))]}
+    proposed["cpu|n1|D48|I16|E6|k2|S2|float32"] = tmoe.INTERPRETER_CONFIG.to_dict()
+    assert valid_entries(proposed) == proposed
