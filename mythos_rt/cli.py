@@ -23,43 +23,68 @@ USER_ERRORS = (CheckpointError, ConfigError, TraceError, IRError, BackendError, 
                ArtifactError, FileNotFoundError)
 
 
-def _runtime(path: str, args, **compile_kw):
-    """An artifact directory is loaded; anything else is compiled as a checkpoint."""
-    from . import artifact, compiler
-    if artifact.is_artifact(path):
-        return compiler.load(path, device=args.device)
-    return compiler.compile(path, device=args.device, progress=True, **compile_kw)
-
-
 def _cmd_compile(args) -> int:
+    from .artifact import check_destination
     from .compiler import compile as compile_model
-    if Path(args.output).exists() and any(Path(args.output).iterdir()) and not args.force:
+    out = Path(args.output)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
         raise InputError(f"output directory {args.output} is not empty (use --force to overwrite)")
+    check_destination(out, overwrite=args.force)  # before the compile, not after it
     rt = compile_model(args.checkpoint, device=args.device, dtype=args.dtype,
                        backend=args.backend, max_batch_size=args.max_batch_size,
                        max_seq_len=args.max_seq_len, max_loops=args.max_loops, progress=True)
-    print(f"saved {rt.save(args.output)}: {rt!r}")
+    print(f"saved {rt.save(args.output, overwrite=args.force)}: {rt!r}")
     return 0
+
+
+def _ints(flag: str, values, lo: int, hi: int) -> None:
+    """Every value of ``flag`` within [lo, hi) (what the option's type can hold)."""
+    for v in values:
+        if not lo <= v < hi:
+            raise InputError(f"{flag} {str(v)[:40]}: must be in [{lo}, {hi})")
 
 
 def _parse_prompt(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise InputError(f"--prompt-ids {text!r}: expected integers separated by spaces or commas") from None
+        raise InputError(f"--prompt-ids {text[:60]!r}: expected integers separated by spaces "
+                         "or commas") from None
     if not ids:
         raise InputError("--prompt-ids is empty")
     return ids
 
 
+def _generation_runtime(args, prompts: list[list[int]]):
+    """The runtime of ``generate``: an artifact as compiled (checked to fit the request,
+    naming the compile flag to change), or a checkpoint compiled to fit it."""
+    from . import artifact, compiler
+    loops = args.n_loops if isinstance(args.n_loops, int) and args.n_loops > 0 else None
+    if not artifact.is_artifact(args.model):
+        return compiler.compile(args.model, device=args.device, progress=True,
+                                max_batch_size=len(prompts), max_loops=loops)
+    rt = compiler.load(args.model, device=args.device)
+    need = max(map(len, prompts)) + max(args.max_new_tokens, 1) - 1
+    for what, value, limit, flag in (
+            ("prompts", len(prompts), rt.max_batch_size, "--max-batch-size"),
+            ("loops (--n-loops)", loops or 0, rt.max_loops, "--max-loops"),
+            ("positions (longest prompt + --max-new-tokens - 1)", need, rt.max_seq_len,
+             "--max-seq-len")):
+        if value > limit and not (flag == "--max-seq-len" and value > rt.config.max_seq_len):
+            raise InputError(f"{value} {what} exceed the {limit} the artifact {args.model} was "
+                             f"compiled for: recompile it with mythos-rt compile {flag} {value}")
+    return rt
+
+
 def _cmd_generate(args) -> int:
-    import torch
-    prompts = [torch.tensor(_parse_prompt(p)) for p in args.prompt_ids]
-    rt = _runtime(args.model, args)
+    prompts = [_parse_prompt(p) for p in args.prompt_ids]
+    _ints("--seed", [] if args.seed is None else [args.seed], -2**63, 2**64)
+    _ints("--stop-ids", args.stop_ids, 0, 2**63)
+    rt = _generation_runtime(args, prompts)
     kw = dict(n_loops=args.n_loops, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop_ids=args.stop_ids)
     if args.stream:
-        rows = [p.tolist() for p in prompts]
+        rows = [list(p) for p in prompts]
         for step in rt.stream(prompts, args.max_new_tokens, **kw):
             print(" ".join("." if t is None else str(t) for t in step), flush=True)
             for row, t in zip(rows, step):
@@ -102,7 +127,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
     if args.out:
         result = run_demo(args.out, new_tokens=args.new_tokens, backend=args.backend,
-                          device=args.device)
+                          device=args.device, overwrite=args.force)
     else:
         with tempfile.TemporaryDirectory(prefix="mythos-demo-") as d:
             result = run_demo(d, new_tokens=args.new_tokens, backend=args.backend,
@@ -111,24 +136,22 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    from .compiler import compile as compile_model
     from .profiling import check_positive, format_stages, profile
     if args.preset and args.checkpoint:
         raise InputError("give a checkpoint or --preset, not both")
     if not args.preset and not args.checkpoint:
         raise InputError("give a checkpoint path (CKPT|DIR) or --preset NAME")
-    check_positive(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch)
-    if args.n_loops is not None:
-        check_positive(n_loops=args.n_loops)
+    check_positive(batch=args.batch)
+    for name in ("prompt_len", "new_tokens", "n_loops"):
+        if getattr(args, name) is not None:
+            check_positive(**{name: getattr(args, name)})
     target: Any = args.checkpoint
     if args.preset:
         target = _random_model(args.preset, args.device)
     elif not Path(args.checkpoint).exists():
         raise CheckpointError(f"{args.checkpoint}: no such file or directory")
-    rt = compile_model(target, device=args.device, dtype=args.dtype, backend=args.backend,
-                       max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
-                       max_loops=args.n_loops)
-    res = profile(rt, args.prompt_len, args.new_tokens, args.n_loops, args.out, batch=args.batch)
+    res = profile(target, args.prompt_len, args.new_tokens, args.n_loops, args.out,
+                  batch=args.batch, device=args.device, dtype=args.dtype, backend=args.backend)
     print(format_stages(res))
     tel = res["telemetry"]
     print(f"telemetry: {'%d samples' % tel['n_samples'] if tel['available'] else tel['reason']}")
@@ -219,8 +242,10 @@ def _add_profile(sub, dtypes, backends) -> None:
                        "telemetry, ACT statistics and a roofline of one generation")
     p.add_argument("checkpoint", nargs="?", help="checkpoint file or directory (CKPT|DIR)")
     p.add_argument("--preset", help="profile a random-weight preset instead")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="default 128, shortened to fit the model's max_seq_len")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="default 16 (a quarter of max_seq_len on shorter models)")
     p.add_argument("--n-loops", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", default="mythos-profile", help="output directory")
@@ -275,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--new-tokens", type=int, default=16)
     d.add_argument("--backend", default="auto", choices=backends)
     d.add_argument("--device", default=None)
+    d.add_argument("--force", action="store_true", help="replace other files in --out")
     d.set_defaults(fn=_cmd_demo)
 
     _add_bench(sub)

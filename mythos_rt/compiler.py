@@ -27,19 +27,33 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def resolve_device(device) -> torch.device:
-    """The device to run on: as given, else CUDA if available, else CPU."""
+    """The device to run on: as given (a CPU, or a CUDA device that exists here), else
+    CUDA if available, else CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"invalid device {device!r}: {str(exc).splitlines()[0]}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {device!r}: no CUDA device is available here "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+                             "use device='cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"device {device!r}: only {count} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise InputError(f"device {device!r}: mythos-rt runs on 'cpu' or 'cuda' devices")
+    return dev
 
 
 def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                   device: torch.device, options: CompileOptions,
-                  traced: Optional[Graph] = None, timings: Optional[dict] = None) -> Runtime:
-    """Lower an optimized graph with materialized weights into a Runtime."""
+                  traced: Optional[Graph] = None, timings: Optional[dict] = None,
+                  tuning: Optional[Mapping[str, dict]] = None) -> Runtime:
+    """Lower an optimized graph with materialized weights into a Runtime (``tuning``: an
+    artifact's MoE tile configs, for this runtime only)."""
     t0 = time.perf_counter()
     lowered = lower(optimized, cfg, weights, device, getattr(torch, options.dtype),
                     max_batch=options.max_batch_size,
@@ -47,7 +61,7 @@ def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, tor
                     max_seq_len=options.max_seq_len, max_loops=options.max_loops,
                     backend=options.backend, overrides=options.overrides)
     timings = dict(timings or {}, lower_s=time.perf_counter() - t0)
-    return Runtime(lowered, options, traced=traced, timings=timings)
+    return Runtime(lowered, options, traced=traced, timings=timings, tuning=tuning)
 
 
 def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, dtype=None,
@@ -94,11 +108,12 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
     """Restore a Runtime saved with ``Runtime.save``: no tracing, no passes, no packing.
 
     ``device`` defaults to CUDA if available; ``backend``/``overrides``/``cuda_graphs``
-    default to what the artifact was compiled with.
+    default to what the artifact was compiled with. The artifact's MoE tile configs
+    (``autotune/moe.json``) serve the returned Runtime only: the user's autotune cache is
+    never written.
     """
     t0 = time.perf_counter()
-    cfg, graph, options, weights = artifact.read_artifact(directory)
-    artifact.restore_autotune(directory)
+    cfg, graph, options, weights, tuning = artifact.read_artifact(directory)
     if backend is not None:
         options.backend = backend
     if overrides is not None:
@@ -111,4 +126,4 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
     # views safetensors returns, which would change results in the last bits.
     weights = {k: moved.setdefault(id(v), v.to(device, copy=True)) for k, v in weights.items()}
     return build_runtime(graph, cfg, weights, device, options.validate(cfg),
-                         timings={"load_s": time.perf_counter() - t0})
+                         timings={"load_s": time.perf_counter() - t0}, tuning=tuning)

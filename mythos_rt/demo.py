@@ -8,6 +8,9 @@ step's logits against the eager reference.
 
 from __future__ import annotations
 
+import filecmp
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import MythosConfig
+from .errors import InputError
 from .reference import OpenMythos
 from .testing import spread_act_halting
 
@@ -33,14 +37,48 @@ def write_demo_checkpoint(directory: str | Path, preset: str = DEMO_PRESET) -> P
     return save_checkpoint(directory, cfg, model.state_dict())
 
 
+def place_demo_checkpoint(directory: str | Path, overwrite: bool = False) -> Path:
+    """Write the demo checkpoint at ``directory``: beside it first, then moved in.
+
+    Files already there are replaced only when they are the demo's own (the same bytes)
+    or with ``overwrite``; any other file there is an InputError naming it.
+    """
+    directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} exists and is not a directory")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.new-")
+    except OSError as exc:
+        raise InputError(f"cannot write the demo checkpoint at {directory}: "
+                         f"{exc.strerror or exc}") from None
+    with staging as tmp:
+        names = sorted(p.name for p in write_demo_checkpoint(tmp).iterdir())
+        if directory.exists():
+            foreign = sorted(p.name for p in directory.iterdir()
+                             if p.name not in names or not p.is_file()
+                             or not filecmp.cmp(p, Path(tmp) / p.name, shallow=False))
+            if foreign and not overwrite:
+                raise InputError(f"{directory} holds files that are not the demo checkpoint's "
+                                 f"({', '.join(foreign[:5])}); choose a new or empty directory, "
+                                 "or --force (overwrite=True) to write the demo's "
+                                 f"{' and '.join(names)} there")
+        directory.mkdir(exist_ok=True)
+        for name in names:
+            os.replace(Path(tmp) / name, directory / name)
+    return directory
+
+
 def run_demo(directory: str | Path, *, new_tokens: int = 16, backend: str = "auto",
-             device=None, echo=print) -> dict:
-    """Compile the demo checkpoint, generate, compare against the reference; return numbers."""
+             device=None, echo=print, overwrite: bool = False) -> dict:
+    """Write the demo checkpoint into ``directory`` (``place_demo_checkpoint``), compile it,
+    generate ``new_tokens``, compare against the reference; return numbers."""
     from .compiler import compile as compile_model
 
-    directory = Path(directory)
+    if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 1:
+        raise InputError(f"new_tokens must be a positive integer, got {str(new_tokens)[:40]!r}")
     t0 = time.perf_counter()
-    ckpt = write_demo_checkpoint(directory)
+    ckpt = place_demo_checkpoint(directory, overwrite)
     t_write = time.perf_counter() - t0
     echo(f"checkpoint  {ckpt} ({DEMO_PRESET}, written in {t_write * 1e3:.0f} ms)")
 

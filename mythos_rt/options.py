@@ -13,6 +13,9 @@ from .config import MythosConfig
 from .errors import InputError
 
 DEFAULT_CHUNK = 256
+# Upper bounds far beyond any real use: a typo (or a hostile options.json) is an error
+# naming the option, not an allocation that exhausts the machine.
+LIMITS = {"max_batch_size": 4096, "max_loops": 1024, "chunk": 1 << 16}
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -35,13 +38,23 @@ class CompileOptions:
     debug: bool = False
 
     def validate(self, cfg: MythosConfig) -> "CompileOptions":
-        for name, upper in (("max_batch_size", None), ("max_seq_len", cfg.max_seq_len),
-                            ("max_loops", None), ("chunk", None)):
+        for name in ("max_batch_size", "max_seq_len", "max_loops", "chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-            if upper is not None and value > upper:
-                raise InputError(f"{name}={value} exceeds the model's {name}={upper} (RoPE tables)")
+                raise InputError(f"{name} must be a positive integer, got {str(value)[:40]!r}")
+            if name == "max_seq_len" and value > cfg.max_seq_len:
+                raise InputError(f"{name}={value} exceeds the model's {name}={cfg.max_seq_len} "
+                                 "(RoPE tables)")
+            if value > LIMITS.get(name, value):
+                raise InputError(f"{name}={value} is larger than mythos-rt supports "
+                                 f"({LIMITS[name]})")
+        for name in ("cuda_graphs", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {str(getattr(self, name))[:40]!r}")
+        if not isinstance(self.overrides, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.overrides.items()):
+            raise InputError(f"overrides must map op names to backend names, got "
+                             f"{str(self.overrides)[:60]!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return self

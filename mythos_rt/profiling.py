@@ -18,7 +18,8 @@
 
 Writes ``profile.json``, ``trace.json`` and ``roofline.png`` (when matplotlib is
 importable) into ``out_dir``. The roofline places each op kind by its arithmetic
-intensity from ``mythos_rt.costmodel`` at its measured TFLOP/s.
+intensity from ``mythos_rt.costmodel`` at its measured TFLOP/s, under the ceilings of the
+device the profile ran on, measured in the same run (``measure_ceilings``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import statistics
 import threading
@@ -42,6 +44,7 @@ from .errors import InputError
 from .lower import Shape, Step
 
 PROFILE_SCHEMA = "mythos-rt-profile/1"
+DEFAULT_PROMPT_LEN, DEFAULT_NEW_TOKENS = 128, 16
 
 # plan Step kind → roofline op group (and the cost-model OpCost names in each group)
 KIND_GROUP = {"embed": "embed", "rmsnorm": "norm", "add_rmsnorm": "norm", "add": "norm",
@@ -241,20 +244,98 @@ class Telemetry:
 
 # ---- the profile ----------------------------------------------------------------------------
 
-def _as_runtime(runtime_or_path, *, batch: int, max_seq_len: int, max_loops: Optional[int],
-                device, dtype, backend: str):
+def _as_runtime(runtime_or_path, *, batch: int, max_loops: Optional[int], device, dtype,
+                backend: str):
+    """The runtime to profile: as given, or compiled for ``batch`` rows and the model's
+    max_seq_len (the lengths are fitted to it afterwards, ``fit_lengths``)."""
     from .compiler import compile as rt_compile
     from .runtime import Runtime
     if isinstance(runtime_or_path, Runtime):
         return runtime_or_path
     return rt_compile(runtime_or_path, device=device, dtype=dtype, backend=backend,
-                      max_batch_size=batch, max_seq_len=max_seq_len, max_loops=max_loops)
+                      max_batch_size=batch, max_loops=max_loops)
 
 
 def check_positive(**kw) -> None:
     for name, v in kw.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise InputError(f"{name} must be a positive integer, got {v!r}")
+            raise InputError(f"{name} must be a positive integer, got {str(v)[:40]!r}")
+
+
+def fit_lengths(max_seq_len: int, prompt_len: Optional[int] = None,
+                new_tokens: Optional[int] = None) -> tuple[int, int]:
+    """(prompt_len, new_tokens) of a profile on a runtime of ``max_seq_len`` positions: as
+    given, or the defaults (128, 16) shrunk to fit. P prompt tokens and N new ones take
+    P + N - 1 positions (the last new token is never fed back)."""
+    if new_tokens is None:
+        new_tokens = max(1, min(DEFAULT_NEW_TOKENS, max_seq_len // 4))
+    if prompt_len is None:
+        prompt_len = max(1, min(DEFAULT_PROMPT_LEN, max_seq_len + 1 - new_tokens))
+    check_positive(prompt_len=prompt_len, new_tokens=new_tokens)
+    if prompt_len + new_tokens - 1 > max_seq_len:
+        raise InputError(f"prompt_len {prompt_len} + new_tokens {new_tokens} take "
+                         f"{prompt_len + new_tokens - 1} positions, more than the "
+                         f"max_seq_len={max_seq_len} of the model profiled: lower prompt_len or "
+                         "new_tokens (CLI: --prompt-len, --new-tokens)")
+    return prompt_len, new_tokens
+
+
+def _median_ms(fn, device: torch.device, reps: int) -> float:
+    """Median ms of ``fn()`` after one warm-up call (synchronizing around each on GPU)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> costmodel.Ceilings:
+    """The ceilings of ``device``, measured now (about a second): read bandwidth, summing a
+    buffer of random data well beyond the caches (random: a VM host may merge identical
+    pages and serve them from cache), and the FLOP/s of a square ``dtype`` matmul."""
+    cuda = device.type == "cuda"
+    nbytes, n = ((1 << 30), 4096) if cuda else ((128 << 20), 1024)
+    x = torch.rand(nbytes // 4, device=device)
+    read_ms = _median_ms(x.sum, device, reps=10 if cuda else 5)
+    del x
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    mm_ms = _median_ms(lambda: a @ b, device, reps=10 if cuda else 3)
+    name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
+    return costmodel.Ceilings(
+        copy_gbps=round(nbytes / (read_ms * 1e-3) / 1e9, 2),
+        bf16_tflops=round(2 * n ** 3 / (mm_ms * 1e-3) / 1e12, 4), measured=True,
+        source=f"measured on this {device.type} ({name}): read of {nbytes >> 20} MiB of random "
+               f"data (sum), {n}^3 {str(dtype).replace('torch.', '')} matmul, median")
+
+
+def _cpu_name() -> str:
+    import platform
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Discard what is written to fd 2 inside the block (native code included)."""
+    import sys
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _group_stages(times, n_decode_tokens: int) -> dict:
@@ -406,22 +487,27 @@ def plot_roofline(points: list[dict], ceilings: costmodel.Ceilings, path: Path,
     return {"path": str(path)}
 
 
-def profile(runtime_or_path: Union[Any, str, Path], prompt_len: int = 128,
-            new_tokens: int = 16, n_loops: Optional[int] = None,
+def profile(runtime_or_path: Union[Any, str, Path], prompt_len: Optional[int] = None,
+            new_tokens: Optional[int] = None, n_loops: Optional[int] = None,
             out_dir: Union[str, Path] = "mythos-profile", *, batch: int = 1, device=None,
             dtype=None, backend: str = "auto", telemetry_interval_s: float = 0.02,
             ceilings: Optional[costmodel.Ceilings] = None, seed: int = 0) -> dict:
     """Profile greedy generation; write profile.json, trace.json, roofline.png to out_dir.
 
     runtime_or_path: a compiled ``Runtime``, an nn.Module or a checkpoint path (compiled
-    here for ``batch`` rows and ``prompt_len + new_tokens`` positions). Returns the
-    profile dict (what profile.json holds). Raises InputError on bad arguments.
+    here for ``batch`` rows). prompt_len/new_tokens default to 128/16, shrunk to fit the
+    runtime's max_seq_len (``fit_lengths``). ``ceilings`` default to the device's own,
+    measured (``measure_ceilings``). Returns the profile dict (what profile.json holds).
+    Raises InputError on bad arguments.
     """
-    check_positive(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch)
-    if n_loops is not None:
-        check_positive(n_loops=n_loops)
-    rt = _as_runtime(runtime_or_path, batch=batch, max_seq_len=prompt_len + new_tokens,
-                     max_loops=n_loops, device=device, dtype=dtype, backend=backend)
+    check_positive(batch=batch)
+    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens),
+                        ("n_loops", n_loops)):
+        if value is not None:
+            check_positive(**{name: value})
+    rt = _as_runtime(runtime_or_path, batch=batch, max_loops=n_loops, device=device,
+                     dtype=dtype, backend=backend)
+    prompt_len, new_tokens = fit_lengths(rt.max_seq_len, prompt_len, new_tokens)
     cfg = rt.config
     n = rt._check_loops(n_loops)
     out = Path(out_dir)
@@ -471,19 +557,25 @@ def _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    prof = torch.profiler.profile(activities=activities)
+    with _native_stderr_silenced():  # the profiler library logs its start and stop
+        prof.start()
+    try:
         with rt.observe(_StepTimer(first, rt.device, n_prefill, label=True)):
             rt.generate(ids, new_tokens, n_loops=n)
             sync()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     prof.export_chrome_trace(str(trace_path))
     kernels = _kernels(prof, cuda)
 
     act = act_statistics(rt, ids, n)
-    ceil = ceilings or costmodel.H100
+    ceil = ceilings or measure_ceilings(rt.device, rt.dtype)
     kind_ms = _kind_times(times, n_decode)
     points = roofline_points(cfg, kind_ms, batch=batch, prompt_len=prompt_len,
                              new_tokens=new_tokens, n_loops=n, dtype=rt.dtype, ceilings=ceil)
-    where = "measured" if ceil.measured else "H100 from DESIGN.md, not measured"
+    where = f"measured on this {rt.device.type}" if ceil.measured else "not measured"
     plot = plot_roofline(points, ceil, out / "roofline.png",
                          f"mythos-rt roofline: dim {cfg.dim}, T={n}, batch {batch}, "
                          f"{rt.device.type} (ceilings: {where})")
@@ -523,17 +615,7 @@ def _time_sampling(rt, batch: int, reps: int = 20) -> float:
     """ms of one greedy sampling call on (batch, vocab) logits of the runtime's dtype."""
     from .sampling import sample
     logits = torch.randn(batch, rt.config.vocab_size, device=rt.device, dtype=rt.dtype)
-    cuda = rt.device.type == "cuda"
-    for _ in range(3):
-        sample(logits, 0.0)
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        sample(logits, 0.0)
-    if cuda:
-        torch.cuda.synchronize()
-    return round((time.perf_counter() - t0) * 1e3 / reps, 5)
+    return round(_median_ms(lambda: sample(logits, 0.0), rt.device, reps), 5)
 
 
 def _provenance(rt) -> dict:
@@ -556,9 +638,12 @@ def format_stages(result: dict) -> str:
     """A short text table of the per-stage times (what ``mythos-rt profile`` prints)."""
     lines = []
     t = result["totals"]
+    c = result["ceilings"]
     lines.append(f"prefill {t['prefill_ms']:.3f} ms, decode {t['decode_ms_per_token']:.3f} "
                  f"ms/token (floor {result['floors']['decode_floor_ms']:.4g} ms, "
                  f"timer: {result['timer']})")
+    lines.append(f"  ceilings: {c['copy_gbps']:.4g} GB/s, {c['bf16_tflops']:.4g} TFLOP/s "
+                 f"({c['source']})")
     for phase, unit in (("prefill", "ms"), ("decode", "ms_per_token")):
         rows = result["stages"].get(phase, [])
         if rows:

@@ -4,12 +4,20 @@ A Runtime runs the plans of one lowering: prefill in chunks of at most ``chunk``
 per row (chunked prefill is exact: causal offsets come from the cache lengths), and
 decode one token per step against per-layer / per-loop KV caches. Building one
 (trace → passes → lower, or from an artifact) is ``mythos_rt.compiler``'s job.
+
+One request at a time: the KV caches and buffers are the Runtime's, so ``forward``,
+``generate`` and ``stream`` hold the runtime for their whole run. Calls from several
+threads are serialized (each waits for the one running); a ``stream()`` holds it from
+its first step until it is exhausted or closed. A second request started on the thread
+that holds a live stream (e.g. two interleaved streams) would wait for itself, so it is
+an InputError instead. Use one Runtime per concurrent request stream to run in parallel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
@@ -24,6 +32,16 @@ from .options import CompileOptions, dtype_name
 from .sampling import sample
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a user's value, cut to ``limit`` characters (error messages stay one line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class StepObserver(Protocol):
     """Called around every plan step while installed with ``Runtime.observe`` (profiling)."""
 
@@ -36,7 +54,8 @@ class Runtime:
     """A compiled model: ``forward`` (stateless) and ``generate`` (KV-cached decode)."""
 
     def __init__(self, lowered: Lowered, options: CompileOptions, *,
-                 traced: Optional[Graph] = None, timings: Optional[dict[str, float]] = None):
+                 traced: Optional[Graph] = None, timings: Optional[dict[str, float]] = None,
+                 tuning: Optional[Mapping[str, dict]] = None):
         self._low = lowered
         self.options = options
         self.config: MythosConfig = lowered.cfg
@@ -50,6 +69,16 @@ class Runtime:
         self.timings = dict(timings or {})
         self._plans: dict[int, list[Step]] = {}
         self._observer: Optional[StepObserver] = None
+        self._lock = threading.Lock()  # one request at a time (see the module docstring)
+        self._owner: Optional[int] = None  # thread id holding the lock
+        # MoE tile configs of the artifact this runtime was loaded from (its own, never the
+        # user's autotune cache's): the Triton MoE looks them up first.
+        self.tuning: dict[str, dict] = dict(tuning or {})
+        # Workspaces that look tile configs up (the Triton MoE's) read this runtime's table.
+        self._tuned_workspaces = [ws for ws in lowered.buffers.workspaces.values()
+                                  if hasattr(ws, "tuned")]
+        for ws in self._tuned_workspaces:
+            ws.tuned = self.tuning
         buf = lowered.buffers
         self.graphs = DecodeGraphs(
             lambda B, n: self._execute(Shape(B, 1), n), self.device, self.max_batch_size,
@@ -99,11 +128,44 @@ class Runtime:
         last plan execution's rows."""
         return self._low.buffers.act
 
-    def save(self, directory: Union[str, os.PathLike]) -> str:
-        """Write a runtime artifact (packed weights, optimized IR, config, options,
-        autotune cache) that ``mythos_rt.load`` restores without tracing or packing."""
+    def save(self, directory: Union[str, os.PathLike], *, overwrite: bool = False) -> str:
+        """Write a runtime artifact (packed weights, optimized IR, config, options and the
+        MoE tile configs this runtime uses) that ``mythos_rt.load`` restores without
+        tracing or packing.
+
+        The artifact is written beside ``directory`` and swapped in whole: an interrupted
+        save leaves the old artifact or the new one. ``directory`` may be new, empty or an
+        artifact; any other non-empty directory is refused (InputError) unless
+        ``overwrite`` (the artifact's files are then written into it, others kept).
+        """
         from .artifact import write_artifact
-        return str(write_artifact(directory, self.weights, self.graph, self.config, self.options))
+        return str(write_artifact(directory, self.weights, self.graph, self.config, self.options,
+                                  tuning=self.tuning_used(), overwrite=overwrite))
+
+    def tuning_used(self) -> dict[str, dict]:
+        """The MoE tile configs this runtime's Triton MoE finds for its token buckets: its
+        own (``tuning``), else the autotune cache's valid entries; {} on other backends."""
+        if not self._tuned_workspaces:
+            return {}
+        ws = self._tuned_workspaces[0]
+        import json
+
+        from .ops.moe import PackedMoE
+        from .triton_kernels import moe as tmoe
+        from .tuning import valid_entries
+        try:
+            with open(tmoe.cache_path(), "rb") as f:
+                cached = valid_entries(json.loads(f.read()))
+        except (OSError, ValueError):
+            cached = {}
+        packed = next(a for a in self._low.args.values() if isinstance(a, PackedMoE))
+        used = {}
+        for i in range(tmoe.token_bucket(ws.max_tokens).bit_length()):
+            key = tmoe.config_key(1 << i, packed, self.dtype, self.device)
+            entry = self.tuning.get(key, cached.get(key))
+            if entry is not None:
+                used[key] = entry
+        return used
 
     def plan(self, n_loops: int) -> list[Step]:
         if n_loops not in self._plans:
@@ -116,12 +178,12 @@ class Runtime:
         if isinstance(input_ids, (list, tuple)):
             if not input_ids:
                 raise InputError("input_ids is an empty list")
-            if all(isinstance(x, int) for x in input_ids):
-                input_ids = torch.tensor([list(input_ids)])
+            if all(_is_int(x) for x in input_ids):
+                input_ids = self._ids_tensor(input_ids, "input_ids")[None]
             else:
                 rows = []
                 for i, row in enumerate(input_ids):
-                    row = torch.as_tensor(row) if not isinstance(row, torch.Tensor) else row
+                    row = self._ids_tensor(row, f"input_ids[{i}]")
                     if row.dim() != 1 or row.numel() == 0:
                         raise InputError(f"input_ids[{i}] must be a non-empty 1-D sequence of "
                                          f"token ids, got shape {tuple(row.shape)}")
@@ -132,6 +194,20 @@ class Runtime:
                 return rows, True
         ids = self._check_ids(input_ids)
         return list(ids), False
+
+    def _ids_tensor(self, ids: Any, what: str) -> torch.Tensor:
+        """A tensor as given, or a list/tuple of int token ids (checked against the
+        vocabulary here: ids past int64 cannot become a tensor)."""
+        if isinstance(ids, torch.Tensor):
+            return ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
+            raise InputError(f"{what} must be an integer tensor or a list of int token ids, "
+                             f"got {_short(ids)}")
+        bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise InputError(f"token id {_short(bad)} in {what} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        return torch.tensor(list(ids), dtype=torch.long)
 
     def _check_ids(self, input_ids: Any, what: str = "input_ids") -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
@@ -168,9 +244,12 @@ class Runtime:
     def _check_sampling(self, max_new_tokens, temperature, top_k, top_p, longest: int) -> None:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if longest + max_new_tokens > self.max_seq_len:
-            raise InputError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = "
-                             f"{longest + max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
+        # The last sampled token is never fed back: P + N tokens take P + N - 1 cache slots.
+        slots = longest + max(max_new_tokens, 1) - 1
+        if slots > self.max_seq_len:
+            raise InputError(f"prompt length {longest} + max_new_tokens {max_new_tokens} needs "
+                             f"{slots} cache positions (the last new token is not cached), which "
+                             f"exceeds max_seq_len={self.max_seq_len}")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise InputError(f"invalid sampling parameters: temperature={temperature} (>= 0), "
                              f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")
@@ -195,6 +274,20 @@ class Runtime:
         finally:
             self._observer = None
             self.use_cuda_graphs = graphs_were
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """Hold the runtime for one request (see the module docstring)."""
+        if self._owner == threading.get_ident():
+            raise InputError(f"{what}: this thread is running a stream() on this Runtime that "
+                             "is not exhausted or closed; a Runtime runs one request at a time "
+                             "(finish or close() the stream first, or use another Runtime)")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _execute(self, shape: Shape, n_loops: int) -> None:
         observer = self._observer
@@ -257,22 +350,33 @@ class Runtime:
         if ids.shape[1] > self.max_seq_len:
             raise InputError(f"sequence length {ids.shape[1]} exceeds max_seq_len="
                              f"{self.max_seq_len}")
-        return self._prefill(list(ids), n, want_all=True)
+        with self._exclusive("forward"):
+            return self._prefill(list(ids), n, want_all=True)
 
     __call__ = forward
 
-    @torch.no_grad()
     def stream(self, input_ids, max_new_tokens: int, *, n_loops: Optional[int] = None,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: Optional[int] = None, stop_ids: Sequence[int] = ()) -> Iterator[list[Optional[int]]]:
-        """Yield, after each decode step, one new token id per row (None once a row stopped)."""
+        """Yield, after each decode step, one new token id per row (None once a row stopped).
+
+        Arguments are checked here, before the first step; the runtime is held from the
+        first step until the stream is exhausted or closed (see the module docstring).
+        """
         prompts, _ = self._check_prompts(input_ids)
+        request = self._check_request(prompts, max_new_tokens, n_loops, temperature, top_k,
+                                      top_p, seed, stop_ids)
+        return self._stream_steps(prompts, request)
+
+    @torch.no_grad()
+    def _stream_steps(self, prompts: list[torch.Tensor], request: tuple):
         finished = None
-        for nxt, _, done in self._decode(prompts, max_new_tokens, n_loops, temperature,
-                                          top_k, top_p, seed, stop_ids, want_logits=False):
-            ids = nxt.tolist()
-            yield [None if (finished is not None and finished[b]) else t for b, t in enumerate(ids)]
-            finished = done.tolist() if done is not None else None
+        with self._exclusive("stream"):
+            for nxt, _, done in self._decode(prompts, *request, want_logits=False):
+                ids = nxt.tolist()
+                yield [None if (finished is not None and finished[b]) else t
+                       for b, t in enumerate(ids)]
+                finished = done.tolist() if done is not None else None
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, n_loops: Optional[int] = None,
@@ -290,12 +394,16 @@ class Runtime:
         generation ends early once every row produced one of ``stop_ids``.
         """
         prompts, ragged = self._check_prompts(input_ids)
+        request = self._check_request(prompts, max_new_tokens, n_loops, temperature, top_k,
+                                      top_p, seed, stop_ids)
+        if not isinstance(return_logits, bool):
+            raise InputError(f"return_logits must be True or False, got {return_logits!r}")
         steps, logits = [], []
-        for nxt, lg, done in self._decode(prompts, max_new_tokens, n_loops, temperature,
-                                           top_k, top_p, seed, stop_ids, return_logits):
-            steps.append(nxt)
-            if return_logits:
-                logits.append(lg)
+        with self._exclusive("generate"):
+            for nxt, lg, _ in self._decode(prompts, *request, want_logits=return_logits):
+                steps.append(nxt)
+                if return_logits:
+                    logits.append(lg)
         B, V = len(prompts), self.config.vocab_size
         new = torch.stack(steps, 1) if steps else torch.empty(B, 0, dtype=torch.long, device=self.device)
         stacked = torch.stack(logits, 1) if logits else torch.empty(B, 0, V, device=self.device)
@@ -312,15 +420,20 @@ class Runtime:
             out = torch.cat([torch.stack(prompts), new], dim=1)
         return (out, stacked) if return_logits else out
 
-    def _decode(self, prompts: list[torch.Tensor], max_new_tokens, n_loops, temperature,
-                top_k, top_p, seed, stop_ids, want_logits):
-        """Yield (next ids (B,), logits (B, V) or None, finished (B,) or None) per step.
-
-        ``prompts`` are the checked 1-D prompts of ``_check_prompts``.
-        """
+    def _check_request(self, prompts: list[torch.Tensor], max_new_tokens, n_loops, temperature,
+                       top_k, top_p, seed, stop_ids) -> tuple:
+        """Check a generation request's arguments; return them as ``_decode`` takes them."""
         n = self._check_loops(n_loops)
         self._check_sampling(max_new_tokens, temperature, top_k, top_p,
                              max(int(p.numel()) for p in prompts))
+        return max_new_tokens, n, temperature, top_k, top_p, seed, stop_ids
+
+    def _decode(self, prompts: list[torch.Tensor], max_new_tokens, n, temperature,
+                top_k, top_p, seed, stop_ids, want_logits):
+        """Yield (next ids (B,), logits (B, V) or None, finished (B,) or None) per step.
+
+        ``prompts`` and the rest are checked (``_check_prompts``, ``_check_request``).
+        """
         if max_new_tokens == 0:
             return
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None

@@ -67,25 +67,69 @@ def test_compile_generate_inspect(ckpt, tmp_path, capsys):
     (["compile", "{ckpt}", "-o", "{art}"], "is not empty"),
     (["inspect", "{ckpt}", "--after-pass", "nope"], "unknown pass 'nope'"),
     (["generate", "{art}", "--prompt-ids", "1", "--device", "bogus"], "invalid device 'bogus'"),
+    (["generate", "{art}", "--prompt-ids", "1", "--seed", str(2**64)], "--seed 18446744073709551616"),
+    (["generate", "{art}", "--prompt-ids", "1", "--stop-ids", "3", str(2**64)],
+     "--stop-ids 18446744073709551616: must be in [0, 9223372036854775808)"),
+    (["generate", "{art}", "--prompt-ids", f"1 {2**64}"],
+     "token id 18446744073709551616 in input_ids[0] is outside the vocabulary"),
+    (["generate", "{art}", *["--prompt-ids", "1"] * 9],
+     "9 prompts exceed the 8 the artifact {art} was compiled for: recompile it with "
+     "mythos-rt compile --max-batch-size 9"),
+    (["generate", "{art}", "--prompt-ids", "1", "--n-loops", "99"],
+     "recompile it with mythos-rt compile --max-loops 99"),
+    (["generate", "{art}", "--prompt-ids", "1", "--device", "cuda"], "no CUDA device"),
+    (["compile", "{ckpt}", "-o", "{tmp}/y", "--max-batch-size", str(10**9)],
+     "max_batch_size=1000000000 is larger than mythos-rt supports"),
+    (["compile", "{ckpt}", "-o", "{ckpt}/config.json"], "exists and is not a directory"),
+    (["compile", "{ckpt}", "-o", "{ckpt}/config.json/sub"], "cannot write an artifact at"),
+    (["demo", "--new-tokens", "0"], "new_tokens must be a positive integer, got '0'"),
+    (["demo", "--out", "{ckpt}"], "holds files that are not the demo checkpoint's"),
 ])
 def test_user_errors_are_one_line(ckpt, art, tmp_path, args, message, capsys):
     fill = {"art": art, "ckpt": ckpt, "tmp": tmp_path}
+    if args[0] == "demo":  # the demo's own files are fine; foreign ones are refused
+        (ckpt / "notes.txt").write_text("mine")
     assert main([a.format(**fill) for a in args]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message.format(**fill) in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("mythos-rt ")
+    if "-o" in args and "{ckpt}/" in args[-1]:  # a bad destination is refused before compiling
+        assert "loading" not in err
+    (ckpt / "notes.txt").unlink(missing_ok=True)
 
 
 def test_user_error_exit_through_a_real_process(art):
     proc = cli("generate", art, "--prompt-ids", "1", "--max-new-tokens", "1000", ok=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("mythos-rt generate: error: prompt length 1 + max_new_tokens "
-                                   "1000 = 1001 exceeds max_seq_len=64")
+                                   "1000 needs 1000 cache positions (the last new token is not "
+                                   "cached), which exceeds max_seq_len=64")
 
 
 def test_demo_runs(tmp_path):
     out = cli("demo", "--out", tmp_path / "d", "--new-tokens", 3).stdout
     assert "identical ids" in out and "max |logits - reference|" in out
+
+
+def test_demo_replaces_only_its_own_files_unless_forced(tmp_path):
+    from mythos_rt.demo import place_demo_checkpoint
+    d = place_demo_checkpoint(tmp_path / "d")
+    own = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert place_demo_checkpoint(d) == d  # the demo's own bytes: rewritten without --force
+    (d / "config.json").write_text("{}")  # a different checkpoint's config
+    with pytest.raises(mythos_rt.InputError, match=r"\(config.json\); .*--force"):
+        place_demo_checkpoint(d)
+    assert (d / "config.json").read_text() == "{}"
+    (d / "notes.txt").write_text("keep")
+    place_demo_checkpoint(d, overwrite=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == dict(own, **{"notes.txt": b"keep"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no staging left beside
+
+
+def test_generate_compiles_a_checkpoint_to_fit_the_request(ckpt):
+    out = cli("generate", ckpt, *["--prompt-ids", "1 2"] * 9, "--max-new-tokens", 1,
+              "--n-loops", 9).stdout.splitlines()
+    assert len(out) == 9 and len(set(out)) == 1 and out[0].startswith("1 2 ")
 
 
 def test_backend_choices_come_from_the_registry(capsys):

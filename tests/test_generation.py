@@ -107,3 +107,98 @@ def test_stopped_rows_repeat_their_own_stop_id(setup):
     assert out.shape[1] == 9 + j + 1
     assert out[0, 9:].tolist() == [own] * (j + 1)
     assert out[1, 9:].tolist() == row1[:j + 1]
+
+
+def test_a_runtime_shared_by_two_threads_serves_each_its_own_tokens(setup):
+    import threading
+    _, rt, ids = setup
+    prompts = [ids[0, :5], ids[1], ids[2, :7]]
+    want = [rt.generate(p[None], 5, n_loops=2) for p in prompts]
+    got, errors = {}, []
+
+    def worker(w):
+        try:
+            for i in range(6):
+                j = (w + i) % len(prompts)
+                got[w, i] = torch.equal(rt.generate(prompts[j][None], 5, n_loops=2), want[j])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 12 and all(got.values())
+
+
+def test_interleaved_streams_are_refused_and_streams_hold_the_runtime(setup):
+    import threading
+    _, rt, ids = setup
+    want = rt.generate(ids[:1], 4, n_loops=2)[0, 9:].tolist()
+    first, second = rt.stream(ids[:1], 4, n_loops=2), rt.stream(ids[1:2], 4, n_loops=2)
+    assert next(first) == [want[0]]
+    with pytest.raises(mythos_rt.InputError, match="one request at a time"):
+        next(second)
+    with pytest.raises(mythos_rt.InputError, match="one request at a time"):
+        rt.generate(ids[:1], 2)
+    # another thread waits for the live stream instead of taking its caches
+    other = {}
+    t = threading.Thread(target=lambda: other.update(out=rt.generate(ids[1:2], 4, n_loops=2)))
+    t.start()
+    t.join(timeout=0.5)
+    assert t.is_alive()
+    assert [s[0] for s in first] == want[1:]  # undisturbed by the waiting thread
+    t.join()
+    assert torch.equal(other["out"], rt.generate(ids[1:2], 4, n_loops=2))
+    closed = rt.stream(ids[:1], 4, n_loops=2)
+    next(closed)
+    closed.close()  # closing releases the runtime
+    assert rt.generate(ids[:1], 4, n_loops=2)[0, 9:].tolist() == want
+
+
+def test_stream_checks_its_arguments_when_called(setup):
+    _, rt, ids = setup
+    with pytest.raises(mythos_rt.InputError, match="exceeds max_seq_len"):
+        rt.stream(ids, 1000)
+    with pytest.raises(mythos_rt.InputError, match="n_loops"):
+        rt.stream(ids, 2, n_loops=0)
+
+
+def test_the_last_new_token_needs_no_cache_slot():
+    """P prompt tokens + N new ones fill P + N - 1 cache positions: the last sampled token
+    is never fed back, so a prompt of max_seq_len tokens may still get one new token."""
+    torch.manual_seed(0)
+    cfg = MythosConfig.from_preset("tiny_gqa")  # max_seq_len 64
+    model = OpenMythos(cfg).eval()
+    rt = mythos_rt.compile(model, backend="torch", max_batch_size=1, max_seq_len=16, chunk=8)
+    ids = torch.randint(0, cfg.vocab_size, (1, 16))
+    out = rt.generate(ids, 1, n_loops=2)
+    assert torch.equal(out, model.generate(ids, 1, n_loops=2, temperature=0.0))
+    out = rt.generate(ids[:, :12], 5, n_loops=2)  # 12 + 5 - 1 = 16 positions
+    assert torch.equal(out, model.generate(ids[:, :12], 5, n_loops=2, temperature=0.0))
+    with pytest.raises(mythos_rt.InputError, match="needs 17 cache positions"):
+        rt.generate(ids[:, :12], 6, n_loops=2)
+    assert torch.equal(rt.generate(ids, 0), ids)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (["1 2 3"], r"input_ids\[0\] must be an integer tensor or a list of int token ids"),
+    ([[1, 2 ** 64]], r"token id 18446744073709551616 in input_ids\[0\] is outside"),
+    ([1, 2 ** 70], "token id 1180591620717411303424 in input_ids is outside"),
+    ([1.5, 2], r"input_ids\[0\] must be an integer tensor or a list"),
+    ([[1, True]], r"input_ids\[0\] must be an integer tensor or a list"),
+    ([None], r"input_ids\[0\] must be an integer tensor"),
+    ("1 2 3", "input_ids must be a torch.Tensor"),
+])
+def test_wrong_prompt_types_are_input_errors(setup, prompt, message):
+    _, rt, _ = setup
+    with pytest.raises(mythos_rt.InputError, match=message):
+        rt.generate(prompt, 2)
+    with pytest.raises(mythos_rt.InputError, match=message):
+        rt.stream(prompt, 2)
+
+
+def test_return_logits_must_be_a_bool(setup):
+    _, rt, ids = setup
+    with pytest.raises(mythos_rt.InputError, match="return_logits must be True or False"):
+        rt.generate(ids, 2, return_logits="no")

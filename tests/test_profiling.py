@@ -105,6 +105,33 @@ def test_cli_profile(ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "telemetry unavailable" in proc.stdout and "loop[1]" in proc.stdout
     assert (out / "profile.json").exists() and (out / "trace.json").exists()
+    # the ceilings are this CPU's, measured and said so; the profiler library's own log
+    # lines (profiler_start / profiler_stop on stderr) stay out
+    assert "ceilings: " in proc.stdout and "measured on this cpu" in proc.stdout
+    assert proc.stderr == "", proc.stderr[-2000:]
+    saved = json.loads((out / "profile.json").read_text())
+    assert saved["ceilings"]["measured"] and "H100" not in json.dumps(saved["ceilings"])
+
+
+def test_profile_defaults_fit_the_model(tiny, tmp_path):
+    """tiny_mla has max_seq_len 64: the defaults (128 + 16 tokens) shrink to fit."""
+    assert profiling.fit_lengths(64) == (49, 16)
+    assert profiling.fit_lengths(4096) == (128, 16)
+    assert profiling.fit_lengths(8) == (7, 2)
+    assert profiling.fit_lengths(64, prompt_len=49) == (49, 16)
+    assert profiling.fit_lengths(64, new_tokens=4) == (61, 4)
+    with pytest.raises(mythos_rt.InputError, match="lower prompt_len or new_tokens "
+                                                   "\\(CLI: --prompt-len, --new-tokens\\)"):
+        profiling.fit_lengths(64, prompt_len=60)
+    rt = mythos_rt.compile(tiny, backend="torch", max_batch_size=1, max_seq_len=12)
+    res = profiling.profile(rt, n_loops=2, out_dir=tmp_path)
+    assert (res["workload"]["prompt_len"], res["workload"]["new_tokens"]) == (10, 3)
+
+
+def test_measured_ceilings_of_a_cpu():
+    c = profiling.measure_ceilings(torch.device("cpu"), torch.float32)
+    assert c.measured and "measured on this cpu" in c.source and "random data" in c.source
+    assert 0.1 < c.copy_gbps < 1000 and 1e-4 < c.bf16_tflops < 100
 
 
 def test_cli_bench(ckpt, tmp_path):
@@ -122,6 +149,8 @@ def test_cli_bench(ckpt, tmp_path):
     (("profile", "/nonexistent/ckpt"), "no such file"),
     (("profile",), "checkpoint path"),
     (("profile", "--preset", "tiny_mla", "--prompt-len", "0"), "prompt_len"),
+    (("profile", "--preset", "tiny_mla", "--prompt-len", "100"),
+     "max_seq_len=64 of the model profiled: lower prompt_len or new_tokens (CLI: --prompt-len"),
     (("bench", "--preset", "nope"), "unknown preset"),
 ])
 def test_cli_user_errors_are_one_line(args, message, capsys):

@@ -105,7 +105,8 @@ def test_input_errors_are_clear():
         (lambda: rt.forward([1, 2]), "must be a torch.Tensor"),
         (lambda: rt.forward(ok, n_loops=0), "n_loops must be an integer >= 1"),
         (lambda: rt.forward(ok, n_loops=5), "n_loops=5 exceeds the compiled max_loops=4"),
-        (lambda: rt.generate(ok, 13), "4 \\+ max_new_tokens 13 = 17 exceeds max_seq_len=16"),
+        (lambda: rt.generate(ok, 14), "4 \\+ max_new_tokens 14 needs 17 cache positions"),
+        (lambda: rt.generate([[1, 2**64]], 1), "token id 18446744073709551616 in input_ids"),
         (lambda: rt.generate(ok, 2, top_p=0.0), "invalid sampling parameters"),
     ]
     for call, message in cases:
@@ -113,6 +114,23 @@ def test_input_errors_are_clear():
             call()
     with pytest.raises(InputError, match="max_seq_len=100 exceeds the model's max_seq_len=64"):
         mythos_rt.compile(OpenMythos(cfg), max_seq_len=100)
+    with pytest.raises(InputError, match="cuda_graphs must be True or False, got 'yes'"):
+        mythos_rt.compile(OpenMythos(cfg), cuda_graphs="yes")
+    with pytest.raises(InputError, match="overrides must map op names to backend names"):
+        mythos_rt.compile(OpenMythos(cfg), overrides={"moe_ffn": 3})
+    for name in ("max_batch_size", "max_loops"):
+        with pytest.raises(InputError, match=f"{name}=1000000000 is larger than mythos-rt supports"):
+            mythos_rt.compile(OpenMythos(cfg), **{name: 10**9})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_an_input_error():
+    cfg = MythosConfig.from_preset("tiny_gqa")
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(InputError, match="no CUDA device is available here"):
+            mythos_rt.compile(OpenMythos(cfg), device=device)
+    with pytest.raises(InputError, match="runs on 'cpu' or 'cuda'"):
+        mythos_rt.compile(OpenMythos(cfg), device="meta")
 
 
 def test_bf16_compile_runs_and_keeps_tied_weights_tied():

@@ -60,7 +60,8 @@ class MoEWorkspace:
 
     Allocate once (``MoEWorkspace.allocate``) and reuse: calls with N ≤ max_tokens then
     allocate nothing, which is what CUDA-graph capture needs. ``config`` (optional) pins
-    the tile config instead of ``get_config``'s choice.
+    the tile config instead of ``get_config``'s choice; ``tuned`` (optional, a runtime's
+    own table, e.g. its artifact's) is looked up before the autotune cache.
     """
     max_tokens: int
     ids: torch.Tensor            # (max_tokens, k) int32
@@ -76,6 +77,7 @@ class MoEWorkspace:
     y_shared: torch.Tensor       # (rows, D) partial dtype, shared-slot partial sums
     out: torch.Tensor            # (max_tokens, D) storage dtype, default output
     config: Optional[MoEConfig] = None
+    tuned: Optional[Dict[str, dict]] = None
 
     @classmethod
     def allocate(cls, max_tokens: int, packed: PackedMoE,
@@ -254,7 +256,7 @@ def moe_ffn_triton(x: torch.Tensor, packed: PackedMoE, workspace: Optional[MoEWo
         raise ValueError(f"out must be ({N}, {D}) {x.dtype} with unit last stride")
     if N == 0:
         return out
-    cfg = ws.config or get_config(N, packed, x.dtype, x.device)
+    cfg = ws.config or get_config(N, packed, x.dtype, x.device, tuned=ws.tuned)
     if cfg.block_m not in BLOCK_M_CHOICES:
         raise ValueError(f"block_m={cfg.block_m} not in {BLOCK_M_CHOICES}")
     if ws.config is None and not interpreted():

@@ -144,14 +144,19 @@ def config_key(n_tokens: int, packed: PackedMoE, dtype: torch.dtype,
 
 
 def get_config(n_tokens: int, packed: PackedMoE, dtype: torch.dtype,
-               device: torch.device | str, path: Optional[str] = None) -> MoEConfig:
-    """The config for this call: fixed under the interpreter, else cache hit or heuristic.
+               device: torch.device | str, path: Optional[str] = None,
+               tuned: Optional[Dict[str, dict]] = None) -> MoEConfig:
+    """The config for this call: fixed under the interpreter, else a hit in ``tuned`` (a
+    runtime's own table, e.g. its artifact's), a cache hit or the heuristic.
 
     Never tunes (tuning is ``autotune_moe``, a compile-time step); host-only, no sync.
     """
     if interpreted() or torch.device(device).type == "cpu":
         return INTERPRETER_CONFIG  # (meta: the static sm_90 checks take the GPU's choice)
-    hit = load_cache(path or cache_path()).get(config_key(n_tokens, packed, dtype, device))
+    key = config_key(n_tokens, packed, dtype, device)
+    hit = (tuned or {}).get(key)
+    if hit is None:
+        hit = load_cache(path or cache_path()).get(key)
     cfg = config_from(hit) if hit is not None else None
     if cfg is not None:
         return cfg
