@@ -145,7 +145,7 @@ def test_tuning_is_the_models_own_and_never_reaches_the_cache(tmp_path, monkeypa
     assert json.loads((tmp_path / "art" / "autotune" / "moe.json").read_text()) == {ours: entry}
     cache.unlink()
     loaded = mythos_rt.load(tmp_path / "art")
-    assert loaded.tuning == {ours: entry} and loaded._low.buffers.moe_workspace.tuned == {ours: entry}
+    assert loaded.tuning == {ours: entry} and loaded._low.buffers.workspaces["recurrent.block.ffn"].tuned == {ours: entry}
     assert not cache.exists()  # loading wrote nothing outside the artifact
     cache.write_text(before.decode())
     mythos_rt.load(tmp_path / "art")
