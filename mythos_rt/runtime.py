@@ -21,6 +21,7 @@ from .errors import InputError
 from .graphs import DecodeGraphs
 from .ir import Graph
 from .lower import Lowered, Shape, Step, lower
+from .memory import check_fits
 from .passes import run_passes
 from .progress import stage
 from .sampling import Sampler, SamplingParams
@@ -342,6 +343,10 @@ def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, tor
                   traced: Optional[Graph] = None, timings: Optional[dict] = None) -> Runtime:
     """Lower an optimized graph with materialized weights into a Runtime."""
     t0 = time.perf_counter()
+    check_fits(cfg, device, "compiling (KV caches, activation arena)", weights=False,
+               dtype_bytes=getattr(torch, options.dtype).itemsize,
+               max_batch=options.max_batch_size, max_seq_len=options.max_seq_len,
+               max_loops=options.max_loops, chunk=min(options.chunk, options.max_seq_len))
     lowered = lower(optimized, cfg, weights, device, getattr(torch, options.dtype),
                     max_batch=options.max_batch_size,
                     chunk=min(options.chunk, options.max_seq_len),

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, clip
 
 # Below float32's smallest normal number a temperature is flushed to zero or loses its
 # precision on the device: logits / temperature would be inf or nan, not "nearly greedy".
@@ -36,9 +36,8 @@ class NonFiniteLogitsError(InputError):
 
 
 def _bad(name: str, value: Any, rule: str) -> InputError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return InputError(f"invalid sampling parameters: {name}={shown} ({type(value).__name__}) "
+    return InputError(f"invalid sampling parameters: {name}={clip(repr(value), 40)} "
+                      f"({type(value).__name__}) "
                       f"{rule}")
 
 
