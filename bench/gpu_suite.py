@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         return _module_main(args.run_module, args.quick)
     if not ON_GPU:
         print("[gpu_suite] no CUDA device: running the CPU subset (tiny cases, Triton "
-              "interpreter; H100 ceilings from DESIGN.md, not measured)", file=sys.stderr)
+              "interpreter; H100 ceilings from docs/design.md, not measured)", file=sys.stderr)
     result, json_path, md_path = run_suite(args.out, args.quick, args.budget_s, args.parts)
     print(f"wrote {json_path} and {md_path}")
     print(harness.markdown_table(result["summary"]), end="")

@@ -320,7 +320,7 @@ def act_statistics(rt, input_ids: torch.Tensor, n_loops: int) -> dict:
     Reads the runtime's ACT state (``halted``) after every loop_epilogue step;
     ``halted_at[i]`` counts positions whose cumulative halting probability first reached
     the threshold at loop i+1 (1-based in ``loop``); ``never`` positions ran every loop
-    without halting. Every loop still runs in the compiled plan (DESIGN.md: the plan
+    without halting. Every loop still runs in the compiled plan (docs/design.md: the plan
     never branches on device values); these counts say what an early exit could save.
     """
     act = getattr(getattr(getattr(rt, "_low", None), "buffers", None), "act", None)
@@ -492,7 +492,7 @@ def _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill
     kind_ms = _kind_times(times, n_decode)
     points = roofline_points(cfg, kind_ms, batch=batch, prompt_len=prompt_len,
                              new_tokens=new_tokens, n_loops=n, dtype=rt.dtype, ceilings=ceil)
-    where = "measured" if ceil.measured else "H100 from DESIGN.md, not measured"
+    where = "measured" if ceil.measured else "H100 from docs/design.md, not measured"
     plot = plot_roofline(points, ceil, out / "roofline.png",
                          f"mythos-rt roofline: dim {cfg.dim}, T={n}, batch {batch}, "
                          f"{rt.device.type} (ceilings: {where})")
@@ -658,7 +658,7 @@ def _cmd_bench(args) -> int:
         raise InputError(f"--budget-s must be positive, got {args.budget_s}")
     if not torch.cuda.is_available():
         print("mythos-rt bench: no CUDA device: CPU timers, tiny lengths, floors are "
-              "DESIGN.md's H100 numbers (not measured)")
+              "docs/design.md's H100 numbers (not measured)")
     res = e2e.run_e2e(specs, quick=args.quick, budget_s=args.budget_s, systems=args.systems,
                       device=args.device, dtype=args.dtype)
     print(e2e.format_table(res))

@@ -23,7 +23,7 @@ def test_gpu_suite_cpu_quick(tmp_path):
     result = json.loads(files[0].read_text())
     gpu_suite.validate(result)
     assert result["budget_s"] <= 60 and result["wall_s"] < 60
-    assert result["ceilings"]["measured"] is False  # CPU: DESIGN.md numbers on trust
+    assert result["ceilings"]["measured"] is False  # CPU: docs/design.md numbers on trust
     assert "hostname" not in json.dumps(result["provenance"]).lower()
     mods = result["parts"]["microbench"]["modules"]
     assert set(mods) == set(gpu_suite.bench_modules())
