@@ -432,7 +432,8 @@ def main(argv=None) -> int:
     if args.out:
         from bench.harness import provenance, write_json
         write_json(args.out, {"provenance": provenance(), "e2e": res})
-    return 0
+        print(f"wrote {args.out}")
+    return 0 if any(r.get("status") == "ok" for r in res["rows"]) else 1
 
 
 if __name__ == "__main__":

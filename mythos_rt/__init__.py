@@ -15,11 +15,11 @@ if not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from .compiler import compile, load  # noqa: E402
 from .config import ConfigError, MythosConfig  # noqa: E402
-from .artifact import ArtifactError, load  # noqa: E402
-from .runtime import InputError, Runtime, compile  # noqa: E402
-
-__version__ = "0.1.0"
+from .errors import ArtifactError, InputError  # noqa: E402
+from .runtime import Runtime  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = ["MythosConfig", "ConfigError", "CheckpointError", "InputError", "Runtime",
            "compile", "load", "ArtifactError", "load_checkpoint", "save_checkpoint", "__version__"]

@@ -1,4 +1,5 @@
-"""Saved runtime artifacts: ``Runtime.save(dir)`` and ``mythos_rt.load(dir)``.
+"""The runtime artifact's file format: what ``Runtime.save(dir)`` writes and
+``mythos_rt.load(dir)`` reads (``mythos_rt.compiler`` turns it back into a Runtime).
 
 An artifact holds what compile() computed, so loading skips tracing, passes and weight
 packing:
@@ -21,21 +22,20 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Union
 
 import torch
 
 from .cache import cache_dir, write_atomic
-from .checkpoint import read_json_object
 from .config import ConfigError, MythosConfig
+from .errors import ArtifactError
 from .ir import Graph, IRError
+from .jsonfile import read_json_object
+from .options import CompileOptions
+from .version import __version__
 
 FORMAT_VERSION = 1
 FILES = ("weights.safetensors", "graph.json", "config.json", "options.json")
-
-
-class ArtifactError(ValueError):
-    """The directory is not a loadable mythos-rt artifact (names file and problem)."""
 
 
 def _sha256(path: Path) -> str:
@@ -50,19 +50,17 @@ def _autotune_dir() -> Path:
     return cache_dir("autotune")
 
 
-def save_artifact(runtime, directory: Union[str, os.PathLike]) -> Path:
-    """Write ``runtime``'s artifact into ``directory`` (created; existing files replaced)."""
+def write_artifact(directory: Union[str, os.PathLike], weights: Mapping[str, torch.Tensor],
+                   graph: Graph, config: MythosConfig, options: CompileOptions) -> Path:
+    """Write an artifact into ``directory`` (created; existing files replaced): the plan's
+    ``weights``, the optimized ``graph``, ``config`` and the compile ``options``."""
     from safetensors.torch import save_file
 
-    from . import __version__
-
-    if runtime.options is None:
-        raise ArtifactError("this Runtime was not built by mythos_rt.compile/load; nothing to save")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     # Tied weights (the head shares the embedding) are stored once and aliased.
     tensors, aliases, seen = {}, {}, {}
-    for k, v in sorted(runtime._low.weights.items()):
+    for k, v in sorted(weights.items()):
         key = (v.data_ptr(), tuple(v.shape), v.dtype)
         if key in seen:
             aliases[k] = seen[key]
@@ -70,9 +68,9 @@ def save_artifact(runtime, directory: Union[str, os.PathLike]) -> Path:
         seen[key] = k
         tensors[k] = v.detach().contiguous().cpu()
     save_file(tensors, str(d / "weights.safetensors"), metadata={"format": "mythos-rt"})
-    (d / "graph.json").write_text(runtime.graph.to_json())
-    (d / "config.json").write_text(runtime.config.to_json() + "\n")
-    (d / "options.json").write_text(json.dumps(asdict(runtime.options), indent=1) + "\n")
+    (d / "graph.json").write_text(graph.to_json())
+    (d / "config.json").write_text(config.to_json() + "\n")
+    (d / "options.json").write_text(json.dumps(asdict(options), indent=1) + "\n")
     files = list(FILES)
     src = _autotune_dir()
     if src.is_dir():
@@ -91,19 +89,13 @@ def is_artifact(path: Union[str, os.PathLike]) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[str] = None,
-         overrides: Optional[dict] = None, cuda_graphs: Optional[bool] = None):
-    """Restore a Runtime saved with ``Runtime.save``: no tracing, no passes, no packing.
-
-    ``device`` defaults to CUDA if available; ``backend``/``overrides``/``cuda_graphs``
-    default to what the artifact was compiled with.
-    """
+def read_artifact(directory: Union[str, os.PathLike]
+                  ) -> tuple[MythosConfig, Graph, CompileOptions, dict[str, torch.Tensor]]:
+    """Check an artifact's manifest and hashes; return its config, optimized graph, compile
+    options and the weights the graph reads (on the CPU, aliases restored)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .runtime import CompileOptions, build_runtime, resolve_device
-
-    t0 = time.perf_counter()
     d = Path(directory)
     manifest = _read_json(d / "manifest.json", d)
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -138,26 +130,12 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
         if tuple(weights[name].shape) != want:
             raise ArtifactError(f"{d / 'weights.safetensors'}: tensor {name} has shape "
                                 f"{tuple(weights[name].shape)}, the plan expects {want}")
-    _restore_autotune(d)
-    if backend is not None:
-        options.backend = backend
-    if overrides is not None:
-        options.overrides = dict(overrides)
-    if cuda_graphs is not None:
-        options.cuda_graphs = cuda_graphs
-    device = resolve_device(device)
-    moved: dict[int, torch.Tensor] = {}  # keep aliases aliased on the device
-    # Fresh, aligned copies: kernels (and BLAS) may pick different paths for the unaligned
-    # views safetensors returns, which would change results in the last bits.
-    weights = {k: moved.setdefault(id(v), v.to(device, copy=True)) for k, v in weights.items()
-               if k in used}
-    return build_runtime(graph, cfg, weights, device, options.validate(cfg),
-                         timings={"load_s": time.perf_counter() - t0})
+    return cfg, graph, options, {k: v for k, v in weights.items() if k in used}
 
 
-def _restore_autotune(d: Path) -> None:
+def restore_autotune(directory: Union[str, os.PathLike]) -> None:
     """Copy the artifact's autotune entries into the cache (never overwriting newer ones)."""
-    src = d / "autotune"
+    src = Path(directory) / "autotune"
     if not src.is_dir():
         return
     dst = _autotune_dir()

@@ -29,8 +29,10 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
+from .artifact import is_artifact
 from .config import ConfigError, MythosConfig
 from .errors import clip, listed
+from .jsonfile import read_json_object
 from .memory import check_fits, parameter_count
 from .reference import precompute_rope_freqs
 
@@ -156,8 +158,6 @@ def _read_torch_file(path: Path):
 
 
 def _read_directory(directory: Path):
-    from .artifact import is_artifact  # artifact imports this module
-
     if is_artifact(directory):
         raise CheckpointError(f"{directory}: this is a mythos-rt artifact (a compiled runtime), "
                               "not a checkpoint; use mythos_rt.load or pass it to generate")
@@ -239,7 +239,7 @@ def _read_shard(shard: Path, names: Optional[list[str]]) -> dict[str, torch.Tens
 def _shards_from_index(index: Path) -> dict[Path, list[str]]:
     """Shard file -> the tensor names the index places in it. Every file must lie inside
     the index's directory (no absolute paths, no "..", no symlink leading out)."""
-    weight_map = read_json_object(index).get("weight_map")
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: not a valid safetensors index: \"weight_map\" must be "
                               "a non-empty mapping of tensor name to shard file, got "
@@ -264,23 +264,6 @@ def _inside(path: Path, root: Path) -> bool:
         return True
     except (ValueError, OSError, RuntimeError):  # elsewhere, unresolvable, a symlink loop
         return False
-
-
-def read_json_object(path: Path, error: type[Exception] = CheckpointError) -> dict:
-    """A JSON file's top-level object; ``error`` names the file when it is not one."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except IsADirectoryError:
-        raise error(f"{path}: is a directory, not a JSON file") from None
-    except UnicodeDecodeError as exc:
-        raise error(f"{path}: not UTF-8 text (byte {exc.start}): not a JSON file") from None
-    except OSError as exc:
-        raise error(f"{path}: unreadable: {exc.strerror or _first_line(exc)}") from None
-    except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
-        raise error(f"{path}: not valid JSON: {clip(str(exc), 200)}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 # ---- checks and normalization ----------------------------------------------------------

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from .artifact import ArtifactError
 from .checkpoint import CheckpointError
-from .config import ConfigError
+from .compiler import BACKEND_CHOICES
+from .config import ConfigError, MythosConfig
+from .errors import ArtifactError, InputError
 from .ir import IRError
 from .ops.registry import BackendError
-from .runtime import InputError
+from .options import DTYPES
 from .trace import TraceError
 
 # Errors that describe a user's mistake; anything else is a bug and keeps its traceback.
@@ -22,14 +25,14 @@ USER_ERRORS = (CheckpointError, ConfigError, TraceError, IRError, BackendError, 
 
 def _runtime(path: str, args, **compile_kw):
     """An artifact directory is loaded; anything else is compiled as a checkpoint."""
-    from . import artifact, runtime
+    from . import artifact, compiler
     if artifact.is_artifact(path):
-        return artifact.load(path, device=args.device)
-    return runtime.compile(path, device=args.device, progress=True, **compile_kw)
+        return compiler.load(path, device=args.device)
+    return compiler.compile(path, device=args.device, progress=True, **compile_kw)
 
 
 def _cmd_compile(args) -> int:
-    from .runtime import compile as compile_model
+    from .compiler import compile as compile_model
     if Path(args.output).exists() and any(Path(args.output).iterdir()) and not args.force:
         raise InputError(f"output directory {args.output} is not empty (use --force to overwrite)")
     rt = compile_model(args.checkpoint, device=args.device, dtype=args.dtype,
@@ -71,8 +74,10 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
+    """The IR as traced, or after one pass of the pipeline compile() runs (``run_passes``,
+    with ``--dtype`` converting where compile converts)."""
     from . import artifact
-    from .passes import DEFAULT_PASSES, convert_dtype, run_passes
+    from .passes import run_passes
     from .trace import trace
     if artifact.is_artifact(args.model):
         if args.after_pass:
@@ -84,15 +89,12 @@ def _cmd_inspect(args) -> int:
     if args.after_pass is None:
         print(graph.to_text(), end="")
         return 0
-    names = [p.__name__ for p in DEFAULT_PASSES]
-    if args.after_pass not in names + ["all"]:
-        raise InputError(f"unknown pass {args.after_pass!r}; choose one of: {', '.join(names)}, all")
-    pipeline = list(DEFAULT_PASSES)
-    if args.after_pass != "all":
-        pipeline = pipeline[: names.index(args.after_pass) + 1]
-    if args.dtype:
-        pipeline.append(convert_dtype(args.dtype))
-    print(run_passes(graph, pipeline).to_text(), end="")
+    after: dict[str, Any] = {}
+    final = run_passes(graph, dtype=args.dtype, after=after.__setitem__)
+    if args.after_pass not in [*after, "all"]:
+        raise InputError(f"unknown pass {args.after_pass!r}; choose one of: "
+                         f"{', '.join(after)}, all")
+    print((final if args.after_pass == "all" else after[args.after_pass]).to_text(), end="")
     return 0
 
 
@@ -108,12 +110,131 @@ def _cmd_demo(args) -> int:
     return 0 if result["same_ids"] else 1
 
 
+def _cmd_profile(args) -> int:
+    from .compiler import compile as compile_model
+    from .profiling import check_positive, format_stages, profile
+    if args.preset and args.checkpoint:
+        raise InputError("give a checkpoint or --preset, not both")
+    if not args.preset and not args.checkpoint:
+        raise InputError("give a checkpoint path (CKPT|DIR) or --preset NAME")
+    check_positive(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch)
+    if args.n_loops is not None:
+        check_positive(n_loops=args.n_loops)
+    target: Any = args.checkpoint
+    if args.preset:
+        target = _random_model(args.preset, args.device)
+    elif not Path(args.checkpoint).exists():
+        raise CheckpointError(f"{args.checkpoint}: no such file or directory")
+    rt = compile_model(target, device=args.device, dtype=args.dtype, backend=args.backend,
+                       max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
+                       max_loops=args.n_loops)
+    res = profile(rt, args.prompt_len, args.new_tokens, args.n_loops, args.out, batch=args.batch)
+    print(format_stages(res))
+    tel = res["telemetry"]
+    print(f"telemetry: {'%d samples' % tel['n_samples'] if tel['available'] else tel['reason']}")
+    act = res["act"]
+    print(f"ACT: mean halting depth {act['mean_halting_depth']} of {act['n_loops']}, "
+          f"{act['never_halted']}/{act['positions']} positions never halted")
+    if res["roofline"]["path"] is None:
+        print(res["roofline"]["reason"])
+    print(f"wrote {res['files']['profile']}, {res['files']['trace']}"
+          + (f", {res['files']['roofline']}" if res["files"]["roofline"] else ""))
+    return 0
+
+
+def _random_model(preset: str, device):
+    """A random-weight model of ``preset`` (bf16 on CUDA, fp32 on CPU), seeded."""
+    import torch
+
+    from .compiler import resolve_device
+    from .reference import OpenMythos
+    cfg = MythosConfig.from_preset(preset)
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = OpenMythos(cfg)
+    return model.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+
+
+def _bench_script() -> Path:
+    """bench/bench_e2e.py of the source checkout this package runs from.
+
+    The end-to-end benchmark is a repository tool (worker subprocesses, budgets, the
+    recorded results), not part of the installed package: ``mythos-rt bench`` runs it as
+    a script of the checkout."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_e2e.py"
+    if not script.is_file():
+        raise InputError(f"mythos-rt bench runs the repository's bench/bench_e2e.py and needs "
+                         f"a source checkout (git clone, then pip install -e .): {script} not found")
+    return script
+
+
+def _cmd_bench(args) -> int:
+    import torch
+    if args.checkpoint and args.preset:
+        raise InputError("give a checkpoint or --preset, not both")
+    if args.budget_s <= 0:
+        raise InputError(f"--budget-s must be positive, got {args.budget_s}")
+    cmd = [sys.executable, str(_bench_script()), "--budget-s", str(args.budget_s)]
+    if args.checkpoint:
+        if not Path(args.checkpoint).exists():
+            raise CheckpointError(f"{args.checkpoint}: no such file or directory")
+        from .checkpoint import load_checkpoint
+        load_checkpoint(args.checkpoint)  # a broken checkpoint is a one-line error here
+        cmd += ["--checkpoint", str(args.checkpoint)]
+    for preset in args.preset or ():
+        MythosConfig.from_preset(preset)  # unknown name → ConfigError, one line
+        cmd += ["--preset", preset]
+    for flag, value in (("--systems", args.systems), ("--device", args.device),
+                        ("--dtype", args.dtype), ("--out", args.out)):
+        if value:
+            cmd += [flag, *([value] if isinstance(value, str) else value)]
+    if args.quick:
+        cmd.append("--quick")
+    if not torch.cuda.is_available():
+        print("mythos-rt bench: no CUDA device: CPU timers, tiny lengths, floors are "
+              "docs/design.md's H100 numbers (not measured)", flush=True)
+    return subprocess.run(cmd).returncode
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="end-to-end benchmark (mythos-rt vs eager vs "
+                       "torch.compile) of a checkpoint or presets, vs cost-model floors; "
+                       "runs bench/bench_e2e.py of a source checkout")
+    b.add_argument("checkpoint", nargs="?", help="checkpoint file or directory (default: "
+                   "random-weight presets: mythos_1b, mythos_3b on GPU; tiny_mla on CPU)")
+    b.add_argument("--preset", action="append", help="random-weight preset (repeatable)")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--budget-s", type=float, default=240.0)
+    b.add_argument("--systems", nargs="+", choices=["mythos-rt", "mythos-rt+graphs", "eager",
+                   "compile:max-autotune-no-cudagraphs", "compile:reduce-overhead"])
+    b.add_argument("--device", default=None)
+    b.add_argument("--dtype", default=None, choices=list(DTYPES))
+    b.add_argument("--out", help="write the result JSON here")
+    b.set_defaults(fn=_cmd_bench)
+
+
+def _add_profile(sub, dtypes, backends) -> None:
+    p = sub.add_parser("profile", help="per-stage / per-kernel latency, NVML "
+                       "telemetry, ACT statistics and a roofline of one generation")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint file or directory (CKPT|DIR)")
+    p.add_argument("--preset", help="profile a random-weight preset instead")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--n-loops", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--out", default="mythos-profile", help="output directory")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=dtypes)
+    p.add_argument("--backend", default="auto", choices=backends)
+    p.set_defaults(fn=_cmd_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mythos-rt", description="Compile and run OpenMythos "
                                 "recurrent-depth transformers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    dtypes = ["float32", "float16", "bfloat16"]
-    backends = ["auto", "torch", "triton", "cuda"]
+    dtypes, backends = list(DTYPES), list(BACKEND_CHOICES)
 
     c = sub.add_parser("compile", help="compile a checkpoint into a runtime artifact directory")
     c.add_argument("checkpoint", help="checkpoint file or directory (see README)")
@@ -156,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None)
     d.set_defaults(fn=_cmd_demo)
 
-    from .profiling import add_commands  # bench, profile
-    add_commands(sub)
+    _add_bench(sub)
+    _add_profile(sub, dtypes, backends)
     return p
 
 

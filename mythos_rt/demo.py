@@ -36,7 +36,7 @@ def write_demo_checkpoint(directory: str | Path, preset: str = DEMO_PRESET) -> P
 def run_demo(directory: str | Path, *, new_tokens: int = 16, backend: str = "auto",
              device=None, echo=print) -> dict:
     """Compile the demo checkpoint, generate, compare against the reference; return numbers."""
-    from .runtime import compile as compile_model
+    from .compiler import compile as compile_model
 
     directory = Path(directory)
     t0 = time.perf_counter()

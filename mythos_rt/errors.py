@@ -1,4 +1,5 @@
-"""Errors shared by modules below the runtime, and the rule that keeps messages short."""
+"""The errors a user's mistake raises: each message names the argument or file and the
+problem, and stays one short line however much input there is (``clip``, ``listed``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from typing import Iterable
 
 class InputError(ValueError):
     """A call's arguments are invalid (names the argument, its value and the limit)."""
+
+
+class ArtifactError(ValueError):
+    """The directory is not a loadable mythos-rt artifact (names file and problem)."""
 
 
 def clip(text: str, width: int = 60) -> str:

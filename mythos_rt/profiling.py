@@ -4,9 +4,9 @@
 ``generate`` several times:
 
 1. warm-up (kernels compile / autotune; not recorded);
-2. a stage-timed run: every Step of the runtime's plan is wrapped with a timer — CUDA
-   events on GPU (read after the run, so timing adds no host sync per step),
-   perf_counter on CPU — and step times are grouped into stages by name:
+2. a stage-timed run: a step observer (``Runtime.observe``) times every Step of the
+   runtime's plan — CUDA events on GPU (read after the run, so timing adds no host sync
+   per step), perf_counter on CPU — and step times are grouped into stages by name:
    ``embed``/``prelude.*`` → prelude; ``*[t=i]`` → loop[i]; ``loop_result`` → loop_exit;
    ``coda.*`` → coda; ``norm``/``logits`` → head; ``advance_cache_lens`` → cache.
    Sampling runs outside the plan and is timed on its own (same logits shape);
@@ -38,8 +38,8 @@ import torch
 
 from . import costmodel
 from .config import MythosConfig
+from .errors import InputError
 from .lower import Shape, Step
-from .runtime import InputError
 
 PROFILE_SCHEMA = "mythos-rt-profile/1"
 
@@ -90,55 +90,48 @@ def _stage_order(stage: str) -> tuple:
 # ---- step timers --------------------------------------------------------------------------
 
 class _StepTimer:
-    """Wraps a plan's Step.run callables for one run; restores them on exit.
+    """A step observer (``Runtime.observe``) timing every plan step of one run.
 
     Records (phase, step name, kind, start, end) per step execution; phase is "prefill"
-    while the first ``n_prefill`` plan executions run, "decode" afterwards.
+    while the first ``n_prefill`` plan executions run (a plan execution starts with the
+    step named ``first_step``), "decode" afterwards. ``label`` names each step in
+    ``torch.profiler`` traces; ``after[step name](shape)`` runs after that step.
     """
 
-    def __init__(self, steps: list[Step], device: torch.device, n_prefill: int,
+    def __init__(self, first_step: str, device: torch.device, n_prefill: int,
                  label: bool = False, after: Optional[dict] = None):
-        self.steps, self.cuda = steps, device.type == "cuda"
+        self.first_step, self.cuda = first_step, device.type == "cuda"
         self.n_prefill, self.label, self.after = n_prefill, label, after or {}
         self.records: list[tuple[str, str, str, Any, Any]] = []
         self.executions = 0
-        self._orig: list = []
+        self._label: Optional[contextlib.AbstractContextManager] = None
+        self._start: Any = None
 
-    def __enter__(self):
-        first = self.steps[0].name
-        for step in self.steps:
-            self._orig.append(step.run)
-            step.run = self._wrap(step, step.run, step.name == first)
-        return self
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
 
-    def __exit__(self, *exc):
-        for step, fn in zip(self.steps, self._orig):
-            step.run = fn
-        return False
+    def on_step_start(self, step: Step, shape: Shape) -> None:
+        if step.name == self.first_step:
+            self.executions += 1
+        if self.label:
+            self._label = torch.profiler.record_function(f"{stage_of(step.name)}:{step.name}")
+            self._label.__enter__()
+        self._start = self._now()
 
-    def _wrap(self, step: Step, fn, is_first: bool):
+    def on_step_end(self, step: Step, shape: Shape) -> None:
+        end = self._now()
+        if self._label is not None:
+            self._label.__exit__(None, None, None)
+            self._label = None
+        phase = "prefill" if self.executions <= self.n_prefill else "decode"
+        self.records.append((phase, step.name, step.kind, self._start, end))
         post = self.after.get(step.name)
-
-        def run(s: Shape):
-            if is_first:
-                self.executions += 1
-            phase = "prefill" if self.executions <= self.n_prefill else "decode"
-            ctx = (torch.profiler.record_function(f"{stage_of(step.name)}:{step.name}")
-                   if self.label else contextlib.nullcontext())
-            with ctx:
-                if self.cuda:
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    fn(s)
-                    b.record()
-                else:
-                    a = time.perf_counter()
-                    fn(s)
-                    b = time.perf_counter()
-            self.records.append((phase, step.name, step.kind, a, b))
-            if post is not None:
-                post(s)
-        return run
+        if post is not None:
+            post(shape)
 
     def times(self) -> list[tuple[str, str, str, float]]:
         """(phase, name, kind, ms) per execution (synchronizes once on GPU)."""
@@ -250,14 +243,15 @@ class Telemetry:
 
 def _as_runtime(runtime_or_path, *, batch: int, max_seq_len: int, max_loops: Optional[int],
                 device, dtype, backend: str):
-    from .runtime import Runtime, compile as rt_compile
+    from .compiler import compile as rt_compile
+    from .runtime import Runtime
     if isinstance(runtime_or_path, Runtime):
         return runtime_or_path
     return rt_compile(runtime_or_path, device=device, dtype=dtype, backend=backend,
                       max_batch_size=batch, max_seq_len=max_seq_len, max_loops=max_loops)
 
 
-def _check_positive(**kw) -> None:
+def check_positive(**kw) -> None:
     for name, v in kw.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise InputError(f"{name} must be a positive integer, got {v!r}")
@@ -323,19 +317,16 @@ def act_statistics(rt, input_ids: torch.Tensor, n_loops: int) -> dict:
     without halting. Every loop still runs in the compiled plan (docs/design.md: the plan
     never branches on device values); these counts say what an early exit could save.
     """
-    act = getattr(getattr(getattr(rt, "_low", None), "buffers", None), "act", None)
-    if act is None or not hasattr(act, "halted"):
-        return {"available": False, "reason": "ACT statistics unavailable: runtime exposes "
-                "no ACT state buffers (rt._low.buffers.act)"}
+    act = rt.act_state
     counts: dict[int, list] = defaultdict(list)
     names = {f"loop_epilogue[t={t}]": t for t in range(n_loops)}
 
     def post_for(t):
         return lambda s: counts[t].append(act.halted[:s.N].sum())
 
-    steps = rt.plan(n_loops)
+    first = rt.plan(n_loops)[0].name
     after = {n: post_for(t) for n, t in names.items()}
-    with _StepTimer(steps, rt.device, n_prefill=10**9, after=after):
+    with rt.observe(_StepTimer(first, rt.device, n_prefill=10**9, after=after)):
         rt.forward(input_ids, n_loops=n_loops)
     cum = [int(sum(int(c) for c in counts[t])) for t in range(n_loops)]
     n_pos = int(input_ids.numel())
@@ -426,9 +417,9 @@ def profile(runtime_or_path: Union[Any, str, Path], prompt_len: int = 128,
     here for ``batch`` rows and ``prompt_len + new_tokens`` positions). Returns the
     profile dict (what profile.json holds). Raises InputError on bad arguments.
     """
-    _check_positive(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch)
+    check_positive(prompt_len=prompt_len, new_tokens=new_tokens, batch=batch)
     if n_loops is not None:
-        _check_positive(n_loops=n_loops)
+        check_positive(n_loops=n_loops)
     rt = _as_runtime(runtime_or_path, batch=batch, max_seq_len=prompt_len + new_tokens,
                      max_loops=n_loops, device=device, dtype=dtype, backend=backend)
     cfg = rt.config
@@ -438,31 +429,31 @@ def profile(runtime_or_path: Union[Any, str, Path], prompt_len: int = 128,
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g)
     cuda = rt.device.type == "cuda"
-    chunk = getattr(getattr(rt, "_low", None), "chunk", None) or prompt_len
-    n_prefill = math.ceil(prompt_len / chunk)
-    steps = rt.plan(n)
+    n_prefill = math.ceil(prompt_len / rt.chunk)
+    first = rt.plan(n)[0].name
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     notes = []
-    # Stage timers wrap the plan's steps; a replayed CUDA graph would bypass them, so the
-    # profile runs the plan eagerly (graph replay timings come from bench_e2e).
-    graphs_were = getattr(rt, "use_cuda_graphs", None)
+    # Stage timers observe the plan's steps; a replayed CUDA graph runs no Python per step,
+    # so the whole profile (warm-up included) runs the plan eagerly (graph replay timings
+    # come from bench_e2e).
+    graphs_were = rt.use_cuda_graphs
     if graphs_were:
         rt.use_cuda_graphs = False
-        notes.append("CUDA graphs switched off while profiling (stage timers wrap plan steps)")
+        notes.append("CUDA graphs switched off while profiling (stage timers observe plan steps)")
     try:
         return _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill,
-                             steps, sync, cuda, telemetry_interval_s, ceilings, notes)
+                             first, sync, cuda, telemetry_interval_s, ceilings, notes)
     finally:
         if graphs_were:
             rt.use_cuda_graphs = graphs_were
 
 
-def _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill, steps,
+def _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill, first,
                   sync, cuda, telemetry_interval_s, ceilings, notes) -> dict:
     rt.generate(ids, new_tokens, n_loops=n)  # warm-up: compile, autotune, first-touch
     sync()
     with Telemetry(rt.device, telemetry_interval_s) as tel:
-        with _StepTimer(steps, rt.device, n_prefill) as timer:
+        with rt.observe(_StepTimer(first, rt.device, n_prefill)) as timer:
             t0 = time.perf_counter()
             rt.generate(ids, new_tokens, n_loops=n)
             sync()
@@ -481,7 +472,7 @@ def _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        with _StepTimer(steps, rt.device, n_prefill, label=True):
+        with rt.observe(_StepTimer(first, rt.device, n_prefill, label=True)):
             rt.generate(ids, new_tokens, n_loops=n)
             sync()
     prof.export_chrome_trace(str(trace_path))
@@ -574,127 +565,3 @@ def format_stages(result: dict) -> str:
             lines.append(f"  {phase}: " + ", ".join(
                 f"{r['stage']} {r[unit]:.3g}" for r in rows))
     return "\n".join(lines)
-
-
-# ---- CLI commands (registered into mythos_rt.cli by add_commands) ---------------------------
-
-def _cmd_profile(args) -> int:
-    from .runtime import compile as rt_compile
-    if args.preset and args.checkpoint:
-        raise InputError("give a checkpoint or --preset, not both")
-    if not args.preset and not args.checkpoint:
-        raise InputError("give a checkpoint path (CKPT|DIR) or --preset NAME")
-    _check_positive(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch)
-    if args.n_loops is not None:
-        _check_positive(n_loops=args.n_loops)
-    target: Any = args.checkpoint
-    if args.preset:
-        target = _random_model(args.preset, args.device)
-    else:
-        path = Path(args.checkpoint)
-        if not path.exists():
-            from .checkpoint import CheckpointError
-            raise CheckpointError(f"{path}: no such file or directory")
-    rt = rt_compile(target, device=args.device, dtype=args.dtype, backend=args.backend,
-                    max_batch_size=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
-                    max_loops=args.n_loops)
-    res = profile(rt, args.prompt_len, args.new_tokens, args.n_loops, args.out, batch=args.batch)
-    print(format_stages(res))
-    tel = res["telemetry"]
-    print(f"telemetry: {'%d samples' % tel['n_samples'] if tel['available'] else tel['reason']}")
-    act = res["act"]
-    if act.get("available"):
-        print(f"ACT: mean halting depth {act['mean_halting_depth']} of {act['n_loops']}, "
-              f"{act['never_halted']}/{act['positions']} positions never halted")
-    if res["roofline"]["path"] is None:
-        print(res["roofline"]["reason"])
-    print(f"wrote {res['files']['profile']}, {res['files']['trace']}"
-          + (f", {res['files']['roofline']}" if res["files"]["roofline"] else ""))
-    return 0
-
-
-def _random_model(preset: str, device):
-    from .reference import OpenMythos
-    cfg = MythosConfig.from_preset(preset)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = OpenMythos(cfg)
-    return model.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
-
-
-def _bench_module():
-    """bench/bench_e2e.py from the source checkout this package runs from."""
-    import importlib
-    import sys
-    repo = Path(__file__).resolve().parents[1]
-    if not (repo / "bench" / "bench_e2e.py").is_file():
-        raise InputError(f"mythos-rt bench needs a source checkout: {repo / 'bench'} not found "
-                         "(install with pip install -e .)")
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    return importlib.import_module("bench.bench_e2e")
-
-
-def _cmd_bench(args) -> int:
-    e2e = _bench_module()
-    if args.checkpoint and args.preset:
-        raise InputError("give a checkpoint or --preset, not both")
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        if not path.exists():
-            from .checkpoint import CheckpointError
-            raise CheckpointError(f"{path}: no such file or directory")
-        from .checkpoint import load_checkpoint
-        load_checkpoint(path)  # a broken checkpoint is a one-line error here, not in a worker
-        specs = [{"checkpoint": str(path)}]
-    elif args.preset:
-        for p in args.preset:
-            MythosConfig.from_preset(p)  # unknown name → ConfigError, one line
-        specs = [{"preset": p} for p in args.preset]
-    else:
-        specs = None
-    if args.budget_s <= 0:
-        raise InputError(f"--budget-s must be positive, got {args.budget_s}")
-    if not torch.cuda.is_available():
-        print("mythos-rt bench: no CUDA device: CPU timers, tiny lengths, floors are "
-              "docs/design.md's H100 numbers (not measured)")
-    res = e2e.run_e2e(specs, quick=args.quick, budget_s=args.budget_s, systems=args.systems,
-                      device=args.device, dtype=args.dtype)
-    print(e2e.format_table(res))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"e2e": res}, indent=1, default=str) + "\n")
-        print(f"wrote {out}")
-    return 0 if any(r.get("status") == "ok" for r in res["rows"]) else 1
-
-
-def add_commands(subparsers) -> None:
-    """Register ``bench`` and ``profile`` on the ``mythos-rt`` command line."""
-    b = subparsers.add_parser("bench", help="end-to-end benchmark (mythos-rt vs eager vs "
-                              "torch.compile) of a checkpoint or presets, vs cost-model floors")
-    b.add_argument("checkpoint", nargs="?", help="checkpoint file or directory (default: "
-                   "random-weight presets: mythos_1b, mythos_3b on GPU; tiny_mla on CPU)")
-    b.add_argument("--preset", action="append", help="random-weight preset (repeatable)")
-    b.add_argument("--quick", action="store_true")
-    b.add_argument("--budget-s", type=float, default=240.0)
-    b.add_argument("--systems", nargs="+", choices=["mythos-rt", "mythos-rt+graphs", "eager",
-                   "compile:max-autotune-no-cudagraphs", "compile:reduce-overhead"])
-    b.add_argument("--device", default=None)
-    b.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    b.add_argument("--out", help="write the result JSON here")
-    b.set_defaults(fn=_cmd_bench)
-    p = subparsers.add_parser("profile", help="per-stage / per-kernel latency, NVML "
-                              "telemetry, ACT statistics and a roofline of one generation")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint file or directory (CKPT|DIR)")
-    p.add_argument("--preset", help="profile a random-weight preset instead")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--n-loops", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--out", default="mythos-profile", help="output directory")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
-    p.set_defaults(fn=_cmd_profile)

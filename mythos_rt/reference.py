@@ -7,7 +7,12 @@ crashes without changing any result upstream computes (see docs/design.md):
   * RoPE tables stay complex64 under ``model.to(bfloat16)``, so bf16 works;
   * chunked prefill after a cache exists gets a correct causal mask;
   * generate() treats temperature 0 as greedy and accepts stop ids;
-  * changing n_loops within one cached sequence is an error, not a silent wrong answer.
+  * changing n_loops within one cached sequence is an error, not a silent wrong answer
+    (read from the cache's own ``recurrent_loop_<t>`` entries: the kv_cache dict holds
+    nothing but upstream's per-layer entries).
+It is a drop-in for ``open_mythos.main``: the same public names, constructor and forward
+signatures and defaults, submodules (dropout included) and kv_cache layout
+(``tests/test_reference.py`` compares them with the installed package).
 
 Dimension legend: B batch, T new tokens, S cached + new tokens, D dim, H heads,
 E routed experts, k experts per token, t loop index, R latent (kv_lora_rank).
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from .config import MythosConfig
 from .memory import check_fits
 
-_CACHE_LOOPS_KEY = "__n_loops__"  # kv_cache entry recording the sequence's loop count
+_LOOP_CACHE_KEY = "recurrent_loop_{}"  # kv_cache key of loop t's attention entry (upstream's)
 
 
 class RMSNorm(nn.Module):
@@ -39,7 +44,7 @@ class RMSNorm(nn.Module):
         return x * x.pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt() * self.weight
 
 
-def precompute_rope_freqs(dim: int, max_len: int, theta: float) -> torch.Tensor:
+def precompute_rope_freqs(dim: int, max_len: int, theta: float = 500000.0) -> torch.Tensor:
     """complex64 (max_len, dim//2) phasors e^{i·pos·f}, f = theta^(-2j/dim)."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
@@ -61,12 +66,14 @@ def causal_mask(T: int, S: int, device: torch.device,
     return torch.triu(mask, diagonal=S - T + 1)
 
 
-def _attend(q, k, v, scale, mask):
-    """softmax(q·kᵀ·scale + mask)·v over (B, H, T, d) x (B, H, S, d)."""
+def _attend(q, k, v, scale, mask, dropout_p=0.0, training=False):
+    """dropout(softmax(q·kᵀ·scale + mask))·v over (B, H, T, d) x (B, H, S, d).
+
+    Dropout (upstream's, on the attention probabilities) only acts in training mode."""
     attn = torch.matmul(q, k.transpose(-2, -1)) * scale
     if mask is not None:
         attn = attn + mask
-    return torch.matmul(F.softmax(attn, dim=-1), v)
+    return torch.matmul(F.dropout(F.softmax(attn, dim=-1), dropout_p, training), v)
 
 
 def _append_cache(kv_cache, cache_key, **new):
@@ -91,6 +98,7 @@ class GQAttention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.dropout_p = cfg.dropout
 
     def forward(self, x, freqs_cis, mask=None, kv_cache=None, cache_key="default"):
         B, T, _ = x.shape
@@ -101,7 +109,7 @@ class GQAttention(nn.Module):
         k = kv["k"].repeat_interleave(self.groups, dim=2)
         v = kv["v"].repeat_interleave(self.groups, dim=2)
         out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                      self.head_dim ** -0.5, mask)  # (B, H, T, d)
+                      self.head_dim ** -0.5, mask, self.dropout_p, self.training)  # (B, H, T, d)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -131,6 +139,7 @@ class MLAttention(nn.Module):
         self.kv_up = nn.Linear(cfg.kv_lora_rank,
                                H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
+        self.attn_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, freqs_cis, mask=None, kv_cache=None, cache_key="default"):
         B, T, _ = x.shape
@@ -152,7 +161,7 @@ class MLAttention(nn.Module):
         k = torch.cat([kv[..., :nope], k_rope], dim=-1)  # (B, S, H, nope+rope)
         v = kv[..., nope:]  # (B, S, H, v)
         out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                      self.q_head_dim ** -0.5, mask)  # (B, H, T, v)
+                      self.q_head_dim ** -0.5, mask, self.attn_drop.p, self.training)  # (B, H, T, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -239,7 +248,8 @@ class LoRAAdapter(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x += attn(norm(x)); x += ffn(norm(x)). MoE FFN in the loop only."""
+    """Pre-norm block: x += drop(attn(norm(x))); x += drop(ffn(norm(x))). MoE FFN in the
+    loop only; dropout (upstream's, residual) only acts in training mode."""
 
     def __init__(self, cfg: MythosConfig, use_moe: bool = False):
         super().__init__()
@@ -247,10 +257,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim)
         self.attn = MLAttention(cfg) if cfg.attn_type == "mla" else GQAttention(cfg)
         self.ffn = MoEFFN(cfg) if use_moe else Expert(cfg.dim, cfg.dense_hidden)
+        self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, freqs_cis, mask=None, kv_cache=None, cache_key="default"):
-        x = x + self.attn(self.attn_norm(x), freqs_cis, mask, kv_cache, cache_key)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.resid_drop(self.attn(self.attn_norm(x), freqs_cis, mask, kv_cache, cache_key))
+        return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
 
 
 class LTIInjection(nn.Module):
@@ -316,7 +327,7 @@ class RecurrentBlock(nn.Module):
         thr = self.cfg.act_threshold
         for t in range(n_loops):
             combined = self.norm(loop_index_embedding(h, t, self.loop_dim) + e)
-            out = self.block(combined, freqs_cis, mask, kv_cache, f"recurrent_loop_{t}")
+            out = self.block(combined, freqs_cis, mask, kv_cache, _LOOP_CACHE_KEY.format(t))
             out = out + self.lora(out, t)
             h = self.injection(h, e, out)
 
@@ -381,11 +392,10 @@ class OpenMythos(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed "
                              f"max_seq_len={self.cfg.max_seq_len}")
         loops = n_loops or self.cfg.max_loop_iters
-        if kv_cache is not None:
-            if kv_cache.setdefault(_CACHE_LOOPS_KEY, loops) != loops:
-                raise ValueError(f"this kv_cache was filled with n_loops="
-                                 f"{kv_cache[_CACHE_LOOPS_KEY]}; a sequence keeps one n_loops "
-                                 f"for its lifetime (got {loops})")
+        filled = _cached_loops(kv_cache)
+        if filled and filled != loops:
+            raise ValueError(f"this kv_cache was filled with n_loops={filled}; a sequence "
+                             f"keeps one n_loops for its lifetime (got {loops})")
         freqs = self.freqs_cis_mla if self.cfg.attn_type == "mla" else self.freqs_cis
         freqs = freqs[start_pos:start_pos + T]
         S = T + _cached_len(kv_cache)
@@ -402,7 +412,7 @@ class OpenMythos(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64,
-                 n_loops: Optional[int] = None, temperature: float = 1.0, top_k: int = 50,
+                 n_loops: int = 8, temperature: float = 1.0, top_k: int = 50,
                  stop_ids: Sequence[int] = (), generator: Optional[torch.Generator] = None,
                  ) -> torch.Tensor:
         """Prefill once, then decode one token per step with the KV cache.
@@ -439,7 +449,15 @@ class OpenMythos(nn.Module):
 
 def _cached_len(kv_cache: Optional[dict]) -> int:
     """Tokens already cached (0 for no cache or an empty one)."""
-    for key, entry in (kv_cache or {}).items():
-        if key != _CACHE_LOOPS_KEY:
-            return next(iter(entry.values())).shape[1]
+    for entry in (kv_cache or {}).values():
+        return next(iter(entry.values())).shape[1]
     return 0
+
+
+def _cached_loops(kv_cache: Optional[dict]) -> int:
+    """Loops a cached sequence ran (0 for no cache or an empty one): with a cache every
+    loop runs, so each of its n_loops left one ``recurrent_loop_<t>`` entry."""
+    n = 0
+    while kv_cache and _LOOP_CACHE_KEY.format(n) in kv_cache:
+        n += 1
+    return n

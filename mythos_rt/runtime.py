@@ -1,74 +1,61 @@
 """Runtime: a compiled OpenMythos model — ``mythos_rt.compile(...)`` returns one.
 
-compile = load/trace → passes → materialize weights → lower (select kernels, allocate
-every buffer once). A Runtime then runs plans: prefill in chunks of at most ``chunk``
-tokens per row (chunked prefill is exact: causal offsets come from the cache lengths),
-and decode one token per step against per-layer / per-loop KV caches.
+A Runtime runs the plans of one lowering: prefill in chunks of at most ``chunk`` tokens
+per row (chunked prefill is exact: causal offsets come from the cache lengths), and
+decode one token per step against per-layer / per-loop KV caches. Building one
+(trace → passes → lower, or from an artifact) is ``mythos_rt.compiler``'s job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
-import torch.nn as nn
 
 from .config import MythosConfig
 from .errors import InputError
 from .graphs import DecodeGraphs
 from .ir import Graph
-from .lower import Lowered, Shape, Step, lower
-from .memory import check_fits
-from .passes import run_passes
-from .progress import stage
+from .lower import Lowered, Shape, Step
+from .ops.recurrent import ACTState
+from .options import CompileOptions, dtype_name
 from .sampling import Sampler, SamplingParams
-from .trace import trace
-from .weights import materialize
-
-DEFAULT_CHUNK = 256
 
 
-def resolve_device(device) -> torch.device:
-    """The device to run on: as given, else CUDA if available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"invalid device {device!r}: {str(exc).splitlines()[0]}") from None
+class StepObserver(Protocol):
+    """Called around every plan step while installed with ``Runtime.observe`` (profiling)."""
 
+    def on_step_start(self, step: Step, shape: Shape) -> None: ...
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    def on_step_end(self, step: Step, shape: Shape) -> None: ...
 
 
 class Runtime:
     """A compiled model: ``forward`` (stateless) and ``generate`` (KV-cached decode)."""
 
-    def __init__(self, lowered: Lowered, graph_before_passes: Optional[Graph] = None,
-                 timings: Optional[dict[str, float]] = None, cuda_graphs: bool = True,
-                 debug: bool = False):
+    def __init__(self, lowered: Lowered, options: CompileOptions, *,
+                 traced: Optional[Graph] = None, timings: Optional[dict[str, float]] = None):
         self._low = lowered
+        self.options = options
         self.config: MythosConfig = lowered.cfg
         self.device: torch.device = lowered.device
         self.dtype: torch.dtype = lowered.dtype
         self.graph: Graph = lowered.graph
-        self.traced_graph = graph_before_passes
+        self.traced_graph = traced
         self.max_batch_size = lowered.max_batch
-        self.max_seq_len = lowered.buffers.cos.shape[0]
+        self.max_seq_len = options.max_seq_len
         self.max_loops = lowered.max_loops
-        self.options: Optional[CompileOptions] = None
         self.timings = dict(timings or {})
         self._plans: dict[int, list[Step]] = {}
+        self._observer: Optional[StepObserver] = None
         buf = lowered.buffers
         self.graphs = DecodeGraphs(
             lambda B, n: self._execute(Shape(B, 1), n), self.device, self.max_batch_size,
             buf.cache_lens, buf.input_ids, static=[buf.cache_lens, buf.input_ids,
                                                    buf.arena["logits"]],
-            enabled=cuda_graphs, debug=debug)
+            enabled=options.cuda_graphs, debug=options.debug)
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -92,15 +79,31 @@ class Runtime:
             from .cpu import native
             kernels = f"; cpu row kernels: {native.describe()}"
         return (f"Runtime({self.config.attn_type}, dim={self.config.dim}, "
-                f"device={self.device}, dtype={_dtype_name(self.dtype)}, "
+                f"device={self.device}, dtype={dtype_name(self.dtype)}, "
                 f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}, "
                 f"max_loops={self.max_loops}, ops: {ops}{kernels})")
+
+    @property
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """Every tensor the plans read, by IR weight name (packed and derived ones included)."""
+        return self._low.weights
+
+    @property
+    def chunk(self) -> int:
+        """Prefill tokens per row per plan execution."""
+        return self._low.chunk
+
+    @property
+    def act_state(self) -> ACTState:
+        """The loop's ACT buffers (cumulative halting probability, halted flags) of the
+        last plan execution's rows."""
+        return self._low.buffers.act
 
     def save(self, directory: Union[str, os.PathLike]) -> str:
         """Write a runtime artifact (packed weights, optimized IR, config, options,
         autotune cache) that ``mythos_rt.load`` restores without tracing or packing."""
-        from .artifact import save_artifact
-        return str(save_artifact(self, directory))
+        from .artifact import write_artifact
+        return str(write_artifact(directory, self.weights, self.graph, self.config, self.options))
 
     def plan(self, n_loops: int) -> list[Step]:
         if n_loops not in self._plans:
@@ -170,9 +173,36 @@ class Runtime:
                              f"{longest + max_new_tokens} exceeds max_seq_len={self.max_seq_len}")
 
     # ---- execution --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def observe(self, observer: StepObserver) -> Iterator[StepObserver]:
+        """Call ``observer.on_step_start/on_step_end(step, shape)`` around every plan step
+        run inside the block.
+
+        A replayed CUDA graph runs no Python per step, so decode steps run eagerly while
+        an observer is installed; without one nothing is added to a step's cost and
+        graph capture is untouched.
+        """
+        if self._observer is not None:
+            raise InputError("a step observer is already installed on this Runtime")
+        graphs_were = self.use_cuda_graphs
+        self.use_cuda_graphs = False
+        self._observer = observer
+        try:
+            yield observer
+        finally:
+            self._observer = None
+            self.use_cuda_graphs = graphs_were
+
     def _execute(self, shape: Shape, n_loops: int) -> None:
+        observer = self._observer
+        if observer is None:
+            for step in self.plan(n_loops):
+                step.run(shape)
+            return
         for step in self.plan(n_loops):
+            observer.on_step_start(step, shape)
             step.run(shape)
+            observer.on_step_end(step, shape)
 
     def _run_chunk(self, ids: torch.Tensor, n_loops: int) -> torch.Tensor:
         """Run one chunk (B, T) at the current cache lengths; return logits (B, T, V) view.
@@ -310,84 +340,3 @@ class Runtime:
                 sampler.check()  # one host read of the non-finite flag per call
                 return
             logits = self._run_chunk(nxt[:, None], n)[:, -1]
-
-
-@dataclass
-class CompileOptions:
-    """Everything compile() was asked for besides the model (saved with artifacts)."""
-    dtype: str
-    backend: str = "auto"
-    max_batch_size: int = 8
-    max_seq_len: int = 4096
-    max_loops: int = 16
-    chunk: int = DEFAULT_CHUNK
-    overrides: dict = field(default_factory=dict)
-    cuda_graphs: bool = True
-    debug: bool = False
-
-    def validate(self, cfg: MythosConfig) -> "CompileOptions":
-        for name, upper in (("max_batch_size", None), ("max_seq_len", cfg.max_seq_len),
-                            ("max_loops", None), ("chunk", None)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-            if upper is not None and value > upper:
-                raise InputError(f"{name}={value} exceeds the model's {name}={upper} (RoPE tables)")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise InputError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-        return self
-
-
-def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
-                  device: torch.device, options: CompileOptions,
-                  traced: Optional[Graph] = None, timings: Optional[dict] = None) -> Runtime:
-    """Lower an optimized graph with materialized weights into a Runtime."""
-    t0 = time.perf_counter()
-    check_fits(cfg, device, "compiling (KV caches, activation arena)", weights=False,
-               dtype_bytes=getattr(torch, options.dtype).itemsize,
-               max_batch=options.max_batch_size, max_seq_len=options.max_seq_len,
-               max_loops=options.max_loops, chunk=min(options.chunk, options.max_seq_len))
-    lowered = lower(optimized, cfg, weights, device, getattr(torch, options.dtype),
-                    max_batch=options.max_batch_size,
-                    chunk=min(options.chunk, options.max_seq_len),
-                    max_seq_len=options.max_seq_len, max_loops=options.max_loops,
-                    backend=options.backend, overrides=options.overrides)
-    timings = dict(timings or {}, lower_s=time.perf_counter() - t0)
-    rt = Runtime(lowered, traced, timings, cuda_graphs=options.cuda_graphs, debug=options.debug)
-    rt.options = options
-    return rt
-
-
-def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, dtype=None,
-            backend: str = "auto", max_batch_size: int = 8, max_seq_len: Optional[int] = None,
-            max_loops: Optional[int] = None, config: Any = None, chunk: int = DEFAULT_CHUNK,
-            overrides: Optional[Mapping[str, str]] = None, cuda_graphs: bool = True,
-            debug: bool = False, progress: bool = False) -> Runtime:
-    """Compile an OpenMythos model (module or checkpoint path) into a Runtime.
-
-    device: default CUDA if available else CPU. dtype: default the weights' dtype.
-    backend: "auto" | "torch" | "triton" | "cuda" (per-op ``overrides`` win).
-    max_seq_len: KV-cache length (default the config's). max_loops: the largest n_loops
-    you will ask for (default max_loop_iters). chunk: prefill tokens per row per launch.
-    cuda_graphs: capture decode steps in CUDA graphs (on a CUDA device). debug: check
-    that captured graphs' buffers never move. progress: report steps on stderr.
-    """
-    t0 = time.perf_counter()
-    with stage("loading and tracing", progress):
-        graph, cfg, sd = trace(model_or_path, config)
-    t1 = time.perf_counter()
-    device = resolve_device(device)
-    dtype = dtype if dtype is not None else sd["embed.weight"].dtype
-    options = CompileOptions(
-        dtype=dtype if isinstance(dtype, str) else _dtype_name(dtype), backend=backend,
-        max_batch_size=max_batch_size,
-        max_seq_len=cfg.max_seq_len if max_seq_len is None else max_seq_len,
-        max_loops=cfg.max_loop_iters if max_loops is None else max_loops, chunk=chunk,
-        overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug).validate(cfg)
-    with stage("running passes", progress):
-        optimized = run_passes(graph, dtype=options.dtype)
-    t2 = time.perf_counter()
-    weights = materialize(optimized, sd, device, progress=progress)
-    t3 = time.perf_counter()
-    return build_runtime(optimized, cfg, weights, device, options, traced=graph,
-                         timings={"trace_s": t1 - t0, "passes_s": t2 - t1, "weights_s": t3 - t2})

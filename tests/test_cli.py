@@ -86,3 +86,32 @@ def test_user_error_exit_through_a_real_process(art):
 def test_demo_runs(tmp_path):
     out = cli("demo", "--out", tmp_path / "d", "--new-tokens", 3).stdout
     assert "identical ids" in out and "max |logits - reference|" in out
+
+
+def test_backend_choices_come_from_the_registry(capsys):
+    from mythos_rt.ops.registry import BACKENDS
+    for cmd in ("compile", "demo", "profile"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "{auto," + ",".join(BACKENDS) + "}" in capsys.readouterr().out
+    assert ", ".join(map(repr, ("auto", *BACKENDS))) in mythos_rt.compile.__doc__
+
+
+def test_inspect_shows_the_pipeline_compile_runs(ckpt, capsys):
+    from mythos_rt import passes
+    from mythos_rt.trace import trace
+    graph, _, _ = trace(ckpt)
+    seen = {}
+    final = passes.run_passes(graph, dtype="float16", after=seen.__setitem__)
+    for name in [*seen, "all"]:
+        assert main(["inspect", str(ckpt), "--after-pass", name, "--dtype", "float16"]) == 0
+        want = final if name == "all" else seen[name]
+        assert capsys.readouterr().out == want.to_text()
+
+
+def test_bench_outside_a_source_checkout_says_so(monkeypatch, tmp_path, capsys):
+    from mythos_rt import cli as cli_module
+    monkeypatch.setattr(cli_module, "__file__", str(tmp_path / "site-packages" / "mythos_rt" / "cli.py"))
+    assert main(["bench", "--preset", "tiny_mla", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a source checkout" in err[0]

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from mythos_rt import reference as R
 from mythos_rt.config import MythosConfig
 from mythos_rt.reference import OpenMythos
 from mythos_rt.testing import (TOL_FP32_TORCH, assert_rel_close, halting_loops,
@@ -142,3 +143,92 @@ def test_bf16_runs_and_tracks_fp32():
         out = low(ids, n_loops=4)
     assert out.dtype == torch.bfloat16
     assert_rel_close(out.float(), ref, 3e-2, "bf16 logits vs fp32 (docs/design.md e2e bound)")
+
+
+# ---- drop-in for open_mythos.main: the public surface, compared programmatically ----------
+
+def _public(module):
+    """Public classes and functions a module defines itself (not the names it imports)."""
+    import inspect
+    return {name: obj for name, obj in vars(module).items()
+            if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
+            and obj.__module__ == module.__name__}
+
+
+def _assert_callable_like(ours, theirs, what):
+    """Upstream's parameters, in order, with its names, kinds and defaults; anything ours
+    adds comes after them and has a default (so every upstream call binds the same)."""
+    import inspect
+    a = list(inspect.signature(ours).parameters.values())
+    b = list(inspect.signature(theirs).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in a[:len(b)]] == \
+        [(p.name, p.kind, p.default) for p in b], what
+    assert all(p.default is not p.empty or p.kind is p.VAR_KEYWORD for p in a[len(b):]), what
+
+
+def test_public_names_and_signatures_match_upstream():
+    import inspect
+
+    from mythos_rt import reference
+    up = upstream_main()
+    ours = vars(reference)
+    for name, theirs in _public(up).items():
+        assert name in ours, f"mythos_rt.reference lacks open_mythos.main.{name}"
+        if inspect.isfunction(theirs):
+            _assert_callable_like(ours[name], theirs, name)
+            continue
+        for attr, member in vars(theirs).items():
+            if inspect.isfunction(member) and (not attr.startswith("_") or attr == "__init__"):
+                assert hasattr(ours[name], attr), f"{name}.{attr} missing"
+                _assert_callable_like(getattr(ours[name], attr), member, f"{name}.{attr}")
+
+
+@pytest.mark.parametrize("name", ["mla", "gqa"])
+def test_modules_and_attributes_match_upstream(name):
+    """Same submodule tree (dropouts included), types and public attributes, so code that
+    reaches into upstream's model (``model.prelude[0].resid_drop.p = ...``) runs unchanged."""
+    cfg = CONFIGS[name]()
+    ours, theirs = _pair(cfg, torch.randint(0, cfg.vocab_size, (1, 5)))
+    mods = dict(ours.named_modules())
+    for path, module in theirs.named_modules():
+        assert path in mods and type(mods[path]).__name__ == type(module).__name__, path
+        public = {k for k in vars(module) if not k.startswith("_")}
+        assert public <= set(vars(mods[path])), (path, public - set(vars(mods[path])))
+
+
+def test_dropout_acts_in_training_as_upstream_does():
+    cfg = dataclasses.replace(MythosConfig.from_preset("tiny_gqa"), dropout=0.3)
+    ours = OpenMythos(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    torch.manual_seed(1)
+    a = ours(ids, n_loops=2)
+    torch.manual_seed(2)
+    assert not torch.equal(a, ours(ids, n_loops=2))  # dropout is live in training
+    ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(ids, n_loops=2), ours(ids, n_loops=2))
+
+
+def test_rope_theta_defaults_to_upstreams():
+    up = upstream_main()
+    d, n = 14, 23
+    assert torch.equal(R.precompute_rope_freqs(d, n), up.precompute_rope_freqs(d, n))
+    assert torch.equal(R.precompute_rope_freqs(d, n), R.precompute_rope_freqs(d, n, 500000.0))
+
+
+@pytest.mark.parametrize("name", ["mla", "gqa"])
+def test_kv_cache_holds_only_upstreams_entries(name):
+    """Code that walks a kv_cache as upstream fills it (every value a dict of tensors)
+    runs on ours: same keys, same entry names and shapes, nothing else."""
+    cfg = CONFIGS[name]()
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    ours, theirs = _pair(cfg, ids)
+    cache_a, cache_b = {}, {}
+    with torch.no_grad():
+        ours(ids, 3, cache_a)
+        theirs(ids, 3, cache_b)
+    assert cache_a.keys() == cache_b.keys()
+    for key, entry in cache_a.items():
+        assert isinstance(entry, dict) and entry.keys() == cache_b[key].keys(), key
+        for part, tensor in entry.items():
+            assert tensor.shape == cache_b[key][part].shape, (key, part)

@@ -120,8 +120,57 @@ def test_bf16_compile_runs_and_keeps_tied_weights_tied():
     ids = torch.randint(0, cfg.vocab_size, (2, 6))
     model = _model(cfg, ids)
     rt = mythos_rt.compile(model, dtype="bfloat16", backend="torch")
-    w = rt._low.weights
+    w = rt.weights
     assert w["head.weight"] is w["embed.weight"] and w["embed.weight"].dtype == torch.bfloat16
     assert w["recurrent.injection.A"].dtype == torch.float32
     with torch.no_grad():  # docs/design.md's end-to-end bf16 bound, here on CPU
         assert_rel_close(rt.forward(ids, n_loops=4).float(), model(ids, n_loops=4), TOL_BF16_E2E)
+
+
+class _Recorder:
+    """A step observer that records what it sees and checks starts and ends pair up."""
+
+    def __init__(self):
+        self.events, self.open = [], None
+
+    def on_step_start(self, step, shape):
+        assert self.open is None, "steps do not nest"
+        self.open = step
+        self.events.append(("start", step.name, tuple(shape)))
+
+    def on_step_end(self, step, shape):
+        assert self.open is step
+        self.open = None
+        self.events.append(("end", step.name, tuple(shape)))
+
+
+def test_observer_sees_every_plan_step_and_is_removed_after():
+    cfg = MythosConfig.from_preset("tiny_gqa")
+    rt = mythos_rt.compile(OpenMythos(cfg).eval(), backend="torch", max_batch_size=2, chunk=5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    plan = [s.name for s in rt.plan(3)]
+    runs = [s.run for s in rt.plan(3)]
+    expected = rt.generate(ids, 2, n_loops=3)
+    with rt.observe(_Recorder()) as rec:
+        assert torch.equal(rt.generate(ids, 2, n_loops=3), expected)  # observing changes nothing
+        with pytest.raises(InputError, match="already installed"):
+            with rt.observe(_Recorder()):
+                pass
+    # 7 prompt tokens prefill in chunks of 5 and 2, then one decode step of one token per row
+    shapes = [(2, 5), (2, 2), (2, 1)]
+    starts = [(name, shape) for kind, name, shape in rec.events if kind == "start"]
+    assert starts == [(name, shape) for shape in shapes for name in plan]
+    assert len(rec.events) == 2 * len(starts) and rec.open is None
+    assert [s.run for s in rt.plan(3)] == runs  # no step was rebound
+    rt.generate(ids, 2, n_loops=3)
+    assert len(rec.events) == 2 * len(starts)  # uninstalled on exit
+
+
+def test_runtime_keeps_its_options():
+    cfg = MythosConfig.from_preset("tiny_mla")
+    rt = mythos_rt.compile(OpenMythos(cfg), backend="torch", max_batch_size=3, max_seq_len=40,
+                           max_loops=5, chunk=7)
+    o = rt.options
+    assert (o.max_batch_size, o.max_seq_len, o.max_loops, o.chunk, o.backend, o.dtype) == \
+        (3, 40, 5, 7, "torch", "float32")
+    assert (rt.max_batch_size, rt.max_seq_len, rt.max_loops, rt.chunk) == (3, 40, 5, 7)

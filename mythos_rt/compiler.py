@@ -1,0 +1,119 @@
+"""Building a Runtime: ``mythos_rt.compile`` (trace → passes → weights → lower) and
+``mythos_rt.load`` (a saved artifact → lower, no tracing, passes or packing)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import artifact
+from .config import MythosConfig
+from .errors import InputError
+from .ir import Graph
+from .lower import lower
+from .memory import check_fits
+from .ops.registry import BACKENDS
+from .options import DEFAULT_CHUNK, CompileOptions, dtype_name
+from .passes import run_passes
+from .progress import stage
+from .runtime import Runtime
+from .trace import trace
+from .weights import materialize
+
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def resolve_device(device) -> torch.device:
+    """The device to run on: as given, else CUDA if available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"invalid device {device!r}: {str(exc).splitlines()[0]}") from None
+
+
+def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
+                  device: torch.device, options: CompileOptions,
+                  traced: Optional[Graph] = None, timings: Optional[dict] = None) -> Runtime:
+    """Lower an optimized graph with materialized weights into a Runtime."""
+    t0 = time.perf_counter()
+    check_fits(cfg, device, "compiling (KV caches, activation arena)", weights=False,
+               dtype_bytes=getattr(torch, options.dtype).itemsize,
+               max_batch=options.max_batch_size, max_seq_len=options.max_seq_len,
+               max_loops=options.max_loops, chunk=min(options.chunk, options.max_seq_len))
+    lowered = lower(optimized, cfg, weights, device, getattr(torch, options.dtype),
+                    max_batch=options.max_batch_size,
+                    chunk=min(options.chunk, options.max_seq_len),
+                    max_seq_len=options.max_seq_len, max_loops=options.max_loops,
+                    backend=options.backend, overrides=options.overrides)
+    timings = dict(timings or {}, lower_s=time.perf_counter() - t0)
+    return Runtime(lowered, options, traced=traced, timings=timings)
+
+
+def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, dtype=None,
+            backend: str = "auto", max_batch_size: int = 8, max_seq_len: Optional[int] = None,
+            max_loops: Optional[int] = None, config: Any = None, chunk: int = DEFAULT_CHUNK,
+            overrides: Optional[Mapping[str, str]] = None, cuda_graphs: bool = True,
+            debug: bool = False, progress: bool = False) -> Runtime:
+    """Compile an OpenMythos model (module or checkpoint path) into a Runtime.
+
+    device: default CUDA if available else CPU. dtype: default the weights' dtype.
+    backend: one of {backends} (per-op ``overrides`` win).
+    max_seq_len: KV-cache length (default the config's). max_loops: the largest n_loops
+    you will ask for (default max_loop_iters). chunk: prefill tokens per row per launch.
+    cuda_graphs: capture decode steps in CUDA graphs (on a CUDA device). debug: check
+    that captured graphs' buffers never move. progress: report steps on stderr.
+    """
+    t0 = time.perf_counter()
+    with stage("loading and tracing", progress):
+        graph, cfg, sd = trace(model_or_path, config)
+    t1 = time.perf_counter()
+    device = resolve_device(device)
+    dtype = dtype if dtype is not None else sd["embed.weight"].dtype
+    options = CompileOptions(
+        dtype=dtype if isinstance(dtype, str) else dtype_name(dtype), backend=backend,
+        max_batch_size=max_batch_size,
+        max_seq_len=cfg.max_seq_len if max_seq_len is None else max_seq_len,
+        max_loops=cfg.max_loop_iters if max_loops is None else max_loops, chunk=chunk,
+        overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug).validate(cfg)
+    with stage("running passes", progress):
+        optimized = run_passes(graph, dtype=options.dtype)
+    t2 = time.perf_counter()
+    weights = materialize(optimized, sd, device, progress=progress)
+    t3 = time.perf_counter()
+    return build_runtime(optimized, cfg, weights, device, options, traced=graph,
+                         timings={"trace_s": t1 - t0, "passes_s": t2 - t1, "weights_s": t3 - t2})
+
+
+if compile.__doc__:  # None under python -OO
+    compile.__doc__ = compile.__doc__.format(backends=", ".join(map(repr, BACKEND_CHOICES)))
+
+
+def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[str] = None,
+         overrides: Optional[dict] = None, cuda_graphs: Optional[bool] = None) -> Runtime:
+    """Restore a Runtime saved with ``Runtime.save``: no tracing, no passes, no packing.
+
+    ``device`` defaults to CUDA if available; ``backend``/``overrides``/``cuda_graphs``
+    default to what the artifact was compiled with.
+    """
+    t0 = time.perf_counter()
+    cfg, graph, options, weights = artifact.read_artifact(directory)
+    artifact.restore_autotune(directory)
+    if backend is not None:
+        options.backend = backend
+    if overrides is not None:
+        options.overrides = dict(overrides)
+    if cuda_graphs is not None:
+        options.cuda_graphs = cuda_graphs
+    device = resolve_device(device)
+    moved: dict[int, torch.Tensor] = {}  # keep aliases aliased on the device
+    # Fresh, aligned copies: kernels (and BLAS) may pick different paths for the unaligned
+    # views safetensors returns, which would change results in the last bits.
+    weights = {k: moved.setdefault(id(v), v.to(device, copy=True)) for k, v in weights.items()}
+    return build_runtime(graph, cfg, weights, device, options.validate(cfg),
+                         timings={"load_s": time.perf_counter() - t0})
