@@ -1,6 +1,6 @@
 """End-to-end parity: the compiled runtime against the float32 eager reference.
 
-DESIGN.md's end-to-end bound: bf16 logits within 3e-2 (relative Frobenius error per
+docs/design.md's end-to-end bound: bf16 logits within 3e-2 (relative Frobenius error per
 decode step, worst step reported) at T = 16 loops, and greedy tokens equal for at least
 95% of the steps. Same random weights for both; the ACT halting head is calibrated
 (``spread_act_halting``) so positions halt at different loops, some never, instead of
@@ -36,7 +36,7 @@ from bench.harness import bench_main  # noqa: E402
 from mythos_rt.config import MythosConfig  # noqa: E402
 from mythos_rt.testing import TOL_BF16_E2E, TOL_FP32_TORCH, rel_err, spread_act_halting  # noqa: E402
 
-# The share of greedy steps that must match (DESIGN.md "Numerics").
+# The share of greedy steps that must match (docs/design.md "Numerics").
 GREEDY_MATCH_MIN = 0.95
 BOUND = {torch.float32: TOL_FP32_TORCH, torch.bfloat16: TOL_BF16_E2E,
          torch.float16: TOL_BF16_E2E}

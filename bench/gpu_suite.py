@@ -426,7 +426,7 @@ def main(argv=None) -> int:
         return _child_main(args.child, args.quick)
     if not ON_GPU:
         _log("no CUDA device: CPU dry run (tiny_mla, fp32, Triton interpreter; H100 "
-             "ceilings from DESIGN.md, not measured)")
+             "ceilings from docs/design.md, not measured)")
     rec = run_suite(args.out, args.quick, args.budget_s, plan(args.parts, args.torch_compile))
     print(f"wrote {rec.json_path}, {rec.jsonl_path.name} and {rec.md_path.name}")
     print(harness.markdown_table(rec.data["summary"]), end="")

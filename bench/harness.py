@@ -8,7 +8,7 @@ Timing (``measure``): warm-up calls, then CUDA events around each call on GPU
 (perf_counter on CPU), median over many repeats. Cold-cache timing rotates among
 enough input sets to exceed L2 (``rotating``), so a kernel cannot read last repeat's
 inputs from cache. Ceilings (``measure_ceilings``) are measured in the same run on GPU;
-on CPU DESIGN.md's H100 numbers are returned, marked as not measured.
+on CPU docs/design.md's H100 numbers are returned, marked as not measured.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mythos_rt.costmodel import H100, Ceilings  # noqa: E402
 
-# DESIGN.md's measured ceilings for one H100 80GB; gpu_suite re-measures them per run.
+# docs/design.md's measured ceilings for one H100 80GB; gpu_suite re-measures them per run.
 H100_COPY_GBPS = H100.copy_gbps
 H100_BF16_TFLOPS = H100.bf16_tflops
 L2_BYTES = 50 * 2**20  # H100 L2; rotate inputs larger than this for cold-cache timing
@@ -136,7 +136,7 @@ def measure_ceilings(quick: bool = False, device: Optional[torch.device] = None)
     """Device-to-device copy GB/s and large bf16 matmul TFLOP/s, measured now.
 
     Copy: a 1 GiB (256 MiB quick) buffer copied into another, counting read + write.
-    Matmul: 8192³ (4096³ quick) bf16, 2·M·N·K FLOPs. Without CUDA: DESIGN.md's H100
+    Matmul: 8192³ (4096³ quick) bf16, 2·M·N·K FLOPs. Without CUDA: docs/design.md's H100
     numbers, ``measured=False``.
     """
     cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()

@@ -1,6 +1,6 @@
 """mythos-rt: compile OpenMythos recurrent-depth transformers into fused-kernel runtimes.
 
-Pipeline (DESIGN.md): checkpoint → trace → IR → passes → lower → plan → Runtime.
+Pipeline (docs/design.md): checkpoint → trace → IR → passes → lower → plan → Runtime.
 
 On a machine without CUDA, Triton kernels can only run in Triton's interpreter, and the
 interpreter must be switched on before Triton is first imported (its standard library

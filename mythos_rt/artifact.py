@@ -43,6 +43,7 @@ import torch
 from .config import ConfigError, MythosConfig
 from .errors import ArtifactError, InputError
 from .ir import Graph, IRError
+from .jsonfile import read_json_object
 from .options import CompileOptions
 from .tuning import MAX_FILE_BYTES, check_table
 from .version import __version__

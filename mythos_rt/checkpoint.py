@@ -7,6 +7,11 @@ Formats read:
   * ``config.json`` + ``model.safetensors`` (or shards listed in
     ``model.safetensors.index.json``), given as a directory or as file paths.
 
+Files are input from anyone: an index may name only files inside its own directory and
+its shards may hold only the tensors it lists; before a config is turned into tensors
+(RoPE tables, the list of expected names) its memory is estimated and refused when it
+does not fit (``mythos_rt.memory``); error messages list a few names and a count.
+
 Pickles are never unpickled unrestricted: ``torch.load(weights_only=True)`` with one
 allow-listed stand-in for upstream's config class, so a file whose unpickling would
 run code is refused before any of it runs. Files are memory-mapped, so optimizer state
@@ -20,11 +25,15 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
+from .artifact import is_artifact
 from .config import ConfigError, MythosConfig
+from .errors import clip, listed
+from .jsonfile import read_json_object
+from .memory import check_fits, parameter_count
 from .reference import precompute_rope_freqs
 
 PathLike = Union[str, os.PathLike]
@@ -33,6 +42,11 @@ ConfigLike = Union[MythosConfig, Mapping[str, Any], PathLike, None]
 WRAPPER_PREFIXES = ("module", "_orig_mod", "_fsdp_wrapped_module")  # DDP, torch.compile, FSDP
 DERIVED_BUFFERS = ("freqs_cis", "freqs_cis_mla")  # RoPE tables, rebuilt from the config
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Narrowest dtype a checkpoint stores (bf16/fp16): the memory check's lower bound.
+MIN_WEIGHT_BYTES = 2
+# Beyond this difference between the tensors a config describes and those a checkpoint
+# holds, the mismatch is reported as counts: naming them would cost more than it tells.
+MAX_LISTED_MISMATCH = 4096
 
 
 class CheckpointError(ValueError):
@@ -71,18 +85,18 @@ def load_checkpoint(path: PathLike | Iterable[PathLike], config: ConfigLike = No
             raise CheckpointError(f"{p}: no such file or directory")
 
     if len(paths) == 1 and paths[0].is_dir():
-        found_cfg, sd, where = _read_directory(paths[0])
+        found, sd, where = _read_directory(paths[0])
     elif any(p.suffix == ".safetensors" or p.name == SAFETENSORS_INDEX for p in paths):
-        found_cfg, sd, where = _read_safetensors_files(paths)
+        found, sd, where = _read_safetensors_files(paths)
     elif len(paths) == 1:
-        found_cfg, sd, where = _read_torch_file(paths[0])
+        found, sd, where = _read_torch_file(paths[0])
     else:
         raise CheckpointError(f"cannot combine these files into one checkpoint: "
-                              f"{', '.join(map(str, paths))}")
+                              f"{listed(paths)}")
 
-    cfg = _resolve_config(config, found_cfg, where)
+    cfg, cfg_where = _resolve_config(config, found, where)
     sd = _canonicalize(sd)
-    _check_against_config(sd, cfg, where, check_finite)
+    _check_against_config(sd, cfg, where, cfg_where, check_finite)
     return cfg, sd
 
 
@@ -140,10 +154,13 @@ def _read_torch_file(path: Path):
     else:
         found_cfg, sd = None, obj
     _require_tensors(sd, path)
-    return found_cfg, sd, str(path)
+    return (None if found_cfg is None else (found_cfg, f"{path} (its cfg)")), sd, str(path)
 
 
 def _read_directory(directory: Path):
+    if is_artifact(directory):
+        raise CheckpointError(f"{directory}: this is a mythos-rt artifact (a compiled runtime), "
+                              "not a checkpoint; use mythos_rt.load or pass it to generate")
     cfg_path = directory / "config.json"
     index = directory / SAFETENSORS_INDEX
     single = directory / "model.safetensors"
@@ -157,87 +174,123 @@ def _read_directory(directory: Path):
         if len(candidates) != 1:
             raise CheckpointError(
                 f"{directory}: expected model.safetensors, {SAFETENSORS_INDEX} or exactly one "
-                f".safetensors/.pt file, found {[p.name for p in candidates] or 'none'}")
+                f".safetensors/.pt file, found {listed(p.name for p in candidates) or 'none'}")
         files = candidates
     if files[0].suffix == ".safetensors" or files[0].name == SAFETENSORS_INDEX:
-        found_cfg, sd, where = _read_safetensors_files(files)
+        found, sd, where = _read_safetensors_files(files)
     else:
-        found_cfg, sd, where = _read_torch_file(files[0])
+        found, sd, where = _read_torch_file(files[0])
     if cfg_path.exists():
-        found_cfg = read_json_object(cfg_path)
-    return found_cfg, sd, where
+        found = (read_json_object(cfg_path, ConfigError), str(cfg_path))
+    return found, sd, where
 
 
 def _read_safetensors_files(paths: list[Path]):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    found_cfg = None
-    shards: list[Path] = []
+    found = None
+    shards: dict[Path, Optional[list[str]]] = {}  # file -> the tensors to read (None: all)
     for p in paths:
         if p.name == SAFETENSORS_INDEX:
-            shards += _shards_from_index(p)
+            shards.update(_shards_from_index(p))
         elif p.name == "config.json":
-            found_cfg = read_json_object(p)
+            found = (read_json_object(p, ConfigError), str(p))
         else:
-            shards.append(p)
-    if found_cfg is None:
-        sibling = shards[0].parent / "config.json"
+            shards[p] = None
+    if found is None:
+        sibling = next(iter(shards)).parent / "config.json"
         if sibling.exists():
-            found_cfg = read_json_object(sibling)
+            found = (read_json_object(sibling, ConfigError), str(sibling))
     sd: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        if not shard.exists():
-            raise CheckpointError(f"{shard}: shard listed in the index is missing")
-        try:
-            part = load_file(str(shard), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{shard}: unreadable or truncated safetensors file: "
-                                  f"{_first_line(exc)}") from None
+    for shard, names in shards.items():
+        part = _read_shard(shard, names)
         dup = sorted(set(part) & set(sd))
         if dup:
             raise CheckpointError(f"{shard}: tensor(s) also present in another shard: "
-                                  f"{', '.join(dup[:5])}")
+                                  f"{listed(dup)}")
         sd.update(part)
-    return found_cfg, sd, ", ".join(str(s) for s in shards)
+    return found, sd, listed(shards, limit=4, width=200)
 
 
-def _shards_from_index(index: Path) -> list[Path]:
+def _read_shard(shard: Path, names: Optional[list[str]]) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; exactly ``names`` when an index lists them."""
+    from safetensors import SafetensorError, safe_open
+
+    if not shard.is_file():
+        raise CheckpointError(f"{shard}: shard listed in the index is missing")
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-    return [index.parent / name for name in sorted(set(weight_map.values()))]
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            if names is not None:
+                unlisted = sorted(present - set(names))
+                if unlisted:
+                    raise CheckpointError(
+                        f"{shard}: holds tensor(s) the index does not list: {listed(unlisted)}")
+                absent = sorted(set(names) - present)
+                if absent:
+                    raise CheckpointError(f"{shard}: tensor(s) the index places here are "
+                                          f"missing: {listed(absent)}")
+            return {name: f.get_tensor(name) for name in sorted(present)}
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{shard}: unreadable or truncated safetensors file: "
+                              f"{_first_line(exc)}") from None
 
 
-def read_json_object(path: Path, error: type[Exception] = CheckpointError) -> dict:
-    """A JSON file's top-level object; ``error`` names the file when it is not one."""
+def _shards_from_index(index: Path) -> dict[Path, list[str]]:
+    """Shard file -> the tensor names the index places in it. Every file must lie inside
+    the index's directory (no absolute paths, no "..", no symlink leading out)."""
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a valid safetensors index: \"weight_map\" must be "
+                              "a non-empty mapping of tensor name to shard file, got "
+                              f"{clip(repr(weight_map))}")
+    root = index.parent.resolve()
+    shards: dict[Path, list[str]] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointError(f"{index}: tensor {clip(name)} maps to {clip(repr(file))}, "
+                                  "not a file name")
+        target = index.parent / file
+        if Path(file).is_absolute() or ".." in Path(file).parts or not _inside(target, root):
+            raise CheckpointError(f"{index}: shard {clip(file)!r} of tensor {clip(name)} lies "
+                                  f"outside the checkpoint directory {index.parent}")
+        shards.setdefault(target, []).append(name)
+    return shards
+
+
+def _inside(path: Path, root: Path) -> bool:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise error(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object")
-    return data
+        path.resolve().relative_to(root)
+        return True
+    except (ValueError, OSError, RuntimeError):  # elsewhere, unresolvable, a symlink loop
+        return False
 
 
 # ---- checks and normalization ----------------------------------------------------------
 
-def _resolve_config(override: ConfigLike, found: Any, where: str) -> MythosConfig:
+def _resolve_config(override: ConfigLike, found: Optional[tuple[Any, str]],
+                    where: str) -> tuple[MythosConfig, str]:
+    """The config to use and where it came from (a file, or the config= argument): config
+    errors name that, never the weights file."""
     if override is None and found is None:
         raise CheckpointError(f"{where}: the checkpoint carries no config; pass config= "
                               "(a MythosConfig, a dict or a config.json path)")
-    chosen = override if override is not None else found
+    if override is None:
+        chosen, source = found
+    elif isinstance(override, (str, os.PathLike)):
+        chosen, source = read_json_object(Path(override), ConfigError), str(override)
+    else:
+        chosen, source = override, "config="
     try:
         if isinstance(chosen, MythosConfig):
             cfg = chosen
-        elif isinstance(chosen, (str, os.PathLike)):
-            cfg = MythosConfig.from_dict(read_json_object(Path(chosen)))
         else:
-            cfg = MythosConfig.from_dict(dict(chosen))
-        return cfg.validate()
+            cfg = MythosConfig.from_dict(chosen if isinstance(chosen, dict) else dict(chosen))
+        return cfg.validate(), source
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # dict() of something that is not a mapping
+        raise ConfigError(f"{source}: not a config mapping: {_first_line(exc)}") from None
 
 
 def _canonicalize(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -311,10 +364,21 @@ def expected_shapes(cfg: MythosConfig) -> dict[str, tuple[tuple[int, ...], torch
 
 
 def _check_against_config(sd: dict[str, torch.Tensor], cfg: MythosConfig, where: str,
-                          check_finite: bool) -> None:
-    expected = expected_shapes(cfg)
+                          cfg_where: str, check_finite: bool) -> None:
+    try:  # before the config becomes tensors (RoPE tables) or a list of names
+        check_fits(cfg, "cpu", "loading this checkpoint", dtype_bytes=MIN_WEIGHT_BYTES)
+    except ConfigError as exc:
+        raise type(exc)(f"{cfg_where}: {exc}") from None
     if "head.weight" not in sd and "embed.weight" in sd:
         sd["head.weight"] = sd["embed.weight"]  # tied weights are often saved once
+    held, described = sum(k not in DERIVED_BUFFERS for k in sd), parameter_count(cfg)[1]
+    if abs(described - held) > MAX_LISTED_MISMATCH:
+        raise CheckpointError(
+            f"{where}: checkpoint does not match the config {cfg_where}: the config describes "
+            f"{described} tensors (prelude_layers={cfg.prelude_layers}, coda_layers="
+            f"{cfg.coda_layers}, n_experts={cfg.n_experts}, n_shared_experts="
+            f"{cfg.n_shared_experts}), the checkpoint holds {held}")
+    expected = expected_shapes(cfg)
     for name in DERIVED_BUFFERS:
         dim = cfg.head_dim if name == "freqs_cis" else cfg.qk_rope_head_dim
         sd[name] = precompute_rope_freqs(dim, cfg.max_seq_len, cfg.rope_theta)
@@ -324,11 +388,11 @@ def _check_against_config(sd: dict[str, torch.Tensor], cfg: MythosConfig, where:
              for k in sorted(set(sd) & set(expected)) if tuple(sd[k].shape) != expected[k][0]]
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+        problems.append(f"unexpected tensors: {listed(unexpected)}")
     if wrong:
-        problems.append("shape mismatches: " + "; ".join(wrong))
+        problems.append(f"shape mismatches: {listed(wrong, width=120)}")
     if problems:
         raise CheckpointError(f"{where}: checkpoint does not match the config "
                               f"({cfg.attn_type}, dim={cfg.dim}): " + " | ".join(problems))

@@ -216,7 +216,7 @@ def _cmd_bench(args) -> int:
         cmd.append("--quick")
     if not torch.cuda.is_available():
         print("mythos-rt bench: no CUDA device: CPU timers, tiny lengths, floors are "
-              "DESIGN.md's H100 numbers (not measured)", flush=True)
+              "docs/design.md's H100 numbers (not measured)", flush=True)
     return subprocess.run(cmd).returncode
 
 

@@ -15,6 +15,7 @@ from .config import MythosConfig
 from .errors import InputError
 from .ir import Graph
 from .lower import lower
+from .memory import check_fits
 from .ops.registry import BACKENDS
 from .options import DEFAULT_CHUNK, CompileOptions, dtype_name
 from .passes import run_passes
@@ -55,6 +56,10 @@ def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, tor
     """Lower an optimized graph with materialized weights into a Runtime (``tuning``: an
     artifact's MoE tile configs, for this runtime only)."""
     t0 = time.perf_counter()
+    check_fits(cfg, device, "compiling (KV caches, activation arena)", weights=False,
+               dtype_bytes=getattr(torch, options.dtype).itemsize,
+               max_batch=options.max_batch_size, max_seq_len=options.max_seq_len,
+               max_loops=options.max_loops, chunk=min(options.chunk, options.max_seq_len))
     lowered = lower(optimized, cfg, weights, device, getattr(torch, options.dtype),
                     max_batch=options.max_batch_size,
                     chunk=min(options.chunk, options.max_seq_len),

@@ -3,6 +3,9 @@
 Field names and defaults are those of ``open_mythos.main.MythosConfig`` so that configs
 read from upstream checkpoints map one-to-one. ``validate()`` runs before any tensor is
 allocated, so a bad config fails with a message instead of a shape error deep in a layer.
+The defaults serve Python code (``MythosConfig(dim=...)``); a config read from a file or
+a dict (``from_dict``) must state every field that changes results, since a silently
+defaulted ``rope_theta`` or ``act_threshold`` changes the logits.
 """
 
 from __future__ import annotations
@@ -12,9 +15,22 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import clip, listed
+
 
 class ConfigError(ValueError):
     """A config value is inconsistent or out of range."""
+
+
+# Fields no result depends on: dropout is the identity at inference, and
+# max_output_tokens is upstream's generation cap, which mythos-rt does not read.
+OPTIONAL_FIELDS = ("dropout", "max_output_tokens")
+# Fields only one attention type reads.
+ATTENTION_FIELDS = {
+    "mla": ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"),
+    "gqa": ("n_kv_heads",),
+}
+MAX_POSITIONS = 2 ** 31 - 1  # cache lengths and positions are int32 on the device
 
 
 @dataclass
@@ -79,15 +95,12 @@ class MythosConfig:
             positive += ["kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
                          "qk_nope_head_dim", "v_head_dim"]
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config.{name} must be a positive integer, got {value!r}")
+            _check_int(name, getattr(self, name), 1, "a positive integer")
         for name in ("prelude_layers", "coda_layers", "n_shared_experts"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"config.{name} must be a non-negative integer, got {value!r}")
+            _check_int(name, getattr(self, name), 0, "a non-negative integer")
         if self.attn_type not in ("mla", "gqa"):
-            raise ConfigError(f"config.attn_type must be 'mla' or 'gqa', got {self.attn_type!r}")
+            raise ConfigError(
+                f"config.attn_type must be 'mla' or 'gqa', got {_shown(self.attn_type)}")
         if self.dim % self.n_heads:
             raise ConfigError(f"config.dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.attn_type == "gqa":
@@ -108,12 +121,17 @@ class MythosConfig:
             raise ConfigError(
                 f"config.n_experts_per_tok={self.n_experts_per_tok} exceeds "
                 f"n_experts={self.n_experts}")
+        if self.max_seq_len > MAX_POSITIONS:
+            raise ConfigError(f"config.max_seq_len={self.max_seq_len} exceeds {MAX_POSITIONS} "
+                              "(positions are int32)")
         for name in ("act_threshold", "rope_theta"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"config.{name} must be a positive number, got {value!r}")
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not 0 < value < float("inf")):
+                raise ConfigError(f"config.{name} must be a positive finite number, "
+                                  f"got {_shown(value)}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"config.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"config.dropout must be in [0, 1), got {_shown(self.dropout)}")
         return self
 
     # ---- serialization -------------------------------------------------------------
@@ -121,14 +139,27 @@ class MythosConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def required_fields(cls, attn_type: Any) -> list[str]:
+        """Fields a config file must state: all that change results for ``attn_type``."""
+        other = {name for kind, names in ATTENTION_FIELDS.items() if kind != attn_type
+                 for name in names}
+        return [f.name for f in dataclasses.fields(cls)
+                if f.name not in OPTIONAL_FIELDS and f.name not in other]
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MythosConfig":
-        """Build from a dict; unknown keys are an error (they usually mean a wrong file)."""
+        """Build from a dict stating every field that changes results (``required_fields``);
+        unknown keys are an error too (they usually mean a wrong file)."""
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object / dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown config field(s): {listed(unknown)}")
+        missing = [name for name in cls.required_fields(data.get("attn_type")) if name not in data]
+        if missing:
+            raise ConfigError(f"config is missing field(s) that change results: "
+                              f"{listed(missing)} (no default is assumed for them)")
         return cls(**data)
 
     def to_json(self, indent: int = 2) -> str:
@@ -138,8 +169,8 @@ class MythosConfig:
     def from_json(cls, text: str) -> "MythosConfig":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config is not valid JSON: {exc}") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
+            raise ConfigError(f"config is not valid JSON: {clip(str(exc), 200)}") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -147,6 +178,21 @@ class MythosConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return PRESETS[name]()
+
+
+INT_LIMIT = 2 ** 63  # every size becomes a tensor dimension, an int64
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error message: short, even for an integer of millions of digits."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return clip(repr(value))
+
+
+def _check_int(name: str, value: Any, lo: int, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value < INT_LIMIT:
+        raise ConfigError(f"config.{name} must be {what} below 2**63, got {_shown(value)}")
 
 
 # ---- presets: values identical to open_mythos/variants.py (0.5.0) -------------------

@@ -4,7 +4,7 @@ Everything here is arithmetic on a ``MythosConfig``; nothing touches a device. T
 numbers are lower bounds (each weight read once per launch, activations read/written
 once), which is what a roofline needs.
 
-Decode floor (DESIGN.md "Performance model"). One decode step reads, in this order:
+Decode floor (docs/design.md "Performance model"). One decode step reads, in this order:
 
 * the token's embedding row;
 * per Prelude / Coda layer: attention weights, the dense SwiGLU FFN, two RMSNorms;
@@ -16,11 +16,11 @@ Decode floor (DESIGN.md "Performance model"). One decode step reads, in this ord
 * plus, when the context is not empty, every layer's KV cache up to the context length
   (MLA: the compact latent + one rope key per token, read by the absorbed decode).
 
-With empty context this reproduces DESIGN.md's examples to < 0.1% in bf16, decimal GB:
+With empty context this reproduces docs/design.md's examples to < 0.1% in bf16, decimal GB:
 mythos_1b T=16 5.30 GB → 1.77 ms, mythos_3b 15.6 GB → 5.20 ms, mythos_10b T=24
 42.6 GB → 14.2 ms at 3.0 TB/s. The recurrent-step and embedding terms are < 0.03% of
 the total; the head (tied embedding, 131 MB for 1b) and the Prelude/Coda (175 MB)
-are what separate DESIGN.md's numbers from "loops × block" alone (5.00 GB).
+are what separate docs/design.md's numbers from "loops × block" alone (5.00 GB).
 
 Prefill floor: 2 · active parameters FLOPs per token, where a token's active
 parameters count the looped block T times (attention + router + k routed + shared +
@@ -40,7 +40,7 @@ import torch
 
 from .config import MythosConfig
 
-# DESIGN.md's measured ceilings for one H100 80GB.
+# docs/design.md's measured ceilings for one H100 80GB.
 H100_COPY_GBPS = 3000.0
 H100_BF16_TFLOPS = 798.0
 
@@ -62,7 +62,7 @@ class Ceilings:
     copy_gbps: float = H100_COPY_GBPS
     bf16_tflops: float = H100_BF16_TFLOPS
     measured: bool = False
-    source: str = "DESIGN.md: one H100 80GB (not measured in this run)"
+    source: str = "docs/design.md: one H100 80GB (not measured in this run)"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -287,7 +287,7 @@ def decode_floor_ms(cfg: MythosConfig, n_loops: Optional[int] = None, *, batch: 
 
 
 def prefill_flops_per_token(cfg: MythosConfig, n_loops: Optional[int] = None) -> float:
-    """DESIGN.md's prefill work: 2 · active parameters per token."""
+    """docs/design.md's prefill work: 2 · active parameters per token."""
     return 2.0 * active_params_per_token(cfg, n_loops)
 
 

@@ -395,7 +395,7 @@ def act_statistics(rt, input_ids: torch.Tensor, n_loops: int) -> dict:
     Reads the runtime's ACT state (``halted``) after every loop_epilogue step;
     ``halted_at[i]`` counts positions whose cumulative halting probability first reached
     the threshold at loop i+1 (1-based in ``loop``); ``never`` positions ran every loop
-    without halting. Every loop still runs in the compiled plan (DESIGN.md: the plan
+    without halting. Every loop still runs in the compiled plan (docs/design.md: the plan
     never branches on device values); these counts say what an early exit could save.
     """
     act = rt.act_state

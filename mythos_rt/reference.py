@@ -3,7 +3,7 @@
 Every compiled kernel and plan is checked against this file. It reproduces
 ``open_mythos/main.py`` (0.5.0) exactly, with identical parameter/buffer names and
 shapes (state_dicts load both ways with ``strict=True``), and fixes upstream's
-crashes without changing any result upstream computes (see DESIGN.md):
+crashes without changing any result upstream computes (see docs/design.md):
   * RoPE tables stay complex64 under ``model.to(bfloat16)``, so bf16 works;
   * chunked prefill after a cache exists gets a correct causal mask;
   * generate() treats temperature 0 as greedy and accepts stop ids;
@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MythosConfig
+from .memory import check_fits
 
 _LOOP_CACHE_KEY = "recurrent_loop_{}"  # kv_cache key of loop t's attention entry (upstream's)
 
@@ -344,6 +345,8 @@ class OpenMythos(nn.Module):
     def __init__(self, cfg: MythosConfig):
         super().__init__()
         cfg.validate()
+        check_fits(cfg, torch.get_default_device(), "building the reference model",
+                   dtype_bytes=torch.get_default_dtype().itemsize)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.register_buffer("freqs_cis", precompute_rope_freqs(

@@ -29,7 +29,7 @@ from .ir import Graph
 from .lower import Lowered, Shape, Step
 from .ops.recurrent import ACTState
 from .options import CompileOptions, dtype_name
-from .sampling import sample
+from .sampling import Sampler, SamplingParams
 
 
 def _is_int(x: Any) -> bool:
@@ -241,7 +241,7 @@ class Runtime:
                              "(recompile with max_loops >= n_loops)")
         return n
 
-    def _check_sampling(self, max_new_tokens, temperature, top_k, top_p, longest: int) -> None:
+    def _check_sampling(self, max_new_tokens, longest: int) -> None:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         # The last sampled token is never fed back: P + N tokens take P + N - 1 cache slots.
@@ -250,9 +250,6 @@ class Runtime:
             raise InputError(f"prompt length {longest} + max_new_tokens {max_new_tokens} needs "
                              f"{slots} cache positions (the last new token is not cached), which "
                              f"exceeds max_seq_len={self.max_seq_len}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise InputError(f"invalid sampling parameters: temperature={temperature} (>= 0), "
-                             f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")
 
     # ---- execution --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -424,26 +421,27 @@ class Runtime:
                        top_k, top_p, seed, stop_ids) -> tuple:
         """Check a generation request's arguments; return them as ``_decode`` takes them."""
         n = self._check_loops(n_loops)
-        self._check_sampling(max_new_tokens, temperature, top_k, top_p,
-                             max(int(p.numel()) for p in prompts))
-        return max_new_tokens, n, temperature, top_k, top_p, seed, stop_ids
+        params = SamplingParams(temperature, top_k, top_p, seed, stop_ids).check_vocab(
+            self.config.vocab_size)
+        self._check_sampling(max_new_tokens, max(int(p.numel()) for p in prompts))
+        return max_new_tokens, n, params
 
-    def _decode(self, prompts: list[torch.Tensor], max_new_tokens, n, temperature,
-                top_k, top_p, seed, stop_ids, want_logits):
+    def _decode(self, prompts: list[torch.Tensor], max_new_tokens, n, params: SamplingParams,
+                want_logits):
         """Yield (next ids (B,), logits (B, V) or None, finished (B,) or None) per step.
 
         ``prompts`` and the rest are checked (``_check_prompts``, ``_check_request``).
         """
         if max_new_tokens == 0:
             return
-        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=self.device)
         B = len(prompts)
+        sampler = Sampler(params, B, self.device)
+        stops = torch.tensor(params.stop_ids, dtype=torch.long, device=self.device)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device) if len(stops) else None
         logits = self._prefill(prompts, n, want_all=False)
         prev = None
         for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, gen)
+            nxt = sampler(logits)
             if finished is not None:
                 if prev is not None:  # a stopped row repeats the stop id it produced
                     nxt = torch.where(finished, prev, nxt)
@@ -452,5 +450,6 @@ class Runtime:
             yield nxt, (logits.float().clone() if want_logits else None), finished
             # One host check per step, only when stop ids were given.
             if i + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
+                sampler.check()  # one host read of the non-finite flag per call
                 return
             logits = self._run_chunk(nxt[:, None], n)[:, -1]

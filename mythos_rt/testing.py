@@ -1,4 +1,4 @@
-"""Numerics helpers shared by tests and benchmarks (DESIGN.md "Numerics").
+"""Numerics helpers shared by tests and benchmarks (docs/design.md "Numerics").
 
 Comparisons use the relative Frobenius error ‖out − ref‖ / ‖ref‖ against a float32/64
 reference; NaN or Inf in the output never passes.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-# DESIGN.md's bounds, one name per mode; every test tolerance comes from here.
+# docs/design.md's bounds, one name per mode; every test tolerance comes from here.
 TOL_FP32_TORCH = 1e-5        # fp32, torch backend vs reference
 TOL_FP32_INTERPRET = 1e-4    # fp32 Triton under TRITON_INTERPRET=1
 TOL_FP16_INTERPRET = 5e-3    # fp16 Triton under TRITON_INTERPRET=1

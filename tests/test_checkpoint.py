@@ -4,6 +4,7 @@ import json
 import pathlib
 import pickle
 import sys
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from mythos_rt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mythos_rt.config import ConfigError, MythosConfig
+from mythos_rt.memory import MemoryLimitError
 from mythos_rt.reference import OpenMythos
 from tests.upstream import upstream_main
 
@@ -187,3 +189,145 @@ def test_expected_shapes_match_the_reference_model(preset):
     cfg = MythosConfig.from_preset(preset)
     model_shapes = {k: (tuple(v.shape), v.dtype) for k, v in OpenMythos(cfg).state_dict().items()}
     assert expected_shapes(cfg) == model_shapes
+
+
+# ---- hostile and careless files ----------------------------------------------------------
+
+def _sharded(tmp_path, model, **extra_map):
+    """A two-shard checkpoint directory whose index maps each tensor to its shard."""
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()
+          if k not in ("head.weight", "freqs_cis", "freqs_cis_mla")}
+    names = sorted(sd)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    shards = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    for fname, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(d / fname))
+    weight_map = {k: f for f, keys in shards.items() for k in keys} | extra_map
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (d / "config.json").write_text(model.cfg.to_json())
+    return d, weight_map
+
+
+def _outside_shard(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_file({"secret.weight": torch.randn(3)}, str(elsewhere / "s.safetensors"))
+    return elsewhere / "s.safetensors"
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_index_may_not_point_outside_the_checkpoint(tmp_path, model, how):
+    outside = _outside_shard(tmp_path)
+    d, weight_map = _sharded(tmp_path, model)
+    target = {"absolute": str(outside), "dotdot": "../elsewhere/s.safetensors",
+              "symlink": "link.safetensors"}[how]
+    if how == "symlink":
+        (d / "link.safetensors").symlink_to(outside)
+    weight_map["secret.weight"] = target
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="shard '.*' of tensor secret.weight lies outside "
+                                              "the checkpoint directory"):
+        load_checkpoint(d)
+
+
+def test_shards_may_hold_only_the_tensors_the_index_lists(tmp_path, model):
+    d, weight_map = _sharded(tmp_path, model)
+    dropped = sorted(k for k, f in weight_map.items() if f == "b.safetensors")[0]
+    del weight_map[dropped]
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=f"b.safetensors: holds tensor\\(s\\) the index does "
+                                              f"not list: {dropped}"):
+        load_checkpoint(d)
+    weight_map[dropped] = "b.safetensors"
+    weight_map["ghost.weight"] = "a.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="a.safetensors: tensor\\(s\\) the index places here "
+                                              "are missing: ghost.weight"):
+        load_checkpoint(d)
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": ["a.safetensors"]}, "must be a non-empty mapping .* got \\['a.safetensors'\\]"),
+    ({"weight_map": {}}, "must be a non-empty mapping .* got \\{\\}"),
+    ({}, "must be a non-empty mapping .* got None"),
+    ({"weight_map": {"embed.weight": 3}}, "tensor embed.weight maps to 3, not a file name"),
+    ([1, 2], "expected a JSON object, found list"),
+])
+def test_malformed_index_is_a_clear_error(tmp_path, model, index, message):
+    d, _ = _sharded(tmp_path, model)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: .*" + message):
+        load_checkpoint(d)
+
+
+def _saved(tmp_path, model, **change):
+    d = save_checkpoint(tmp_path / "ckpt", model.cfg, model.state_dict())
+    if change:
+        data = json.loads((d / "config.json").read_text()) | change
+        (d / "config.json").write_text(json.dumps(data))
+    return d
+
+
+def test_config_file_problems_name_the_config_not_the_weights(tmp_path, model):
+    d = _saved(tmp_path, model, dim=50)
+    with pytest.raises(ConfigError, match="ckpt/config.json: config.dim=50 is not divisible") as info:
+        load_checkpoint(d)
+    assert "model.safetensors" not in str(info.value)
+    (d / "config.json").write_bytes(b'{"dim": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match="config.json: not UTF-8 text \\(byte 9\\)"):
+        load_checkpoint(d)
+    (d / "config.json").unlink()
+    (d / "config.json").mkdir()
+    with pytest.raises(ConfigError, match="config.json: is a directory, not a JSON file"):
+        load_checkpoint(d)
+    with pytest.raises(ConfigError, match="config.json: is a directory"):
+        load_checkpoint(d / "model.safetensors", config=d / "config.json")
+
+
+def test_partial_config_json_lists_the_missing_fields(tmp_path, model):
+    d = _saved(tmp_path, model)
+    data = json.loads((d / "config.json").read_text())
+    del data["rope_theta"], data["act_threshold"]
+    (d / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="config.json: config is missing field\\(s\\) that "
+                                          "change results: act_threshold, rope_theta"):
+        load_checkpoint(d)
+    with pytest.raises(ConfigError, match="config=: config is missing .*: act_threshold, rope_theta"):
+        load_checkpoint(d / "model.safetensors", config=data)
+
+
+def test_artifact_passed_as_a_checkpoint_says_so(tmp_path, model):
+    import mythos_rt
+    art = tmp_path / "art"
+    mythos_rt.compile(model, backend="torch", max_batch_size=1, max_seq_len=16).save(art)
+    with pytest.raises(CheckpointError, match="art: this is a mythos-rt artifact .* use "
+                                              "mythos_rt.load or pass it to generate"):
+        load_checkpoint(art)
+
+
+def test_config_asking_for_more_memory_than_exists_is_refused_at_once(tmp_path, model):
+    d = _saved(tmp_path, model, n_experts=3_000_000, expert_dim=4096)
+    t0 = time.perf_counter()
+    with pytest.raises(MemoryLimitError, match="ckpt/config.json: config.n_experts=3000000: "
+                                               "loading this checkpoint would allocate about "
+                                               ".* TB .* of memory available on cpu") as info:
+        load_checkpoint(d)
+    assert time.perf_counter() - t0 < 1.0 and len(str(info.value)) < 400
+
+
+def test_a_config_describing_far_more_tensors_is_refused_by_count(tmp_path, model):
+    d = _saved(tmp_path, model, n_experts=200_000)  # 600k tensors of 48 x 16: fits in memory
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="the config describes 600053 tensors .*"
+                                              "n_experts=200000.*the checkpoint holds 71$"):
+        load_checkpoint(d)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_long_mismatch_lists_are_cut(tmp_path, model):
+    d = _saved(tmp_path, model, n_experts=1000)  # 2982 missing tensors: listed, but briefly
+    with pytest.raises(CheckpointError, match="missing tensors: recurrent.block.ffn.routed_experts"
+                                              ".* and 2974 more") as info:
+        load_checkpoint(d)
+    assert len(str(info.value)) < 1500

@@ -142,7 +142,7 @@ def test_bf16_runs_and_tracks_fp32():
         assert low.freqs_cis_mla.is_complex()  # upstream's bug: tables turned real
         out = low(ids, n_loops=4)
     assert out.dtype == torch.bfloat16
-    assert_rel_close(out.float(), ref, 3e-2, "bf16 logits vs fp32 (DESIGN.md e2e bound)")
+    assert_rel_close(out.float(), ref, 3e-2, "bf16 logits vs fp32 (docs/design.md e2e bound)")
 
 
 # ---- drop-in for open_mythos.main: the public surface, compared programmatically ----------

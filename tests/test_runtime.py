@@ -141,7 +141,7 @@ def test_bf16_compile_runs_and_keeps_tied_weights_tied():
     w = rt.weights
     assert w["head.weight"] is w["embed.weight"] and w["embed.weight"].dtype == torch.bfloat16
     assert w["recurrent.injection.A"].dtype == torch.float32
-    with torch.no_grad():  # DESIGN.md's end-to-end bf16 bound, here on CPU
+    with torch.no_grad():  # docs/design.md's end-to-end bf16 bound, here on CPU
         assert_rel_close(rt.forward(ids, n_loops=4).float(), model(ids, n_loops=4), TOL_BF16_E2E)
 
 

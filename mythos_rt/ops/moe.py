@@ -1,6 +1,6 @@
 """Mixture-of-Experts FFN: compile-time expert packing, torch implementation, registrations.
 
-The op family (DESIGN.md "Reference semantics", MoE):
+The op family (docs/design.md "Reference semantics", MoE):
 
 * ``moe_route(x, router_w, router_bias, top_k, out=None) -> (ids, weights)``:
   ``logits = x·Wᵀ`` (fp32 accumulation, kept in fp32), ``scores = softmax(logits)``,

@@ -1,6 +1,6 @@
 """The fused recurrent step: loop prologue and epilogue around the shared block.
 
-Loop ``t`` of the recurrent block (DESIGN.md "Reference semantics") becomes
+Loop ``t`` of the recurrent block (docs/design.md "Reference semantics") becomes
 
     combined = loop_prologue(h, e, params, t)                    # before the first pass
     for t in range(n_loops):

@@ -1,11 +1,11 @@
-"""Cost model arithmetic against DESIGN.md's "Performance model" examples."""
+"""Cost model arithmetic against docs/design.md's "Performance model" examples."""
 
 import pytest
 
 from mythos_rt import costmodel as C
 from mythos_rt.config import MythosConfig
 
-# DESIGN.md: bf16, T = max_loop_iters, 3.0 TB/s: (GB/token, ms)
+# docs/design.md: bf16, T = max_loop_iters, 3.0 TB/s: (GB/token, ms)
 DESIGN_DECODE = {"mythos_1b": (5.3, 1.77), "mythos_3b": (15.6, 5.2), "mythos_10b": (42.6, 14.2)}
 
 

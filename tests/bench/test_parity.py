@@ -1,7 +1,7 @@
 """End-to-end parity of the compiled runtime vs the float32 reference (bench_parity).
 
 CPU: tiny_mla in float32 against the fp32 bound. GPU: mythos_1b in bf16 with random
-weights against DESIGN.md's end-to-end bound (3e-2 on the logits at T = 16 loops,
+weights against docs/design.md's end-to-end bound (3e-2 on the logits at T = 16 loops,
 greedy tokens equal for >= 95% of the steps).
 """
 

@@ -198,7 +198,7 @@ def test_batch1_decode_matches_reference(name, monkeypatch, row_path):
 @pytest.mark.parametrize("N", [1, 3, 29], ids=["one-token", "decode-batch", "chunk"])
 def test_moe_bf16_weights_match_the_fp32_reference(N, row_path):
     """bf16 weights stay bf16 (the kernel widens them in registers); judged against the
-    float32 reference with DESIGN.md's bf16 per-kernel bound."""
+    float32 reference with docs/design.md's bf16 per-kernel bound."""
     cfg = moe_cfg(D=48, I=16, E=6, k=3, S=2)
     m = make_moe(cfg)
     moe = prepare_moe(op_args("moe", m.state_dict(), cfg, dtype=torch.bfloat16))

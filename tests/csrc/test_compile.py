@@ -1,4 +1,4 @@
-"""Every CUDA source compiles for sm_90a and sm_80 without a GPU (DESIGN.md "CPU and GPU").
+"""Every CUDA source compiles for sm_90a and sm_80 without a GPU (docs/design.md "CPU and GPU").
 
 AOT: the CMake build of mythos_rt._C compiles every csrc/*.cu with both -gencode flags
 (shared with test_ext_args via the ``built_so`` fixture). JIT: the generated recurrent-

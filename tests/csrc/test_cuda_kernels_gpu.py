@@ -1,7 +1,7 @@
 """CUDA kernels vs their torch references and Triton siblings (GPU only; bf16 ≤ 1e-2).
 
 Every test needs a CUDA device and the built extension (MYTHOS_RT_BUILD_CUDA=1); the JIT
-tests also need CuPy. On CPU machines they are skipped (DESIGN.md "CPU and GPU").
+tests also need CuPy. On CPU machines they are skipped (docs/design.md "CPU and GPU").
 """
 
 import pytest

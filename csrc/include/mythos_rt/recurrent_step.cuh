@@ -1,7 +1,7 @@
 // Recurrent-step prologue and epilogue: one warp per row (framework-free).
 //
 // Semantics are those of mythos_rt.ops.recurrent.loop_prologue_torch /
-// loop_epilogue_torch (DESIGN.md "Reference semantics", loop t):
+// loop_epilogue_torch (docs/design.md "Reference semantics", loop t):
 //
 //   prologue:  y = rmsnorm(h + loop_embed(t) + e) * norm_w
 //   epilogue:  z     = (x · lora_downᵀ) * lora_scale[tc]           tc = min(t, max_loops-1)
