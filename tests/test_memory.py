@@ -63,13 +63,18 @@ def test_the_reference_model_refuses_before_allocating():
     assert time.perf_counter() - t0 < 1.0
 
 
-@pytest.mark.parametrize("option, value", [("max_batch_size", 10 ** 7), ("max_loops", 10 ** 9)])
-def test_compile_refuses_caches_that_cannot_fit(option, value):
+@pytest.mark.parametrize("option, value, other", [("max_batch_size", 4096, {}),
+                                                  ("max_loops", 1024, {})])
+def test_compile_refuses_caches_that_cannot_fit(option, value, other, monkeypatch):
+    """Within the options' own bounds (4096 rows, 1024 loops) the caches still have to fit
+    the machine (here one of 1 MiB): refused by the estimate, naming the option that drives
+    it, before allocating."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
     model = OpenMythos(MythosConfig.from_preset("tiny_gqa"))
     t0 = time.perf_counter()
     with pytest.raises(MemoryLimitError, match=f"^{option}={value}: compiling \\(KV caches, "
                                                "activation arena\\) would allocate about"):
-        mythos_rt.compile(model, backend="torch", **{option: value})
+        mythos_rt.compile(model, backend="torch", **{option: value}, **other)
     assert time.perf_counter() - t0 < 30  # tracing and packing tiny weights, no allocation
 
 
