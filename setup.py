@@ -72,12 +72,16 @@ setup(
     package_dir={"mythos_rt": "mythos_rt", "mythos_rt.triton_kernels": "triton_kernels",
                  "mythos_rt.graphs": "graphs"},
     # compiled on first use by mythos_rt.cpu.native, on the machine that runs it
-    package_data={"mythos_rt.cpu": ["decode_row.cpp"]},
+    package_data={"mythos_rt.cpu": ["decode_row.cpp"],
+                  # the trained demo model (scripts/train_demo_model.py)
+                  "mythos_rt": ["assets/*/config.json", "assets/*/model.safetensors",
+                                "assets/*/mythos_tokenizer.json"]},
     install_requires=[
         "torch>=2.11,<2.14",
         "triton>=3.6",
         "numpy",
         "safetensors",
+        "tokenizers",
         "nvidia-ml-py",
         "pybind11",
     ],
