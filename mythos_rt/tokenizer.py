@@ -248,3 +248,19 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
             f"{tokenizer!r} has a vocabulary of {tokenizer.vocab_size} ids but the model's "
             f"vocab_size is {vocab_size}: ids >= {vocab_size} have no embedding row")
     return tokenizer
+
+
+def resolve_tokenizer(checkpoint: Optional[PathLike], override=None,
+                      vocab_size: Optional[int] = None) -> Optional[Tokenizer]:
+    """What compile() should use: ``override`` (a Tokenizer, "byte" or a path) when given,
+    else the tokenizer found beside ``checkpoint`` (None for none, or for no path), checked
+    against the model's ``vocab_size`` when given."""
+    if override is not None:
+        tok = load_tokenizer(override)
+    elif checkpoint is not None:
+        tok = find_tokenizer(checkpoint)
+    else:
+        tok = None
+    if tok is not None and vocab_size is not None:
+        check_vocab(tok, vocab_size)
+    return tok

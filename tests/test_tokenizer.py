@@ -7,7 +7,8 @@ import pytest
 
 from mythos_rt.tokenizer import (BYTE_BOS, BYTE_EOS, BYTE_FILE, BYTE_PAD, BYTE_VOCAB_SIZE,
                                  HF_CONFIG, HF_FILE, ByteTokenizer, HFTokenizer,
-                                 TokenizerError, check_vocab, find_tokenizer, load_tokenizer)
+                                 TokenizerError, check_vocab, find_tokenizer, load_tokenizer,
+                                 resolve_tokenizer)
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -136,3 +137,15 @@ def test_vocabulary_larger_than_the_model_is_an_error(tmp_path, kind):
     with pytest.raises(TokenizerError, match=f"vocabulary of {n} ids but the model's "
                                              f"vocab_size is {n - 1}"):
         check_vocab(tok, n - 1)
+
+
+def test_resolve_tokenizer_prefers_the_override_and_checks_the_vocab(tmp_path):
+    ByteTokenizer().save(tmp_path / "ckpt")
+    hf_path = make_hf_tokenizer(tmp_path / "hf", 263)
+    assert resolve_tokenizer(tmp_path / "ckpt") == ByteTokenizer()
+    assert isinstance(resolve_tokenizer(tmp_path / "ckpt", hf_path, 263), HFTokenizer)
+    assert resolve_tokenizer(tmp_path / "hf", "byte") == ByteTokenizer()
+    assert resolve_tokenizer(None) is None and resolve_tokenizer(tmp_path, None, 5) is None
+    with pytest.raises(TokenizerError, match="vocabulary of 259 ids but the model's "
+                                             "vocab_size is 97"):
+        resolve_tokenizer(tmp_path / "ckpt", vocab_size=97)
