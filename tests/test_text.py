@@ -9,8 +9,6 @@ from mythos_rt.text import (Detokenizer, StopMatcher, TextStream, decode_complet
 from mythos_rt.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer, TokenizerError, load_tokenizer
 from tests.test_tokenizer import make_hf_tokenizer, random_text
 
-pytest.importorskip("tokenizers")
-
 
 def stream_pieces(tok, ids, context=()):
     detok = Detokenizer(tok, context)
@@ -79,6 +77,7 @@ def test_special_ids_decode_to_nothing():
 
 def test_completion_decodes_as_it_reads_after_the_prompt(tmp_path):
     """A SentencePiece-style tokenizer drops a word's leading space at the start of a text."""
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     hf = Tokenizer(models.BPE(unk_token="<unk>"))

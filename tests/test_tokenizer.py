@@ -10,8 +10,6 @@ from mythos_rt.tokenizer import (BYTE_BOS, BYTE_EOS, BYTE_FILE, BYTE_PAD, BYTE_V
                                  TokenizerError, check_vocab, find_tokenizer, load_tokenizer,
                                  resolve_tokenizer)
 
-tokenizers = pytest.importorskip("tokenizers")
-
 # Characters of 1, 2, 3 and 4 UTF-8 bytes.
 ALPHABET = "ab z.\n" + "éßñ" + "€中ー" + "😀🐍"
 
@@ -23,6 +21,7 @@ def random_text(rng: random.Random, n: int, alphabet: str = ALPHABET) -> str:
 def make_hf_tokenizer(directory, vocab_size: int = 300, *, config: dict | None = None,
                       alphabet: str = ALPHABET):
     """A byte-level BPE trained here on random text; writes tokenizer.json into directory."""
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -80,7 +79,9 @@ def test_hf_tokenizer_json_round_trip_and_special_ids(tmp_path):
     path = make_hf_tokenizer(tmp_path / "hf", 311)
     tok = load_tokenizer(path)
     assert isinstance(tok, HFTokenizer) and tok.vocab_size == 311
-    hf = tokenizers.Tokenizer.from_file(str(path))
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(path))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == tuple(
         hf.token_to_id(t) for t in ("<s>", "</s>", "<pad>"))
     text = random_text(random.Random(3), 41)
@@ -119,6 +120,7 @@ def test_hf_tokenizer_saves_and_reloads(tmp_path):
 
 
 def test_unreadable_or_missing_tokenizer_files(tmp_path):
+    pytest.importorskip("tokenizers")
     (tmp_path / HF_FILE).write_text('{"version": "1.0", "model": 5}')
     with pytest.raises(TokenizerError, match="not a readable tokenizer.json"):
         load_tokenizer(tmp_path / HF_FILE)
