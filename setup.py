@@ -72,7 +72,10 @@ setup(
     package_dir={"mythos_rt": "mythos_rt", "mythos_rt.triton_kernels": "triton_kernels",
                  "mythos_rt.graphs": "graphs"},
     # compiled on first use by mythos_rt.cpu.native, on the machine that runs it
-    package_data={"mythos_rt.cpu": ["decode_row.cpp"]},
+    package_data={"mythos_rt.cpu": ["decode_row.cpp", "row_math.h"],
+                  # the trained demo model (scripts/train_demo_model.py)
+                  "mythos_rt": ["assets/*/config.json", "assets/*/model.safetensors",
+                                "assets/*/mythos_tokenizer.json"]},
     # No upper caps: the code uses nothing newer than torch 2.11 / triton 3.6 and CI runs the
     # interpreted kernels under the newest Triton too (scripts/bootstrap.sh, .venv-newest);
     # a cap would make pip downgrade a user's newer torch, whose CUDA build brings the
@@ -82,6 +85,7 @@ setup(
         "triton>=3.6",
         "numpy",
         "safetensors",
+        "tokenizers",
         "nvidia-ml-py",
         "pybind11",
     ],
