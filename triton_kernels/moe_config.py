@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 import triton
 
-from mythos_rt.cache import cache_dir, write_atomic
+from mythos_rt.buildcache import cache_dir, write_atomic
 from mythos_rt.ops.moe import PackedMoE
 
 from . import interpreted
@@ -86,7 +86,7 @@ def fit_k_tiles(cfg: MoEConfig, dim: int, expert_dim: int) -> MoEConfig:
 
 
 def cache_path() -> str:
-    """``moe.json`` in the autotune cache (``mythos_rt.cache``)."""
+    """``moe.json`` in the autotune cache (``mythos_rt.buildcache``)."""
     return str(cache_dir("autotune") / "moe.json")
 
 

@@ -46,8 +46,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from ..cache import cache_dir as shared_cache_dir
-from ..cache import replacing
+from ..buildcache import cache_dir as shared_cache_dir
+from ..buildcache import replacing
 
 __all__ = ["SOURCE", "HEADER", "FLAGS", "OPENMP", "march", "flags", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",

@@ -25,8 +25,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..cache import cache_dir as shared_cache_dir
-from ..cache import write_atomic
+from ..buildcache import cache_dir as shared_cache_dir
+from ..buildcache import write_atomic
 from .codegen import KERNEL_NAMES, ROW_WARPS, LoopSpec, loop_step_source
 
 __all__ = ["JITError", "cache_dir", "enabled", "compile_cubin", "specialize_loop",

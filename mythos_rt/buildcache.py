@@ -1,4 +1,5 @@
-"""Where mythos-rt keeps what it builds on first use, and how it writes there.
+"""The on-disk build cache (not the KV cache): where mythos-rt keeps what it builds on
+first use, and how it writes there.
 
 ``$MYTHOS_RT_CACHE_DIR`` (default ``~/.cache/mythos_rt``), one subdirectory per kind:
 ``cpu`` (compiled row kernels), ``nvrtc`` (specialized CUDA cubins), ``autotune``

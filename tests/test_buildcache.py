@@ -1,8 +1,8 @@
-"""mythos_rt.cache: the cache root follows the environment; files land whole or not at all."""
+"""mythos_rt.buildcache: the cache root follows the environment; files land whole or not at all."""
 
 import pytest
 
-from mythos_rt import cache
+from mythos_rt import buildcache as cache
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
