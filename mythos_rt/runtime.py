@@ -30,6 +30,7 @@ from .lower import Lowered, Shape, Step
 from .ops.recurrent import ACTState
 from .options import CompileOptions, dtype_name
 from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
 
 
 def _is_int(x: Any) -> bool:
@@ -55,8 +56,10 @@ class Runtime:
 
     def __init__(self, lowered: Lowered, options: CompileOptions, *,
                  traced: Optional[Graph] = None, timings: Optional[dict[str, float]] = None,
-                 tuning: Optional[Mapping[str, dict]] = None):
+                 tuning: Optional[Mapping[str, dict]] = None,
+                 tokenizer: Optional[Tokenizer] = None):
         self._low = lowered
+        self.tokenizer = tokenizer  # text <-> ids for str prompts (None: ids only)
         self.options = options
         self.config: MythosConfig = lowered.cfg
         self.device: torch.device = lowered.device
@@ -129,8 +132,8 @@ class Runtime:
         return self._low.buffers.act
 
     def save(self, directory: Union[str, os.PathLike], *, overwrite: bool = False) -> str:
-        """Write a runtime artifact (packed weights, optimized IR, config, options and the
-        MoE tile configs this runtime uses) that ``mythos_rt.load`` restores without
+        """Write a runtime artifact (packed weights, optimized IR, config, options, the
+        MoE tile configs this runtime uses and its tokenizer) that ``mythos_rt.load`` restores without
         tracing or packing.
 
         The artifact is written beside ``directory`` and swapped in whole: an interrupted
@@ -140,7 +143,8 @@ class Runtime:
         """
         from .artifact import write_artifact
         return str(write_artifact(directory, self.weights, self.graph, self.config, self.options,
-                                  tuning=self.tuning_used(), overwrite=overwrite))
+                                  tuning=self.tuning_used(), tokenizer=self.tokenizer,
+                                  overwrite=overwrite))
 
     def tuning_used(self) -> dict[str, dict]:
         """The MoE tile configs this runtime's Triton MoE finds for its token buckets: its
