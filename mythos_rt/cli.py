@@ -350,10 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default=None, choices=dtypes)
     i.set_defaults(fn=_cmd_inspect)
 
-    d = sub.add_parser("demo", help="write a small checkpoint, compile it, generate, compare "
-                       "against the eager reference")
-    d.add_argument("--out", help="directory for the demo checkpoint (default: a temp dir)")
-    d.add_argument("--new-tokens", type=int, default=16)
+    d = sub.add_parser("demo", help="compile the shipped trained model, complete text, show "
+                       "loss vs loop count, ACT halting, agreement and speed vs the reference")
+    d.add_argument("--out", help="directory to copy the demo checkpoint to (default: a temp dir)")
+    d.add_argument("--new-tokens", type=int, default=40, help="bytes per text completion")
     d.add_argument("--backend", default="auto", choices=backends)
     d.add_argument("--device", default=None)
     d.add_argument("--force", action="store_true", help="replace other files in --out")

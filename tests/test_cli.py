@@ -4,10 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import mythos_rt
+from mythos_rt.checkpoint import save_checkpoint
 from mythos_rt.cli import main
-from mythos_rt.demo import write_demo_checkpoint
+from mythos_rt.config import MythosConfig
+from mythos_rt.reference import OpenMythos
+from mythos_rt.testing import spread_act_halting
 
 
 def cli(*args, ok=True):
@@ -20,7 +24,14 @@ def cli(*args, ok=True):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    """A seeded small_mla checkpoint (no tokenizer), ACT tuned to halt at different loops."""
+    cfg = MythosConfig.from_preset("small_mla")
+    torch.manual_seed(0)
+    model = OpenMythos(cfg).eval()
+    with torch.no_grad():  # N(0, 0.02) weights make greedy decoding repeat one token
+        model.embed.weight.normal_(0.0, 0.5)
+    spread_act_halting(model, torch.randint(0, cfg.vocab_size, (2, 8)), seed=0)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), cfg, model.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +118,13 @@ def test_user_error_exit_through_a_real_process(art):
 
 
 def test_demo_runs(tmp_path):
-    out = cli("demo", "--out", tmp_path / "d", "--new-tokens", 3).stdout
-    assert "identical ids" in out and "max |logits - reference|" in out
+    out = cli("demo", "--out", tmp_path / "d", "--new-tokens", 12).stdout
+    for text in ["'Return the number of ' -> '", "Held-out bits/byte", "n_loops=1: ",
+                 "n_loops=8: ", "ACT halting", "never: ", "max |logits - reference|",
+                 "greedy ids identical over 12 tokens", "tokens/s"]:
+        assert text in out, out
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "config.json", "model.safetensors", "mythos_tokenizer.json"]
 
 
 def test_demo_replaces_only_its_own_files_unless_forced(tmp_path):
