@@ -15,12 +15,13 @@ from .config import ConfigError, MythosConfig
 from .errors import ArtifactError, InputError
 from .ir import IRError
 from .ops.registry import BackendError
+from .tokenizer import TokenizerError
 from .options import DTYPES
 from .trace import TraceError
 
 # Errors that describe a user's mistake; anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ConfigError, TraceError, IRError, BackendError, InputError,
-               ArtifactError, FileNotFoundError)
+               ArtifactError, TokenizerError, FileNotFoundError)
 
 
 def _cmd_compile(args) -> int:
@@ -58,14 +59,10 @@ def _parse_prompt(text: str) -> list[int]:
 def _text_ids(rt, prompts: list[str]) -> list[list[int]]:
     """The token ids of text prompts under the runtime's tokenizer (InputError without one)."""
     from .text import encode_prompts
-    from .tokenizer import TokenizerError
     if rt.tokenizer is None:
         raise InputError("this model has no tokenizer for --prompt text: "
                          "pass --tokenizer PATH (or 'byte'), or give --prompt-ids")
-    try:
-        return encode_prompts(rt.tokenizer, prompts)[0]
-    except TokenizerError as exc:
-        raise InputError(str(exc)) from None
+    return encode_prompts(rt.tokenizer, prompts)[0]
 
 
 def _generation_runtime(args, prompts: list):
@@ -73,18 +70,14 @@ def _generation_runtime(args, prompts: list):
     (checked to fit the request, naming the compile flag to change), or a checkpoint
     compiled to fit it. ``prompts``: id lists, or str for text."""
     from . import artifact, compiler
-    from .tokenizer import TokenizerError
     loops = args.n_loops if isinstance(args.n_loops, int) and args.n_loops > 0 else None
     text = isinstance(prompts[0], str)
-    try:
-        if not artifact.is_artifact(args.model):
-            rt = compiler.compile(args.model, device=args.device, progress=True,
-                                  max_batch_size=len(prompts), max_loops=loops,
-                                  tokenizer=args.tokenizer)
-            return rt, (_text_ids(rt, prompts) if text else prompts)
-        rt = compiler.load(args.model, device=args.device, tokenizer=args.tokenizer)
-    except TokenizerError as exc:
-        raise InputError(str(exc)) from None
+    if not artifact.is_artifact(args.model):
+        rt = compiler.compile(args.model, device=args.device, progress=True,
+                              max_batch_size=len(prompts), max_loops=loops,
+                              tokenizer=args.tokenizer)
+        return rt, (_text_ids(rt, prompts) if text else prompts)
+    rt = compiler.load(args.model, device=args.device, tokenizer=args.tokenizer)
     ids = _text_ids(rt, prompts) if text else prompts
     need = max(map(len, ids)) + max(args.max_new_tokens, 1) - 1
     for what, value, limit, flag in (
