@@ -67,3 +67,11 @@ def test_text_errors_are_input_errors(rt):
         rt.generate("a", 3, stop=[""])
     with pytest.raises(InputError, match="return_logits needs token-id prompts"):
         rt.generate("a", 3, return_logits=True)
+
+
+def test_a_closed_text_stream_frees_the_runtime(rt):
+    pieces = rt.stream("Return the ", 20, n_loops=2, stop_ids=[])
+    first = next(pieces)
+    assert isinstance(first, str) and first
+    pieces.close()
+    assert isinstance(rt.generate("Return the ", 3, n_loops=2), str)
