@@ -8,6 +8,8 @@ packing:
   config.json           the model config
   options.json          compile options (dtype, max sizes, backend choice)
   autotune/moe.json     the MoE tile configs the saved runtime used (optional)
+  mythos_tokenizer.json or tokenizer.json (+ tokenizer_config.json)
+                        the runtime's tokenizer (optional; ``mythos_rt.tokenizer``)
   manifest.json         format version, mythos-rt version, tied-weight aliases, sha256 of
                         every file above
   manifest.sha256       sha256 of manifest.json's bytes
@@ -45,6 +47,8 @@ from .errors import ArtifactError, InputError
 from .ir import Graph, IRError
 from .jsonfile import read_json_object
 from .options import CompileOptions
+from .tokenizer import (BYTE_FILE, HF_CONFIG, HF_FILE, TOKENIZER_FILES, Tokenizer, TokenizerError,
+                        load_tokenizer)
 from .tuning import MAX_FILE_BYTES, check_table
 from .version import __version__
 
@@ -54,7 +58,8 @@ TUNING_FILE = "autotune/moe.json"
 MANIFEST, SEAL = "manifest.json", "manifest.sha256"
 # Everything Runtime.save may leave in a directory (older formats' autotune files included):
 # a directory holding only these is an artifact that a new save may replace whole.
-_ARTIFACT_ENTRIES = {*FILES, MANIFEST, SEAL, "autotune"}
+_ARTIFACT_ENTRIES = {*FILES, *TOKENIZER_FILES, MANIFEST, SEAL, "autotune"}
+_OPTIONAL_FILES = {TUNING_FILE, *TOKENIZER_FILES}
 _MAX_JSON_BYTES = 64 << 20  # graph.json of the largest presets is well below this
 
 # IR attributes that copy a config field: (op kind, attribute) -> MythosConfig field
@@ -85,7 +90,8 @@ def _write(path: Path, data: Union[str, bytes]) -> None:
 
 
 def _write_files(d: Path, weights: Mapping[str, torch.Tensor], graph: Graph,
-                 config: MythosConfig, options: CompileOptions, tuning: Mapping[str, dict]) -> None:
+                 config: MythosConfig, options: CompileOptions, tuning: Mapping[str, dict],
+                 tokenizer: Optional[Tokenizer]) -> None:
     """Write every file of an artifact into the empty directory ``d``."""
     from safetensors.torch import save_file
 
@@ -107,6 +113,8 @@ def _write_files(d: Path, weights: Mapping[str, torch.Tensor], graph: Graph,
         (d / "autotune").mkdir()
         _write(d / TUNING_FILE, json.dumps(dict(tuning), indent=1, sort_keys=True) + "\n")
         files.append(TUNING_FILE)
+    if tokenizer is not None:
+        files += [p.name for p in tokenizer.save(d)]
     manifest = json.dumps({"format_version": FORMAT_VERSION, "mythos_rt_version": __version__,
                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "aliases": aliases, "files": {f: _sha256(d / f) for f in files}},
@@ -180,7 +188,7 @@ def _land(tmp: Path, target: Path, mode: str) -> None:
             tmp = old
         shutil.rmtree(tmp)
     else:  # "into": the directory holds other files; replace ours one by one, manifest last
-        names = list(FILES)
+        names = list(FILES) + [n for n in TOKENIZER_FILES if (tmp / n).exists()]
         if (tmp / TUNING_FILE).exists():
             (target / "autotune").mkdir(exist_ok=True)
             names.append(TUNING_FILE)
@@ -191,9 +199,11 @@ def _land(tmp: Path, target: Path, mode: str) -> None:
 
 def write_artifact(directory: Union[str, os.PathLike], weights: Mapping[str, torch.Tensor],
                    graph: Graph, config: MythosConfig, options: CompileOptions, *,
-                   tuning: Optional[Mapping[str, dict]] = None, overwrite: bool = False) -> Path:
+                   tuning: Optional[Mapping[str, dict]] = None,
+                   tokenizer: Optional[Tokenizer] = None, overwrite: bool = False) -> Path:
     """Write an artifact at ``directory``: the plan's ``weights``, the optimized ``graph``,
-    ``config``, the compile ``options`` and the MoE ``tuning`` entries the runtime uses.
+    ``config``, the compile ``options``, the MoE ``tuning`` entries the runtime uses and
+    its ``tokenizer`` (when it has one).
 
     Written beside ``directory`` and swapped in whole (see the module docstring).
     ``directory`` may be absent, empty or an artifact; another non-empty directory is an
@@ -207,7 +217,7 @@ def write_artifact(directory: Union[str, os.PathLike], weights: Mapping[str, tor
     except OSError as exc:
         raise InputError(f"cannot write an artifact at {target}: {exc.strerror or exc}") from None
     try:
-        _write_files(tmp, weights, graph, config, options, dict(tuning or {}))
+        _write_files(tmp, weights, graph, config, options, dict(tuning or {}), tokenizer)
         _land(tmp, target, mode)
     finally:
         if tmp.exists():
@@ -256,8 +266,8 @@ def _read_manifest(d: Path) -> dict:
     hashes, aliases = manifest.get("files"), manifest.get("aliases", {})
     if not isinstance(hashes, dict) or any(f not in hashes for f in FILES):
         raise ArtifactError(f"{path}: missing file list")
-    if set(hashes) - {*FILES, TUNING_FILE}:
-        extra = sorted(set(hashes) - {*FILES, TUNING_FILE})
+    if set(hashes) - {*FILES, *_OPTIONAL_FILES}:
+        extra = sorted(set(hashes) - {*FILES, *_OPTIONAL_FILES})
         raise ArtifactError(f"{path}: lists unknown files {', '.join(map(str, extra[:3]))[:200]}")
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                 for k, v in aliases.items()):
@@ -310,12 +320,30 @@ def _read_tuning(d: Path, hashes: dict) -> dict[str, dict]:
     return check_table(_json(path), str(path), ArtifactError)
 
 
+def _read_tokenizer(d: Path, hashes: dict, vocab_size: int) -> Optional[Tokenizer]:
+    """The artifact's tokenizer (its files are hash-checked already), or None."""
+    name = next((n for n in (BYTE_FILE, HF_FILE) if n in hashes), None)
+    if name is None:
+        return None
+    if (d / HF_CONFIG).exists() and HF_CONFIG not in hashes:
+        raise ArtifactError(f"{d / HF_CONFIG}: not listed in the manifest (it would change "
+                            "the tokenizer's special ids)")
+    try:
+        tok = load_tokenizer(d / name)
+    except TokenizerError as exc:
+        raise ArtifactError(f"{d / name}: unreadable tokenizer: {str(exc)[:300]}") from None
+    if tok.vocab_size > vocab_size:
+        raise ArtifactError(f"{d / name}: the tokenizer's {tok.vocab_size} ids exceed "
+                            f"config.json's vocab_size {vocab_size}")
+    return tok
+
+
 def read_artifact(directory: Union[str, os.PathLike]
                   ) -> tuple[MythosConfig, Graph, CompileOptions, dict[str, torch.Tensor],
-                             dict[str, dict]]:
+                             dict[str, dict], Optional[Tokenizer]]:
     """Check an artifact (see the module docstring); return its config, optimized graph,
-    compile options, the weights the graph reads (on the CPU, aliases restored) and its
-    MoE tuning table."""
+    compile options, the weights the graph reads (on the CPU, aliases restored), its
+    MoE tuning table and its tokenizer (None when it carries none)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -333,6 +361,7 @@ def read_artifact(directory: Union[str, os.PathLike]
         raise ArtifactError(f"{d / 'options.json'}: {exc}") from None
     check_config_copies(cfg, graph, options, d)
     tuning = _read_tuning(d, manifest["files"])
+    tokenizer = _read_tokenizer(d, manifest["files"], cfg.vocab_size)
     try:
         weights = load_file(str(d / "weights.safetensors"), device="cpu")
     except SafetensorError as exc:
@@ -352,4 +381,5 @@ def read_artifact(directory: Union[str, os.PathLike]
         if tuple(weights[name].shape) != want:
             raise ArtifactError(f"{d / 'weights.safetensors'}: tensor {name} has shape "
                                 f"{tuple(weights[name].shape)}, the plan expects {want}")
-    return cfg, graph, options, {k: v for k, v in weights.items() if k in used}, tuning
+    return (cfg, graph, options, {k: v for k, v in weights.items() if k in used}, tuning,
+            tokenizer)

@@ -15,12 +15,13 @@ from .config import ConfigError, MythosConfig
 from .errors import ArtifactError, InputError
 from .ir import IRError
 from .ops.registry import BackendError
+from .tokenizer import TokenizerError
 from .options import DTYPES
 from .trace import TraceError
 
 # Errors that describe a user's mistake; anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ConfigError, TraceError, IRError, BackendError, InputError,
-               ArtifactError, FileNotFoundError)
+               ArtifactError, TokenizerError, FileNotFoundError)
 
 
 def _cmd_compile(args) -> int:
@@ -55,16 +56,30 @@ def _parse_prompt(text: str) -> list[int]:
     return ids
 
 
-def _generation_runtime(args, prompts: list[list[int]]):
-    """The runtime of ``generate``: an artifact as compiled (checked to fit the request,
-    naming the compile flag to change), or a checkpoint compiled to fit it."""
+def _text_ids(rt, prompts: list[str]) -> list[list[int]]:
+    """The token ids of text prompts under the runtime's tokenizer (InputError without one)."""
+    from .text import encode_prompts
+    if rt.tokenizer is None:
+        raise InputError("this model has no tokenizer for --prompt text: "
+                         "pass --tokenizer PATH (or 'byte'), or give --prompt-ids")
+    return encode_prompts(rt.tokenizer, prompts)[0]
+
+
+def _generation_runtime(args, prompts: list):
+    """The runtime of ``generate`` and the prompts' token ids: an artifact as compiled
+    (checked to fit the request, naming the compile flag to change), or a checkpoint
+    compiled to fit it. ``prompts``: id lists, or str for text."""
     from . import artifact, compiler
     loops = args.n_loops if isinstance(args.n_loops, int) and args.n_loops > 0 else None
+    text = isinstance(prompts[0], str)
     if not artifact.is_artifact(args.model):
-        return compiler.compile(args.model, device=args.device, progress=True,
-                                max_batch_size=len(prompts), max_loops=loops)
-    rt = compiler.load(args.model, device=args.device)
-    need = max(map(len, prompts)) + max(args.max_new_tokens, 1) - 1
+        rt = compiler.compile(args.model, device=args.device, progress=True,
+                              max_batch_size=len(prompts), max_loops=loops,
+                              tokenizer=args.tokenizer)
+        return rt, (_text_ids(rt, prompts) if text else prompts)
+    rt = compiler.load(args.model, device=args.device, tokenizer=args.tokenizer)
+    ids = _text_ids(rt, prompts) if text else prompts
+    need = max(map(len, ids)) + max(args.max_new_tokens, 1) - 1
     for what, value, limit, flag in (
             ("prompts", len(prompts), rt.max_batch_size, "--max-batch-size"),
             ("loops (--n-loops)", loops or 0, rt.max_loops, "--max-loops"),
@@ -73,16 +88,22 @@ def _generation_runtime(args, prompts: list[list[int]]):
         if value > limit and not (flag == "--max-seq-len" and value > rt.config.max_seq_len):
             raise InputError(f"{value} {what} exceed the {limit} the artifact {args.model} was "
                              f"compiled for: recompile it with mythos-rt compile {flag} {value}")
-    return rt
+    return rt, ids
 
 
 def _cmd_generate(args) -> int:
-    prompts = [_parse_prompt(p) for p in args.prompt_ids]
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise InputError("give --prompt TEXT (text) or --prompt-ids IDS (token ids), not both")
     _ints("--seed", [] if args.seed is None else [args.seed], -2**63, 2**64)
-    _ints("--stop-ids", args.stop_ids, 0, 2**63)
-    rt = _generation_runtime(args, prompts)
+    _ints("--stop-ids", args.stop_ids or [], 0, 2**63)
+    if args.prompt is not None:
+        return _generate_text(args)
+    if args.stop:
+        raise InputError("--stop strings need --prompt text; use --stop-ids with --prompt-ids")
+    prompts = [_parse_prompt(p) for p in args.prompt_ids]
+    rt, _ = _generation_runtime(args, prompts)
     kw = dict(n_loops=args.n_loops, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, stop_ids=args.stop_ids)
+              top_p=args.top_p, seed=args.seed, stop_ids=args.stop_ids or [])
     if args.stream:
         rows = [list(p) for p in prompts]
         for step in rt.stream(prompts, args.max_new_tokens, **kw):
@@ -95,6 +116,24 @@ def _cmd_generate(args) -> int:
         out = [row.tolist() for row in rt.generate(prompts, args.max_new_tokens, **kw)]
     for row in out:
         print(" ".join(map(str, row)))
+    return 0
+
+
+def _generate_text(args) -> int:
+    """Text prompts: each printed followed by its completion (rows apart by a blank line);
+    one prompt streams its completion as it is produced (default on a terminal)."""
+    rt, _ = _generation_runtime(args, args.prompt)
+    kw = dict(n_loops=args.n_loops, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, stop_ids=args.stop_ids, stop=args.stop or [])
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    if stream and len(args.prompt) == 1:
+        print(args.prompt[0], end="", flush=True)
+        for piece in rt.stream(args.prompt[0], args.max_new_tokens, **kw):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    texts = rt.generate(args.prompt, args.max_new_tokens, **kw)
+    print("\n\n".join(p + t for p, t in zip(args.prompt, texts)))
     return 0
 
 
@@ -273,18 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite a non-empty output dir")
     c.set_defaults(fn=_cmd_compile)
 
-    g = sub.add_parser("generate", help="generate tokens from prompt ids")
+    g = sub.add_parser("generate", help="complete text prompts (or token-id prompts)")
     g.add_argument("model", help="artifact directory (from `compile`) or a checkpoint")
-    g.add_argument("--prompt-ids", action="append", required=True,
+    g.add_argument("--prompt", action="append", default=None,
+                   help="one text prompt; repeat for a batch (needs a tokenizer)")
+    g.add_argument("--prompt-ids", action="append", default=None,
                    help="one prompt as ids separated by spaces/commas; repeat for a batch")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json, mythos_tokenizer.json, a directory holding one, or "
+                        "'byte' (default: the artifact's or checkpoint's own)")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop string for text prompts (repeatable; not printed)")
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--n-loops", type=int, default=None, help="default: max_loop_iters")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop-ids", type=int, nargs="*", default=[])
-    g.add_argument("--stream", action="store_true", help="print each step's tokens as produced")
+    g.add_argument("--stop-ids", type=int, nargs="*", default=None,
+                   help="stop token ids (default for text: the tokenizer's eos id)")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print the completion as it is produced (text: default on a "
+                        "terminal, one prompt only; ids: each step's tokens)")
     g.add_argument("--device", default=None)
     g.set_defaults(fn=_cmd_generate)
 
@@ -294,10 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default=None, choices=dtypes)
     i.set_defaults(fn=_cmd_inspect)
 
-    d = sub.add_parser("demo", help="write a small checkpoint, compile it, generate, compare "
-                       "against the eager reference")
-    d.add_argument("--out", help="directory for the demo checkpoint (default: a temp dir)")
-    d.add_argument("--new-tokens", type=int, default=16)
+    d = sub.add_parser("demo", help="compile the shipped trained model, complete text, show "
+                       "loss vs loop count, ACT halting, agreement and speed vs the reference")
+    d.add_argument("--out", help="directory to copy the demo checkpoint to (default: a temp dir)")
+    d.add_argument("--new-tokens", type=int, default=40, help="bytes per text completion")
     d.add_argument("--backend", default="auto", choices=backends)
     d.add_argument("--device", default=None)
     d.add_argument("--force", action="store_true", help="replace other files in --out")

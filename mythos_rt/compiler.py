@@ -21,6 +21,7 @@ from .options import DEFAULT_CHUNK, CompileOptions, dtype_name
 from .passes import run_passes
 from .progress import stage
 from .runtime import Runtime
+from .tokenizer import Tokenizer, resolve_tokenizer
 from .trace import trace
 from .weights import materialize
 
@@ -52,9 +53,10 @@ def resolve_device(device) -> torch.device:
 def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                   device: torch.device, options: CompileOptions,
                   traced: Optional[Graph] = None, timings: Optional[dict] = None,
-                  tuning: Optional[Mapping[str, dict]] = None) -> Runtime:
+                  tuning: Optional[Mapping[str, dict]] = None,
+                  tokenizer: Optional[Tokenizer] = None) -> Runtime:
     """Lower an optimized graph with materialized weights into a Runtime (``tuning``: an
-    artifact's MoE tile configs, for this runtime only)."""
+    artifact's MoE tile configs, for this runtime only; ``tokenizer``: its text layer)."""
     t0 = time.perf_counter()
     check_fits(cfg, device, "compiling (KV caches, activation arena)", weights=False,
                dtype_bytes=getattr(torch, options.dtype).itemsize,
@@ -66,14 +68,15 @@ def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, tor
                     max_seq_len=options.max_seq_len, max_loops=options.max_loops,
                     backend=options.backend, overrides=options.overrides)
     timings = dict(timings or {}, lower_s=time.perf_counter() - t0)
-    return Runtime(lowered, options, traced=traced, timings=timings, tuning=tuning)
+    return Runtime(lowered, options, traced=traced, timings=timings, tuning=tuning,
+                   tokenizer=tokenizer)
 
 
 def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, dtype=None,
             backend: str = "auto", max_batch_size: int = 8, max_seq_len: Optional[int] = None,
             max_loops: Optional[int] = None, config: Any = None, chunk: int = DEFAULT_CHUNK,
             overrides: Optional[Mapping[str, str]] = None, cuda_graphs: bool = True,
-            debug: bool = False, progress: bool = False) -> Runtime:
+            debug: bool = False, progress: bool = False, tokenizer=None) -> Runtime:
     """Compile an OpenMythos model (module or checkpoint path) into a Runtime.
 
     device: default CUDA if available else CPU. dtype: default the weights' dtype.
@@ -82,10 +85,14 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
     you will ask for (default max_loop_iters). chunk: prefill tokens per row per launch.
     cuda_graphs: capture decode steps in CUDA graphs (on a CUDA device). debug: check
     that captured graphs' buffers never move. progress: report steps on stderr.
+    tokenizer: a Tokenizer, "byte" or a tokenizer file/directory (default: the one saved
+    beside a checkpoint path, none for a module); ``rt.tokenizer``, used for text prompts.
     """
     t0 = time.perf_counter()
     with stage("loading and tracing", progress):
         graph, cfg, sd = trace(model_or_path, config)
+    checkpoint = None if isinstance(model_or_path, nn.Module) else model_or_path
+    tok = resolve_tokenizer(checkpoint, tokenizer, cfg.vocab_size)
     t1 = time.perf_counter()
     device = resolve_device(device)
     dtype = dtype if dtype is not None else sd["embed.weight"].dtype
@@ -101,7 +108,8 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
     weights = materialize(optimized, sd, device, progress=progress)
     t3 = time.perf_counter()
     return build_runtime(optimized, cfg, weights, device, options, traced=graph,
-                         timings={"trace_s": t1 - t0, "passes_s": t2 - t1, "weights_s": t3 - t2})
+                         timings={"trace_s": t1 - t0, "passes_s": t2 - t1, "weights_s": t3 - t2},
+                         tokenizer=tok)
 
 
 if compile.__doc__:  # None under python -OO
@@ -109,16 +117,19 @@ if compile.__doc__:  # None under python -OO
 
 
 def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[str] = None,
-         overrides: Optional[dict] = None, cuda_graphs: Optional[bool] = None) -> Runtime:
+         overrides: Optional[dict] = None, cuda_graphs: Optional[bool] = None,
+         tokenizer=None) -> Runtime:
     """Restore a Runtime saved with ``Runtime.save``: no tracing, no passes, no packing.
 
     ``device`` defaults to CUDA if available; ``backend``/``overrides``/``cuda_graphs``
     default to what the artifact was compiled with. The artifact's MoE tile configs
     (``autotune/moe.json``) serve the returned Runtime only: the user's autotune cache is
-    never written.
+    never written. ``tokenizer`` overrides the artifact's own (see ``compile``).
     """
     t0 = time.perf_counter()
-    cfg, graph, options, weights, tuning = artifact.read_artifact(directory)
+    cfg, graph, options, weights, tuning, tok = artifact.read_artifact(directory)
+    if tokenizer is not None:
+        tok = resolve_tokenizer(None, tokenizer, cfg.vocab_size)
     if backend is not None:
         options.backend = backend
     if overrides is not None:
@@ -131,4 +142,5 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
     # views safetensors returns, which would change results in the last bits.
     weights = {k: moved.setdefault(id(v), v.to(device, copy=True)) for k, v in weights.items()}
     return build_runtime(graph, cfg, weights, device, options.validate(cfg),
-                         timings={"load_s": time.perf_counter() - t0}, tuning=tuning)
+                         timings={"load_s": time.perf_counter() - t0}, tuning=tuning,
+                         tokenizer=tok)

@@ -30,10 +30,28 @@ from .lower import Lowered, Shape, Step
 from .ops.recurrent import ACTState
 from .options import CompileOptions, dtype_name
 from .sampling import Sampler, SamplingParams
+from .text import TextStream, encode_prompts
+from .tokenizer import Tokenizer, TokenizerError
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_text(prompts: Any) -> bool:
+    """A str, or a non-empty list/tuple of str: text prompts."""
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts)
+                                        and all(isinstance(p, str) for p in prompts))
+
+
+def _emit(pieces: list[str], single: bool) -> Iterator:
+    """What a text stream yields for one step: the row's piece (when non-empty) for one
+    prompt, else the list of pieces (when any is non-empty)."""
+    if single:
+        if pieces[0]:
+            yield pieces[0]
+    elif any(pieces):
+        yield pieces
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -55,8 +73,10 @@ class Runtime:
 
     def __init__(self, lowered: Lowered, options: CompileOptions, *,
                  traced: Optional[Graph] = None, timings: Optional[dict[str, float]] = None,
-                 tuning: Optional[Mapping[str, dict]] = None):
+                 tuning: Optional[Mapping[str, dict]] = None,
+                 tokenizer: Optional[Tokenizer] = None):
         self._low = lowered
+        self.tokenizer = tokenizer  # text <-> ids for str prompts (None: ids only)
         self.options = options
         self.config: MythosConfig = lowered.cfg
         self.device: torch.device = lowered.device
@@ -129,8 +149,8 @@ class Runtime:
         return self._low.buffers.act
 
     def save(self, directory: Union[str, os.PathLike], *, overwrite: bool = False) -> str:
-        """Write a runtime artifact (packed weights, optimized IR, config, options and the
-        MoE tile configs this runtime uses) that ``mythos_rt.load`` restores without
+        """Write a runtime artifact (packed weights, optimized IR, config, options, the
+        MoE tile configs this runtime uses and its tokenizer) that ``mythos_rt.load`` restores without
         tracing or packing.
 
         The artifact is written beside ``directory`` and swapped in whole: an interrupted
@@ -140,7 +160,8 @@ class Runtime:
         """
         from .artifact import write_artifact
         return str(write_artifact(directory, self.weights, self.graph, self.config, self.options,
-                                  tuning=self.tuning_used(), overwrite=overwrite))
+                                  tuning=self.tuning_used(), tokenizer=self.tokenizer,
+                                  overwrite=overwrite))
 
     def tuning_used(self) -> dict[str, dict]:
         """The MoE tile configs this runtime's Triton MoE finds for its token buckets: its
@@ -354,12 +375,23 @@ class Runtime:
 
     def stream(self, input_ids, max_new_tokens: int, *, n_loops: Optional[int] = None,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: Optional[int] = None, stop_ids: Sequence[int] = ()) -> Iterator[list[Optional[int]]]:
+               seed: Optional[int] = None, stop_ids: Optional[Sequence[int]] = None,
+               stop: Sequence[str] = ()) -> Iterator:
         """Yield, after each decode step, one new token id per row (None once a row stopped).
+
+        Text: for a str prompt, yield its text pieces (each valid UTF-8: a character split
+        across tokens waits for its last byte); for a list of str prompts, one piece per
+        row per step ("" when a row has nothing new). Text ends before the first ``stop``
+        string or stop id (default for text: the tokenizer's eos id); see ``generate``.
 
         Arguments are checked here, before the first step; the runtime is held from the
         first step until the stream is exhausted or closed (see the module docstring).
         """
+        if _is_text(input_ids):
+            return self._stream_text(input_ids, max_new_tokens, n_loops, temperature, top_k,
+                                     top_p, seed, stop_ids, stop)
+        self._no_stop_strings(stop)
+        stop_ids = () if stop_ids is None else stop_ids
         prompts, _ = self._check_prompts(input_ids)
         request = self._check_request(prompts, max_new_tokens, n_loops, temperature, top_k,
                                       top_p, seed, stop_ids)
@@ -378,9 +410,14 @@ class Runtime:
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, n_loops: Optional[int] = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: Optional[int] = None, stop_ids: Sequence[int] = (),
-                 return_logits: bool = False):
+                 seed: Optional[int] = None, stop_ids: Optional[Sequence[int]] = None,
+                 stop: Sequence[str] = (), return_logits: bool = False):
         """Prefill once, then decode one token per step with the KV caches.
+
+        Text in, text out (needs ``rt.tokenizer``): a str prompt returns the completion's
+        text, a list of str prompts a list of texts. Each ends before the first of the
+        ``stop`` strings (e.g. ``stop=["\\n\\n"]``) or ``stop_ids`` it produces, neither
+        included; ``stop_ids`` defaults to the tokenizer's eos id for text.
 
         ``input_ids``: a (B, T) tensor, or a list of 1-D sequences of different lengths
         (ragged batch: each row keeps its own positions and cache length, and equals
@@ -390,6 +427,13 @@ class Runtime:
         ``return_logits``. temperature 0 is greedy; ``seed`` makes sampling reproducible;
         generation ends early once every row produced one of ``stop_ids``.
         """
+        if _is_text(input_ids):
+            if return_logits is not False:
+                raise InputError("return_logits needs token-id prompts, not text")
+            return self._generate_text(input_ids, max_new_tokens, n_loops, temperature, top_k,
+                                       top_p, seed, stop_ids, stop)
+        self._no_stop_strings(stop)
+        stop_ids = () if stop_ids is None else stop_ids
         prompts, ragged = self._check_prompts(input_ids)
         request = self._check_request(prompts, max_new_tokens, n_loops, temperature, top_k,
                                       top_p, seed, stop_ids)
@@ -416,6 +460,62 @@ class Runtime:
         else:
             out = torch.cat([torch.stack(prompts), new], dim=1)
         return (out, stacked) if return_logits else out
+
+    # ---- text ------------------------------------------------------------------------------
+    @staticmethod
+    def _no_stop_strings(stop) -> None:
+        if stop:
+            raise InputError(f"stop strings ({_short(stop)}) need text prompts; for token-id "
+                             "prompts use stop_ids")
+
+    def _text_request(self, prompts, max_new_tokens, n_loops, temperature, top_k, top_p, seed,
+                      stop_ids, stop):
+        """Encode text prompts and check the request: (id prompts, request, one TextStream
+        per row, single)."""
+        tok = self.tokenizer
+        if tok is None:
+            raise InputError("text prompts need a tokenizer: this runtime has none (compile "
+                             "or load with tokenizer=..., CLI --tokenizer), or pass token ids")
+        stop = [stop] if isinstance(stop, str) else list(stop or ())
+        try:
+            encoded, single = encode_prompts(tok, prompts)
+            if stop_ids is None:
+                stop_ids = () if tok.eos_id is None else (tok.eos_id,)
+            streams = [TextStream(tok, stop_strings=stop, stop_ids=stop_ids, context=ids)
+                       for ids in encoded]
+        except TokenizerError as exc:
+            raise InputError(str(exc)) from None
+        rows, _ = self._check_prompts(encoded)
+        request = self._check_request(rows, max_new_tokens, n_loops, temperature, top_k,
+                                      top_p, seed, stop_ids)
+        return rows, request, streams, single
+
+    def _stream_text(self, prompts, *args):
+        rows, request, streams, single = self._text_request(prompts, *args)
+        return self._text_steps(rows, request, streams, single)
+
+    def _text_steps(self, rows, request, streams, single):
+        steps = self._stream_steps(rows, request)
+        try:
+            for ids in steps:
+                pieces = [s.push(t) if t is not None else s.finish()
+                          for s, t in zip(streams, ids)]
+                done = all(s.finished for s in streams)
+                if done:  # the last step's held text
+                    pieces = [p + s.finish() for p, s in zip(pieces, streams)]
+                yield from _emit(pieces, single)
+                if done:
+                    return
+            yield from _emit([s.finish() for s in streams], single)
+        finally:
+            steps.close()
+
+    def _generate_text(self, prompts, *args):
+        rows, request, streams, single = self._text_request(prompts, *args)
+        texts = [""] * len(rows)
+        for pieces in self._text_steps(rows, request, streams, False):
+            texts = [t + p for t, p in zip(texts, pieces)]
+        return texts[0] if single else texts
 
     def _check_request(self, prompts: list[torch.Tensor], max_new_tokens, n_loops, temperature,
                        top_k, top_p, seed, stop_ids) -> tuple:

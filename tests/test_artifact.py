@@ -1,5 +1,6 @@
 """Runtime.save / mythos_rt.load: identical outputs; corruption and version errors."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -11,6 +12,8 @@ from mythos_rt.artifact import ArtifactError
 from mythos_rt.config import MythosConfig
 from mythos_rt.errors import InputError
 from mythos_rt.reference import OpenMythos
+from mythos_rt.tokenizer import ByteTokenizer
+from tests.test_tokenizer import make_hf_tokenizer
 
 
 @pytest.fixture
@@ -302,3 +305,52 @@ def test_the_tuning_schema_covers_every_moe_config_and_accepts_the_tuners_own():
                 for c in [tmoe.heuristic_config(n, 2048, 1024, 64, 4, 8, getattr(torch, dt))]}
     proposed["cpu|n1|D48|I16|E6|k2|S2|float32"] = tmoe.INTERPRETER_CONFIG.to_dict()
     assert valid_entries(proposed) == proposed
+
+
+# ---- the tokenizer travels with the artifact ----------------------------------------------
+
+def _byte_vocab_model():
+    cfg = dataclasses.replace(MythosConfig.from_preset("tiny_gqa"), vocab_size=263)
+    return OpenMythos(cfg)
+
+
+def test_the_tokenizer_round_trips_and_is_hash_checked(tmp_path):
+    rt = mythos_rt.compile(_byte_vocab_model(), backend="torch", max_batch_size=2,
+                           max_seq_len=32, tokenizer="byte")
+    assert rt.tokenizer == ByteTokenizer()
+    rt.save(tmp_path / "art")
+    assert "mythos_tokenizer.json" in json.loads((tmp_path / "art" / "manifest.json").read_text())["files"]
+    loaded = mythos_rt.load(tmp_path / "art")
+    assert loaded.tokenizer == ByteTokenizer()
+    edit_json(tmp_path / "art" / "mythos_tokenizer.json", lambda t: t.update(eos_id=3))
+    with pytest.raises(ArtifactError, match="mythos_tokenizer.json: corrupted"):
+        mythos_rt.load(tmp_path / "art")
+
+
+def test_a_module_has_no_tokenizer_unless_given_and_an_hf_one_round_trips(tmp_path):
+    rt = mythos_rt.compile(_byte_vocab_model(), backend="torch", max_batch_size=2,
+                           max_seq_len=32)
+    assert rt.tokenizer is None
+    rt.save(tmp_path / "plain")
+    assert mythos_rt.load(tmp_path / "plain").tokenizer is None
+    path = make_hf_tokenizer(tmp_path / "hf", vocab_size=261)
+    loaded = mythos_rt.load(tmp_path / "plain", tokenizer=path)  # an override at load
+    text = "sum = a+b  # twice"
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode(text)) == text
+    loaded.save(tmp_path / "hf_art")
+    again = mythos_rt.load(tmp_path / "hf_art")
+    assert again.tokenizer.encode(text) == loaded.tokenizer.encode(text)
+    (tmp_path / "hf_art" / "tokenizer_config.json").write_text('{"eos_token": "<s>"}')
+    with pytest.raises(ArtifactError, match="tokenizer_config.json: not listed"):
+        mythos_rt.load(tmp_path / "hf_art")
+    with pytest.raises(ValueError, match="vocabulary of 259 ids but the model's vocab_size is 101"):
+        mythos_rt.compile(OpenMythos(MythosConfig.from_preset("tiny_gqa")), backend="torch",
+                          max_seq_len=32, tokenizer="byte")
+
+
+def test_a_checkpoint_directory_brings_its_tokenizer(tmp_path):
+    model = _byte_vocab_model()
+    mythos_rt.save_checkpoint(tmp_path / "ckpt", model.cfg, model.state_dict())
+    ByteTokenizer().save(tmp_path / "ckpt")
+    rt = mythos_rt.compile(tmp_path / "ckpt", backend="torch", max_batch_size=1, max_seq_len=32)
+    assert rt.tokenizer == ByteTokenizer()

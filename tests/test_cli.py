@@ -4,10 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import mythos_rt
+from mythos_rt.checkpoint import save_checkpoint
 from mythos_rt.cli import main
-from mythos_rt.demo import write_demo_checkpoint
+from mythos_rt.config import MythosConfig
+from mythos_rt.reference import OpenMythos
+from mythos_rt.testing import spread_act_halting
 
 
 def cli(*args, ok=True):
@@ -20,7 +24,14 @@ def cli(*args, ok=True):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    """A seeded small_mla checkpoint (no tokenizer), ACT tuned to halt at different loops."""
+    cfg = MythosConfig.from_preset("small_mla")
+    torch.manual_seed(0)
+    model = OpenMythos(cfg).eval()
+    with torch.no_grad():  # N(0, 0.02) weights make greedy decoding repeat one token
+        model.embed.weight.normal_(0.0, 0.5)
+    spread_act_halting(model, torch.randint(0, cfg.vocab_size, (2, 8)), seed=0)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), cfg, model.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +118,13 @@ def test_user_error_exit_through_a_real_process(art):
 
 
 def test_demo_runs(tmp_path):
-    out = cli("demo", "--out", tmp_path / "d", "--new-tokens", 3).stdout
-    assert "identical ids" in out and "max |logits - reference|" in out
+    out = cli("demo", "--out", tmp_path / "d", "--new-tokens", 12).stdout
+    for text in ["'Return the number of ' -> '", "Held-out bits/byte", "n_loops=1: ",
+                 "n_loops=8: ", "ACT halting", "never: ", "max |logits - reference|",
+                 "greedy ids identical over 12 tokens", "tokens/s"]:
+        assert text in out, out
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "config.json", "model.safetensors", "mythos_tokenizer.json"]
 
 
 def test_demo_replaces_only_its_own_files_unless_forced(tmp_path):
@@ -159,3 +175,43 @@ def test_bench_outside_a_source_checkout_says_so(monkeypatch, tmp_path, capsys):
     assert main(["bench", "--preset", "tiny_mla", "--quick"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a source checkout" in err[0]
+
+
+def test_generate_text_prompts(tmp_path):
+    from tests.test_demo_model import ASSET
+    rt = mythos_rt.compile(ASSET, device="cpu", max_batch_size=2, max_seq_len=64)
+    prompts = ["Return the ", "def f(x):\n    \"\"\""]
+    want = rt.generate(prompts, 9, n_loops=2)
+    out = cli("generate", ASSET, "--prompt", prompts[0], "--prompt", prompts[1],
+              "--max-new-tokens", 9, "--n-loops", 2).stdout
+    assert out == "\n\n".join(p + t for p, t in zip(prompts, want)) + "\n"
+    rt.save(tmp_path / "art")
+    streamed = cli("generate", tmp_path / "art", "--prompt", prompts[0], "--max-new-tokens", 9,
+                   "--n-loops", 2, "--stream").stdout
+    assert streamed == prompts[0] + want[0] + "\n"
+    cut = want[0][2:4]
+    stopped = cli("generate", tmp_path / "art", "--prompt", prompts[0], "--max-new-tokens", 9,
+                  "--n-loops", 2, "--stop", cut).stdout
+    assert stopped == prompts[0] + want[0][:want[0].index(cut)] + "\n"
+
+
+def test_text_generation_errors_are_one_line(ckpt, art, tmp_path):
+    from tests.test_tokenizer import make_hf_tokenizer
+    for args, message in [
+            ([art, "--prompt", "hi"], "this model has no tokenizer for --prompt text"),
+            ([art, "--prompt", "hi", "--prompt-ids", "1"], "give --prompt TEXT"),
+            ([art], "give --prompt TEXT"),
+            ([art, "--prompt-ids", "1", "--stop", "x"], "--stop strings need --prompt text"),
+            ([art, "--prompt", "hi", "--tokenizer", tmp_path / "none.json"],
+             "no such tokenizer file"),
+            ([art, "--prompt", "hi", "--tokenizer", make_hf_tokenizer(tmp_path / "big", 600)],
+             "vocabulary of 600 ids but the model's vocab_size is 512")]:
+        proc = cli("generate", *args, ok=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_the_tokenizer_flag_gives_a_tokenizer_less_model_text(art):
+    out = cli("generate", art, "--prompt", "hi", "--tokenizer", "byte", "--max-new-tokens", 3,
+              "--n-loops", 2, "--stop-ids").stdout
+    assert out.startswith("hi") and out.endswith("\n")

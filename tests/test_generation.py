@@ -182,13 +182,14 @@ def test_the_last_new_token_needs_no_cache_slot():
 
 
 @pytest.mark.parametrize("prompt, message", [
-    (["1 2 3"], r"input_ids\[0\] must be an integer tensor or a list of int token ids"),
+    (["1 2 3"], "text prompts need a tokenizer: this runtime has none"),
     ([[1, 2 ** 64]], r"token id 18446744073709551616 in input_ids\[0\] is outside"),
     ([1, 2 ** 70], "token id 1180591620717411303424 in input_ids is outside"),
     ([1.5, 2], r"input_ids\[0\] must be an integer tensor or a list"),
     ([[1, True]], r"input_ids\[0\] must be an integer tensor or a list"),
     ([None], r"input_ids\[0\] must be an integer tensor"),
-    ("1 2 3", "input_ids must be a torch.Tensor"),
+    ("1 2 3", "text prompts need a tokenizer"),
+    (["1 2 3", [1, 2]], r"input_ids\[0\] must be an integer tensor or a list of int token ids"),
 ])
 def test_wrong_prompt_types_are_input_errors(setup, prompt, message):
     _, rt, _ = setup
