@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 import torch
 
 from .config import MythosConfig
-from .errors import InputError
+from .errors import InputError, clip
 from .graphs import DecodeGraphs
 from .ir import Graph
 from .lower import Lowered, Shape, Step
@@ -52,12 +52,6 @@ def _emit(pieces: list[str], single: bool) -> Iterator:
             yield pieces[0]
     elif any(pieces):
         yield pieces
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """repr of a user's value, cut to ``limit`` characters (error messages stay one line)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class StepObserver(Protocol):
@@ -223,10 +217,10 @@ class Runtime:
             return ids
         if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
             raise InputError(f"{what} must be an integer tensor or a list of int token ids, "
-                             f"got {_short(ids)}")
+                             f"got {clip(repr(ids))}")
         bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
         if bad is not None:
-            raise InputError(f"token id {_short(bad)} in {what} is outside the vocabulary "
+            raise InputError(f"token id {clip(repr(bad))} in {what} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
         return torch.tensor(list(ids), dtype=torch.long)
 
@@ -255,7 +249,7 @@ class Runtime:
 
     def _check_loops(self, n_loops: Optional[int]) -> int:
         n = self.config.max_loop_iters if n_loops is None else n_loops
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not _is_int(n) or n < 1:
             raise InputError(f"n_loops must be an integer >= 1, got {n_loops!r}")
         if n > self.max_loops:
             raise InputError(f"n_loops={n} exceeds the compiled max_loops={self.max_loops} "
@@ -263,7 +257,7 @@ class Runtime:
         return n
 
     def _check_sampling(self, max_new_tokens, longest: int) -> None:
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         # The last sampled token is never fed back: P + N tokens take P + N - 1 cache slots.
         slots = longest + max(max_new_tokens, 1) - 1
@@ -465,7 +459,7 @@ class Runtime:
     @staticmethod
     def _no_stop_strings(stop) -> None:
         if stop:
-            raise InputError(f"stop strings ({_short(stop)}) need text prompts; for token-id "
+            raise InputError(f"stop strings ({clip(repr(stop))}) need text prompts; for token-id "
                              "prompts use stop_ids")
 
     def _text_request(self, prompts, max_new_tokens, n_loops, temperature, top_k, top_p, seed,

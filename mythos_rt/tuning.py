@@ -15,6 +15,8 @@ import math
 import re
 from typing import Any
 
+from .errors import clip
+
 __all__ = ["MOE_FIELDS", "MAX_ENTRIES", "MAX_FILE_BYTES", "check_table", "valid_entries"]
 
 _POW2 = lambda lo, hi: frozenset(1 << i for i in range(lo.bit_length() - 1, hi.bit_length()))  # noqa: E731
@@ -39,8 +41,7 @@ _KEY = re.compile(r"[^|\x00-\x20]{1,64}\|n\d{1,9}\|D\d{1,7}\|I\d{1,7}\|E\d{1,7}\
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return clip(repr(value), 40)
 
 
 def _check_entry(key: Any, entry: Any) -> str:
