@@ -66,7 +66,8 @@ def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, tor
                     max_batch=options.max_batch_size,
                     chunk=min(options.chunk, options.max_seq_len),
                     max_seq_len=options.max_seq_len, max_loops=options.max_loops,
-                    backend=options.backend, overrides=options.overrides)
+                    backend=options.backend, overrides=options.overrides,
+                    act_mode=options.act_mode)
     timings = dict(timings or {}, lower_s=time.perf_counter() - t0)
     return Runtime(lowered, options, traced=traced, timings=timings, tuning=tuning,
                    tokenizer=tokenizer)
@@ -76,7 +77,8 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
             backend: str = "auto", max_batch_size: int = 8, max_seq_len: Optional[int] = None,
             max_loops: Optional[int] = None, config: Any = None, chunk: int = DEFAULT_CHUNK,
             overrides: Optional[Mapping[str, str]] = None, cuda_graphs: bool = True,
-            debug: bool = False, progress: bool = False, tokenizer=None) -> Runtime:
+            debug: bool = False, progress: bool = False, tokenizer=None,
+            act_mode: str = "eager") -> Runtime:
     """Compile an OpenMythos model (module or checkpoint path) into a Runtime.
 
     device: default CUDA if available else CPU. dtype: default the weights' dtype.
@@ -87,6 +89,10 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
     that captured graphs' buffers never move. progress: report steps on stderr.
     tokenizer: a Tokenizer, "byte" or a tokenizer file/directory (default: the one saved
     beside a checkpoint path, none for a module); ``rt.tokenizer``, used for text prompts.
+    act_mode: what the loop does with positions ACT has halted (docs/adaptive-depth.md):
+    "eager" (every loop for every position, as the reference), "lazy" (exact: a halted
+    position's deeper loops run only when a later position needs them, batched) or
+    "reuse" (approximate: halted positions' deeper cache entries repeat their last ones).
     """
     t0 = time.perf_counter()
     with stage("loading and tracing", progress):
@@ -101,7 +107,8 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
         max_batch_size=max_batch_size,
         max_seq_len=cfg.max_seq_len if max_seq_len is None else max_seq_len,
         max_loops=cfg.max_loop_iters if max_loops is None else max_loops, chunk=chunk,
-        overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug).validate(cfg)
+        overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug,
+        act_mode=act_mode).validate(cfg)
     with stage("running passes", progress):
         optimized = run_passes(graph, dtype=options.dtype)
     t2 = time.perf_counter()
@@ -118,13 +125,13 @@ if compile.__doc__:  # None under python -OO
 
 def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[str] = None,
          overrides: Optional[dict] = None, cuda_graphs: Optional[bool] = None,
-         tokenizer=None) -> Runtime:
+         tokenizer=None, act_mode: Optional[str] = None) -> Runtime:
     """Restore a Runtime saved with ``Runtime.save``: no tracing, no passes, no packing.
 
-    ``device`` defaults to CUDA if available; ``backend``/``overrides``/``cuda_graphs``
-    default to what the artifact was compiled with. The artifact's MoE tile configs
-    (``autotune/moe.json``) serve the returned Runtime only: the user's autotune cache is
-    never written. ``tokenizer`` overrides the artifact's own (see ``compile``).
+    ``device`` defaults to CUDA if available; ``backend``/``overrides``/``cuda_graphs``/
+    ``act_mode`` default to what the artifact was compiled with. The artifact's MoE tile
+    configs (``autotune/moe.json``) serve the returned Runtime only: the user's autotune
+    cache is never written. ``tokenizer`` overrides the artifact's own (see ``compile``).
     """
     t0 = time.perf_counter()
     cfg, graph, options, weights, tuning, tok = artifact.read_artifact(directory)
@@ -136,6 +143,8 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
         options.overrides = dict(overrides)
     if cuda_graphs is not None:
         options.cuda_graphs = cuda_graphs
+    if act_mode is not None:
+        options.act_mode = act_mode
     device = resolve_device(device)
     moved: dict[int, torch.Tensor] = {}  # keep aliases aliased on the device
     # Fresh, aligned copies: kernels (and BLAS) may pick different paths for the unaligned

@@ -17,10 +17,11 @@ workspace), never a backend's name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, NamedTuple, Optional
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional
 
 import torch
 
+from . import depth
 from .config import MythosConfig
 from .ir import Graph, Op
 from .ops.attention import GQAWeights, MLAWeights, new_caches, rope_tables
@@ -55,10 +56,14 @@ class Shape(NamedTuple):
 
 @dataclass
 class Step:
+    """One launch of a plan. A region whose shapes are decided while it runs (the lazy
+    loop, ``mythos_rt.depth``) also has ``expand(shape)``, yielding its inner steps with
+    their shapes as it goes; its ``run`` runs them all."""
     name: str
     kind: str
     backend: str
     run: Callable[[Shape], None]
+    expand: Optional[Callable[[Shape], Iterator[tuple["Step", Shape]]]] = None
 
 
 Binder = Callable[[Shape], Callable[[], None]]
@@ -92,6 +97,7 @@ class Buffers:
     cos: torch.Tensor
     sin: torch.Tensor
     workspaces: dict[str, object] = field(default_factory=dict)  # op name → its scratch
+    depth: Optional[depth.DepthState] = None  # lazy ACT's store (act_mode lazy / reuse)
 
 
 @dataclass
@@ -237,6 +243,8 @@ def _bind_attention(low: Lowered, op: Op, t):
     first, second = low.buffers.caches[key if t is None else key["per_loop"].format(t=t)]
     x, out = low.buf(op.inputs[0]), low.buf(op.outputs[0])
     lens, cos, sin, D = low.buffers.cache_lens, low.buffers.cos, low.buffers.sin, cfg.dim
+    if t is not None and low.buffers.depth is not None:
+        lens = low.buffers.depth.loop_lens  # a lazy loop pass starts at its own offsets
     scale = ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 if op.kind == "mla_attention"
              else cfg.head_dim ** -0.5)
 
@@ -320,11 +328,70 @@ def _loop_steps(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
         steps.append(Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend,
                           bound_run(epilogue)))
 
+    steps.append(_loop_result(out, act))
+    return steps
+
+
+def _loop_result(out: torch.Tensor, act: ACTState) -> Step:
     def finish(s: Shape):
         o, r = out[:s.N], act.h_out[:s.N]
         return lambda: o.copy_(r)
-    steps.append(Step("loop_result", "copy", PLAIN_TORCH, bound_run(finish)))
-    return steps
+    return Step("loop_result", "copy", PLAIN_TORCH, bound_run(finish))
+
+
+def _lazy_loop_steps(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
+    """The loop region with lazy depth (``mythos_rt.depth``): one region step whose
+    passes are decided from the halting flags as it runs, then the ACT result."""
+    ops = loop.body.ops
+    st, act, D = low.buffers.depth, low.buffers.act, low.cfg.dim
+    h, e_chunk, e = low.buffers.h, low.buf(loop.inputs[1]), low.buf(f"{loop.name}.e_work")
+    pro, epi = low.impls["loop_prologue"], low.impls["loop_epilogue"]
+    pro_params, epi_params = low.args["loop_prologue"], low.args["loop_epilogue"]
+    combined, block_out = low.buf(ops[0].outputs[0]), low.buf(ops[-1].inputs[0])
+    attention = [op for op in ops if "cache" in op.attrs]
+
+    def body_steps(t: int) -> list[Step]:
+        def prologue(s: Shape):
+            hv, ev, cv = h[:s.N], e[:s.N], combined[:s.N]
+            return lambda: pro.fn(hv, ev, pro_params, t, out=cv)
+
+        def epilogue(s: Shape):
+            return epi.launcher(block_out[:s.N], h[:s.N], e[:s.N], epi_params, t, st.work)
+        return ([Step(f"depth_gather[t={t}]", "copy", PLAIN_TORCH,
+                      bound_run(depth.gather(st, act, h, e, D))),
+                 Step(f"loop_prologue[t={t}]", "loop_prologue", pro.backend, bound_run(prologue))]
+                + [low.step(op, t) for op in ops[1:-1]]
+                + [Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend,
+                        bound_run(epilogue)),
+                   Step(f"depth_scatter[t={t}]", "copy", PLAIN_TORCH,
+                        bound_run(depth.scatter(st, act, h, D, t)))])
+    body = [body_steps(t) for t in range(n_loops)]
+
+    def copy_entries(b: int, lo: int, hi: int, t: int) -> None:
+        for op in attention:
+            key = op.attrs["cache"]["per_loop"]
+            src, dst = low.buffers.caches[key.format(t=t - 1)], low.buffers.caches[key.format(t=t)]
+            for a, c in zip(src, dst):
+                c[b, lo:hi] = a[b, lo:hi]
+
+    start = Step("depth_start", "copy", PLAIN_TORCH,
+                 bound_run(depth.store_chunk(st, act, low.buffers.cache_lens, e_chunk, D)))
+    expand = depth.lazy_region(st, n_loops=n_loops, chunk=low.chunk,
+                               cache_lens=low.buffers.cache_lens, act=act, start=start,
+                               body=body.__getitem__, copy_entries=copy_entries)
+
+    def run(s: Shape) -> None:
+        for step, shape in expand(s):
+            step.run(shape)
+    return [Step(f"loop[{st.mode}]", "loop", PLAIN_TORCH, run, expand=expand),
+            _loop_result(low.buf(loop.outputs[0]), act)]
+
+
+def _loop_region(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
+    """Every depth for every position (act_mode "eager"), or lazy depth."""
+    if low.buffers.depth is None:
+        return _loop_steps(low, loop, n_loops)
+    return _lazy_loop_steps(low, loop, n_loops)
 
 
 RULES: dict[str, Rule] = {
@@ -337,7 +404,7 @@ RULES: dict[str, Rule] = {
     "dense_ffn": Rule(_bind_dense_ffn, "dense_ffn", DenseFFN.build, _allocate_ffn_scratch),
     "moe": Rule(_bind_moe, "moe_ffn", PackedMoE.build),
     "head": Rule(_bind_head),
-    "loop": Rule(None, steps=_loop_steps),
+    "loop": Rule(None, steps=_loop_region),
     "loop_prologue": Rule(None, "loop_prologue"),
     "loop_epilogue": Rule(None, "loop_epilogue", allocate=_allocate_loop),
 }
@@ -358,8 +425,9 @@ def _graphs(graph: Graph) -> list[Graph]:
 def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
           device: torch.device, dtype: torch.dtype, *, max_batch: int, chunk: int,
           max_seq_len: int, max_loops: int, backend: str = "auto",
-          overrides: Optional[Mapping[str, str]] = None) -> Lowered:
-    """Place an optimized graph: select implementations, prepare op arguments, allocate."""
+          overrides: Optional[Mapping[str, str]] = None, act_mode: str = "eager") -> Lowered:
+    """Place an optimized graph: select implementations, prepare op arguments, allocate
+    (``act_mode``: "eager", or "lazy"/"reuse" for adaptive depth, ``mythos_rt.depth``)."""
     kernels = {r.kernel for r in RULES.values() if r.kernel is not None}
     impls = {name: select(name, device, backend, overrides, dtype) for name in kernels}
     n_max = max_batch * chunk
@@ -371,7 +439,9 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
         input_ids=torch.zeros(n_max, dtype=torch.long, device=device),
         act=ACTState.allocate(n_max, cfg.dim, dtype, device),
         h=torch.empty(n_max, cfg.dim, dtype=dtype, device=device),
-        cos=cos, sin=sin)
+        cos=cos, sin=sin,
+        depth=None if act_mode == "eager" else depth.DepthState.allocate(
+            act_mode, max_batch, max_seq_len, n_max, cfg.dim, dtype, device))
     low = Lowered(cfg, graph, device, dtype, max_batch, chunk, max_loops, impls, buffers,
                   weights=dict(weights), max_seq_len=max_seq_len)
     for g in _graphs(graph):
@@ -384,6 +454,9 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                     buffers.workspaces[op.name] = impl.workspace(n_max, low.args[op.name], device)
             if rule.allocate is not None:
                 rule.allocate(low, op, g)
+            if op.kind == "loop" and buffers.depth is not None:  # the passes' injection rows
+                buffers.arena[f"{op.name}.e_work"] = torch.empty(n_max, cfg.dim, dtype=dtype,
+                                                                 device=device)
             for v in op.outputs:
                 if v not in buffers.arena:
                     width = cfg.vocab_size if g.values[v].shape[-1] == "vocab" else cfg.dim

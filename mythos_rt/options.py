@@ -17,6 +17,11 @@ DEFAULT_CHUNK = 256
 # naming the option, not an allocation that exhausts the machine.
 LIMITS = {"max_batch_size": 4096, "max_loops": 1024, "chunk": 1 << 16}
 DTYPES = ("float32", "float16", "bfloat16")
+# How the recurrent loop treats positions ACT has halted (docs/adaptive-depth.md):
+# "eager" computes every loop for every position, "lazy" stops a halted position and
+# computes its deeper loops only when a later position needs them (exact), "reuse" gives
+# it its last computed cache entries instead (approximate).
+ACT_MODES = ("eager", "lazy", "reuse")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -36,6 +41,7 @@ class CompileOptions:
     overrides: dict = field(default_factory=dict)
     cuda_graphs: bool = True
     debug: bool = False
+    act_mode: str = "eager"
 
     def validate(self, cfg: MythosConfig) -> "CompileOptions":
         for name in ("max_batch_size", "max_seq_len", "max_loops", "chunk"):
@@ -55,6 +61,9 @@ class CompileOptions:
                 isinstance(k, str) and isinstance(v, str) for k, v in self.overrides.items()):
             raise InputError(f"overrides must map op names to backend names, got "
                              f"{str(self.overrides)[:60]!r}")
+        if self.act_mode not in ACT_MODES:
+            raise InputError(f"act_mode must be one of {', '.join(ACT_MODES)}, got "
+                             f"{str(self.act_mode)[:40]!r}")
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return self

@@ -94,20 +94,48 @@ class Runtime:
         for ws in self._tuned_workspaces:
             ws.tuned = self.tuning
         buf = lowered.buffers
+        self._stats: dict = {}
+        # Lazy depth decides each loop's work on the host (mythos_rt.depth): not capturable.
         self.graphs = DecodeGraphs(
             lambda B, n: self._execute(Shape(B, 1), n), self.device, self.max_batch_size,
             buf.cache_lens, buf.input_ids, static=[buf.cache_lens, buf.input_ids,
                                                    buf.arena["logits"]],
-            enabled=options.cuda_graphs, debug=options.debug)
+            enabled=options.cuda_graphs and buf.depth is None, debug=options.debug)
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """Whether decode steps are captured/replayed as CUDA graphs (settable)."""
+        """Whether decode steps are captured/replayed as CUDA graphs (settable; always off
+        with lazy depth, whose loop decides its work on the host)."""
         return self.graphs.enabled
 
     @use_cuda_graphs.setter
     def use_cuda_graphs(self, on: bool) -> None:
-        self.graphs.set_enabled(on)
+        self.graphs.set_enabled(on and self._low.buffers.depth is None)
+
+    @property
+    def act_mode(self) -> str:
+        """How the loop treats halted positions: "eager", "lazy" or "reuse"."""
+        return self.options.act_mode
+
+    @property
+    def last_stats(self) -> dict:
+        """Work counters of the last ``forward``/``generate``/``stream``:
+
+        * ``block_evals``: (position, loop) evaluations of the looped block that ran;
+        * ``eager_block_evals``: what every depth for every position would have run;
+        * ``catchup_evals``: evaluations of earlier positions' deferred loops (lazy);
+        * ``reused_entries``: (position, loop) cache entries copied instead (reuse);
+        * ``positions``: tokens that ran the loop; ``n_loops``; ``act_mode``;
+        * ``halt_histogram``: positions by the loop (1-based) at which ACT halted them,
+          index 0 = never halted (lazy and reuse only; None under eager).
+        """
+        st = self._low.buffers.depth
+        stats = dict(st.stats if st is not None else self._stats)
+        if st is None:
+            stats["halt_histogram"] = None
+        stats["act_mode"] = self.act_mode
+        stats["n_loops"] = self._stats.get("n_loops")
+        return stats
 
     # ---- introspection --------------------------------------------------------------------
     @property
@@ -308,18 +336,40 @@ class Runtime:
                 step.run(shape)
             return
         for step in self.plan(n_loops):
-            observer.on_step_start(step, shape)
-            step.run(shape)
-            observer.on_step_end(step, shape)
+            inner = [(step, shape)] if step.expand is None else step.expand(shape)
+            for sub, sub_shape in inner:
+                observer.on_step_start(sub, sub_shape)
+                sub.run(sub_shape)
+                observer.on_step_end(sub, sub_shape)
 
-    def _run_chunk(self, ids: torch.Tensor, n_loops: int) -> torch.Tensor:
+    def _start_request(self, n_loops: int) -> None:
+        """Zero the work counters (``last_stats``) for a request of ``n_loops`` loops."""
+        self._stats = {"block_evals": 0, "eager_block_evals": 0, "catchup_evals": 0,
+                       "reused_entries": 0, "positions": 0, "n_loops": n_loops}
+        if self._low.buffers.depth is not None:
+            self._low.buffers.depth.reset_stats(n_loops)
+
+    def _run_chunk(self, ids: torch.Tensor, n_loops: int,
+                   valid: Optional[list[int]] = None) -> torch.Tensor:
         """Run one chunk (B, T) at the current cache lengths; return logits (B, T, V) view.
+        ``valid``: real tokens per row (prefill pads ragged rows; default all T).
 
         Inference mode: no autograd bookkeeping on the plan's views and in-place updates,
         which is a large share of a CPU decode step's cost.
         """
         B, T = ids.shape
+        real = B * T if valid is None else sum(valid)
+        depth = self._low.buffers.depth
+        if depth is None:
+            for key in ("block_evals", "eager_block_evals"):
+                self._stats[key] = self._stats.get(key, 0) + real * n_loops
+            self._stats["positions"] = self._stats.get("positions", 0) + real
         with torch.inference_mode():
+            if depth is not None:
+                if valid is None:
+                    depth.chunk_valid[:B].fill_(T)
+                else:
+                    depth.chunk_valid[:B].copy_(torch.tensor(valid, dtype=torch.int32))
             self._low.buffers.input_ids[:B * T].copy_(ids.reshape(-1))
             if T == 1:
                 self.graphs.step(B, n_loops)
@@ -342,10 +392,13 @@ class Runtime:
             ids[b, :lens[b]] = p
         buffers = self._low.buffers
         buffers.cache_lens.zero_()
+        self._start_request(n_loops)
         chunk = self._low.chunk
         outs, last = [], torch.empty(B, self.config.vocab_size, dtype=self.dtype, device=self.device)
         for start in range(0, T, chunk):
-            logits = self._run_chunk(ids[:, start:start + chunk], n_loops)
+            piece = ids[:, start:start + chunk]
+            valid = [min(max(n - start, 0), piece.shape[1]) for n in lens]
+            logits = self._run_chunk(piece, n_loops, valid)
             if want_all:
                 outs.append(logits.clone())
             for b, n in enumerate(lens):
