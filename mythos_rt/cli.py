@@ -16,7 +16,7 @@ from .errors import ArtifactError, InputError
 from .ir import IRError
 from .ops.registry import BackendError
 from .tokenizer import TokenizerError
-from .options import DTYPES
+from .options import ACT_MODES, DTYPES
 from .trace import TraceError
 
 # Errors that describe a user's mistake; anything else is a bug and keeps its traceback.
@@ -33,7 +33,8 @@ def _cmd_compile(args) -> int:
     check_destination(out, overwrite=args.force)  # before the compile, not after it
     rt = compile_model(args.checkpoint, device=args.device, dtype=args.dtype,
                        backend=args.backend, max_batch_size=args.max_batch_size,
-                       max_seq_len=args.max_seq_len, max_loops=args.max_loops, progress=True)
+                       max_seq_len=args.max_seq_len, max_loops=args.max_loops, progress=True,
+                       act_mode=args.act_mode)
     print(f"saved {rt.save(args.output, overwrite=args.force)}: {rt!r}")
     return 0
 
@@ -75,9 +76,10 @@ def _generation_runtime(args, prompts: list):
     if not artifact.is_artifact(args.model):
         rt = compiler.compile(args.model, device=args.device, progress=True,
                               max_batch_size=len(prompts), max_loops=loops,
-                              tokenizer=args.tokenizer)
+                              tokenizer=args.tokenizer, act_mode=args.act_mode or "eager")
         return rt, (_text_ids(rt, prompts) if text else prompts)
-    rt = compiler.load(args.model, device=args.device, tokenizer=args.tokenizer)
+    rt = compiler.load(args.model, device=args.device, tokenizer=args.tokenizer,
+                       act_mode=args.act_mode)
     ids = _text_ids(rt, prompts) if text else prompts
     need = max(map(len, ids)) + max(args.max_new_tokens, 1) - 1
     for what, value, limit, flag in (
@@ -190,13 +192,15 @@ def _cmd_profile(args) -> int:
     elif not Path(args.checkpoint).exists():
         raise CheckpointError(f"{args.checkpoint}: no such file or directory")
     res = profile(target, args.prompt_len, args.new_tokens, args.n_loops, args.out,
-                  batch=args.batch, device=args.device, dtype=args.dtype, backend=args.backend)
+                  batch=args.batch, device=args.device, dtype=args.dtype, backend=args.backend,
+                  act_mode=args.act_mode)
     print(format_stages(res))
     tel = res["telemetry"]
     print(f"telemetry: {'%d samples' % tel['n_samples'] if tel['available'] else tel['reason']}")
     act = res["act"]
     print(f"ACT: mean halting depth {act['mean_halting_depth']} of {act['n_loops']}, "
-          f"{act['never_halted']}/{act['positions']} positions never halted")
+          f"{act['never_halted']}/{act['positions']} positions never halted; halted at loop "
+          f"1..{act['n_loops']}: " + " ".join(str(h["positions"]) for h in act["halted_at_loop"]))
     if res["roofline"]["path"] is None:
         print(res["roofline"]["reason"])
     print(f"wrote {res['files']['profile']}, {res['files']['trace']}"
@@ -291,7 +295,13 @@ def _add_profile(sub, dtypes, backends) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=dtypes)
     p.add_argument("--backend", default="auto", choices=backends)
+    p.add_argument("--act-mode", default="eager", choices=ACT_MODES, help=ACT_HELP)
     p.set_defaults(fn=_cmd_profile)
+
+
+ACT_HELP = ("what the loop does with positions ACT halted: eager (every loop), lazy (exact, "
+            "skips loops no later token needs) or reuse (approximate); see "
+            "docs/adaptive-depth.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seq-len", type=int, default=None, help="default: the config's")
     c.add_argument("--max-loops", type=int, default=None, help="default: max_loop_iters")
     c.add_argument("--force", action="store_true", help="overwrite a non-empty output dir")
+    c.add_argument("--act-mode", default="eager", choices=ACT_MODES, help=ACT_HELP)
     c.set_defaults(fn=_cmd_compile)
 
     g = sub.add_parser("generate", help="complete text prompts (or token-id prompts)")
@@ -335,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the completion as it is produced (text: default on a "
                         "terminal, one prompt only; ids: each step's tokens)")
     g.add_argument("--device", default=None)
+    g.add_argument("--act-mode", default=None, choices=ACT_MODES,
+                   help=ACT_HELP + " (default: the artifact's, else eager)")
     g.set_defaults(fn=_cmd_generate)
 
     i = sub.add_parser("inspect", help="print the IR of a checkpoint or artifact")

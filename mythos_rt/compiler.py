@@ -61,7 +61,8 @@ def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, tor
     check_fits(cfg, device, "compiling (KV caches, activation arena)", weights=False,
                dtype_bytes=getattr(torch, options.dtype).itemsize,
                max_batch=options.max_batch_size, max_seq_len=options.max_seq_len,
-               max_loops=options.max_loops, chunk=min(options.chunk, options.max_seq_len))
+               max_loops=options.max_loops, chunk=min(options.chunk, options.max_seq_len),
+               lazy_depth=options.act_mode != "eager")
     lowered = lower(optimized, cfg, weights, device, getattr(torch, options.dtype),
                     max_batch=options.max_batch_size,
                     chunk=min(options.chunk, options.max_seq_len),

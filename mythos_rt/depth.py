@@ -23,8 +23,11 @@ generated), which are rewritten before anything reads them.
 ``"reuse"`` (approximate, Huginn-style): earlier positions are never resumed; their
 missing loop-t entries are copies of their loop t−1 entries.
 
-The host decides each loop's ranges from the halting flags (one read per loop; free on a
-CPU). On CUDA this mode therefore runs without CUDA graphs (docs/adaptive-depth.md).
+Bookkeeping is on the host: since depth never increases along a row, a row's depths are
+fully described by ``deeper[b][t]``, the number of leading positions deeper than loop t,
+so no per-position depth array exists. Each loop reads the chunk's halting flags once
+(free on a CPU); on CUDA this mode therefore runs without CUDA graphs
+(docs/adaptive-depth.md).
 """
 
 from __future__ import annotations
@@ -39,56 +42,56 @@ from .ops.recurrent import ACTState
 
 @dataclass
 class Piece:
-    """One batched pass of loop ``t``: row ``b`` runs positions ``start[b] + i`` for
-    ``i < W`` of which ``live[b, i]`` are real work; ``chunk_row`` indexes the chunk's
-    per-token arrays (``b * T + position - L_b``) where ``in_chunk``."""
+    """One batched pass of loop ``t``: row ``b`` runs positions ``start[b] + i``,
+    ``i < W``. ``store_row`` indexes the flattened store and ``chunk_row`` the chunk's
+    ACT arrays for each of the B·W rows; rows that are not real work (padding, and
+    earlier positions for ``chunk_row``) point at the stores' spare last row."""
     start: torch.Tensor      # (B,) int32
-    pos: torch.Tensor        # (B, W) int64, clamped to the cache
-    live: torch.Tensor       # (B, W) bool
-    in_chunk: torch.Tensor   # (B, W) bool
-    chunk_row: torch.Tensor  # (B, W) int64, clamped to [0, B*T)
-
-    @property
-    def W(self) -> int:
-        return self.pos.shape[1]
+    store_row: torch.Tensor  # (B·W,) int64
+    chunk_row: torch.Tensor  # (B·W,) int64
 
 
 @dataclass
 class DepthState:
     """What lazy depth keeps between steps (allocated once, bounded by the cache size).
 
-    h, e : (B_max, S_max, D) storage dtype: each position's state after its last computed
-        loop and its injection input.
-    depth : (B_max, S_max) int32, loops computed per cached position.
+    h, e : (B_max·(S_max + 1), D) storage dtype: each position's state after its last
+        computed loop and its injection input, row ``b·(S_max + 1) + position``; the
+        spare row per batch row absorbs the writes of padded pass rows.
+    deeper : host lists, ``deeper[b][t]`` = leading positions of row b computed beyond
+        loop t (their loop-t cache entries exist).
     loop_lens : (B_max,) int32, the offset of the current pass (the loop's attention ops
         read positions from it instead of ``cache_lens``).
     chunk_valid : (B_max,) int32, real tokens of each row in the current chunk (prefill
         pads ragged rows; padding never runs the loop).
-    work : the ACT buffers of the pass's rows (the chunk's own are ``Buffers.act``).
-    halt_loop : (N_max,) int32, loop (1-based) at which each chunk token halted, 0 = not.
+    work : the ACT buffers of the pass's rows (the chunk's own are ``Buffers.act``,
+        allocated with one spare row, ``n_max``).
+    halt_loop : (N_max + 1,) int32, loop (1-based) at which each chunk token halted, 0 = not.
     """
     h: torch.Tensor
     e: torch.Tensor
-    depth: torch.Tensor
+    deeper: list
     loop_lens: torch.Tensor
     chunk_valid: torch.Tensor
     work: ACTState
     halt_loop: torch.Tensor
+    seq_len: int
     mode: str = "lazy"
     stats: dict = field(default_factory=dict)
     piece: Optional[Piece] = None
 
     @classmethod
-    def allocate(cls, mode: str, max_batch: int, max_seq_len: int, n_max: int, dim: int,
-                 dtype: torch.dtype, device) -> "DepthState":
-        store = dict(dtype=dtype, device=device)
-        st = cls(h=torch.zeros(max_batch, max_seq_len, dim, **store),
-                 e=torch.zeros(max_batch, max_seq_len, dim, **store),
-                 depth=torch.zeros(max_batch, max_seq_len, dtype=torch.int32, device=device),
+    def allocate(cls, mode: str, max_batch: int, max_seq_len: int, max_loops: int,
+                 n_max: int, dim: int, dtype: torch.dtype, device) -> "DepthState":
+        rows = max_batch * (max_seq_len + 1)
+        st = cls(h=torch.zeros(rows, dim, dtype=dtype, device=device),
+                 e=torch.zeros(rows, dim, dtype=dtype, device=device),
+                 deeper=[[0] * max_loops for _ in range(max_batch)],
                  loop_lens=torch.zeros(max_batch, dtype=torch.int32, device=device),
                  chunk_valid=torch.zeros(max_batch, dtype=torch.int32, device=device),
                  work=ACTState.allocate(n_max, dim, dtype, device),
-                 halt_loop=torch.zeros(n_max, dtype=torch.int32, device=device), mode=mode)
+                 halt_loop=torch.zeros(n_max + 1, dtype=torch.int32, device=device),
+                 seq_len=max_seq_len, mode=mode)
         st.reset_stats(1)
         return st
 
@@ -100,8 +103,8 @@ class DepthState:
 
 
 def store_bytes(max_batch: int, max_seq_len: int, dim: int, dtype_bytes: int) -> int:
-    """Bytes ``DepthState`` allocates beyond the KV caches (``h`` and ``e`` stores, depth)."""
-    return max_batch * max_seq_len * (2 * dim * dtype_bytes + 4)
+    """Bytes ``DepthState`` allocates beyond the KV caches (the ``h`` and ``e`` stores)."""
+    return 2 * max_batch * (max_seq_len + 1) * dim * dtype_bytes
 
 
 def lazy_region(st: DepthState, *, n_loops: int, chunk: int, cache_lens: torch.Tensor,
@@ -110,11 +113,11 @@ def lazy_region(st: DepthState, *, n_loops: int, chunk: int, cache_lens: torch.T
     """The loop region's ``expand(shape)``: yields (step, shape) for the chunk's start,
     then per loop and piece the gather, prologue, block, epilogue and scatter steps.
 
-    act : the chunk's ACT state (one row per chunk token);
+    act : the chunk's ACT state (one row per chunk token, plus the spare row);
     start : the step that stores the chunk's positions (``store_chunk``);
     body(t) : loop t's steps [gather, prologue, *block ops, epilogue, scatter];
-    copy_entries(rows, lo, hi, t) : "reuse": copy loop t−1's cache entries of positions
-        [lo, hi) of the given rows into loop t's caches.
+    copy_entries(row, lo, hi, t) : "reuse": copy loop t−1's cache entries of positions
+        [lo, hi) of the row into loop t's caches.
     """
     def expand(shape) -> Iterator:
         B, T = shape.B, shape.T
@@ -124,140 +127,131 @@ def lazy_region(st: DepthState, *, n_loops: int, chunk: int, cache_lens: torch.T
         stats = st.stats
         stats["positions"] += sum(valid)
         stats["eager_block_evals"] += sum(valid) * n_loops
-        S_max = st.depth.shape[1]
-        cols = torch.arange(S_max, device=st.depth.device)
-        before = cols[None, :] < cache_lens[:B].long()[:, None]  # (B, S_max): cached positions
+        for b in range(B):  # the chunk's positions start at depth 0
+            st.deeper[b] = [min(d, lens[b]) for d in st.deeper[b]]
         for t in range(n_loops):
-            running = ~act.halted[:B * T].view(B, T)
-            if not bool(running.any()):
+            halted = act.halted[:B * T].tolist()
+            last = [max((i for i in range(T) if not halted[b * T + i]), default=-1)
+                    for b in range(B)]
+            if max(last) < 0:
                 break
-            idx = torch.arange(T, device=running.device)
-            last = torch.where(running, idx, torch.full_like(idx, -1)).amax(1).tolist()
-            deeper = ((st.depth[:B] > t) & before).sum(1).tolist()
-            lo, hi = [], []  # per row: the pass's positions [lo, hi]
+            lo, n = [], []  # per row: the pass's first position and length
             for b in range(B):
                 if last[b] < 0:
                     lo.append(0)
-                    hi.append(-1)
+                    n.append(0)
                     continue
-                s = deeper[b]
+                s = st.deeper[b][t] if t < len(st.deeper[b]) else 0
                 if st.mode == "reuse" and s < lens[b]:
                     copy_entries(b, s, lens[b], t)
-                    st.depth[b, s:lens[b]] = t + 1
                     stats["reused_entries"] += lens[b] - s
                     s = lens[b]
                 stats["catchup_evals"] += lens[b] - s
                 lo.append(s)
-                hi.append(lens[b] + last[b])
-            n = [max(0, h_ - l_ + 1) for l_, h_ in zip(lo, hi)]
+                n.append(lens[b] + last[b] - s + 1)
+                st.deeper[b][t] = lens[b] + last[b] + 1
             stats["block_evals"] += sum(n)
             for k in range(0, max(n), chunk):
                 W = min(chunk, max(n) - k)
-                st.piece = _piece(lo, n, k, W, lens, T, S_max, cache_lens.device)
+                st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
                 for step in body(t):
                     yield step, type(shape)(B, W)
         st.piece = None
-        hist = torch.bincount(st.halt_loop[:B * T].view(B, T)[_valid_mask(valid, T, B, act)],
-                              minlength=n_loops + 1).tolist()
-        for i, c in enumerate(hist[:len(stats["halt_histogram"])]):
+        hist = st.halt_loop[:B * T].view(B, T)[
+            torch.arange(T)[None, :] < torch.tensor(valid)[:, None]]
+        for i, c in enumerate(torch.bincount(hist, minlength=n_loops + 1).tolist()):
             stats["halt_histogram"][i] += c
     return expand
 
 
-def _valid_mask(valid: list[int], T: int, B: int, act: ACTState) -> torch.Tensor:
-    return (torch.arange(T, device=act.halted.device)[None, :]
-            < torch.tensor(valid, device=act.halted.device)[:, None])
-
-
-def _piece(lo: list[int], n: list[int], k: int, W: int, lens: list[int], T: int,
-           S_max: int, device) -> Piece:
+def _piece(st: DepthState, lo: list[int], n: list[int], k: int, W: int, lens: list[int],
+           T: int, spare: int) -> Piece:
     """Piece ``k`` (offset k within each row's range) of width W. A row with no work left
     is placed after its chunk, where its padded queries touch only unused slots."""
-    start = torch.tensor([lo[b] + k if n[b] > k else lens[b] + T for b in range(len(lo))],
-                         dtype=torch.int64, device=device)
-    i = torch.arange(W, device=device)
-    pos = start[:, None] + i[None, :]
-    live = i[None, :] < torch.tensor([n[b] - k for b in range(len(lo))], device=device)[:, None]
-    L = torch.tensor(lens, dtype=torch.int64, device=device)[:, None]
-    in_chunk = live & (pos >= L)
-    B = len(lo)
-    row = torch.arange(B, device=device)[:, None] * T + (pos - L)
-    return Piece(start=start.to(torch.int32), pos=pos.clamp(max=S_max - 1), live=live,
-                 in_chunk=in_chunk, chunk_row=row.clamp(0, B * T - 1))
+    device = st.loop_lens.device
+    B, S1 = len(lo), st.seq_len + 1
+    first = [lo[b] + k if n[b] > k else lens[b] + T for b in range(B)]
+    meta = torch.tensor([first, [max(0, n[b] - k) for b in range(B)], lens], dtype=torch.int64)
+    meta = meta.to(device)
+    start, live_n, L = meta[0][:, None], meta[1][:, None], meta[2][:, None]
+    i = torch.arange(W, device=device)[None, :]
+    pos = start + i
+    live = i < live_n
+    rows = torch.arange(B, device=device)[:, None]
+    store_row = torch.where(live, rows * S1 + pos, rows * S1 + S1 - 1)
+    chunk_row = torch.where(live & (pos >= L), rows * T + pos - L, spare)
+    return Piece(start=meta[0].to(torch.int32), store_row=store_row.reshape(-1),
+                 chunk_row=chunk_row.reshape(-1))
 
 
 def store_chunk(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
                 e_chunk: torch.Tensor, D: int):
-    """The chunk's start: its positions enter the store with h = e and depth 0; its ACT
-    state is reset and padding tokens are marked halted (they never run the loop)."""
+    """The chunk's start: its positions enter the store with h = e; its ACT state is reset
+    and padding tokens are marked halted (they never run the loop)."""
+    S1 = st.seq_len + 1
+
     def bind(shape):
         B, T = shape.B, shape.T
-        ev = e_chunk[:B * T].view(B, T, D)
-        S_max = st.depth.shape[1]
+        ev = e_chunk[:B * T]
         rows = torch.arange(B, device=ev.device)[:, None]
         i = torch.arange(T, device=ev.device)[None, :]
 
         def run():
             pos = cache_lens[:B].long()[:, None] + i
-            ok = (pos < S_max) & (i < st.chunk_valid[:B].long()[:, None])
-            p = pos.clamp(max=S_max - 1)
-            b, q = rows.expand(B, T)[ok], p[ok]
-            st.e[b, q] = ev[ok]
-            st.h[b, q] = ev[ok]
-            st.depth[b, q] = 0
+            ok = (pos < S1 - 1) & (i < st.chunk_valid[:B].long()[:, None])
+            idx = torch.where(ok, rows * S1 + pos, rows * S1 + S1 - 1).reshape(-1)
+            st.e.index_copy_(0, idx, ev)
+            st.h.index_copy_(0, idx, ev)
             act.reset(B * T)
             act.halted[:B * T].copy_(~ok.reshape(-1))
+            act.halted[-1] = True  # the spare row: earlier positions have halted
             st.halt_loop[:B * T].zero_()
         return run
     return bind
 
 
-def gather(st: DepthState, act: ACTState, h: torch.Tensor, e: torch.Tensor, D: int):
+def gather(st: DepthState, act: ACTState, h: torch.Tensor, e: torch.Tensor):
     """Load the current piece's rows: h and e from the store, ACT state from the chunk's
-    (earlier positions have halted: their ACT weight is 0), its offsets into loop_lens."""
+    (earlier positions read the spare row, halted: their ACT weight is 0), its offsets
+    into loop_lens."""
     work = st.work
 
     def bind(shape):
-        B, W = shape.B, shape.T
-        N = B * W
-        hv, ev = h[:N].view(B, W, D), e[:N].view(B, W, D)
-        rows = torch.arange(B, device=h.device)[:, None]
+        B, N = shape.B, shape.B * shape.T
+        hv, ev = h[:N], e[:N]
+        cum, h_out, halted = work.cum_p[:N], work.h_out[:N], work.halted[:N]
 
         def run():
             pc = st.piece
-            hv.copy_(st.h[rows, pc.pos])
-            ev.copy_(st.e[rows, pc.pos])
-            r = pc.chunk_row.reshape(-1)
-            inside = pc.in_chunk.reshape(-1)
-            work.cum_p[:N].copy_(act.cum_p[r])
-            work.h_out[:N].copy_(act.h_out[r])
-            work.halted[:N].copy_(~inside | act.halted[r])
+            torch.index_select(st.h, 0, pc.store_row, out=hv)
+            torch.index_select(st.e, 0, pc.store_row, out=ev)
+            torch.index_select(act.cum_p, 0, pc.chunk_row, out=cum)
+            torch.index_select(act.h_out, 0, pc.chunk_row, out=h_out)
+            torch.index_select(act.halted, 0, pc.chunk_row, out=halted)
             st.loop_lens[:B].copy_(pc.start)
         return run
     return bind
 
 
-def scatter(st: DepthState, act: ACTState, h: torch.Tensor, D: int, t: int):
-    """Store the piece's results: h and depth of its live positions, ACT state of its
-    chunk tokens (and the loop at which any of them halted)."""
+def scatter(st: DepthState, act: ACTState, h: torch.Tensor, t: int):
+    """Store the piece's results: h of its positions, ACT state of its chunk tokens and the
+    loop at which any of them halted (padding and earlier positions go to spare rows)."""
     work = st.work
 
     def bind(shape):
-        B, W = shape.B, shape.T
-        N = B * W
-        hv = h[:N].view(B, W, D)
-        rows = torch.arange(B, device=h.device)[:, None].expand(B, W)
+        N = shape.B * shape.T
+        hv, cum, h_out, halted = h[:N], work.cum_p[:N], work.h_out[:N], work.halted[:N]
+        loop = torch.full((N,), t + 1, dtype=torch.int32, device=h.device)
 
         def run():
             pc = st.piece
-            live, inside = pc.live, pc.in_chunk.reshape(-1)
-            st.h[rows[live], pc.pos[live]] = hv[live]
-            st.depth[rows[live], pc.pos[live]] = t + 1
-            r = pc.chunk_row.reshape(-1)[inside]
-            newly = work.halted[:N][inside] & ~act.halted[r]
-            act.cum_p[r] = work.cum_p[:N][inside]
-            act.h_out[r] = work.h_out[:N][inside]
-            act.halted[r] = work.halted[:N][inside]
-            st.halt_loop[r[newly]] = t + 1
+            st.h.index_copy_(0, pc.store_row, hv)
+            newly = halted & ~act.halted.index_select(0, pc.chunk_row)
+            st.halt_loop.index_copy_(0, pc.chunk_row, torch.where(
+                newly, loop, st.halt_loop.index_select(0, pc.chunk_row)))
+            act.cum_p.index_copy_(0, pc.chunk_row, cum)
+            act.h_out.index_copy_(0, pc.chunk_row, h_out)
+            act.halted.index_copy_(0, pc.chunk_row, halted)
+            act.halted[-1] = True
         return run
     return bind

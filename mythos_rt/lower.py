@@ -358,13 +358,13 @@ def _lazy_loop_steps(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
         def epilogue(s: Shape):
             return epi.launcher(block_out[:s.N], h[:s.N], e[:s.N], epi_params, t, st.work)
         return ([Step(f"depth_gather[t={t}]", "copy", PLAIN_TORCH,
-                      bound_run(depth.gather(st, act, h, e, D))),
+                      bound_run(depth.gather(st, act, h, e))),
                  Step(f"loop_prologue[t={t}]", "loop_prologue", pro.backend, bound_run(prologue))]
                 + [low.step(op, t) for op in ops[1:-1]]
                 + [Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend,
                         bound_run(epilogue)),
                    Step(f"depth_scatter[t={t}]", "copy", PLAIN_TORCH,
-                        bound_run(depth.scatter(st, act, h, D, t)))])
+                        bound_run(depth.scatter(st, act, h, t)))])
     body = [body_steps(t) for t in range(n_loops)]
 
     def copy_entries(b: int, lo: int, hi: int, t: int) -> None:
@@ -437,11 +437,12 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
         arena={}, caches={},
         cache_lens=torch.zeros(max_batch, dtype=torch.int32, device=device),
         input_ids=torch.zeros(n_max, dtype=torch.long, device=device),
-        act=ACTState.allocate(n_max, cfg.dim, dtype, device),
+        # lazy depth's passes point the rows of earlier positions at one spare ACT row
+        act=ACTState.allocate(n_max + (act_mode != "eager"), cfg.dim, dtype, device),
         h=torch.empty(n_max, cfg.dim, dtype=dtype, device=device),
         cos=cos, sin=sin,
         depth=None if act_mode == "eager" else depth.DepthState.allocate(
-            act_mode, max_batch, max_seq_len, n_max, cfg.dim, dtype, device))
+            act_mode, max_batch, max_seq_len, max_loops, n_max, cfg.dim, dtype, device))
     low = Lowered(cfg, graph, device, dtype, max_batch, chunk, max_loops, impls, buffers,
                   weights=dict(weights), max_seq_len=max_seq_len)
     for g in _graphs(graph):

@@ -43,14 +43,17 @@ class MemoryEstimate:
     rope_tables: int = 0
     kv_caches: int = 0
     activations: int = 0
+    depth_store: int = 0  # lazy ACT's per-position state (mythos_rt.depth)
 
     @property
     def total(self) -> int:
-        return self.weights + self.rope_tables + self.kv_caches + self.activations
+        return (self.weights + self.rope_tables + self.kv_caches + self.activations
+                + self.depth_store)
 
     def describe(self) -> str:
         parts = [f"{name.replace('_', ' ')} {format_bytes(getattr(self, name))}"
-                 for name in ("weights", "rope_tables", "kv_caches", "activations")
+                 for name in ("weights", "rope_tables", "kv_caches", "activations",
+                              "depth_store")
                  if getattr(self, name)]
         return ", ".join(parts)
 
@@ -93,7 +96,7 @@ def parameter_count(cfg: MythosConfig) -> tuple[int, int]:
 
 def estimate(cfg: MythosConfig, *, dtype_bytes: int, weights: bool = True, max_batch: int = 0,
              max_seq_len: Optional[int] = None, max_loops: int = 0,
-             chunk: int = 0) -> MemoryEstimate:
+             chunk: int = 0, lazy_depth: bool = False) -> MemoryEstimate:
     """Bytes allocated for ``cfg`` at ``dtype_bytes`` per element.
 
     weights: the parameters (the tied head not counted twice) and per-tensor bookkeeping.
@@ -101,7 +104,8 @@ def estimate(cfg: MythosConfig, *, dtype_bytes: int, weights: bool = True, max_b
     KV caches: one per prelude layer, per loop (``max_loops``) and per coda layer, for
     ``max_batch`` rows of ``max_seq_len`` tokens. Activations: the lowering's arena of
     ``max_batch`` × ``chunk`` token rows (logits, one row of width dim per value, the
-    dense FFNs' hidden rows).
+    dense FFNs' hidden rows). Depth store: with ``lazy_depth`` (act_mode lazy or reuse),
+    each cached position's loop state and injection input (``depth.store_bytes``).
     """
     S = cfg.max_seq_len if max_seq_len is None else max_seq_len
     params, tensors = parameter_count(cfg)
@@ -115,8 +119,11 @@ def estimate(cfg: MythosConfig, *, dtype_bytes: int, weights: bool = True, max_b
     layers = cfg.prelude_layers + cfg.coda_layers
     kv = (layers + max_loops) * max_batch * S * per_token * dtype_bytes
     width = cfg.vocab_size + (4 * layers + 8) * cfg.dim + 3 * layers * cfg.dense_hidden
+    from .depth import store_bytes
     return MemoryEstimate(weights=weight_bytes, rope_tables=S * rope_pairs * ROPE_BYTES_PER_ENTRY,
-                          kv_caches=kv, activations=max_batch * chunk * width * dtype_bytes)
+                          kv_caches=kv, activations=max_batch * chunk * width * dtype_bytes,
+                          depth_store=store_bytes(max_batch, S, cfg.dim, dtype_bytes)
+                          if lazy_depth else 0)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -156,11 +163,11 @@ def _driver(cfg: MythosConfig, sizes: dict, **kw) -> str:
 
 def check_fits(cfg: MythosConfig, device: torch.device | str, what: str, *, dtype_bytes: int,
                weights: bool = True, max_batch: int = 0, max_seq_len: Optional[int] = None,
-               max_loops: int = 0, chunk: int = 0) -> MemoryEstimate:
+               max_loops: int = 0, chunk: int = 0, lazy_depth: bool = False) -> MemoryEstimate:
     """Refuse with MemoryLimitError when ``estimate(...)`` exceeds the memory available on
     ``device``; ``what`` says what would allocate it. Returns the estimate."""
     device = torch.device(device)
-    kw = dict(dtype_bytes=dtype_bytes, weights=weights, chunk=chunk)
+    kw = dict(dtype_bytes=dtype_bytes, weights=weights, chunk=chunk, lazy_depth=lazy_depth)
     sizes = dict(max_batch=max_batch, max_seq_len=max_seq_len, max_loops=max_loops)
     est = estimate(cfg, **kw, **sizes)
     if device.type == "meta":  # shapes only, nothing is allocated

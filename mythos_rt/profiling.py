@@ -78,6 +78,8 @@ def stage_of(step_name: str) -> str:
         return "head"
     if step_name == "loop_result":
         return "loop_exit"
+    if step_name == "depth_start":  # lazy depth's entry: the chunk joins the store
+        return "loop[0]"
     if step_name == "advance_cache_lens":
         return "cache"
     return "other"
@@ -245,7 +247,7 @@ class Telemetry:
 # ---- the profile ----------------------------------------------------------------------------
 
 def _as_runtime(runtime_or_path, *, batch: int, max_loops: Optional[int], device, dtype,
-                backend: str):
+                backend: str, act_mode: str = "eager"):
     """The runtime to profile: as given, or compiled for ``batch`` rows and the model's
     max_seq_len (the lengths are fitted to it afterwards, ``fit_lengths``)."""
     from .compiler import compile as rt_compile
@@ -253,7 +255,7 @@ def _as_runtime(runtime_or_path, *, batch: int, max_loops: Optional[int], device
     if isinstance(runtime_or_path, Runtime):
         return runtime_or_path
     return rt_compile(runtime_or_path, device=device, dtype=dtype, backend=backend,
-                      max_batch_size=batch, max_loops=max_loops)
+                      max_batch_size=batch, max_loops=max_loops, act_mode=act_mode)
 
 
 def check_positive(**kw) -> None:
@@ -392,12 +394,31 @@ def _kernels(prof, cuda: bool, top: int = 30) -> list[dict]:
 def act_statistics(rt, input_ids: torch.Tensor, n_loops: int) -> dict:
     """Positions of a stateless forward over ``input_ids`` halting at each loop.
 
-    Reads the runtime's ACT state (``halted``) after every loop_epilogue step;
     ``halted_at[i]`` counts positions whose cumulative halting probability first reached
     the threshold at loop i+1 (1-based in ``loop``); ``never`` positions ran every loop
-    without halting. Every loop still runs in the compiled plan (docs/design.md: the plan
-    never branches on device values); these counts say what an early exit could save.
+    without halting. Under act_mode "eager" every loop still runs in the compiled plan
+    (the counts say what lazy depth could save; they are read from the ACT state after
+    every loop_epilogue step); under "lazy"/"reuse" they are the runtime's own
+    ``last_stats`` halting histogram.
     """
+    n_pos = int(input_ids.numel())
+    if rt.act_mode != "eager":
+        rt.forward(input_ids, n_loops=n_loops)
+        hist = rt.last_stats["halt_histogram"]
+        halted_at, never = hist[1:n_loops + 1], hist[0]
+    else:
+        halted_at = _halted_per_loop(rt, input_ids, n_loops)
+        never = n_pos - sum(halted_at)
+    depth = sum((t + 1) * c for t, c in enumerate(halted_at)) + n_loops * never
+    return {"available": True, "positions": n_pos, "n_loops": n_loops,
+            "threshold": rt.config.act_threshold,
+            "halted_at_loop": [{"loop": t + 1, "positions": c} for t, c in enumerate(halted_at)],
+            "never_halted": never,
+            "mean_halting_depth": round(depth / max(1, n_pos), 3)}
+
+
+def _halted_per_loop(rt, input_ids: torch.Tensor, n_loops: int) -> list[int]:
+    """Positions first halted at each loop of an eager plan, read after its epilogues."""
     act = rt.act_state
     counts: dict[int, list] = defaultdict(list)
     names = {f"loop_epilogue[t={t}]": t for t in range(n_loops)}
@@ -410,15 +431,7 @@ def act_statistics(rt, input_ids: torch.Tensor, n_loops: int) -> dict:
     with rt.observe(_StepTimer(first, rt.device, n_prefill=10**9, after=after)):
         rt.forward(input_ids, n_loops=n_loops)
     cum = [int(sum(int(c) for c in counts[t])) for t in range(n_loops)]
-    n_pos = int(input_ids.numel())
-    halted_at = [cum[0]] + [cum[t] - cum[t - 1] for t in range(1, n_loops)]
-    never = n_pos - (cum[-1] if cum else 0)
-    depth = sum((t + 1) * c for t, c in enumerate(halted_at)) + n_loops * never
-    return {"available": True, "positions": n_pos, "n_loops": n_loops,
-            "threshold": rt.config.act_threshold,
-            "halted_at_loop": [{"loop": t + 1, "positions": c} for t, c in enumerate(halted_at)],
-            "never_halted": never,
-            "mean_halting_depth": round(depth / max(1, n_pos), 3)}
+    return [cum[0]] + [cum[t] - cum[t - 1] for t in range(1, n_loops)]
 
 
 def roofline_points(cfg: MythosConfig, kind_ms: dict, *, batch: int, prompt_len: int,
@@ -491,13 +504,15 @@ def profile(runtime_or_path: Union[Any, str, Path], prompt_len: Optional[int] = 
             new_tokens: Optional[int] = None, n_loops: Optional[int] = None,
             out_dir: Union[str, Path] = "mythos-profile", *, batch: int = 1, device=None,
             dtype=None, backend: str = "auto", telemetry_interval_s: float = 0.02,
-            ceilings: Optional[costmodel.Ceilings] = None, seed: int = 0) -> dict:
+            ceilings: Optional[costmodel.Ceilings] = None, seed: int = 0,
+            act_mode: str = "eager") -> dict:
     """Profile greedy generation; write profile.json, trace.json, roofline.png to out_dir.
 
     runtime_or_path: a compiled ``Runtime``, an nn.Module or a checkpoint path (compiled
     here for ``batch`` rows). prompt_len/new_tokens default to 128/16, shrunk to fit the
     runtime's max_seq_len (``fit_lengths``). ``ceilings`` default to the device's own,
-    measured (``measure_ceilings``). Returns the profile dict (what profile.json holds).
+    measured (``measure_ceilings``). ``act_mode``: for a model compiled here (see
+    ``compile``). Returns the profile dict (what profile.json holds).
     Raises InputError on bad arguments.
     """
     check_positive(batch=batch)
@@ -506,6 +521,7 @@ def profile(runtime_or_path: Union[Any, str, Path], prompt_len: Optional[int] = 
         if value is not None:
             check_positive(**{name: value})
     rt = _as_runtime(runtime_or_path, batch=batch, max_loops=n_loops, device=device,
+                     act_mode=act_mode,
                      dtype=dtype, backend=backend)
     prompt_len, new_tokens = fit_lengths(rt.max_seq_len, prompt_len, new_tokens)
     cfg = rt.config
@@ -544,6 +560,7 @@ def _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill
             rt.generate(ids, new_tokens, n_loops=n)
             sync()
             gen_ms = (time.perf_counter() - t0) * 1e3
+    work = rt.last_stats
     times = timer.times()
     n_decode = new_tokens - 1  # generate runs the plan once per token after the first
     stages = _group_stages(times, n_decode)
@@ -601,7 +618,7 @@ def _profile_runs(rt, cfg, ids, n, out, batch, prompt_len, new_tokens, n_prefill
                          "prefill": round(100 * floors["prefill_floor_ms"] / prefill_ms, 3) if prefill_ms else None},
         "ceilings": ceil.to_dict(),
         "stages": stages, "op_groups_ms": kind_ms, "kernels": kernels,
-        "telemetry": tel.summary(), "act": act,
+        "telemetry": tel.summary(), "act": act, "work": work,
         "roofline": {"points": points, **plot},
         "files": {"profile": str(out / "profile.json"), "trace": str(trace_path),
                   "roofline": plot["path"]},
@@ -644,6 +661,17 @@ def format_stages(result: dict) -> str:
                  f"timer: {result['timer']})")
     lines.append(f"  ceilings: {c['copy_gbps']:.4g} GB/s, {c['bf16_tflops']:.4g} TFLOP/s "
                  f"({c['source']})")
+    w = result.get("work")
+    if w and w.get("eager_block_evals"):
+        saved = 1 - w["block_evals"] / w["eager_block_evals"]
+        line = (f"  depth ({w['act_mode']}): {w['block_evals']} of {w['eager_block_evals']} "
+                f"block evaluations ran ({100 * saved:.1f}% saved), {w['catchup_evals']} in "
+                "catch-up")
+        if w.get("halt_histogram"):
+            hist = w["halt_histogram"]
+            line += ("; halted at loop 1.." + str(len(hist) - 1) + ": "
+                     + " ".join(map(str, hist[1:])) + f", never: {hist[0]}")
+        lines.append(line)
     for phase, unit in (("prefill", "ms"), ("decode", "ms_per_token")):
         rows = result["stages"].get(phase, [])
         if rows:

@@ -1,0 +1,166 @@
+"""Adaptive depth (act_mode lazy / reuse) against eager depth, on CPU.
+
+Two workloads:
+
+* ``synthetic``: mythos_1b's structure at the CPU-friendly width of
+  ``bench_runtime_cpu.BENCH_CONFIG`` (random weights) with the halting head calibrated by
+  ``mythos_rt.testing.spread_act_halting`` (``--bias`` sets how early positions halt);
+* ``trained``: the shipped demo model (``mythos_rt/assets/docstrings_lm``) on held-out
+  docstring text, at its trained depth (8) and beyond (16).
+
+For each: decode tokens/s at batch 1 and 8 (a prompt prefilled, then greedy tokens; the
+modes interleaved, median of ``--reps``) and the work counters of ``Runtime.last_stats``
+(block evaluations run vs eager's, catch-up share, halting histogram). The trained model
+also gets held-out bits/byte and next-byte accuracy per mode, computed token by token
+(``chunk=1``, so every position is a decode step and "reuse" really reuses), and the
+logit deviation of "lazy" and "reuse" from eager. Writes JSON + Markdown with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mythos_rt  # noqa: E402
+from bench.bench_runtime_cpu import BENCH_CONFIG, _cpu_flags  # noqa: E402
+from bench.harness import markdown_table, provenance  # noqa: E402
+from mythos_rt.reference import OpenMythos  # noqa: E402
+from mythos_rt.testing import rel_err, spread_act_halting  # noqa: E402
+from mythos_rt.tokenizer import ByteTokenizer  # noqa: E402
+
+MODES = ("eager", "lazy", "reuse")
+DEMO = ROOT / "mythos_rt" / "assets" / "docstrings_lm"
+
+
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_demo_model",
+                                                  ROOT / "scripts" / "train_demo_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _decode_rows(model, prompts: torch.Tensor, new: int, n_loops: int, reps: int,
+                 **compile_kw) -> list[dict]:
+    """Decode tokens/s and counters per mode, the modes interleaved rep by rep."""
+    B = prompts.shape[0]
+    rts = {m: mythos_rt.compile(model, max_batch_size=B, max_loops=n_loops, act_mode=m,
+                                **compile_kw) for m in MODES}
+    times = {m: [] for m in MODES}
+    outs, stats = {}, {}
+    for _ in range(reps + 1):  # the first round warms up
+        for m, rt in rts.items():
+            rt.generate(prompts, 1, n_loops=n_loops)  # prefill only: timed apart
+            t0 = time.perf_counter()
+            rt.generate(prompts, 1, n_loops=n_loops)
+            prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outs[m] = rt.generate(prompts, new, n_loops=n_loops)
+            total = time.perf_counter() - t0
+            times[m].append((total - prefill) / max(1, new - 1))
+            stats[m] = rt.last_stats
+    rows = []
+    for m in MODES:
+        s = stats[m]
+        ms = statistics.median(times[m][1:]) * 1e3
+        rows.append({"mode": m, "batch": B, "n_loops": n_loops, "decode_ms_per_step": round(ms, 3),
+                     "tokens_per_s": round(B / ms * 1e3, 2),
+                     "speedup_vs_eager": None,
+                     "block_evals": s["block_evals"], "eager_block_evals": s["eager_block_evals"],
+                     "evals_saved_pct": round(100 * (1 - s["block_evals"] / s["eager_block_evals"]), 1),
+                     "catchup_evals": s["catchup_evals"], "reused_entries": s["reused_entries"],
+                     "greedy_ids_equal_eager": bool(torch.equal(outs[m], outs["eager"])),
+                     "halt_histogram": s["halt_histogram"]})
+    eager_ms = rows[0]["decode_ms_per_step"]
+    for r in rows:
+        r["speedup_vs_eager"] = round(eager_ms / r["decode_ms_per_step"], 3)
+    return rows
+
+
+def synthetic(args) -> list[dict]:
+    cfg = dataclasses.replace(BENCH_CONFIG, attn_type=args.attn)
+    torch.manual_seed(0)
+    model = OpenMythos(cfg).eval()
+    prompts = torch.randint(0, cfg.vocab_size, (8, args.prompt))
+    spread_act_halting(model, prompts, bias=args.bias, spread=args.spread)
+    rows = []
+    for B in (1, 8):
+        for r in _decode_rows(model, prompts[:B], args.new, 16, args.reps):
+            rows.append({"workload": f"synthetic (bias {args.bias}, spread {args.spread})", **r})
+    return rows
+
+
+def trained(args) -> tuple[list[dict], list[dict]]:
+    train = _train_script()
+    _, held_out = train.docstring_corpus(Path(sysconfig.get_paths()["stdlib"]))
+    stream = train.to_stream(held_out, ByteTokenizer())
+    windows = train.eval_windows(stream, args.eval_len, args.eval_windows)
+    decode, quality = [], []
+    for n_loops in (8, 16):
+        for B in (1, 8):
+            for r in _decode_rows(DEMO, windows[:B, :args.prompt], args.new, n_loops, args.reps):
+                decode.append({"workload": "trained docstrings_lm", **r})
+        logits = {}
+        for m in MODES:
+            rt = mythos_rt.compile(DEMO, max_batch_size=windows.shape[0], max_loops=n_loops,
+                                   chunk=1, act_mode=m)
+            logits[m] = rt.forward(windows[:, :-1], n_loops=n_loops).float()
+            stats = rt.last_stats
+            target = windows[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[m].flatten(0, 1), target.flatten())
+            quality.append({"mode": m, "n_loops": n_loops, "bytes": target.numel(),
+                            "bits_per_byte": round(nll.item() / math.log(2), 5),
+                            "accuracy": round((logits[m].argmax(-1) == target).float().mean().item(), 5),
+                            "logit_rel_err_vs_eager": (None if m == "eager" else
+                                                       float(f"{rel_err(logits[m], logits['eager']):.3e}")),
+                            "evals_saved_pct": round(100 * (1 - stats["block_evals"] / stats["eager_block_evals"]), 1),
+                            "halt_histogram": stats["halt_histogram"]})
+    return decode, quality
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    ap.add_argument("--new", type=int, default=16, help="generated tokens per row")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--bias", type=float, default=-1.2, help="synthetic halting bias")
+    ap.add_argument("--spread", type=float, default=0.9, help="synthetic halting spread")
+    ap.add_argument("--attn", default="mla", choices=("mla", "gqa"))
+    ap.add_argument("--eval-len", type=int, default=128, help="held-out bytes per window")
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="results stem (writes STEM.json and STEM.md)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    syn = synthetic(args)
+    dec, quality = trained(args)
+    prov = provenance()
+    prov["cpu_flags"] = _cpu_flags()
+    result = {"provenance": prov, "args": vars(args), "synthetic": syn, "trained_decode": dec,
+              "trained_quality": quality}
+    cols = ["workload", "mode", "batch", "n_loops", "decode_ms_per_step", "tokens_per_s",
+            "speedup_vs_eager", "evals_saved_pct", "catchup_evals", "greedy_ids_equal_eager"]
+    md = (markdown_table(syn + dec, cols) + "\n"
+          + markdown_table(quality, ["mode", "n_loops", "bytes", "bits_per_byte", "accuracy",
+                                     "logit_rel_err_vs_eager", "evals_saved_pct"]))
+    print(md)
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        Path(args.out + ".md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Lazy-depth ACT (act_mode "lazy"/"reuse", mythos_rt.depth) against the eager reference.
+
+Models are fresh random ones with the halting head calibrated so positions halt at
+spread-out loops and some never (``spread_act_halting``); ``n_loops`` exceeds
+``max_loop_iters`` so depth extrapolation is covered, and ``chunk`` is smaller than the
+prompts so passes cross chunk boundaries.
+"""
+
+import pytest
+import torch
+
+import mythos_rt
+from mythos_rt.config import MythosConfig
+from mythos_rt.errors import InputError
+from mythos_rt.reference import OpenMythos
+from mythos_rt.testing import (TOL_FP32_INTERPRET, TOL_FP32_TORCH, assert_rel_close,
+                               halting_loops, rel_err, spread_act_halting)
+
+TOL = {"torch": TOL_FP32_TORCH, "cpu": TOL_FP32_TORCH, "triton": TOL_FP32_INTERPRET}
+
+
+def _model(preset: str, ids: torch.Tensor, seed: int = 0):
+    torch.manual_seed(seed)
+    model = OpenMythos(MythosConfig.from_preset(preset)).eval()
+    spread_act_halting(model, ids, seed=seed)
+    return model
+
+
+def _suffix_max(k: list[int]) -> list[int]:
+    out, m = [], 0
+    for x in reversed(k):
+        m = max(m, x)
+        out.append(m)
+    return out[::-1]
+
+
+def _check_generate(rt, model, prompts, new, n_loops, tol):
+    """Greedy ids equal the reference's and every step's logits match it (teacher-forced)."""
+    ragged = isinstance(prompts, list)
+    rows = prompts if ragged else list(prompts)
+    for b, p in enumerate(rows):
+        out, logits = rt.generate(p[None], new, n_loops=n_loops, return_logits=True)
+        assert torch.equal(out[0], model.generate(p[None], new, n_loops=n_loops,
+                                                  temperature=0.0)[0]), f"row {b} ids"
+        with torch.no_grad():
+            ref = model(out[:, :-1], n_loops=n_loops)[:, p.numel() - 1:]
+        assert_rel_close(logits, ref, tol, f"row {b} per-step logits")
+    if ragged:  # the batch together equals each row alone
+        outs = rt.generate(rows, new, n_loops=n_loops)
+        for b, p in enumerate(rows):
+            assert torch.equal(outs[b], model.generate(p[None], new, n_loops=n_loops,
+                                                       temperature=0.0)[0]), f"ragged row {b}"
+
+
+@pytest.mark.parametrize("preset", ["tiny_mla", "tiny_gqa"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_lazy_is_exact(preset, backend):
+    ids = torch.randint(0, 97, (3, 9))
+    model = _model(preset, ids)
+    n = model.cfg.max_loop_iters + 1
+    loops = halting_loops(model, ids, n)
+    assert (loops == 0).any() and len(set(loops.flatten().tolist())) >= 3, loops
+    rt = mythos_rt.compile(model, backend=backend, max_batch_size=3, chunk=4, max_loops=n,
+                           act_mode="lazy")
+    with torch.no_grad():
+        assert_rel_close(rt.forward(ids, n_loops=n), model(ids, n_loops=n), TOL[backend])
+    assert rt.last_stats["block_evals"] < rt.last_stats["eager_block_evals"]
+    _check_generate(rt, model, [ids[0, :3], ids[1], ids[2, :6]], 4, n, TOL[backend])
+
+
+def test_lazy_is_exact_on_triton_interpreted(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ids = torch.randint(0, 97, (2, 6))
+    model = _model("tiny_mla", ids, seed=1)
+    n = model.cfg.max_loop_iters + 1
+    rt = mythos_rt.compile(model, backend="triton", max_batch_size=2, chunk=4, max_loops=n,
+                           act_mode="lazy")
+    assert set(rt.backends.values()) == {"triton"}
+    out, logits = rt.generate([ids[0, :3], ids[1]], 2, n_loops=n, return_logits=True)
+    for b, p in enumerate([ids[0, :3], ids[1]]):
+        assert torch.equal(out[b], model.generate(p[None], 2, n_loops=n, temperature=0.0)[0])
+        with torch.no_grad():
+            ref = model(out[b][None, :-1], n_loops=n)[:, p.numel() - 1:]
+        assert_rel_close(logits[b:b + 1], ref, TOL_FP32_INTERPRET, f"row {b}")
+
+
+def test_counters_follow_the_halting_depths():
+    """Each (position, loop) runs at most once, so the lazy runtime evaluates exactly
+    every position's final depth: the deepest halting loop at or after it."""
+    ids = torch.randint(0, 97, (1, 7))
+    model = _model("tiny_mla", ids, seed=2)
+    n = model.cfg.max_loop_iters + 1
+    rt = mythos_rt.compile(model, backend="torch", max_batch_size=1, chunk=16, max_loops=n,
+                           act_mode="lazy")
+    out = rt.generate(ids, 6, n_loops=n)
+    stats = rt.last_stats
+    k = [n if x == 0 else x for x in halting_loops(model, out[:, :-1], n)[0].tolist()]
+    P = ids.shape[1]
+    final = _suffix_max(k)
+    in_own_pass = _suffix_max(k[:P]) + k[P:]  # prompt: one chunk; then one token per step
+    assert stats["positions"] == len(k) and stats["n_loops"] == n
+    assert stats["eager_block_evals"] == n * len(k)
+    assert stats["block_evals"] == sum(final)
+    assert stats["catchup_evals"] == sum(final) - sum(in_own_pass)
+    hist = stats["halt_histogram"]
+    assert sum(hist) == len(k) and hist[0] == sum(x == 0 for x in
+                                                 halting_loops(model, out[:, :-1], n)[0].tolist())
+
+
+def test_all_halt_at_once_or_never():
+    ids = torch.randint(0, 97, (2, 5))
+    model = _model("tiny_gqa", ids)
+    n = 4
+    for bias, depth in ((30.0, 1), (-30.0, n)):
+        model.recurrent.act.halt.bias.data.fill_(bias)
+        rt = mythos_rt.compile(model, backend="torch", max_batch_size=2, chunk=4, max_loops=n,
+                               act_mode="lazy")
+        out = rt.generate(ids, 3, n_loops=n)
+        assert torch.equal(out, model.generate(ids, 3, n_loops=n, temperature=0.0))
+        s = rt.last_stats
+        assert s["block_evals"] == depth * s["positions"] and s["catchup_evals"] == 0
+        assert s["halt_histogram"][0 if depth == n else depth] == s["positions"]
+
+
+def test_sequence_up_to_max_seq_len():
+    ids = torch.randint(0, 97, (2, 10))
+    model = _model("tiny_mla", ids, seed=3)
+    n = model.cfg.max_loop_iters
+    kw = dict(backend="cpu", max_batch_size=2, chunk=4, max_loops=n, max_seq_len=16)
+    lazy = mythos_rt.compile(model, act_mode="lazy", **kw)
+    eager = mythos_rt.compile(model, **kw)
+    a, la = lazy.generate(ids, 7, n_loops=n, return_logits=True)  # 10 + 7 - 1 = 16 slots
+    b, lb = eager.generate(ids, 7, n_loops=n, return_logits=True)
+    assert torch.equal(a, b)
+    assert_rel_close(la, lb, TOL_FP32_TORCH)
+
+
+def test_reuse_is_reported_not_exact():
+    ids = torch.randint(0, 97, (2, 8))
+    model = _model("tiny_mla", ids)
+    n = model.cfg.max_loop_iters + 1
+    exact = mythos_rt.compile(model, backend="torch", max_batch_size=2, chunk=4, max_loops=n)
+    reuse = mythos_rt.compile(model, backend="torch", max_batch_size=2, chunk=4, max_loops=n,
+                              act_mode="reuse")
+    _, le = exact.generate(ids, 4, n_loops=n, return_logits=True)
+    _, lr = reuse.generate(ids, 4, n_loops=n, return_logits=True)
+    s = reuse.last_stats
+    assert s["catchup_evals"] == 0 and s["reused_entries"] > 0
+    assert s["block_evals"] < s["eager_block_evals"]
+    print(f"reuse: logit deviation {rel_err(lr, le):.3e} relative to exact")
+    assert torch.isfinite(lr).all()
+
+
+def test_options_artifacts_and_graphs(tmp_path):
+    ids = torch.randint(0, 97, (1, 5))
+    model = _model("tiny_gqa", ids)
+    with pytest.raises(InputError, match="act_mode must be one of eager, lazy, reuse, got 'fast'"):
+        mythos_rt.compile(model, backend="torch", act_mode="fast")
+    rt = mythos_rt.compile(model, backend="torch", max_batch_size=1, act_mode="lazy")
+    assert rt.act_mode == "lazy" and not rt.use_cuda_graphs
+    rt.use_cuda_graphs = True
+    assert not rt.use_cuda_graphs  # lazy depth decides its work on the host
+    rt.save(tmp_path / "art")
+    assert mythos_rt.load(tmp_path / "art").act_mode == "lazy"
+    eager = mythos_rt.load(tmp_path / "art", act_mode="eager")
+    assert eager.act_mode == "eager"
+    out = eager.generate(ids, 3, n_loops=3)
+    assert eager.last_stats["block_evals"] == eager.last_stats["eager_block_evals"] == 3 * 7
+    assert eager.last_stats["halt_histogram"] is None
+    assert torch.equal(out, rt.generate(ids, 3, n_loops=3))
+
+
+def test_observer_sees_every_inner_step():
+    ids = torch.randint(0, 97, (1, 6))
+    model = _model("tiny_mla", ids)
+    rt = mythos_rt.compile(model, backend="torch", max_batch_size=1, act_mode="lazy")
+    seen = []
+
+    class Observer:
+        def on_step_start(self, step, shape):
+            seen.append((step.name, shape))
+
+        def on_step_end(self, step, shape):
+            pass
+    with rt.observe(Observer()):
+        rt.forward(ids, n_loops=3)
+    names = [n for n, _ in seen]
+    assert "depth_start" in names and "loop_epilogue[t=0]" in names
+    assert not any(n.startswith("loop[") for n in names)  # the region itself is expanded
