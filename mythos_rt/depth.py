@@ -66,7 +66,7 @@ class DepthState:
         pads ragged rows; padding never runs the loop).
     work : the ACT buffers of the pass's rows (the chunk's own are ``Buffers.act``,
         allocated with one spare row, ``n_max``).
-    halt_loop : (N_max + 1,) int32, loop (1-based) at which each chunk token halted, 0 = not.
+    chunk_rows : (N_max,) int64, each chunk token's store row (``store_chunk``).
     """
     h: torch.Tensor
     e: torch.Tensor
@@ -74,7 +74,7 @@ class DepthState:
     loop_lens: torch.Tensor
     chunk_valid: torch.Tensor
     work: ACTState
-    halt_loop: torch.Tensor
+    chunk_rows: torch.Tensor
     seq_len: int
     mode: str = "lazy"
     stats: dict = field(default_factory=dict)
@@ -90,7 +90,7 @@ class DepthState:
                  loop_lens=torch.zeros(max_batch, dtype=torch.int32, device=device),
                  chunk_valid=torch.zeros(max_batch, dtype=torch.int32, device=device),
                  work=ACTState.allocate(n_max, dim, dtype, device),
-                 halt_loop=torch.zeros(n_max + 1, dtype=torch.int32, device=device),
+                 chunk_rows=torch.zeros(n_max, dtype=torch.int64, device=device),
                  seq_len=max_seq_len, mode=mode)
         st.reset_stats(1)
         return st
@@ -107,21 +107,44 @@ def store_bytes(max_batch: int, max_seq_len: int, dim: int, dtype_bytes: int) ->
     return 2 * max_batch * (max_seq_len + 1) * dim * dtype_bytes
 
 
-def lazy_region(st: DepthState, *, n_loops: int, chunk: int, cache_lens: torch.Tensor,
-                act: ACTState, start, body: Callable[[int], list], copy_entries: Callable,
+@dataclass
+class LoopSteps:
+    """The steps a lazy loop region chooses from, per loop index ``t``.
+
+    start : the chunk joins the store (``store_chunk``).
+    prologue[t] : loop t's prologue on the chunk's own rows.
+    chunk_pass[t] : [offsets := cache_lens, *block ops, epilogue (with the next prologue)]
+        on the chunk's own rows — what eager depth runs.
+    gathered_pass[t] : [gather, prologue, *block ops, epilogue, scatter] on a piece.
+    flush / unflush : the chunk's h into the store / back (around gathered passes).
+    """
+    start: object
+    prologue: list
+    chunk_pass: list
+    gathered_pass: list
+    flush: object
+    unflush: object
+
+
+def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
+                cache_lens: torch.Tensor, act: ACTState, copy_entries: Callable,
                 ) -> Callable[[tuple], Iterator]:
-    """The loop region's ``expand(shape)``: yields (step, shape) for the chunk's start,
-    then per loop and piece the gather, prologue, block, epilogue and scatter steps.
+    """The loop region's ``expand(shape)``: yields (step, shape) as it decides each loop.
+
+    Loop t runs as a *chunk pass* (eager's steps on the chunk's rows, no copies) when no
+    earlier position lacks a loop-t entry, every chunk position has run loop t−1 and the
+    chunk's last token still runs (so nothing would be skipped); otherwise as *gathered
+    passes* over each row's range ``[s, e]``, in pieces of at most ``chunk`` positions.
+    A chunk pass also computes chunk tokens that have halted: that costs nothing extra
+    (the batch has those rows anyway) and keeps them in step.
 
     act : the chunk's ACT state (one row per chunk token, plus the spare row);
-    start : the step that stores the chunk's positions (``store_chunk``);
-    body(t) : loop t's steps [gather, prologue, *block ops, epilogue, scatter];
     copy_entries(row, lo, hi, t) : "reuse": copy loop t−1's cache entries of positions
         [lo, hi) of the row into loop t's caches.
     """
     def expand(shape) -> Iterator:
         B, T = shape.B, shape.T
-        yield start, shape
+        yield steps.start, shape
         lens = cache_lens[:B].tolist()
         valid = st.chunk_valid[:B].tolist()
         stats = st.stats
@@ -129,11 +152,20 @@ def lazy_region(st: DepthState, *, n_loops: int, chunk: int, cache_lens: torch.T
         stats["eager_block_evals"] += sum(valid) * n_loops
         for b in range(B):  # the chunk's positions start at depth 0
             st.deeper[b] = [min(d, lens[b]) for d in st.deeper[b]]
-        for t in range(n_loops):
+        tail = [0] * B  # depth of each row's last real chunk token
+        halt_at = [0] * (B * T)
+        was = [True] * (B * T)
+        fused = False  # the chunk rows' next prologue is in place (a chunk pass ran)
+        in_store = False  # the chunk's h is in the store, not its rows
+        for t in range(n_loops + 1):
             halted = act.halted[:B * T].tolist()
-            last = [max((i for i in range(T) if not halted[b * T + i]), default=-1)
+            for j in range(B * T):
+                if halted[j] and not was[j]:
+                    halt_at[j] = t
+            was = halted
+            last = [max((i for i in range(valid[b]) if not halted[b * T + i]), default=-1)
                     for b in range(B)]
-            if max(last) < 0:
+            if t == n_loops or max(last) < 0:
                 break
             lo, n = [], []  # per row: the pass's first position and length
             for b in range(B):
@@ -141,26 +173,56 @@ def lazy_region(st: DepthState, *, n_loops: int, chunk: int, cache_lens: torch.T
                     lo.append(0)
                     n.append(0)
                     continue
-                s = st.deeper[b][t] if t < len(st.deeper[b]) else 0
+                s = st.deeper[b][t]
                 if st.mode == "reuse" and s < lens[b]:
                     copy_entries(b, s, lens[b], t)
                     stats["reused_entries"] += lens[b] - s
-                    s = lens[b]
-                stats["catchup_evals"] += lens[b] - s
+                    s = st.deeper[b][t] = lens[b]
                 lo.append(s)
                 n.append(lens[b] + last[b] - s + 1)
-                st.deeper[b][t] = lens[b] + last[b] + 1
+            whole = max(last) == T - 1 and all(
+                v == 0 or (st.deeper[b][t] >= lens[b] and tail[b] == t)
+                for b, v in enumerate(valid))
+            if whole:
+                if in_store:
+                    yield steps.unflush, shape
+                    in_store = False
+                if not fused:
+                    yield steps.prologue[t], shape
+                for step in steps.chunk_pass[t]:
+                    yield step, shape
+                fused = True
+                for b in range(B):
+                    if valid[b]:
+                        tail[b] = t + 1
+                        st.deeper[b][t] = lens[b] + valid[b]
+                stats["block_evals"] += sum(valid)
+                continue
+            if not in_store:
+                yield steps.flush, shape
+                in_store = True
+            fused = False
+            for b in range(B):
+                if n[b]:
+                    stats["catchup_evals"] += lens[b] - lo[b]
+                    st.deeper[b][t] = lens[b] + last[b] + 1
+                    if last[b] == valid[b] - 1:
+                        tail[b] = t + 1
             stats["block_evals"] += sum(n)
             for k in range(0, max(n), chunk):
                 W = min(chunk, max(n) - k)
                 st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
-                for step in body(t):
+                for step in steps.gathered_pass[t]:
                     yield step, type(shape)(B, W)
         st.piece = None
-        hist = st.halt_loop[:B * T].view(B, T)[
-            torch.arange(T)[None, :] < torch.tensor(valid)[:, None]]
-        for i, c in enumerate(torch.bincount(hist, minlength=n_loops + 1).tolist()):
-            stats["halt_histogram"][i] += c
+        if not in_store:  # later steps resume this chunk's positions from the store
+            yield steps.flush, shape
+        hist = stats["halt_histogram"]
+        for b in range(B):
+            for i in range(valid[b]):
+                loop = halt_at[b * T + i]
+                if loop < len(hist):
+                    hist[loop] += 1
     return expand
 
 
@@ -185,28 +247,40 @@ def _piece(st: DepthState, lo: list[int], n: list[int], k: int, W: int, lens: li
 
 
 def store_chunk(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
-                e_chunk: torch.Tensor, D: int):
-    """The chunk's start: its positions enter the store with h = e; its ACT state is reset
-    and padding tokens are marked halted (they never run the loop)."""
+                e_chunk: torch.Tensor, h: torch.Tensor):
+    """The chunk's start: its injection inputs enter the store, its rows start at h = e,
+    its ACT state is reset and padding tokens are marked halted (they never run the loop).
+    Remembers each chunk token's store row (padding: the spare row) in ``chunk_rows``."""
     S1 = st.seq_len + 1
 
     def bind(shape):
         B, T = shape.B, shape.T
-        ev = e_chunk[:B * T]
+        N = B * T
+        ev, hv, idx = e_chunk[:N], h[:N], st.chunk_rows[:N]
         rows = torch.arange(B, device=ev.device)[:, None]
         i = torch.arange(T, device=ev.device)[None, :]
 
         def run():
             pos = cache_lens[:B].long()[:, None] + i
             ok = (pos < S1 - 1) & (i < st.chunk_valid[:B].long()[:, None])
-            idx = torch.where(ok, rows * S1 + pos, rows * S1 + S1 - 1).reshape(-1)
+            idx.copy_(torch.where(ok, rows * S1 + pos, rows * S1 + S1 - 1).reshape(-1))
             st.e.index_copy_(0, idx, ev)
-            st.h.index_copy_(0, idx, ev)
-            act.reset(B * T)
-            act.halted[:B * T].copy_(~ok.reshape(-1))
+            hv.copy_(ev)
+            act.reset(N)
+            act.halted[:N].copy_(~ok.reshape(-1))
             act.halted[-1] = True  # the spare row: earlier positions have halted
-            st.halt_loop[:B * T].zero_()
         return run
+    return bind
+
+
+def flush(st: DepthState, h: torch.Tensor, back: bool = False):
+    """The chunk rows' h into the store (``back``: from the store into the chunk rows)."""
+    def bind(shape):
+        N = shape.B * shape.T
+        hv, idx = h[:N], st.chunk_rows[:N]
+        if back:
+            return lambda: torch.index_select(st.h, 0, idx, out=hv)
+        return lambda: st.h.index_copy_(0, idx, hv)
     return bind
 
 
@@ -233,22 +307,18 @@ def gather(st: DepthState, act: ACTState, h: torch.Tensor, e: torch.Tensor):
     return bind
 
 
-def scatter(st: DepthState, act: ACTState, h: torch.Tensor, t: int):
-    """Store the piece's results: h of its positions, ACT state of its chunk tokens and the
-    loop at which any of them halted (padding and earlier positions go to spare rows)."""
+def scatter(st: DepthState, act: ACTState, h: torch.Tensor):
+    """Store the piece's results: h of its positions and the ACT state of its chunk tokens
+    (padding and earlier positions go to spare rows)."""
     work = st.work
 
     def bind(shape):
         N = shape.B * shape.T
         hv, cum, h_out, halted = h[:N], work.cum_p[:N], work.h_out[:N], work.halted[:N]
-        loop = torch.full((N,), t + 1, dtype=torch.int32, device=h.device)
 
         def run():
             pc = st.piece
             st.h.index_copy_(0, pc.store_row, hv)
-            newly = halted & ~act.halted.index_select(0, pc.chunk_row)
-            st.halt_loop.index_copy_(0, pc.chunk_row, torch.where(
-                newly, loop, st.halt_loop.index_select(0, pc.chunk_row)))
             act.cum_p.index_copy_(0, pc.chunk_row, cum)
             act.h_out.index_copy_(0, pc.chunk_row, h_out)
             act.halted.index_copy_(0, pc.chunk_row, halted)

@@ -343,29 +343,33 @@ def _lazy_loop_steps(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
     """The loop region with lazy depth (``mythos_rt.depth``): one region step whose
     passes are decided from the halting flags as it runs, then the ACT result."""
     ops = loop.body.ops
-    st, act, D = low.buffers.depth, low.buffers.act, low.cfg.dim
+    st, act, lens = low.buffers.depth, low.buffers.act, low.buffers.cache_lens
     h, e_chunk, e = low.buffers.h, low.buf(loop.inputs[1]), low.buf(f"{loop.name}.e_work")
     pro, epi = low.impls["loop_prologue"], low.impls["loop_epilogue"]
     pro_params, epi_params = low.args["loop_prologue"], low.args["loop_epilogue"]
     combined, block_out = low.buf(ops[0].outputs[0]), low.buf(ops[-1].inputs[0])
     attention = [op for op in ops if "cache" in op.attrs]
+    block = [[low.step(op, t) for op in ops[1:-1]] for t in range(n_loops)]
 
-    def body_steps(t: int) -> list[Step]:
-        def prologue(s: Shape):
-            hv, ev, cv = h[:s.N], e[:s.N], combined[:s.N]
+    def prologue(t: int, e_rows: torch.Tensor) -> Step:
+        def bind(s: Shape):
+            hv, ev, cv = h[:s.N], e_rows[:s.N], combined[:s.N]
             return lambda: pro.fn(hv, ev, pro_params, t, out=cv)
+        return Step(f"loop_prologue[t={t}]", "loop_prologue", pro.backend, bound_run(bind))
 
-        def epilogue(s: Shape):
-            return epi.launcher(block_out[:s.N], h[:s.N], e[:s.N], epi_params, t, st.work)
-        return ([Step(f"depth_gather[t={t}]", "copy", PLAIN_TORCH,
-                      bound_run(depth.gather(st, act, h, e))),
-                 Step(f"loop_prologue[t={t}]", "loop_prologue", pro.backend, bound_run(prologue))]
-                + [low.step(op, t) for op in ops[1:-1]]
-                + [Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend,
-                        bound_run(epilogue)),
-                   Step(f"depth_scatter[t={t}]", "copy", PLAIN_TORCH,
-                        bound_run(depth.scatter(st, act, h, t)))])
-    body = [body_steps(t) for t in range(n_loops)]
+    def epilogue(t: int, e_rows: torch.Tensor, state: ACTState, fuse: bool) -> Step:
+        def bind(s: Shape):
+            nxt = combined[:s.N] if fuse else None
+            return epi.launcher(block_out[:s.N], h[:s.N], e_rows[:s.N], epi_params, t, state,
+                                next_combined=nxt)
+        return Step(f"loop_epilogue[t={t}]", "loop_epilogue", epi.backend, bound_run(bind))
+
+    def own_offsets(s: Shape):
+        src, dst = lens[:s.B], st.loop_lens[:s.B]
+        return lambda: dst.copy_(src)
+
+    def copy_step(name: str, bind) -> Step:
+        return Step(name, "copy", PLAIN_TORCH, bound_run(bind))
 
     def copy_entries(b: int, lo: int, hi: int, t: int) -> None:
         for op in attention:
@@ -374,11 +378,19 @@ def _lazy_loop_steps(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
             for a, c in zip(src, dst):
                 c[b, lo:hi] = a[b, lo:hi]
 
-    start = Step("depth_start", "copy", PLAIN_TORCH,
-                 bound_run(depth.store_chunk(st, act, low.buffers.cache_lens, e_chunk, D)))
-    expand = depth.lazy_region(st, n_loops=n_loops, chunk=low.chunk,
-                               cache_lens=low.buffers.cache_lens, act=act, start=start,
-                               body=body.__getitem__, copy_entries=copy_entries)
+    steps = depth.LoopSteps(
+        start=copy_step("depth_start", depth.store_chunk(st, act, lens, e_chunk, h)),
+        prologue=[prologue(t, e_chunk) for t in range(n_loops)],
+        chunk_pass=[[copy_step(f"depth_offsets[t={t}]", own_offsets), *block[t],
+                     epilogue(t, e_chunk, act, fuse=t + 1 < n_loops)] for t in range(n_loops)],
+        gathered_pass=[[copy_step(f"depth_gather[t={t}]", depth.gather(st, act, h, e)),
+                        prologue(t, e), *block[t], epilogue(t, e, st.work, fuse=False),
+                        copy_step(f"depth_scatter[t={t}]", depth.scatter(st, act, h))]
+                       for t in range(n_loops)],
+        flush=copy_step("depth_flush", depth.flush(st, h)),
+        unflush=copy_step("depth_unflush", depth.flush(st, h, back=True)))
+    expand = depth.lazy_region(st, steps, n_loops=n_loops, chunk=low.chunk, cache_lens=lens,
+                               act=act, copy_entries=copy_entries)
 
     def run(s: Shape) -> None:
         for step, shape in expand(s):

@@ -64,7 +64,7 @@ def test_lazy_is_exact(preset, backend):
                            act_mode="lazy")
     with torch.no_grad():
         assert_rel_close(rt.forward(ids, n_loops=n), model(ids, n_loops=n), TOL[backend])
-    assert rt.last_stats["block_evals"] < rt.last_stats["eager_block_evals"]
+    assert rt.last_stats["block_evals"] <= rt.last_stats["eager_block_evals"]
     _check_generate(rt, model, [ids[0, :3], ids[1], ids[2, :6]], 4, n, TOL[backend])
 
 
@@ -136,14 +136,13 @@ def test_sequence_up_to_max_seq_len():
 
 
 def test_reuse_is_reported_not_exact():
-    ids = torch.randint(0, 97, (2, 8))
+    ids = torch.randint(0, 97, (1, 8))
     model = _model("tiny_mla", ids)
     n = model.cfg.max_loop_iters + 1
-    exact = mythos_rt.compile(model, backend="torch", max_batch_size=2, chunk=4, max_loops=n)
-    reuse = mythos_rt.compile(model, backend="torch", max_batch_size=2, chunk=4, max_loops=n,
-                              act_mode="reuse")
-    _, le = exact.generate(ids, 4, n_loops=n, return_logits=True)
-    _, lr = reuse.generate(ids, 4, n_loops=n, return_logits=True)
+    kw = dict(backend="torch", max_batch_size=1, chunk=4, max_loops=n)
+    exact, reuse = mythos_rt.compile(model, **kw), mythos_rt.compile(model, act_mode="reuse", **kw)
+    _, le = exact.generate(ids, 6, n_loops=n, return_logits=True)
+    _, lr = reuse.generate(ids, 6, n_loops=n, return_logits=True)
     s = reuse.last_stats
     assert s["catchup_evals"] == 0 and s["reused_entries"] > 0
     assert s["block_evals"] < s["eager_block_evals"]
