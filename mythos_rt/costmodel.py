@@ -632,19 +632,22 @@ H100_MEMORY_GB = 80.0
 MEMORY_RESERVE = 0.10
 
 
-def min_gpus(cfg: MythosConfig, *, batch: int, context: int, n_loops: Optional[int] = None,
-             dtype: DtypeLike = "bfloat16", memory_gb: float = H100_MEMORY_GB,
-             reserve: float = MEMORY_RESERVE) -> Optional[int]:
-    """Fewest GPUs (of ``split_sizes``) whose busiest rank holds its weights and KV caches
-    in ``memory_gb``·(1 − reserve); None when no split fits (the replicated MLA cache)."""
-    budget = memory_gb * 1e9 * (1.0 - reserve)
-    for n in split_sizes(cfg):
-        need = (rank_weight_params(cfg, n) * dtype_bytes(dtype)
-                + rank_kv_cache_bytes(cfg, n, batch=batch, context=context, n_loops=n_loops,
-                                      dtype=dtype))
-        if need <= budget:
-            return n
-    return None
+def fits(cfg: MythosConfig, n: int, *, batch: int, context: int,
+         n_loops: Optional[int] = None, dtype: DtypeLike = "bfloat16",
+         memory_gb: float = H100_MEMORY_GB, reserve: float = MEMORY_RESERVE) -> bool:
+    """Whether the busiest of n ranks holds its weights and KV caches in
+    ``memory_gb``·(1 − reserve)."""
+    need = (rank_weight_params(cfg, n) * dtype_bytes(dtype)
+            + rank_kv_cache_bytes(cfg, n, batch=batch, context=context, n_loops=n_loops,
+                                  dtype=dtype))
+    return need <= memory_gb * 1e9 * (1.0 - reserve)
+
+
+def min_gpus(cfg: MythosConfig, *, batch: int, context: int, **memory) -> Optional[int]:
+    """Fewest GPUs (of ``split_sizes``) that ``fits`` (same keywords) accepts; None when no
+    split fits (the MLA cache is replicated, so it alone can exceed a GPU)."""
+    return next((n for n in split_sizes(cfg)
+                 if fits(cfg, n, batch=batch, context=context, **memory)), None)
 
 
 def moe_alltoall_ms(cfg: MythosConfig, n: int, *, batch: int,
@@ -682,7 +685,7 @@ def scaling_markdown(presets: tuple[str, ...] = SCALING_PRESETS, *, batch: int =
     """docs/scaling.md's tables: each preset on the fewest H100s that hold it at
     ``batch`` × ``context``, its batch-1 latency and batch throughput per fabric."""
     fabrics = ("nvlink", "ib", "hgx")
-    memory, latency, throughput, moe = [], [], [], []
+    memory, latency, throughput, moe, strong = [], [], [], [], []
     for name in presets:
         cfg = MythosConfig.from_preset(name)
         n1 = min_gpus(cfg, batch=1, context=context)
@@ -709,6 +712,13 @@ def scaling_markdown(presets: tuple[str, ...] = SCALING_PRESETS, *, batch: int =
         moe.append([name, str(n), *(_num(1e3 * x) for rows in (1, batch) for x in (
             all_reduce_ms(rows * cfg.dim * b, n, "hgx"),
             moe_alltoall_ms(cfg, n, batch=rows, fabric="hgx")))])
+    counts = [2 ** i for i in range(8)]
+    for name in presets:
+        cfg = MythosConfig.from_preset(name)
+        strong.append([name, *(
+            _num(parallel_plan(cfg, n, batch=1, context=context).step_ms)
+            if n in split_sizes(cfg) and fits(cfg, n, batch=1, context=context) else "—"
+            for n in counts)])
     lines = [f"Memory and split (bf16 weights; KV caches for batch {batch} × context "
              f"{context}, one per Prelude/Coda layer and per loop):", "",
              *_table(["preset", "params (B)", "weights (GB)", f"KV per GPU, {batch}×{context} (GB)",
@@ -723,5 +733,8 @@ def scaling_markdown(presets: tuple[str, ...] = SCALING_PRESETS, *, batch: int =
              "", "One MoE call's communication on HGX, µs: the plan's all-reduce against "
              "the all-to-all dispatch + combine alternative:", "",
              *_table(["preset", "N", "batch 1 all-reduce", "batch 1 all-to-all",
-                      f"batch {batch} all-reduce", f"batch {batch} all-to-all"], moe)]
+                      f"batch {batch} all-reduce", f"batch {batch} all-to-all"], moe),
+             "", f"Batch-1 decode on HGX, ms per token at context {context}, against the GPU "
+             "count (— : the model does not fit, or N does not split its heads and experts):",
+             "", *_table(["preset", *(f"N={n}" for n in counts)], strong)]
     return "\n".join(lines) + "\n"
