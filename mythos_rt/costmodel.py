@@ -27,6 +27,10 @@ parameters count the looped block T times (attention + router + k routed + share
 recurrent step per loop), plus Prelude/Coda and the head. Attention-score FLOPs
 (quadratic in length) are reported separately by ``op_costs``.
 
+Multi-GPU (``parallel_plan``, docs/scaling.md): the same floors taken over the busiest
+rank's share of a tensor + expert parallel split, plus ring / hierarchical collectives
+at NVLink and 400 Gb/s InfiniBand rates, and the fewest H100s that hold each preset.
+
 Dimension letters: N tokens in the launch (B rows × T each), S cached context, D dim,
 H heads, R kv_lora_rank, I expert_dim, E routed experts, k experts per token.
 """
@@ -684,15 +688,22 @@ def scaling_markdown(presets: tuple[str, ...] = SCALING_PRESETS, *, batch: int =
                      context: int = SCALING_CONTEXT) -> str:
     """docs/scaling.md's tables: each preset on the fewest H100s that hold it at
     ``batch`` × ``context``, its batch-1 latency and batch throughput per fabric."""
-    fabrics = ("nvlink", "ib", "hgx")
+    fabrics, counts = ("nvlink", "ib", "hgx"), [2 ** i for i in range(8)]
     memory, latency, throughput, moe, strong = [], [], [], [], []
     for name in presets:
         cfg = MythosConfig.from_preset(name)
+        strong.append([name, *(
+            _num(parallel_plan(cfg, n, batch=1, context=context).step_ms)
+            if n in split_sizes(cfg) and fits(cfg, n, batch=1, context=context) else "—"
+            for n in counts)])
         n1 = min_gpus(cfg, batch=1, context=context)
         n = min_gpus(cfg, batch=batch, context=context)
-        shown = lambda k: "does not fit" if k is None else str(k)  # noqa: E731
+        sizes = [f"{rank_weight_params(cfg, 1) / 1e9:.2f}",
+                 _num(rank_weight_params(cfg, 1) * 2 / 1e9),
+                 _num(rank_kv_cache_bytes(cfg, 1, batch=batch, context=context) / 1e9),
+                 "does not fit" if n1 is None else str(n1)]
         if n is None:
-            memory.append([name, *["—"] * 7])
+            memory.append([name, *sizes, "does not fit", "—", "—"])
             continue
         one = {f: parallel_plan(cfg, n, batch=1, context=context, fabric=f) for f in fabrics}
         big = {f: parallel_plan(cfg, n, batch=batch, context=context, fabric=f) for f in fabrics}
@@ -700,28 +711,19 @@ def scaling_markdown(presets: tuple[str, ...] = SCALING_PRESETS, *, batch: int =
         split = (f"{p.heads_per_gpu} head{'s' * (p.heads_per_gpu > 1)}, "
                  f"{p.experts_per_gpu} experts / GPU"
                  + (f", {p.nodes} nodes" if p.nodes > 1 else ""))
-        memory.append([name, f"{rank_weight_params(cfg, 1) / 1e9:.2f}",
-                       _num(rank_weight_params(cfg, 1) * 2 / 1e9),
-                       _num(rank_kv_cache_bytes(cfg, 1, batch=batch, context=context) / 1e9),
-                       shown(n1), shown(n), split, _num(p.memory_bytes / 1e9)])
+        memory.append([name, *sizes, str(n), split, _num(p.memory_bytes / 1e9)])
         latency.append([name, str(n), str(p.all_reduces), _num(one["hgx"].compute_ms),
                         *(_num(one[f].step_ms) for f in fabrics)])
         throughput.append([name, str(n), _num(batch / p.compute_ms * 1e3),
                            *(_num(big[f].tokens_per_s) for f in fabrics)])
-        b = dtype_bytes("bfloat16")
+        act = cfg.dim * dtype_bytes("bfloat16")
         moe.append([name, str(n), *(_num(1e3 * x) for rows in (1, batch) for x in (
-            all_reduce_ms(rows * cfg.dim * b, n, "hgx"),
+            all_reduce_ms(rows * act, n, "hgx"),
             moe_alltoall_ms(cfg, n, batch=rows, fabric="hgx")))])
-    counts = [2 ** i for i in range(8)]
-    for name in presets:
-        cfg = MythosConfig.from_preset(name)
-        strong.append([name, *(
-            _num(parallel_plan(cfg, n, batch=1, context=context).step_ms)
-            if n in split_sizes(cfg) and fits(cfg, n, batch=1, context=context) else "—"
-            for n in counts)])
     lines = [f"Memory and split (bf16 weights; KV caches for batch {batch} × context "
              f"{context}, one per Prelude/Coda layer and per loop):", "",
-             *_table(["preset", "params (B)", "weights (GB)", f"KV per GPU, {batch}×{context} (GB)",
+             *_table(["preset", "params (B)", "weights (GB)",
+                      f"KV per GPU, {batch}×{context} (GB)",
                       "min GPUs, batch 1", f"min GPUs, batch {batch}", f"split at batch-{batch} N",
                       "per GPU (GB)"], memory),
              "", f"Batch-1 decode, ms per token at context {context}, on the batch-{batch} N:",

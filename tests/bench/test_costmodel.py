@@ -179,7 +179,8 @@ def test_gqa_cache_splits_with_kv_heads():
 def test_busiest_rank_loads():
     cfg = MythosConfig.from_preset("mythos_1t")
     assert C._expected_max_binomial(1, 0.5, 2) == pytest.approx(0.75)
-    assert C._expected_max_binomial(2, 0.5, 2) == pytest.approx(1.375)  # (1 − 1/16) + (1 − 9/16)
+    # P(max ≥ 1) + P(max ≥ 2) = (1 − 1/16) + (1 − 9/16)
+    assert C._expected_max_binomial(2, 0.5, 2) == pytest.approx(1.375)
     for rows in (1, 64):
         hit = C.expected_experts_hit(cfg, rows)
         assert C.busiest_rank_experts(cfg, rows, 1) == pytest.approx(hit)
@@ -211,6 +212,12 @@ def test_memory_falls_with_gpus_and_min_gpus_is_the_first_that_fits():
     # 1t's replicated MLA cache (43 GB at 64 × 4096) leaves it one head per GPU
     assert C.min_gpus(MythosConfig.from_preset("mythos_1t"), batch=64, context=4096) == 128
     assert C.min_gpus(MythosConfig.from_preset("mythos_1t"), batch=4096, context=4096) is None
+
+
+def test_scaling_table_names_a_batch_no_split_holds():
+    text = C.scaling_markdown(("mythos_1t",), batch=4096, context=4096)
+    assert "| mythos_1t | 999.33 | 1,999 | 2,775 | 32 | does not fit | — | — |" in text
+    assert "| mythos_1t | — | — | — | — | — | 278 | 193 | 158 |" in text
 
 
 def test_committed_scaling_table_is_what_the_code_generates():
