@@ -81,3 +81,148 @@ def test_gqa_and_tiny_configs():
         assert rep["decode_bytes_per_token"] > 0 and rep["decode_floor_ms"] > 0
         for op in C.op_costs(cfg, C.Workload(batch=2, new_tokens=5, context=3, dtype="float32")):
             assert op.flops >= 0 and op.bytes > 0, op
+
+
+# ---- tensor + expert parallel plan (docs/scaling.md) ----------------------------------
+
+import pathlib
+import re
+
+from mythos_rt import memory
+
+SCALING_DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
+
+
+@pytest.mark.parametrize("preset", ["mythos_1b", "mythos_10b", "mythos_1t"])
+@pytest.mark.parametrize("batch,context", [(1, 0), (1, 4096), (64, 4096)])
+def test_one_gpu_plan_is_the_single_gpu_floor_without_communication(preset, batch, context):
+    cfg = MythosConfig.from_preset(preset)
+    plan = C.parallel_plan(cfg, 1, batch=batch, context=context)
+    floor = C.decode_floor_ms(cfg, batch=batch, context=context)
+    assert plan.compute_ms == pytest.approx(floor, rel=1e-12)
+    assert plan.step_ms == plan.compute_ms and plan.comm_ms == 0 and plan.all_reduces == 0
+    assert plan.step_bytes == pytest.approx(C.decode_step_bytes(cfg, batch=batch, context=context),
+                                            rel=1e-12)
+    # the whole model once (the tied head not twice)
+    params = memory.parameter_count(cfg)[0] - cfg.vocab_size * cfg.dim
+    assert plan.weight_bytes == 2 * params
+    assert plan.kv_bytes == ({"mythos_1t": 12}.get(preset, 4) + cfg.max_loop_iters) \
+        * batch * context * C.kv_cache_width(cfg) * 2
+
+
+def test_collective_formulas_by_hand():
+    X = 3e6
+    # 2 GPUs on NVLink, ring: 2·(1/2)·X/450 GB/s + 2 hops of 2 µs
+    assert C.all_reduce_ms(X, 2, "nvlink") == pytest.approx((X / 450e9 + 4e-6) * 1e3)
+    # 8 GPUs on IB, ring: 2·(7/8)·X/50 GB/s + 14 hops of 6 µs
+    assert C.all_reduce_ms(X, 8, "ib") == pytest.approx((1.75 * X / 50e9 + 84e-6) * 1e3)
+    # 16 GPUs = 2 HGX nodes: in-node reduce-scatter + all-gather, X/8 across nodes
+    want = 2 * 7 / 8 * X / 450e9 + 2 * 1 / 2 * (X / 8) / 50e9 + (14 * 2 + 2 * 6) * 1e-6
+    assert C.all_reduce_ms(X, 16, "hgx") == pytest.approx(want * 1e3)
+    assert C.all_gather_ms(X, 4, "ib") == pytest.approx((0.75 * X / 50e9 + 18e-6) * 1e3)
+    want = 7 / 8 * X / 450e9 + 3 / 4 * (X / 8) / 50e9 + (7 * 2 + 3 * 6) * 1e-6
+    assert C.all_gather_ms(X, 32, "hgx") == pytest.approx(want * 1e3)
+    want = max(7 / 16 * X / 450e9, 8 / 16 * X / 50e9) + 8e-6
+    assert C.all_to_all_ms(X, 16, "hgx") == pytest.approx(want * 1e3)
+    for f in C.all_reduce_ms, C.all_gather_ms, C.all_to_all_ms:
+        assert f(X, 1, "hgx") == 0.0
+    assert C.all_reduce_ms(X, 8, "hgx") == C.all_reduce_ms(X, 8, "nvlink")  # one node
+
+
+def test_bad_gpu_counts_are_named():
+    cfg = MythosConfig.from_preset("mythos_1b")
+    with pytest.raises(ValueError, match=r"3 GPUs do not split n_heads=16.*1, 2, 4, 8, 16"):
+        C.parallel_plan(cfg, 3)
+    with pytest.raises(ValueError, match="12 GPUs do not fill whole nodes"):
+        C.all_reduce_ms(1e6, 12, "hgx")
+    with pytest.raises(ValueError, match="unknown fabric 'pcie'"):
+        C.all_reduce_ms(1e6, 2, "pcie")
+
+
+def test_communication_counts_and_scales_with_loops():
+    cfg = MythosConfig.from_preset("mythos_100b")
+    act = 64 * cfg.dim * 2
+    plans = {T: C.parallel_plan(cfg, 16, batch=64, context=100, n_loops=T) for T in (16, 32)}
+    for T, plan in plans.items():
+        assert plan.all_reduces == 1 + 2 * 8 + 2 * T
+        assert plan.comm_ms == pytest.approx(plan.all_reduces * C.all_reduce_ms(act, 16)
+                                             + C.all_gather_ms(64 * 32000 * 4, 16))
+    assert plans[32].comm_ms - plans[16].comm_ms == pytest.approx(32 * C.all_reduce_ms(act, 16))
+
+
+def test_split_shares_by_hand():
+    cfg = MythosConfig.from_preset("mythos_1b")
+    D = 2048
+    replicated = D * 512 + 512 + D * 288 + 256
+    per_head = 512 * 96 + 256 * 128 + 64 * D
+    assert C.rank_attention_params(cfg, 1) == C.attention_params(cfg)
+    assert C.rank_attention_params(cfg, 4) == replicated + 4 * per_head
+    # 32 of 64 experts, half of both shared experts' 16384 columns, half the vocab
+    two, one = C.rank_weight_params(cfg, 2), C.rank_weight_params(cfg, 1)
+    saved = (32 * 3 * D * 2048 + 3 * D * 8192 + 16000 * D + 4 * 3 * D * (2730 - 1365)
+             + 5 * (C.attention_params(cfg) - C.rank_attention_params(cfg, 2)))
+    assert one - two == saved
+    # MLA's latent cache is every head's: each rank holds all of it
+    assert C.rank_kv_cache_bytes(cfg, 8, batch=2, context=5) == C.rank_kv_cache_bytes(
+        cfg, 1, batch=2, context=5)
+
+
+def test_gqa_cache_splits_with_kv_heads():
+    cfg = MythosConfig(vocab_size=256, dim=128, n_heads=8, n_kv_heads=2, attn_type="gqa",
+                       n_experts=8, expert_dim=32, max_loop_iters=3, lora_rank=4).validate()
+    kv = [C.rank_kv_cache_bytes(cfg, n, batch=3, context=7) for n in (1, 2, 4)]
+    assert kv == [kv[0], kv[0] / 2, kv[0] / 2]  # one K/V head per rank beyond n_kv_heads
+    assert C.rank_attention_params(cfg, 1) == C.attention_params(cfg)
+    assert C.parallel_plan(cfg, 4, batch=2, context=3, fabric="ib").comm_ms > 0
+
+
+def test_busiest_rank_loads():
+    cfg = MythosConfig.from_preset("mythos_1t")
+    assert C._expected_max_binomial(1, 0.5, 2) == pytest.approx(0.75)
+    # P(max ≥ 1) + P(max ≥ 2) = (1 − 1/16) + (1 − 9/16)
+    assert C._expected_max_binomial(2, 0.5, 2) == pytest.approx(1.375)
+    for rows in (1, 64):
+        hit = C.expected_experts_hit(cfg, rows)
+        assert C.busiest_rank_experts(cfg, rows, 1) == pytest.approx(hit)
+        assert C.busiest_rank_pairs(cfg, rows, 1) == rows * 8
+        for n in (2, 8, 128):
+            assert hit / n <= C.busiest_rank_experts(cfg, rows, n) <= min(512 / n, hit)
+            assert rows * 8 / n <= C.busiest_rank_pairs(cfg, rows, n) <= rows * 8
+
+
+def test_memory_falls_with_gpus_and_min_gpus_is_the_first_that_fits():
+    for name in C.SCALING_PRESETS:
+        cfg = MythosConfig.from_preset(name)
+        sizes = C.split_sizes(cfg)
+        mem = [C.parallel_plan(cfg, n, batch=64, context=4096).memory_bytes for n in sizes]
+        assert mem == sorted(mem, reverse=True)
+        assert C.rank_kv_cache_bytes(cfg, 1, batch=64, context=4096) > C.rank_kv_cache_bytes(
+            cfg, 1, batch=1, context=4096)
+        for batch in (1, 64):
+            n = C.min_gpus(cfg, batch=batch, context=4096)
+            assert C.fits(cfg, n, batch=batch, context=4096)
+            budget = 80e9 * 0.9
+            got = C.parallel_plan(cfg, n, batch=batch, context=4096).memory_bytes
+            assert got <= budget
+            if n > 1:
+                before = sizes[sizes.index(n) - 1]
+                assert not C.fits(cfg, before, batch=batch, context=4096)
+                assert C.parallel_plan(cfg, before, batch=batch,
+                                       context=4096).memory_bytes > budget
+    # 1t's replicated MLA cache (43 GB at 64 × 4096) leaves it one head per GPU
+    assert C.min_gpus(MythosConfig.from_preset("mythos_1t"), batch=64, context=4096) == 128
+    assert C.min_gpus(MythosConfig.from_preset("mythos_1t"), batch=4096, context=4096) is None
+
+
+def test_scaling_table_names_a_batch_no_split_holds():
+    text = C.scaling_markdown(("mythos_1t",), batch=4096, context=4096)
+    assert "| mythos_1t | 999.33 | 1,999 | 2,775 | 32 | does not fit | — | — |" in text
+    assert "| mythos_1t | — | — | — | — | — | 278 | 193 | 158 |" in text
+
+
+def test_committed_scaling_table_is_what_the_code_generates():
+    text = SCALING_DOC.read_text()
+    block = re.search(r"<!-- BEGIN GENERATED[^\n]*-->\n(.*?)<!-- END GENERATED -->", text, re.S)
+    assert block, "docs/scaling.md lost its generated-table markers"
+    assert block.group(1) == C.scaling_markdown(), (
+        "docs/scaling.md is stale: run .venv/bin/python scripts/scaling_table.py --write")
