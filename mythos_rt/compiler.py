@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import artifact
+from . import artifact, parallel
 from .config import MythosConfig
 from .errors import InputError
 from .ir import Graph
@@ -76,7 +76,8 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
             backend: str = "auto", max_batch_size: int = 8, max_seq_len: Optional[int] = None,
             max_loops: Optional[int] = None, config: Any = None, chunk: int = DEFAULT_CHUNK,
             overrides: Optional[Mapping[str, str]] = None, cuda_graphs: bool = True,
-            debug: bool = False, progress: bool = False, tokenizer=None) -> Runtime:
+            debug: bool = False, progress: bool = False, tokenizer=None,
+            tensor_parallel: int = 1) -> Runtime:
     """Compile an OpenMythos model (module or checkpoint path) into a Runtime.
 
     device: default CUDA if available else CPU. dtype: default the weights' dtype.
@@ -87,10 +88,17 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
     that captured graphs' buffers never move. progress: report steps on stderr.
     tokenizer: a Tokenizer, "byte" or a tokenizer file/directory (default: the one saved
     beside a checkpoint path, none for a module); ``rt.tokenizer``, used for text prompts.
+    tensor_parallel: split the model over this many processes, one per device, started by
+    ``torchrun --nproc-per-node N`` (every rank calls compile, and then generate, alike);
+    each rank reads only its share of a safetensors checkpoint. docs/parallel.md.
     """
     t0 = time.perf_counter()
+    rank, world = 0, 1
+    if tensor_parallel != 1:
+        device = resolve_device(device) if device is not None else parallel.default_device()
+        rank, world = parallel.setup(tensor_parallel, device)
     with stage("loading and tracing", progress):
-        graph, cfg, sd = trace(model_or_path, config)
+        graph, cfg, sd = trace(model_or_path, config, lazy=world > 1)
     checkpoint = None if isinstance(model_or_path, nn.Module) else model_or_path
     tok = resolve_tokenizer(checkpoint, tokenizer, cfg.vocab_size)
     t1 = time.perf_counter()
@@ -101,9 +109,12 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
         max_batch_size=max_batch_size,
         max_seq_len=cfg.max_seq_len if max_seq_len is None else max_seq_len,
         max_loops=cfg.max_loop_iters if max_loops is None else max_loops, chunk=chunk,
-        overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug).validate(cfg)
+        overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug,
+        tensor_parallel=tensor_parallel).validate(cfg)
+    if world > 1:
+        parallel.agree("the model and compile options", (cfg.to_dict(), vars(options)))
     with stage("running passes", progress):
-        optimized = run_passes(graph, dtype=options.dtype)
+        optimized = parallel.shard(run_passes(graph, dtype=options.dtype), world, rank)
     t2 = time.perf_counter()
     weights = materialize(optimized, sd, device, progress=progress)
     t3 = time.perf_counter()
