@@ -114,6 +114,13 @@ def agree(what: str, value: Any) -> None:
                             f"{odd[0]} has {values[odd[0]]!r}")
 
 
+def shared_seed() -> int:
+    """A random sampling seed drawn on rank 0 and given to every rank."""
+    seed = [int(torch.randint(0, 2 ** 62, ()).item()) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(seed, src=0)
+    return seed[0]
+
+
 # ---- the split -----------------------------------------------------------------------------
 
 def share(n: int, world: int, rank: int) -> tuple[int, int]:

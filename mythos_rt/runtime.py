@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
+from . import parallel
 from .config import MythosConfig
 from .errors import InputError, clip
 from .graphs import DecodeGraphs
@@ -515,6 +516,8 @@ class Runtime:
                        top_k, top_p, seed, stop_ids) -> tuple:
         """Check a generation request's arguments; return them as ``_decode`` takes them."""
         n = self._check_loops(n_loops)
+        if seed is None and self.options.tensor_parallel > 1:
+            seed = parallel.shared_seed()  # every rank must draw the same tokens
         params = SamplingParams(temperature, top_k, top_p, seed, stop_ids).check_vocab(
             self.config.vocab_size)
         self._check_sampling(max_new_tokens, max(int(p.numel()) for p in prompts))
