@@ -92,6 +92,10 @@ def setup(tensor_parallel: int, device: torch.device) -> tuple[int, int]:
             raise ParallelError(
                 f"tensor_parallel={tensor_parallel} needs one process per rank: launch with "
                 f"'torchrun --nproc-per-node {tensor_parallel} ...' (${missing[0]} is not set)")
+        if os.environ["WORLD_SIZE"] != str(tensor_parallel):  # every rank sees it: no group
+            raise ParallelError(f"tensor_parallel={tensor_parallel} but the process group has "
+                                f"{os.environ['WORLD_SIZE']} ranks (torchrun --nproc-per-node "
+                                "must equal it)")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

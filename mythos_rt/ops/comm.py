@@ -22,14 +22,28 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..errors import clip
 from .registry import BACKENDS, register
 
-__all__ = ["all_reduce", "all_gather", "gather_scratch"]
+__all__ = ["CollectiveError", "all_reduce", "all_gather", "gather_scratch"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another rank died, left or did not answer within the timeout."""
+
+
+def _failed(what: str, exc: BaseException) -> CollectiveError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CollectiveError(f"{what} on rank {dist.get_rank()} of {dist.get_world_size()} "
+                           f"failed: another rank died, left or timed out ({clip(first, 160)})")
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over every rank, in place (x must be contiguous)."""
-    dist.all_reduce(x)
+    try:
+        dist.all_reduce(x)
+    except (RuntimeError, ValueError) as exc:  # DistBackendError is a RuntimeError
+        raise _failed("all_reduce", exc) from None
     return x
 
 
@@ -47,7 +61,10 @@ def all_gather(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> tor
     N, Vp = x.shape
     W, V = dist.get_world_size(), out.shape[1]
     blocks = scratch[:W * N * Vp].view(W, N, Vp)
-    dist.all_gather(list(blocks.unbind(0)), x)
+    try:
+        dist.all_gather(list(blocks.unbind(0)), x)
+    except (RuntimeError, ValueError) as exc:
+        raise _failed("all_gather", exc) from None
     for r in range(W):  # column copies: nothing is allocated
         width = min(Vp, V - r * Vp)
         if width > 0:

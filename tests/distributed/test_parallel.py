@@ -83,7 +83,8 @@ def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
                                collective_timeout_s=15)
     assert codes[1] == 3
     assert codes[0] is not None, "rank 0 hung past the deadline"
-    assert "error" in results[0]
+    assert "CollectiveError" in results[0].get("error", ""), results[0]
+    assert "another rank died, left or timed out" in results[0]["error"]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
