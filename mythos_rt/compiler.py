@@ -132,13 +132,22 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
          tokenizer=None) -> Runtime:
     """Restore a Runtime saved with ``Runtime.save``: no tracing, no passes, no packing.
 
+    A tensor-parallel artifact (one ``rank{r}of{N}`` directory per rank) loads in an
+    N-process group (torchrun), each rank reading its own.
     ``device`` defaults to CUDA if available; ``backend``/``overrides``/``cuda_graphs``
     default to what the artifact was compiled with. The artifact's MoE tile configs
     (``autotune/moe.json``) serve the returned Runtime only: the user's autotune cache is
     never written. ``tokenizer`` overrides the artifact's own (see ``compile``).
     """
     t0 = time.perf_counter()
+    world = parallel.saved_world(directory)
+    if world is not None:  # a tensor-parallel artifact: this rank reads its own directory
+        device = resolve_device(device) if device is not None else parallel.default_device()
+        rank, _ = parallel.setup(world, device, what=f"{directory}: saved for tensor_parallel")
+        directory = parallel.rank_dir(directory, rank, world)
     cfg, graph, options, weights, tuning, tok = artifact.read_artifact(directory)
+    if world is not None:
+        parallel.agree("the artifact's model and options", (cfg.to_dict(), vars(options)))
     if tokenizer is not None:
         tok = resolve_tokenizer(None, tokenizer, cfg.vocab_size)
     if backend is not None:

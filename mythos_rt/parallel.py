@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -71,13 +73,15 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def setup(tensor_parallel: int, device: torch.device) -> tuple[int, int]:
+def setup(tensor_parallel: int, device: torch.device,
+          what: str = "tensor_parallel") -> tuple[int, int]:
     """Join (or check) the default process group for ``tensor_parallel`` ranks; return
     ``(rank, world_size)``.
 
     An existing group (the caller's ``init_process_group``) is used as it is; otherwise
     one is started from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT): NCCL for a CUDA device, gloo for the CPU, with ``timeout_s()``.
+    ``what`` names the request in errors.
     """
     if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) \
             or tensor_parallel < 1:
@@ -90,10 +94,10 @@ def setup(tensor_parallel: int, device: torch.device) -> tuple[int, int]:
                    if k not in os.environ]
         if missing:
             raise ParallelError(
-                f"tensor_parallel={tensor_parallel} needs one process per rank: launch with "
+                f"{what}={tensor_parallel} needs one process per rank: launch with "
                 f"'torchrun --nproc-per-node {tensor_parallel} ...' (${missing[0]} is not set)")
         if os.environ["WORLD_SIZE"] != str(tensor_parallel):  # every rank sees it: no group
-            raise ParallelError(f"tensor_parallel={tensor_parallel} but the process group has "
+            raise ParallelError(f"{what}={tensor_parallel} but the process group has "
                                 f"{os.environ['WORLD_SIZE']} ranks (torchrun --nproc-per-node "
                                 "must equal it)")
         if device.type == "cuda":
@@ -102,7 +106,7 @@ def setup(tensor_parallel: int, device: torch.device) -> tuple[int, int]:
                                 timeout=timedelta(seconds=timeout_s()))
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != tensor_parallel:
-        raise ParallelError(f"tensor_parallel={tensor_parallel} but the process group has "
+        raise ParallelError(f"{what}={tensor_parallel} but the process group has "
                             f"{world} ranks (torchrun --nproc-per-node must equal it)")
     return rank, world
 
@@ -123,6 +127,29 @@ def shared_seed() -> int:
     seed = [int(torch.randint(0, 2 ** 62, ()).item()) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(seed, src=0)
     return seed[0]
+
+
+# ---- artifacts: one directory per rank --------------------------------------------------
+
+_RANK_DIR = re.compile(r"rank(\d+)of(\d+)")
+
+
+def rank_dir(directory, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` saves its artifact inside ``directory``."""
+    return Path(directory) / f"rank{rank}of{world}"
+
+
+def saved_world(directory) -> Optional[int]:
+    """The world size a sharded artifact directory was saved for (None: not one)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    found = {int(m.group(2)) for p in d.iterdir()
+             if (m := _RANK_DIR.fullmatch(p.name)) and p.is_dir()}
+    if len(found) > 1:
+        raise ParallelError(f"{directory}: holds artifacts of several world sizes "
+                            f"({', '.join(map(str, sorted(found)))})")
+    return found.pop() if found else None
 
 
 # ---- the split -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
@@ -152,11 +153,19 @@ class Runtime:
         save leaves the old artifact or the new one. ``directory`` may be new, empty or an
         artifact; any other non-empty directory is refused (InputError) unless
         ``overwrite`` (the artifact's files are then written into it, others kept).
+        A tensor-parallel runtime is saved by every rank, each into ``rank{r}of{N}/``.
         """
         from .artifact import write_artifact
-        return str(write_artifact(directory, self.weights, self.graph, self.config, self.options,
-                                  tuning=self.tuning_used(), tokenizer=self.tokenizer,
-                                  overwrite=overwrite))
+        sharding = self.graph.attrs.get("parallel")
+        target = directory if sharding is None else parallel.rank_dir(
+            directory, sharding["rank"], sharding["world_size"])  # every rank its own share
+        path = write_artifact(target, self.weights, self.graph, self.config, self.options,
+                              tuning=self.tuning_used(), tokenizer=self.tokenizer,
+                              overwrite=overwrite)
+        if sharding is None:
+            return str(path)
+        parallel.agree("saving", str(Path(directory).absolute()))  # all ranks have written
+        return str(Path(directory).absolute())
 
     def tuning_used(self) -> dict[str, dict]:
         """The MoE tile configs this runtime's Triton MoE finds for its token buckets: its
