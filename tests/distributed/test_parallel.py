@@ -55,26 +55,37 @@ def test_ranks_match_single_process(world, tmp_path):
     cases = {}
     for name, backend in RUNS[world].items():
         cases[name] = dict(_checkpoint(name, tmp_path / name), backend=backend)
+    cases["mla"]["save"] = str(tmp_path / "artifact")  # saved per rank, then reloaded
     results, codes = run_ranks(world, cases, tmp_path)
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}: {res['error']}"
-        assert codes[r] == 0, f"rank {r} exited with {codes[r]}"
+    assert codes == [0] * world, codes
     for name, case in cases.items():
         ref = _reference(case)
         for r, res in enumerate(results):
             got, what = res[name], f"{name}/{case['backend']} rank {r} of {world}"
+            assert "error" not in got, f"{what}: {got['error']}"
             assert_rel_close(got["forward"], ref["forward"], TOL_FP32_TORCH, f"{what} prefill")
             assert_rel_close(got["generate"][1], ref["generate"][1], TOL_FP32_TORCH,
                              f"{what} decode logits")
             assert torch.equal(got["generate"][0], ref["generate"][0]), what
             assert all(torch.equal(a, b) for a, b in zip(got["ragged"], ref["ragged"])), what
+            if "save" in case:
+                assert torch.equal(got["reloaded"], ref["generate"][0]), what
+    assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == [
+        f"rank{r}of{world}" for r in range(world)]
 
 
 def test_world_size_mismatch_is_an_error_on_every_rank(tmp_path):
     case = dict(_checkpoint("mla", tmp_path / "m"), backend="torch", tensor_parallel=2)
-    results, codes = run_ranks(3, {"m": case}, tmp_path, deadline_s=60)
+    for r in range(2):  # an artifact saved by 2 ranks (load stops before reading it)
+        (tmp_path / "a" / f"rank{r}of2").mkdir(parents=True)
+    load = dict(case, load=str(tmp_path / "a"))
+    results, codes = run_ranks(3, {"compile": case, "load": load}, tmp_path, deadline_s=60)
+    assert codes == [0] * 3, codes
     for r, res in enumerate(results):
-        assert "tensor_parallel=2 but the process group has 3 ranks" in res.get("error", ""), r
+        assert ("tensor_parallel=2 but the process group has 3 ranks"
+                in res["compile"].get("error", "")), (r, res["compile"])
+        assert "saved for tensor_parallel=2 but the process group has 3" in res["load"].get(
+            "error", ""), (r, res["load"])
 
 
 def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
@@ -83,8 +94,8 @@ def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
                                collective_timeout_s=15)
     assert codes[1] == 3
     assert codes[0] is not None, "rank 0 hung past the deadline"
-    assert "CollectiveError" in results[0].get("error", ""), results[0]
-    assert "another rank died, left or timed out" in results[0]["error"]
+    error = results[0]["g"].get("error", "")
+    assert "CollectiveError" in error and "another rank died, left or timed out" in error, error
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
