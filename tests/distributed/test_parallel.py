@@ -156,3 +156,35 @@ def test_share_is_contiguous_and_balanced():
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             sizes = [b - a for a, b in ranges]
             assert max(sizes) - min(sizes) <= 1
+
+
+def test_inspect_shows_a_ranks_split(tmp_path, capsys):
+    from mythos_rt.cli import main
+    case = _checkpoint("mla", tmp_path)
+    assert main(["inspect", case["path"], "--tensor-parallel", "3", "--rank", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "parallel={'world_size': 3, 'rank': 1}" in text
+    assert "= all_reduce(" in text and "= all_gather(" in text
+    assert "shard={'split': 'heads', 'heads': [2, 3], 'of': 4}" in text
+
+
+def test_cli_nproc_launches_torchrun_and_rank_0_prints(tmp_path):
+    """``generate --nproc 2`` runs torchrun with 2 gloo ranks; the output is the
+    single-process runtime's greedy ids, printed once."""
+    import subprocess
+    import sys
+
+    from .launch import REPO
+    case = _checkpoint("gqa", tmp_path)
+    prompts = [[5, 6, 7], [8, 9]]
+    cmd = [sys.executable, "-m", "mythos_rt.cli", "generate", case["path"], "--device", "cpu",
+           "--max-new-tokens", "3", "--nproc", "2"]
+    for p in prompts:
+        cmd += ["--prompt-ids", " ".join(map(str, p))]
+    env = dict(__import__("os").environ, MYTHOS_RT_DIST_TIMEOUT="30", PYTHONPATH=str(REPO))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rt = mythos_rt.compile(case["path"], device="cpu", max_batch_size=2)
+    want = [" ".join(map(str, row.tolist())) for row in rt.generate(
+        [torch.tensor(p) for p in prompts], 3)]
+    assert done.stdout.split("\n")[-3:-1] == want and done.stdout.count("\n") == 2, done.stdout
