@@ -305,7 +305,12 @@ def check_config_copies(cfg: MythosConfig, graph: Graph, options: CompileOptions
                                     f"{str(value)[:20]}, config.json says {field}="
                                     f"{getattr(cfg, field)}")
     embed = graph.weights.get("embed.weight")
-    if embed is None or tuple(embed.shape) != (cfg.vocab_size, cfg.dim):
+    rows = cfg.vocab_size
+    sharding = graph.attrs.get("parallel")
+    if isinstance(sharding, dict):  # a rank's vocabulary rows and the zero row
+        from .parallel import vocab_rows
+        rows = vocab_rows(cfg.vocab_size, int(sharding.get("world_size", 1))) + 1
+    if embed is None or tuple(embed.shape) != (rows, cfg.dim):
         raise ArtifactError(f"{where}: graph.json's embedding "
                             f"{None if embed is None else tuple(embed.shape)} does not match "
                             f"config.json's (vocab_size, dim) = ({cfg.vocab_size}, {cfg.dim})")

@@ -68,7 +68,8 @@ _SAFE_GLOBALS = [(_UpstreamConfig, "open_mythos.main.MythosConfig")]
 # ---- public API ---------------------------------------------------------------------
 
 def load_checkpoint(path: PathLike | Iterable[PathLike], config: ConfigLike = None, *,
-                    check_finite: bool = True) -> tuple[MythosConfig, dict[str, torch.Tensor]]:
+                    check_finite: bool = True,
+                    lazy: bool = False) -> tuple[MythosConfig, dict[str, torch.Tensor]]:
     """Load a checkpoint in any supported format.
 
     Returns ``(config, state_dict)`` with the reference model's names: wrapper prefixes
@@ -76,6 +77,9 @@ def load_checkpoint(path: PathLike | Iterable[PathLike], config: ConfigLike = No
     tables rebuilt, so ``mythos_rt.reference.OpenMythos(config).load_state_dict(sd,
     strict=True)`` succeeds. ``config`` (a MythosConfig, a dict, or a config.json path)
     overrides the checkpoint's own. Raises CheckpointError / ConfigError.
+
+    ``lazy``: safetensors tensors come back as ``mythos_rt.slices.LazyTensor``s, read only
+    when (and in the slices) materialized; their values are not checked for NaN/Inf.
     """
     paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
     if not paths:
@@ -85,9 +89,9 @@ def load_checkpoint(path: PathLike | Iterable[PathLike], config: ConfigLike = No
             raise CheckpointError(f"{p}: no such file or directory")
 
     if len(paths) == 1 and paths[0].is_dir():
-        found, sd, where = _read_directory(paths[0])
+        found, sd, where = _read_directory(paths[0], lazy)
     elif any(p.suffix == ".safetensors" or p.name == SAFETENSORS_INDEX for p in paths):
-        found, sd, where = _read_safetensors_files(paths)
+        found, sd, where = _read_safetensors_files(paths, lazy)
     elif len(paths) == 1:
         found, sd, where = _read_torch_file(paths[0])
     else:
@@ -96,7 +100,8 @@ def load_checkpoint(path: PathLike | Iterable[PathLike], config: ConfigLike = No
 
     cfg, cfg_where = _resolve_config(config, found, where)
     sd = _canonicalize(sd)
-    _check_against_config(sd, cfg, where, cfg_where, check_finite)
+    lazy_values = any(not isinstance(v, torch.Tensor) for v in sd.values())
+    _check_against_config(sd, cfg, where, cfg_where, check_finite and not lazy_values)
     return cfg, sd
 
 
@@ -157,7 +162,7 @@ def _read_torch_file(path: Path):
     return (None if found_cfg is None else (found_cfg, f"{path} (its cfg)")), sd, str(path)
 
 
-def _read_directory(directory: Path):
+def _read_directory(directory: Path, lazy: bool = False):
     if is_artifact(directory):
         raise CheckpointError(f"{directory}: this is a mythos-rt artifact (a compiled runtime), "
                               "not a checkpoint; use mythos_rt.load or pass it to generate")
@@ -177,7 +182,7 @@ def _read_directory(directory: Path):
                 f".safetensors/.pt file, found {listed(p.name for p in candidates) or 'none'}")
         files = candidates
     if files[0].suffix == ".safetensors" or files[0].name == SAFETENSORS_INDEX:
-        found, sd, where = _read_safetensors_files(files)
+        found, sd, where = _read_safetensors_files(files, lazy)
     else:
         found, sd, where = _read_torch_file(files[0])
     if cfg_path.exists():
@@ -185,7 +190,7 @@ def _read_directory(directory: Path):
     return found, sd, where
 
 
-def _read_safetensors_files(paths: list[Path]):
+def _read_safetensors_files(paths: list[Path], lazy: bool = False):
     found = None
     shards: dict[Path, Optional[list[str]]] = {}  # file -> the tensors to read (None: all)
     for p in paths:
@@ -201,7 +206,7 @@ def _read_safetensors_files(paths: list[Path]):
             found = (read_json_object(sibling, ConfigError), str(sibling))
     sd: dict[str, torch.Tensor] = {}
     for shard, names in shards.items():
-        part = _read_shard(shard, names)
+        part = _read_shard(shard, names, lazy)
         dup = sorted(set(part) & set(sd))
         if dup:
             raise CheckpointError(f"{shard}: tensor(s) also present in another shard: "
@@ -210,8 +215,10 @@ def _read_safetensors_files(paths: list[Path]):
     return found, sd, listed(shards, limit=4, width=200)
 
 
-def _read_shard(shard: Path, names: Optional[list[str]]) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file; exactly ``names`` when an index lists them."""
+def _read_shard(shard: Path, names: Optional[list[str]],
+                lazy: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; exactly ``names`` when an index lists them
+    (``lazy``: as ``LazyTensor``s, nothing read)."""
     from safetensors import SafetensorError, safe_open
 
     if not shard.is_file():
@@ -228,6 +235,9 @@ def _read_shard(shard: Path, names: Optional[list[str]]) -> dict[str, torch.Tens
                 if absent:
                     raise CheckpointError(f"{shard}: tensor(s) the index places here are "
                                           f"missing: {listed(absent)}")
+            if lazy:
+                from .slices import read_lazy_shard
+                return read_lazy_shard(f, shard, sorted(present))
             return {name: f.get_tensor(name) for name in sorted(present)}
     except CheckpointError:
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from .compiler import BACKEND_CHOICES
 from .config import ConfigError, MythosConfig
 from .errors import ArtifactError, InputError
 from .ir import IRError
+from .ops.comm import CollectiveError
 from .ops.registry import BackendError
 from .tokenizer import TokenizerError
 from .options import ACT_MODES, DTYPES
@@ -21,7 +23,7 @@ from .trace import TraceError
 
 # Errors that describe a user's mistake; anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ConfigError, TraceError, IRError, BackendError, InputError,
-               ArtifactError, TokenizerError, FileNotFoundError)
+               ArtifactError, TokenizerError, FileNotFoundError, CollectiveError)
 
 
 def _cmd_compile(args) -> int:
@@ -71,12 +73,14 @@ def _generation_runtime(args, prompts: list):
     (checked to fit the request, naming the compile flag to change), or a checkpoint
     compiled to fit it. ``prompts``: id lists, or str for text."""
     from . import artifact, compiler
+    from .parallel import saved_world
     loops = args.n_loops if isinstance(args.n_loops, int) and args.n_loops > 0 else None
     text = isinstance(prompts[0], str)
-    if not artifact.is_artifact(args.model):
+    if not artifact.is_artifact(args.model) and saved_world(args.model) is None:
         rt = compiler.compile(args.model, device=args.device, progress=True,
                               max_batch_size=len(prompts), max_loops=loops,
-                              tokenizer=args.tokenizer, act_mode=args.act_mode or "eager")
+                              tokenizer=args.tokenizer, act_mode=args.act_mode or "eager",
+                              tensor_parallel=_tensor_parallel(args))
         return rt, (_text_ids(rt, prompts) if text else prompts)
     rt = compiler.load(args.model, device=args.device, tokenizer=args.tokenizer,
                        act_mode=args.act_mode)
@@ -93,7 +97,35 @@ def _generation_runtime(args, prompts: list):
     return rt, ids
 
 
+def _tensor_parallel(args) -> int:
+    """--tensor-parallel, else the world size torchrun started (1 without it)."""
+    if args.tensor_parallel is not None:
+        return args.tensor_parallel
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _launch(args) -> int:
+    """--nproc N: run this same command on N local ranks through torchrun."""
+    if args.nproc < 1:
+        raise InputError(f"--nproc must be a positive integer, got {args.nproc}")
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", "-m", "mythos_rt.cli", *argv]
+    return subprocess.run(cmd).returncode
+
+
 def _cmd_generate(args) -> int:
+    if args.nproc is not None:
+        return _launch(args)
+    if int(os.environ.get("RANK", "0")) != 0:  # every rank computes, rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     if (args.prompt is None) == (args.prompt_ids is None):
         raise InputError("give --prompt TEXT (text) or --prompt-ids IDS (token ids), not both")
     _ints("--seed", [] if args.seed is None else [args.seed], -2**63, 2**64)
@@ -151,12 +183,18 @@ def _cmd_inspect(args) -> int:
         from .ir import Graph
         print(Graph.from_json((Path(args.model) / "graph.json").read_text()).to_text(), end="")
         return 0
-    graph, _, _ = trace(args.model)
-    if args.after_pass is None:
+    graph, _, _ = trace(args.model, lazy=True)
+    if args.after_pass is None and args.tensor_parallel is None:
         print(graph.to_text(), end="")
         return 0
     after: dict[str, Any] = {}
     final = run_passes(graph, dtype=args.dtype, after=after.__setitem__)
+    if args.tensor_parallel is not None:  # rank R's share: the split and its collectives
+        from .parallel import shard
+        if not 0 <= args.rank < args.tensor_parallel:
+            raise InputError(f"--rank {args.rank} must be in [0, {args.tensor_parallel})")
+        final = after["shard"] = shard(final, args.tensor_parallel, args.rank)
+        args.after_pass = args.after_pass or "all"
     if args.after_pass not in [*after, "all"]:
         raise InputError(f"unknown pass {args.after_pass!r}; choose one of: "
                          f"{', '.join(after)}, all")
@@ -348,12 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None)
     g.add_argument("--act-mode", default=None, choices=ACT_MODES,
                    help=ACT_HELP + " (default: the artifact's, else eager)")
+    g.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split a checkpoint over N ranks (default: torchrun's world size); "
+                        "see docs/parallel.md")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="launch N local ranks through torchrun and split the model over them")
     g.set_defaults(fn=_cmd_generate)
 
     i = sub.add_parser("inspect", help="print the IR of a checkpoint or artifact")
     i.add_argument("model", help="checkpoint or artifact directory")
     i.add_argument("--after-pass", default=None, help="run passes up to NAME (or 'all')")
     i.add_argument("--dtype", default=None, choices=dtypes)
+    i.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="show one rank's share of the model split over N ranks")
+    i.add_argument("--rank", type=int, default=0, help="the rank --tensor-parallel shows")
     i.set_defaults(fn=_cmd_inspect)
 
     d = sub.add_parser("demo", help="compile the shipped trained model, complete text, show "
@@ -371,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except USER_ERRORS as exc:

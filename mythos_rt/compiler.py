@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import artifact
+from . import artifact, parallel
 from .config import MythosConfig
 from .errors import InputError
 from .ir import Graph
@@ -79,7 +79,7 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
             max_loops: Optional[int] = None, config: Any = None, chunk: int = DEFAULT_CHUNK,
             overrides: Optional[Mapping[str, str]] = None, cuda_graphs: bool = True,
             debug: bool = False, progress: bool = False, tokenizer=None,
-            act_mode: str = "eager") -> Runtime:
+            act_mode: str = "eager", tensor_parallel: int = 1) -> Runtime:
     """Compile an OpenMythos model (module or checkpoint path) into a Runtime.
 
     device: default CUDA if available else CPU. dtype: default the weights' dtype.
@@ -94,10 +94,17 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
     "eager" (every loop for every position, as the reference), "lazy" (exact: a halted
     position's deeper loops run only when a later position needs them, batched) or
     "reuse" (approximate: halted positions' deeper cache entries repeat their last ones).
+    tensor_parallel: split the model over this many processes, one per device, started by
+    ``torchrun --nproc-per-node N`` (every rank calls compile, and then generate, alike);
+    each rank reads only its share of a safetensors checkpoint. docs/parallel.md.
     """
     t0 = time.perf_counter()
+    rank, world = 0, 1
+    if tensor_parallel != 1:
+        device = resolve_device(device) if device is not None else parallel.default_device()
+        rank, world = parallel.setup(tensor_parallel, device)
     with stage("loading and tracing", progress):
-        graph, cfg, sd = trace(model_or_path, config)
+        graph, cfg, sd = trace(model_or_path, config, lazy=world > 1)
     checkpoint = None if isinstance(model_or_path, nn.Module) else model_or_path
     tok = resolve_tokenizer(checkpoint, tokenizer, cfg.vocab_size)
     t1 = time.perf_counter()
@@ -109,9 +116,11 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
         max_seq_len=cfg.max_seq_len if max_seq_len is None else max_seq_len,
         max_loops=cfg.max_loop_iters if max_loops is None else max_loops, chunk=chunk,
         overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug,
-        act_mode=act_mode).validate(cfg)
+        act_mode=act_mode, tensor_parallel=tensor_parallel).validate(cfg)
+    if world > 1:
+        parallel.agree("the model and compile options", (cfg.to_dict(), vars(options)))
     with stage("running passes", progress):
-        optimized = run_passes(graph, dtype=options.dtype)
+        optimized = parallel.shard(run_passes(graph, dtype=options.dtype), world, rank)
     t2 = time.perf_counter()
     weights = materialize(optimized, sd, device, progress=progress)
     t3 = time.perf_counter()
@@ -129,13 +138,22 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
          tokenizer=None, act_mode: Optional[str] = None) -> Runtime:
     """Restore a Runtime saved with ``Runtime.save``: no tracing, no passes, no packing.
 
+    A tensor-parallel artifact (one ``rank{r}of{N}`` directory per rank) loads in an
+    N-process group (torchrun), each rank reading its own.
     ``device`` defaults to CUDA if available; ``backend``/``overrides``/``cuda_graphs``/
     ``act_mode`` default to what the artifact was compiled with. The artifact's MoE tile
     configs (``autotune/moe.json``) serve the returned Runtime only: the user's autotune
     cache is never written. ``tokenizer`` overrides the artifact's own (see ``compile``).
     """
     t0 = time.perf_counter()
+    world = parallel.saved_world(directory)
+    if world is not None:  # a tensor-parallel artifact: this rank reads its own directory
+        device = resolve_device(device) if device is not None else parallel.default_device()
+        rank, _ = parallel.setup(world, device, what=f"{directory}: saved for tensor_parallel")
+        directory = parallel.rank_dir(directory, rank, world)
     cfg, graph, options, weights, tuning, tok = artifact.read_artifact(directory)
+    if world is not None:
+        parallel.agree("the artifact's model and options", (cfg.to_dict(), vars(options)))
     if tokenizer is not None:
         tok = resolve_tokenizer(None, tokenizer, cfg.vocab_size)
     if backend is not None:

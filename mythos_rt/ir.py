@@ -38,6 +38,8 @@ OP_KINDS = {
     "loop_prologue": "fused: rmsnorm(h + loop_embed(t) + e)",
     "loop_epilogue": "fused: LoRA + LTI injection + ACT update (+ next prologue)",
     "head": "logits = x @ W^T",
+    "all_reduce": "sum x over the tensor-parallel ranks (in place)",
+    "all_gather": "concatenate the ranks' vocabulary shards of the logits",
 }
 
 

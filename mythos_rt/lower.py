@@ -24,12 +24,14 @@ import torch
 from . import depth
 from .config import MythosConfig
 from .ir import Graph, Op
+from .ops.comm import gather_scratch
 from .ops.attention import GQAWeights, MLAWeights, new_caches, rope_tables
 from .ops.ffn import DenseFFN
 from .ops.moe import PackedMoE
 from .ops.norm import NORM_EPS
 from .ops.recurrent import ACTState, LoopParams
 from .ops.registry import Selected, select
+from .parallel import shard_args, shard_config, world_of
 from .passes import run_passes
 from .trace import build_graph
 from .weights import materialize, sources
@@ -183,10 +185,30 @@ class Rule:
 
 def _bind_embed(low: Lowered, op: Op, t):
     w, ids, out = low.weights[op.weights["w"]], low.buffers.input_ids, low.buf(op.outputs[0])
+    if "vocab_start" in op.attrs:
+        return _bind_vocab_shard_embed(low, op, w, ids, out)
 
     def bind(s: Shape):
         i, o = ids[:s.N], out[:s.N]
         return lambda: torch.index_select(w, 0, i, out=o)
+    return bind
+
+
+def _bind_vocab_shard_embed(low: Lowered, op: Op, w, ids, out):
+    """A vocabulary shard (``parallel``): rows ``vocab_start + [0, vocab_rows)`` of the
+    table, then one zero row that every other id reads (its sum over ranks is then the
+    embedding)."""
+    start, rows = op.attrs["vocab_start"], op.attrs["vocab_rows"]
+    local = torch.empty_like(ids)
+
+    def bind(s: Shape):
+        i, li, o = ids[:s.N], local[:s.N], out[:s.N]
+
+        def run():
+            torch.sub(i, start, out=li)
+            li.clamp_(-1, rows).remainder_(rows + 1)  # outside [0, rows) -> the zero row
+            torch.index_select(w, 0, li, out=o)
+        return run
     return bind
 
 
@@ -231,9 +253,9 @@ def _cache_keys(op: Op, max_loops: int) -> list[str]:
 
 
 def _allocate_caches(low: Lowered, op: Op, g: Graph) -> None:
-    new_layer_caches = low.impl(op).caches or new_caches
+    new_layer_caches, cfg = low.impl(op).caches or new_caches, shard_config(low.cfg, op)
     for key in _cache_keys(op, low.max_loops):
-        low.buffers.caches[key] = new_layer_caches(low.cfg, low.max_batch, low.max_seq_len,
+        low.buffers.caches[key] = new_layer_caches(cfg, low.max_batch, low.max_seq_len,
                                                    low.dtype, low.device)
 
 
@@ -406,6 +428,28 @@ def _loop_region(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
     return _lazy_loop_steps(low, loop, n_loops)
 
 
+def _alias_all_reduce(low: Lowered, op: Op, g: Graph) -> None:
+    """The reduction runs in place: its output is its input's buffer."""
+    low.buffers.arena[op.outputs[0]] = low.buf(op.inputs[0])
+
+
+def _bind_all_reduce(low: Lowered, op: Op, t):
+    impl, x = low.impl(op), low.buf(op.inputs[0])
+    return lambda s: impl.launcher(x[:s.N])
+
+
+def _allocate_gather(low: Lowered, op: Op, g: Graph) -> None:
+    cols = g.values[op.inputs[0]].shape[-1]
+    low.buffers.workspaces[op.name] = gather_scratch(world_of(low.graph), low.n_max, cols,
+                                                     low.dtype, low.device)
+
+
+def _bind_all_gather(low: Lowered, op: Op, t):
+    impl, x, out = low.impl(op), low.buf(op.inputs[0]), low.buf(op.outputs[0])
+    scratch = low.buffers.workspaces[op.name]
+    return lambda s: impl.launcher(x[:s.N], out[:s.N], scratch)
+
+
 RULES: dict[str, Rule] = {
     "embed": Rule(_bind_embed),
     "rmsnorm": Rule(_bind_rmsnorm, "rmsnorm"),
@@ -419,6 +463,8 @@ RULES: dict[str, Rule] = {
     "loop": Rule(None, steps=_loop_region),
     "loop_prologue": Rule(None, "loop_prologue"),
     "loop_epilogue": Rule(None, "loop_epilogue", allocate=_allocate_loop),
+    "all_reduce": Rule(_bind_all_reduce, "all_reduce", allocate=_alias_all_reduce),
+    "all_gather": Rule(_bind_all_gather, "all_gather", allocate=_allocate_gather),
 }
 
 
@@ -462,7 +508,7 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
             rule, impl = rule_of(op), low.impl(op)
             if rule.build is not None:
                 # the implementation's own form of the arguments, prepared once
-                low.args[op.name] = impl.prepare(rule.build(low.roles(op), cfg))
+                low.args[op.name] = impl.prepare(shard_args(rule.build(low.roles(op), cfg), op))
                 if impl.workspace is not None:
                     buffers.workspaces[op.name] = impl.workspace(n_max, low.args[op.name], device)
             if rule.allocate is not None:
@@ -472,7 +518,9 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                                                                  device=device)
             for v in op.outputs:
                 if v not in buffers.arena:
-                    width = cfg.vocab_size if g.values[v].shape[-1] == "vocab" else cfg.dim
+                    last = g.values[v].shape[-1]  # a symbol, or a shard's own width
+                    width = (cfg.vocab_size if last == "vocab" else last if isinstance(last, int)
+                             else cfg.dim)
                     buffers.arena[v] = torch.empty(n_max, width, dtype=dtype, device=device)
     return low
 

@@ -42,9 +42,10 @@ class CompileOptions:
     cuda_graphs: bool = True
     debug: bool = False
     act_mode: str = "eager"
+    tensor_parallel: int = 1  # ranks the model is split over (mythos_rt.parallel)
 
     def validate(self, cfg: MythosConfig) -> "CompileOptions":
-        for name in ("max_batch_size", "max_seq_len", "max_loops", "chunk"):
+        for name in ("max_batch_size", "max_seq_len", "max_loops", "chunk", "tensor_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {str(value)[:40]!r}")

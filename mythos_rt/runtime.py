@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
+from . import parallel
 from .config import MythosConfig
 from .errors import InputError, clip
 from .graphs import DecodeGraphs
@@ -179,11 +181,19 @@ class Runtime:
         save leaves the old artifact or the new one. ``directory`` may be new, empty or an
         artifact; any other non-empty directory is refused (InputError) unless
         ``overwrite`` (the artifact's files are then written into it, others kept).
+        A tensor-parallel runtime is saved by every rank, each into ``rank{r}of{N}/``.
         """
         from .artifact import write_artifact
-        return str(write_artifact(directory, self.weights, self.graph, self.config, self.options,
-                                  tuning=self.tuning_used(), tokenizer=self.tokenizer,
-                                  overwrite=overwrite))
+        sharding = self.graph.attrs.get("parallel")
+        target = directory if sharding is None else parallel.rank_dir(
+            directory, sharding["rank"], sharding["world_size"])  # every rank its own share
+        path = write_artifact(target, self.weights, self.graph, self.config, self.options,
+                              tuning=self.tuning_used(), tokenizer=self.tokenizer,
+                              overwrite=overwrite)
+        if sharding is None:
+            return str(path)
+        parallel.agree("saving", str(Path(directory).absolute()))  # all ranks have written
+        return str(Path(directory).absolute())
 
     def tuning_used(self) -> dict[str, dict]:
         """The MoE tile configs this runtime's Triton MoE finds for its token buckets: its
@@ -568,6 +578,8 @@ class Runtime:
                        top_k, top_p, seed, stop_ids) -> tuple:
         """Check a generation request's arguments; return them as ``_decode`` takes them."""
         n = self._check_loops(n_loops)
+        if seed is None and self.options.tensor_parallel > 1:
+            seed = parallel.shared_seed()  # every rank must draw the same tokens
         params = SamplingParams(temperature, top_k, top_p, seed, stop_ids).check_vocab(
             self.config.vocab_size)
         self._check_sampling(max_new_tokens, max(int(p.numel()) for p in prompts))

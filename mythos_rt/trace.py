@@ -213,14 +213,15 @@ def build_graph(cfg: MythosConfig, dtype: torch.dtype = torch.float32) -> Graph:
 
 
 def trace(model_or_path: Union[nn.Module, str, os.PathLike], config: Any = None,
-          ) -> tuple[Graph, MythosConfig, dict[str, torch.Tensor]]:
-    """Capture (graph, config, state_dict) from a module or a checkpoint path."""
+          lazy: bool = False) -> tuple[Graph, MythosConfig, dict[str, torch.Tensor]]:
+    """Capture (graph, config, state_dict) from a module or a checkpoint path (``lazy``:
+    see ``load_checkpoint``)."""
     if isinstance(model_or_path, nn.Module):
         cfg = check_structure(model_or_path)
         sd = dict(model_or_path.state_dict())
         dtype = model_or_path.embed.weight.dtype
     elif isinstance(model_or_path, (str, os.PathLike)):
-        cfg, sd = load_checkpoint(model_or_path, config)
+        cfg, sd = load_checkpoint(model_or_path, config, lazy=lazy)
         dtype = sd["embed.weight"].dtype
     else:
         raise TraceError(f"expected an OpenMythos nn.Module or a checkpoint path, got "

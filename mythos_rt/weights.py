@@ -3,6 +3,10 @@
 This is the one place where weight layouts change. Each derived weight in the IR names
 a recipe below and its source tensors; the recipes call the op families' own layout
 helpers (MLA absorption, expert splitting, the LTI decay), so a layout is defined once.
+A recipe may read slices of its sources (``derive["slices"]``, one ``[dim, start,
+stop]`` or None per source: a tensor-parallel rank's share, ``mythos_rt.parallel``);
+only those slices are read, from any state_dict whose values can be sliced lazily
+(``mythos_rt.slices``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ RECIPES: dict[str, Callable[[list[torch.Tensor], dict], torch.Tensor]] = {
                                                 for blk in split_w2(down, d["expert_dim"])]),
     "concat_rows": lambda srcs, d: torch.cat(srcs, dim=0),
     "lti_decay": lambda srcs, d: lti_decay(*srcs),
+    # a copy: a slice of an in-memory tensor must not keep the whole one alive
+    "take": lambda srcs, d: srcs[0].clone(memory_format=torch.contiguous_format),
+    # a vocabulary shard: its rows, then zero rows up to d["rows"]
+    "pad_rows": lambda srcs, d: torch.cat([srcs[0], srcs[0].new_zeros(
+        d["rows"] - srcs[0].shape[0], *srcs[0].shape[1:])]),
 }
 
 
@@ -65,17 +74,31 @@ def sources(g: Graph, names: Iterable[str]) -> set[str]:
 
 def _make(name: str, spec: WeightSpec, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if spec.derive is None:
-        if name not in sd:
-            raise KeyError(f"weight {name!r} is not in the state_dict")
-        t = sd[name]
+        t = _read(sd, name, None)
     else:
         recipe = RECIPES.get(spec.derive["fn"])
         if recipe is None:
             raise KeyError(f"weight {name!r}: unknown derivation {spec.derive['fn']!r}")
-        t = recipe([sd[s].float() for s in spec.derive["from"]], spec.derive)
+        slices = spec.derive.get("slices") or [None] * len(spec.derive["from"])
+        t = recipe([_read(sd, s, sl).float() for s, sl in zip(spec.derive["from"], slices)],
+                   spec.derive)
     if tuple(t.shape) != tuple(spec.shape):
         raise ValueError(f"weight {name!r}: made shape {tuple(t.shape)}, IR says {spec.shape}")
     return t
+
+
+def _read(sd: Mapping[str, torch.Tensor], name: str, sl: Optional[list]) -> torch.Tensor:
+    """``sd[name]``, or its slice ``[dim, start, stop]``: a lazy checkpoint tensor
+    (``slices.LazyTensor``) reads only that, a tensor gives a view."""
+    if name not in sd:
+        raise KeyError(f"weight {name!r} is not in the state_dict")
+    src = sd[name]
+    if sl is None:
+        return src if isinstance(src, torch.Tensor) else src.read()
+    dim, start, stop = sl
+    if not isinstance(src, torch.Tensor):
+        return src.read_slice(dim, start, stop)
+    return src.narrow(dim, start, stop - start)
 
 
 def _dtype(spec: WeightSpec) -> torch.dtype:

@@ -319,5 +319,10 @@ def autotune_moe(packed: PackedMoE, token_counts: Iterable[int] = (1, 16, 128, 1
 
 def moe_workspace(max_tokens: int, packed: PackedMoE, device) -> MoEWorkspace:
     """The ``moe_ffn`` implementation record's workspace hook: a ``MoEWorkspace`` for up to
-    ``max_tokens`` tokens, allocated once at compile time."""
+    ``max_tokens`` tokens, allocated once at compile time. Expert-parallel shards are not
+    supported by these kernels yet (docs/parallel.md)."""
+    if packed.is_shard:
+        from mythos_rt.ops.registry import BackendError
+        raise BackendError("the triton moe_ffn does not run expert-parallel shards yet; "
+                           "compile with overrides={'moe_ffn': 'torch'} (docs/parallel.md)")
     return MoEWorkspace.allocate(max_tokens, packed, device)

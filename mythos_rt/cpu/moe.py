@@ -85,9 +85,12 @@ class _Rows:
         torch.mul(F.silu(self.routed_gate), self.routed_up, out=self.routed_act_all)
 
 
-def prepare_moe(packed: PackedMoE) -> CpuMoE:
+def prepare_moe(packed: PackedMoE) -> CpuMoE | PackedMoE:
     """Per-expert views of the packed weights; the shared slots as one dense projection
-    sharing a matmul with the router."""
+    sharing a matmul with the router. An expert-parallel shard stays as it is: the torch
+    implementation runs it."""
+    if packed.is_shard:
+        return packed
     E, S, I, D = packed.n_routed, packed.n_shared_slots, packed.expert_dim, packed.dim
     shared_w13 = packed.w13[E:].reshape(S * 2 * I, D)                   # slot-major [g; u]
     front = torch.cat([shared_w13, packed.router_w])
@@ -146,6 +149,8 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoE FFN (same contract as ``ops.moe.moe_ffn_torch``); up to ``MAX_TOKENS`` tokens
     run the lean path."""
+    if isinstance(moe, PackedMoE):  # an expert-parallel shard (prepare_moe)
+        return moe_ffn_torch(x, moe, workspace, out)
     p = moe.base
     N = x.shape[0]
     if moe.row_kernel is not None and N <= moe.kernel_max_tokens:
@@ -185,6 +190,8 @@ def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     compiled kernel, or None where that does not apply (more tokens, rows not contiguous
     in the weights' dtype, no kernel, no ``out``). bf16 weights: the rows are widened into
     float32 staging rows (allocated here, once per binding) and the result rounded back."""
+    if isinstance(moe, PackedMoE):
+        return None
     if moe.base.w13.dtype != torch.bfloat16:
         return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)
     if (x.dtype != torch.bfloat16 or out is None or out.dtype != torch.bfloat16

@@ -46,6 +46,9 @@ class PackedMoE:
     router_w : (E, D) storage dtype.
     router_bias : (E,) float32 — added to the logits for selection only.
     n_routed : E.  n_shared_slots : S = n_shared_experts·top_k.  top_k : k.  expert_dim : I.
+    expert_start : an expert-parallel shard (``mythos_rt.parallel``) holds the routed
+        experts ``expert_start .. expert_start + n_local - 1`` of the E the router scores
+        and a share of the shared slots; the others' contributions are another rank's.
     """
 
     w13: torch.Tensor
@@ -56,6 +59,16 @@ class PackedMoE:
     n_shared_slots: int
     top_k: int
     expert_dim: int
+    expert_start: int = 0
+
+    @property
+    def n_local(self) -> int:
+        """Routed experts held here (E unless this is an expert-parallel shard)."""
+        return self.w13.shape[0] - self.n_shared_slots
+
+    @property
+    def is_shard(self) -> bool:
+        return self.n_local != self.n_routed
 
     @property
     def dim(self) -> int:
@@ -149,15 +162,17 @@ def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
     (N, D) in x's dtype: ``Σ_j w_j·expert_{ids_j}(x)`` in slot order, plus the shared
     slots (weight 1), accumulated in float32. Each expert runs in the storage dtype, as
     the reference does. It loops over the experts present (host sync): not
-    graph-capturable.
+    graph-capturable. An expert-parallel shard adds only the experts it holds.
     """
     del workspace
     N, D = x.shape
-    E, k, S, I = packed.n_routed, packed.top_k, packed.n_shared_slots, packed.expert_dim
+    E, k, S, I = packed.n_local, packed.top_k, packed.n_shared_slots, packed.expert_dim
     ids, weights = moe_route_torch(x, packed.router_w, packed.router_bias, k)
-    ids_l = ids.long()
+    ids_l = ids.long() - packed.expert_start
     y = x.new_zeros(N, k, D)
     for e in ids_l.unique().tolist():
+        if not 0 <= e < E:  # another rank's expert
+            continue
         tok, slot = (ids_l == e).nonzero(as_tuple=True)
         gu = F.linear(x[tok], packed.w13[e])
         y[tok, slot] = F.linear(F.silu(gu[:, :I]) * gu[:, I:], packed.w2[e])
