@@ -26,6 +26,7 @@ reads alone.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import re
@@ -104,11 +105,19 @@ def setup(tensor_parallel: int, device: torch.device,
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s()))
+        # A group left open at interpreter exit can abort the process ("terminate called
+        # without an active exception" from gloo's threads): close the one we opened.
+        atexit.register(_close_group)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != tensor_parallel:
         raise ParallelError(f"{what}={tensor_parallel} but the process group has "
                             f"{world} ranks (torchrun --nproc-per-node must equal it)")
     return rank, world
+
+
+def _close_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def agree(what: str, value: Any) -> None:

@@ -58,6 +58,21 @@ def test_ranks_match_single_process(world, tmp_path):
     cases["mla"]["save"] = str(tmp_path / "artifact")  # saved per rank, then reloaded
     results, codes = run_ranks(world, cases, tmp_path)
     assert codes == [0] * world, codes
+    _check_ranks(cases, results, world)
+    assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == [
+        f"rank{r}of{world}" for r in range(world)]
+
+
+def test_lazy_depth_on_ranks_matches_single_process(tmp_path):
+    """Every rank reads the same (replicated) halting flags, so the ranks choose the same
+    passes; lazy depth stays exact against the single-process eager runtime."""
+    case = dict(_checkpoint("mla", tmp_path / "m"), backend="cpu", act_mode="lazy")
+    results, codes = run_ranks(2, {"lazy": case}, tmp_path)
+    assert codes == [0, 0], codes
+    _check_ranks({"lazy": case}, results, 2)
+
+
+def _check_ranks(cases: dict, results: list, world: int) -> None:
     for name, case in cases.items():
         ref = _reference(case)
         for r, res in enumerate(results):
@@ -70,8 +85,6 @@ def test_ranks_match_single_process(world, tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(got["ragged"], ref["ragged"])), what
             if "save" in case:
                 assert torch.equal(got["reloaded"], ref["generate"][0]), what
-    assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == [
-        f"rank{r}of{world}" for r in range(world)]
 
 
 def test_world_size_mismatch_is_an_error_on_every_rank(tmp_path):
