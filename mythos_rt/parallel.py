@@ -313,27 +313,28 @@ def _moe(g: Graph, op: Op, cfg: dict, world: int, rank: int) -> Op:
     return _all_reduce(op)
 
 
-def _embed(g: Graph, op: Op, cfg: dict, world: int, rank: int) -> Op:
+def _vocab_slice(g: Graph, op: Op, cfg: dict, world: int, rank: int, extra: int) -> int:
+    """Give ``op``'s weight the rank's ``Vp`` vocabulary rows (zero-padded) plus ``extra``
+    zero rows; return ``Vp``."""
     V, Vp = cfg["vocab_size"], vocab_rows(cfg["vocab_size"], world)
     v0, v1 = min(V, rank * Vp), min(V, (rank + 1) * Vp)
     name = op.weights["w"]
     spec = g.weights[name]
-    # one zero row past the rank's rows: where every id outside them reads
-    g.weights[name] = WeightSpec((Vp + 1, spec.shape[1]), spec.dtype, {
-        "fn": "pad_rows", "from": [name], "slices": [[0, v0, v1]], "rows": Vp + 1})
+    g.weights[name] = WeightSpec((Vp + extra, spec.shape[1]), spec.dtype, {
+        "fn": "pad_rows", "from": [name], "slices": [[0, v0, v1]], "rows": Vp + extra})
     op.attrs["shard"] = {"split": "vocab", "rows": [v0, v1], "of": V}
+    return Vp
+
+
+def _embed(g: Graph, op: Op, cfg: dict, world: int, rank: int) -> Op:
+    # one zero row past the rank's rows: where every id outside them reads
+    Vp = _vocab_slice(g, op, cfg, world, rank, extra=1)
     op.attrs["vocab_start"], op.attrs["vocab_rows"] = rank * Vp, Vp
     return _all_reduce(op)
 
 
 def _head(g: Graph, op: Op, cfg: dict, world: int, rank: int) -> Op:
-    V, Vp = cfg["vocab_size"], vocab_rows(cfg["vocab_size"], world)
-    v0, v1 = min(V, rank * Vp), min(V, (rank + 1) * Vp)
-    name = op.weights["w"]
-    spec = g.weights[name]
-    g.weights[name] = WeightSpec((Vp, spec.shape[1]), spec.dtype, {
-        "fn": "pad_rows", "from": [name], "slices": [[0, v0, v1]], "rows": Vp})
-    op.attrs["shard"] = {"split": "vocab", "rows": [v0, v1], "of": V}
+    Vp = _vocab_slice(g, op, cfg, world, rank, extra=0)
     full = op.outputs[0]
     local = f"{full}.shard"
     g.values[local] = TensorSpec((g.values[full].shape[0], Vp), g.values[full].dtype)
