@@ -16,6 +16,7 @@ an InputError instead. Use one Runtime per concurrent request stream to run in p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -474,7 +475,8 @@ class Runtime:
         Text in, text out (needs ``rt.tokenizer``): a str prompt returns the completion's
         text, a list of str prompts a list of texts. Each ends before the first of the
         ``stop`` strings (e.g. ``stop=["\\n\\n"]``) or ``stop_ids`` it produces, neither
-        included; ``stop_ids`` defaults to the tokenizer's eos id for text.
+        included; ``stop_ids`` defaults to the tokenizer's eos id for text. A model whose
+        vocabulary is larger than its tokenizer's draws only ids the tokenizer can decode.
 
         ``input_ids``: a (B, T) tensor, or a list of 1-D sequences of different lengths
         (ragged batch: each row keeps its own positions and cache length, and equals
@@ -543,9 +545,11 @@ class Runtime:
         except TokenizerError as exc:
             raise InputError(str(exc)) from None
         rows, _ = self._check_prompts(encoded)
-        request = self._check_request(rows, max_new_tokens, n_loops, temperature, top_k,
-                                      top_p, seed, stop_ids)
-        return rows, request, streams, single
+        steps, n, params = self._check_request(rows, max_new_tokens, n_loops, temperature,
+                                               top_k, top_p, seed, stop_ids)
+        if tok.vocab_size < self.config.vocab_size:  # ids the tokenizer has no text for
+            params = dataclasses.replace(params, vocab_limit=tok.vocab_size)
+        return rows, (steps, n, params), streams, single
 
     def _stream_text(self, prompts, *args):
         rows, request, streams, single = self._text_request(prompts, *args)

@@ -70,7 +70,9 @@ class SamplingParams:
 
     temperature: 0 (greedy) or a finite number >= float32's smallest normal (1.2e-38).
     top_k: integer >= 0 (0 = all tokens). top_p: in (0, 1]. seed: None or an integer in
-    [0, 2**64). stop_ids: integer token ids (a tuple afterwards).
+    [0, 2**64). stop_ids: integer token ids (a tuple afterwards). vocab_limit: None or
+    an integer >= 1: only ids below it are drawn (text generation sets it to the
+    tokenizer's vocabulary when the model's is larger, so every drawn id has a text).
     """
 
     temperature: float = 0.0
@@ -78,6 +80,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop_ids: tuple[int, ...] = ()
+    vocab_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
         t = _real("temperature", self.temperature)
@@ -97,6 +100,8 @@ class SamplingParams:
         object.__setattr__(self, "top_p", p)
         object.__setattr__(self, "seed", seed)
         object.__setattr__(self, "stop_ids", stops)
+        if self.vocab_limit is not None:
+            object.__setattr__(self, "vocab_limit", _integer("vocab_limit", self.vocab_limit, 1))
 
     def check_vocab(self, vocab_size: int) -> "SamplingParams":
         """Refuse stop ids the model can never produce; return self."""
@@ -135,6 +140,8 @@ class Sampler:
             self.check()
         p = self.params
         self.steps += 1
+        if p.vocab_limit is not None:
+            logits = logits[:, :p.vocab_limit]  # ids keep their values: a prefix slice
         return sample(logits, p.temperature, p.top_k, p.top_p, self.generators)
 
     def check(self) -> None:

@@ -1,5 +1,7 @@
 """Runtime text API: str prompts in, str completions out; streaming text; stop strings."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -75,3 +77,21 @@ def test_a_closed_text_stream_frees_the_runtime(rt):
     assert isinstance(first, str) and first
     pieces.close()
     assert isinstance(rt.generate("Return the ", 3, n_loops=2), str)
+
+
+def test_a_tokenizer_smaller_than_the_model_draws_only_ids_it_can_decode():
+    """Ids beyond the tokenizer's vocabulary have no text: text generation never draws them
+    (the id path still may), instead of failing mid-stream in the tokenizer."""
+    cfg = dataclasses.replace(MythosConfig.from_preset("tiny_gqa"), vocab_size=300)
+    torch.manual_seed(5)
+    model = OpenMythos(cfg)
+    with torch.no_grad():  # make the ids beyond the tokenizer the model's favourites
+        model.head.weight[259:] *= 40.0
+    rt = mythos_rt.compile(model, backend="torch", max_batch_size=2, max_seq_len=48,
+                           tokenizer="byte")
+    ids = torch.tensor([rt.tokenizer.encode("Hello")])
+    assert int(rt.generate(ids, 6)[0, 5:].max()) >= 259  # the premise: the id path draws them
+    for kwargs in ({}, {"temperature": 1.0, "seed": 3}):
+        texts = rt.generate(["Hello", "a"], 6, stop_ids=[], **kwargs)
+        assert all(isinstance(t, str) for t in texts)
+        assert "".join(rt.stream("Hello", 6, stop_ids=[], **kwargs)) == texts[0]
