@@ -135,8 +135,9 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
     earlier position lacks a loop-t entry, every chunk position has run loop t−1 and the
     chunk's last token still runs (so nothing would be skipped); otherwise as *gathered
     passes* over each row's range ``[s, e]``, in pieces of at most ``chunk`` positions.
-    A chunk pass also computes chunk tokens that have halted: that costs nothing extra
-    (the batch has those rows anyway) and keeps them in step.
+    A chunk pass also computes chunk tokens that have halted: their rows are in the batch
+    anyway, so dense work barely grows, and keeping them in step spares a gathered pass;
+    the MoE does pay for their experts (counted in ``block_evals``).
 
     act : the chunk's ACT state (one row per chunk token, plus the spare row);
     copy_entries(row, lo, hi, t) : "reuse": copy loop t−1's cache entries of positions

@@ -84,6 +84,28 @@ def test_lazy_is_exact_on_triton_interpreted(monkeypatch):
         assert_rel_close(logits[b:b + 1], ref, TOL_FP32_INTERPRET, f"row {b}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny_mla", "tiny_gqa"])
+@pytest.mark.parametrize("mode", ["lazy", "reuse"])
+def test_lazy_depth_on_cuda(preset, mode):
+    """The CUDA device's default backends (Triton, CUDA kernels) in float32: lazy equals the
+    reference; reuse runs and counts what it copied."""
+    ids = torch.randint(0, 97, (3, 9))
+    model = _model(preset, ids)
+    n = model.cfg.max_loop_iters + 1
+    rt = mythos_rt.compile(model.cuda(), device="cuda", dtype="float32", max_batch_size=3,
+                           chunk=4, max_loops=n, act_mode=mode)
+    ids = ids.cuda()
+    logits = rt.forward(ids, n_loops=n)
+    if mode == "reuse":
+        assert torch.isfinite(logits).all()
+        assert rt.last_stats["reused_entries"] >= 0
+        return
+    with torch.no_grad():
+        assert_rel_close(logits, model(ids, n_loops=n), TOL_FP32_TORCH)
+    _check_generate(rt, model, [ids[0, :3], ids[1], ids[2, :6]], 4, n, TOL_FP32_TORCH)
+
+
 def test_counters_follow_the_halting_depths():
     """Each (position, loop) runs at most once, so the lazy runtime evaluates exactly
     every position's final depth: the deepest halting loop at or after it."""
