@@ -31,8 +31,9 @@ def latent_prefill_wins(T: int, rank: int, nope: int, rope_dim: int, v_dim: int)
     S·H cancels, so the choice depends on T only: latent iff
     T·(2R + rope) <= R·(nope + v) + T·(nope + rope + v). For mythos_1b (R 256, nope = v
     = 64, rope 32) that is T <= 85, for mythos_3b (R 384, 96, 32) T <= 128: short chunks
-    and continuation prefills go latent, full 256-token chunks stay expanded (their
-    per-chunk expansion costs less than attending over a latent twice as wide).
+    and continuation prefills go latent; full 256-token chunks stay expanded (per key,
+    latent attention costs ~3.5× the multiply-adds of per-head attention, more than
+    their share of the expansion). docs/attention.md has the table.
     """
     return T * (2 * rank + rope_dim) <= rank * (nope + v_dim) + T * (nope + rope_dim + v_dim)
 

@@ -195,7 +195,8 @@ def tile_config(d1: int, d2: int, dv: int, rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for key parts of widths d1 and d2 (0: no second
     part), value width dv and ``rows`` query rows (tokens × heads per KV head): 128×64
     tiles on 8 warps up to 128 wide, 64×32 on 4 above, and at most 16384 accumulator
-    elements per program (the 256 / 512-wide latent of MLA: 64 / 32 rows).
+    elements per program, on 8 warps (MLA's 256 / 512-wide latent: 64 / 32 rows; on 4
+    warps the 512-wide one spills on sm_90).
 
     The width is the parts' padded sum; a missing second part counts 0, not its
     placeholder block (pow2(0) = 16), which would mark d = 128 as wide.
@@ -203,7 +204,8 @@ def tile_config(d1: int, d2: int, dv: int, rows: int) -> tuple[int, int, int]:
     width = pow2(d1) + (pow2(d2) if d2 else 0)
     wide = width > 128 or pow2(dv) > 128
     block_m = min(64 if wide else 128, 16384 // pow2(dv), pow2(rows))
-    return block_m, 32 if wide else 64, 4 if block_m <= 64 else 8
+    big = block_m > 64 or block_m * pow2(dv) >= 16384
+    return block_m, 32 if wide else 64, 8 if big else 4
 
 
 def split_dim(d: int) -> int:

@@ -75,8 +75,8 @@ def test_tile_config_counts_only_present_key_parts():
     assert tile_config(128, 64, 128, 4096) == (64, 32, 4)    # 128 + 64 is wide
     assert tile_config(96, 32, 96, 4096) == (64, 32, 4)      # 3b: pow2(96) = 128 + 32
     assert tile_config(128, 0, 128, 7) == (16, 64, 4)        # a short chunk: small M
-    assert tile_config(256, 32, 256, 4096) == (64, 32, 4)    # 1b latent: R 256 + rope 32
-    assert tile_config(512, 32, 512, 4096) == (32, 32, 4)    # 3b latent: pow2(384) = 512
+    assert tile_config(256, 32, 256, 4096) == (64, 32, 8)    # 1b latent: R 256 + rope 32
+    assert tile_config(512, 32, 512, 4096) == (32, 32, 8)    # 3b latent: pow2(384) = 512
 
 
 def test_split_dim():
