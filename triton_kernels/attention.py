@@ -38,10 +38,11 @@ def latent_prefill_wins(T: int, rank: int, nope: int, rope_dim: int, v_dim: int)
     return T * (2 * rank + rope_dim) <= rank * (nope + v_dim) + T * (nope + rope_dim + v_dim)
 
 
-def mla_prefill(q_nope, q_pe, ckv, kpe, cache_lens, w: MLAWeights, scale):
+def mla_prefill(q_nope, q_pe, ckv, kpe, cache_lens, w: MLAWeights, scale, latent=None):
     """Causal attention of a chunk over prefix + chunk. Returns (B, T, H, v_dim).
 
-    Latent (``latent_prefill_wins``): q_lat = q_nope·w_uk per head, one flash launch
+    ``latent`` None: the path ``latent_prefill_wins`` picks (True/False force one; tests
+    and benchmarks). Latent: q_lat = q_nope·w_uk per head, one flash launch
     over [ckv | kpe] as a single KV head shared by all query heads (V = the latent
     tile itself), then v = o_lat·w_uvᵀ per head. Expanded: K_nope/V from the latent
     cache through kv_up, the shared rope key passed as the flash kernel's second key
@@ -51,13 +52,15 @@ def mla_prefill(q_nope, q_pe, ckv, kpe, cache_lens, w: MLAWeights, scale):
     R, vd = w.kv_lora_rank, w.v_dim
     S = min(int(cache_lens.max()) + T, ckv.shape[1])  # host sync to size the range
     kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
-    if latent_prefill_wins(T, R, nope, w.rope_dim, vd):
+    if latent is None:
+        latent = latent_prefill_wins(T, R, nope, w.rope_dim, vd)
+    if latent:
         # (H, B·T, nope) @ (H, nope, R) -> (H, B·T, R), viewed as (B, T, H, R).
         q_lat = torch.bmm(q_nope.reshape(B * T, H, nope).transpose(0, 1), w.w_uk)
         o_lat = torch.empty(H, B, T, R, device=q_nope.device, dtype=q_nope.dtype)
-        latent = ckv[:B, :S].unsqueeze(2)
-        _flash_launch(q_lat.transpose(0, 1).view(B, T, H, R), q_pe, latent,
-                      kpe[:B, :S].unsqueeze(2), latent, o_lat.permute(1, 2, 0, 3),
+        c = ckv[:B, :S].unsqueeze(2)
+        _flash_launch(q_lat.transpose(0, 1).view(B, T, H, R), q_pe, c,
+                      kpe[:B, :S].unsqueeze(2), c, o_lat.permute(1, 2, 0, 3),
                       cache_lens, kv_len, scale, True)
         o = torch.bmm(o_lat.view(H, B * T, R), w.w_uv.transpose(1, 2))  # (H, B·T, v)
         return o.transpose(0, 1).reshape(B, T, H, vd)

@@ -55,16 +55,15 @@ def test_latent_kernel_over_a_cached_prefix(T, num_splits):
 @pytest.mark.parametrize("path", ["latent", "expanded"])
 @pytest.mark.parametrize("T", [1, 3, 37])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_prefill_paths_match_torch(monkeypatch, path, T, dtype, tol):
+def test_prefill_paths_match_torch(path, T, dtype, tol):
     """``mla_prefill`` (both paths) vs the torch implementation, R = 48, a 29-token prefix."""
-    _force(monkeypatch, path)
     h = Harness("mla", "triton", dtype, b_max=2, s_max=72, cfg=_cfg(48))
     ckv, kpe = (c.normal_() for c in h.caches)
     w, H = h.w, h.cfg.n_heads
     q_nope = torch.randn(2, T, H, w.nope).to(dtype)
     q_pe = torch.randn(2, T, H, w.rope_dim).to(dtype)
     lens = torch.tensor([29, 29], dtype=torch.int32)
-    got = TA.mla_prefill(q_nope, q_pe, ckv, kpe, lens, w, h.scale)
+    got = TA.mla_prefill(q_nope, q_pe, ckv, kpe, lens, w, h.scale, latent=path == "latent")
     f32 = {k: getattr(w, k).float() for k in ("kv_up", "w_uk", "w_uv")}
     wf = A.MLAWeights(**{**w.__dict__, **f32})
     ref = A.mla_prefill(q_nope.float(), q_pe.float(), ckv.float(), kpe.float(), lens, wf,
@@ -110,3 +109,29 @@ def test_latent_path_is_chosen_by_multiply_adds(preset, last_latent):
     assert TA.latent_prefill_wins(last_latent, *shape)
     assert not TA.latent_prefill_wins(last_latent + 1, *shape)
     assert not TA.latent_prefill_wins(256, *shape)  # the default chunk stays expanded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["mythos_1b", "mythos_3b"])
+@pytest.mark.parametrize("T,prefix", [(17, 8000), (64, 3000), (256, 7936)])
+def test_bf16_gpu_paths_agree(preset, T, prefix):
+    """Both paths at the presets' shapes (bf16, long prefixes, the default key splits)
+    vs the torch implementation in float32."""
+    from mythos_rt.lower import op_args
+    from mythos_rt.reference import MLAttention
+    from mythos_rt.testing import TOL_BF16_KERNEL
+    cfg = MythosConfig.from_preset(preset)
+    w = op_args("mla_attention", MLAttention(cfg).state_dict(), cfg, dtype=torch.bfloat16)
+    w = A.MLAWeights(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in w.__dict__.items()})
+    H, S = cfg.n_heads, prefix + T
+    mk = lambda *s: torch.randn(*s, device="cuda").bfloat16()  # noqa: E731
+    ckv, kpe = mk(1, S, cfg.kv_lora_rank), mk(1, S, cfg.qk_rope_head_dim)
+    q_nope, q_pe = mk(1, T, H, cfg.qk_nope_head_dim), mk(1, T, H, cfg.qk_rope_head_dim)
+    lens = torch.tensor([prefix], dtype=torch.int32, device="cuda")
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    wf = A.MLAWeights(**{**w.__dict__, **{k: getattr(w, k).float() for k in ("kv_up", "w_uk",
+                                                                             "w_uv")}})
+    ref = A.mla_prefill(q_nope.float(), q_pe.float(), ckv.float(), kpe.float(), lens, wf, scale)
+    for latent in (True, False):
+        got = TA.mla_prefill(q_nope, q_pe, ckv, kpe, lens, w, scale, latent=latent)
+        assert_rel_close(got, ref, TOL_BF16_KERNEL, f"latent={latent}")
