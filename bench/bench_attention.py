@@ -1,10 +1,12 @@
-"""Attention kernel benchmarks: MLA absorbed decode, GQA decode, flash prefill.
+"""Attention kernel benchmarks: MLA absorbed decode, GQA decode, flash prefill, MLA chunks.
 
 On a GPU (bf16, mythos_1b dims): decode achieved GB/s of cache read for
 batch ∈ {1, 8, 64} × cached tokens ∈ {1k, 8k, 32k} (target ≥ 80% of HBM copy bandwidth
 once batch × tokens ≥ 64k), and causal prefill TFLOP/s at 1k / 8k tokens (target ≥ 50%
-of bf16 peak at 8k). On CPU: one tiny case per kernel under the Triton interpreter, so
-``python bench/bench_attention.py`` runs anywhere (its times mean nothing).
+of bf16 peak at 8k), and MLA chunks after a long prefix on both prefill paths (latent /
+expanded) around the crossover ``latent_prefill_wins`` predicts. On CPU: one tiny case per
+kernel under the Triton interpreter, so ``python bench/bench_attention.py`` runs anywhere
+(its times mean nothing).
 
 Byte counts are the cache bytes a kernel must read (the compact MLA cache: R + rope per
 token; GQA: K and V per KV head) plus queries/outputs; FLOPs count the causal half only.
@@ -91,6 +93,35 @@ def _prefill_case(kind, T, cfg, dtype, dev, reps):
                kernel="flash_attention", variant=kind, tokens=T, dtype=str(dtype).split(".")[-1])
 
 
+def _mla_chunk_case(T, L, latent, cfg, dtype, dev, reps):
+    """One MLA prefill chunk of T tokens after L cached ones (B=1) on one path: latent
+    (attention over the compact cache) or expanded (kv_up over the whole cache first).
+    FLOPs are the per-head attention's (the same for both paths), so TFLOP/s compare
+    speed; ``latent_prefill_wins`` should pick the faster one."""
+    from mythos_rt.ops.attention import MLAWeights
+    from mythos_rt.triton_kernels.attention import latent_prefill_wins, mla_prefill
+    H, R, P = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    n, V, S = cfg.qk_nope_head_dim, cfg.v_head_dim, L + T
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=dtype) * 0.1  # noqa: E731
+    kv_up = mk(H * (n + V), R)
+    unused = torch.empty(0, device=dev, dtype=dtype)
+    w = MLAWeights(q_down=unused, q_norm=unused, q_up_nope=unused, q_up_rope=mk(H * P, 1),
+                   kv_down=unused, kv_norm=unused, kv_up=kv_up, wo=unused,
+                   w_uk=kv_up.view(H, n + V, R)[:, :n].contiguous(),
+                   w_uv=kv_up.view(H, n + V, R)[:, n:].contiguous())
+    ckv, kpe = mk(1, S, R), mk(1, S, P)
+    q_nope, q_pe = mk(1, T, H, n), mk(1, T, H, P)
+    lens = torch.tensor([L], device=dev, dtype=torch.int32)
+    ms = time_ms(lambda: mla_prefill(q_nope, q_pe, ckv, kpe, lens, w, (n + P) ** -0.5, latent),
+                 warmup=1 if dev == "cpu" else 3, reps=reps)
+    chosen = latent == latent_prefill_wins(T, R, n, P, V)
+    path = "latent" if latent else "expanded"
+    return row(f"mla_chunk T={T} L={L} {path}", ms,
+               flops=2 * H * T * (L + (T + 1) / 2) * (n + P + V), kernel="mla_prefill",
+               variant=path, tokens=T, cached_tokens=L, chosen_by_rule=chosen,
+               dtype=str(dtype).split(".")[-1])
+
+
 def iter_rows(quick: bool = False) -> Iterator[dict]:
     """Benchmark rows (see module docstring), yielded as each case finishes."""
     if not torch.cuda.is_available():
@@ -115,6 +146,9 @@ def iter_rows(quick: bool = False) -> Iterator[dict]:
     for T in (1024, 8192):
         yield _prefill_case("mla", T, cfg, bf16, dev, reps)
         yield _prefill_case("gqa", T, cfg, bf16, dev, reps)
+    for T in ((64, 256) if quick else (17, 64, 128, 256)):  # the latent/expanded crossover
+        for latent in (True, False):
+            yield _mla_chunk_case(T, 8192 - T, latent, cfg, bf16, dev, reps)
 
 
 def run(quick: bool = False) -> list[dict]:

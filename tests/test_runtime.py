@@ -58,6 +58,23 @@ def test_forward_and_decode_match_reference(name, backend):
     assert_rel_close(logits, ref, TOL[backend], "per-step logits")
 
 
+def test_triton_mla_prefill_in_chunks_matches_reference(monkeypatch):
+    """Prefill in chunks of 5 + 5 + 2 on the interpreted Triton backend: tiny_mla's short
+    chunks attend in latent space over what the earlier chunks cached."""
+    from mythos_rt.triton_kernels import attention as TA
+    chosen = []
+    rule = TA.latent_prefill_wins
+    monkeypatch.setattr(TA, "latent_prefill_wins",
+                        lambda T, *dims: chosen.append((T, rule(T, *dims))) or chosen[-1][1])
+    cfg = CONFIGS["mla"]()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    model = _model(cfg, ids)
+    rt = mythos_rt.compile(model, backend="triton", max_batch_size=2, chunk=5)
+    with torch.no_grad():
+        assert_rel_close(rt.forward(ids, n_loops=2), model(ids, n_loops=2), TOL_FP32_INTERPRET)
+    assert set(chosen) == {(5, True), (2, True)}
+
+
 def test_checkpoint_path_compiles_and_prefill_chunks_are_exact(tmp_path):
     cfg = MythosConfig.from_preset("tiny_mla")
     ids = torch.randint(0, cfg.vocab_size, (2, 11))

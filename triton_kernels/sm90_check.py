@@ -12,7 +12,8 @@ called on meta tensors built from each preset the way the lowering builds them, 
 kernel is specialized by Triton's own binder (constexprs, 16-byte divisibility, ==1
 integers) with exactly the launch parameters of the runtime: decode batches (the CUDA
 graph buckets 1..64), prefill chunks of the runtime's chunk size up to 8192 cached
-tokens, and the MoE autotune candidates. ptxas (bundled with the Triton wheel) reports
+tokens (a short chunk after a long prefix too: MLA's latent prefill splitting the key
+range), and the MoE autotune candidates. ptxas (bundled with the Triton wheel) reports
 registers and spills of each distinct compile.
 
 Exit status 1 on a compile error, on shared memory above the sm_90 limit (227 KiB per
@@ -252,8 +253,8 @@ def sweep(presets=PRESETS, dtypes=("bf16", "fp16"), batches=DECODE_BATCHES,
                 steps = [(B, 1, 0, f"decode B={B}") for B in batches]
                 if prefill:
                     steps += [(B, T, at, f"prefill B={B} T={T} at {at}") for B, T, at in
-                              ((1, 17, 0), (1, chunk, 0), (1, chunk, MAX_PREFILL - chunk),
-                               (4, 64, 0))]
+                              ((1, 17, 0), (1, 17, MAX_PREFILL - 17), (1, chunk, 0),
+                               (1, chunk, MAX_PREFILL - chunk), (4, 64, 0))]
                 for B, T, at, what in steps:
                     sc.case(f"{preset} {what}", what.split()[0], dname)
                     launch_step(m, B, T, at, max_batch, s_max)

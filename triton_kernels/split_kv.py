@@ -151,6 +151,19 @@ def _combine_kernel(O_PART, LSE, OUT, DV, NUM_SPLITS,
     tl.store(OUT + b * so_b + h * so_h + d, o.to(OUT.dtype.element_ty), mask=d < DV)
 
 
+def combine_splits(o_part, lse, out):
+    """Merge key-range splits: o_part (N, H, splits, DV) normalized float32 partials and
+    lse (N, H, splits) their base-2 log-sum-exps (-inf: an empty split) into out (N, H, DV)
+    (last dims contiguous). Shared by split-KV decode and split flash attention."""
+    N, H, num_splits, DV = o_part.shape
+    bdv = min(128, pow2(DV, 1))
+    _combine_kernel[(N, H, triton.cdiv(DV, bdv))](
+        o_part, lse, out, DV, num_splits,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
+        BLOCK_S=pow2(num_splits, 1), BLOCK_DV=bdv)
+
+
 def split_kv_decode(q1, q2, k1, k2, v, kv_lens, scale, out, num_splits, workspace=None):
     """Launch split-KV decode.
 
@@ -198,10 +211,5 @@ def split_kv_decode(q1, q2, k1, k2, v, kv_lens, scale, out, num_splits, workspac
         BLOCK_DV=BLOCK_DV, HAS_K2=has_k2, V_IS_K1=v_is_k1, WRITE_LSE=num_splits > 1,
         IP=input_precision(q1.dtype), num_warps=4, num_stages=2)
     if num_splits > 1:
-        bdv = min(128, pow2(DV, 1))
-        _combine_kernel[(B, H, triton.cdiv(DV, bdv))](
-            o_part, lse, out, DV, num_splits,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
-            BLOCK_S=pow2(num_splits, 1), BLOCK_DV=bdv)
+        combine_splits(o_part, lse, out)
     return out

@@ -248,7 +248,7 @@ def gqa_decode(q, k_cache, v_cache, kv_lens, scale, num_splits=None, out=None):
     return out
 
 
-def flash_attention(q, k, v, q_start, kv_len, scale, causal=True, out=None):
+def flash_attention(q, k, v, q_start, kv_len, scale, causal=True, out=None, num_splits=None):
     """Attention of a chunk of queries over a key range (prefill / chunked prefill).
 
     Parameters
@@ -258,6 +258,7 @@ def flash_attention(q, k, v, q_start, kv_len, scale, causal=True, out=None):
         h // (H/Hk)).
     q_start, kv_len : (B,) int32; row b attends keys ``j < kv_len[b]`` and, when causal,
         ``j <= q_start[b] + i``.
+    num_splits : ignored here (the Triton version may split the key range).
 
     Returns
     -------

@@ -33,6 +33,23 @@ def test_offsets_and_awkward_sizes(causal, B, T, H, Hk, S, dqk, dv):
                      TOL_FP32_INTERPRET)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_key_range_splits(causal, num_splits):
+    """Split key ranges merged by the combine: GQA groups of 3 packed into query blocks,
+    rows at different offsets, a non-contiguous ``out`` (combined through a copy)."""
+    B, T, H, Hk, S = 2, 13, 6, 2, 90
+    q, k, v = _inputs(B, T, H, Hk, S, 24, 12)
+    q_start = torch.tensor([77, 20], dtype=torch.int32)
+    kv_len = q_start + T
+    k[1, int(kv_len[1]):] = float("nan")
+    v[1, int(kv_len[1]):] = float("nan")
+    out = torch.empty(T, B, H, 12).transpose(0, 1)
+    flash_attention(q, k, v, q_start, kv_len, 0.3, causal, out=out, num_splits=num_splits)
+    assert_rel_close(out, A.flash_attention(q, k, v, q_start, kv_len, 0.3, causal),
+                     TOL_FP32_INTERPRET)
+
+
 def test_query_without_keys_gives_zeros():
     q, k, v = _inputs(2, 4, 2, 2, 8, 16, 16)
     q_start = torch.tensor([0, 2], dtype=torch.int32)
@@ -58,6 +75,8 @@ def test_tile_config_counts_only_present_key_parts():
     assert tile_config(128, 64, 128, 4096) == (64, 32, 4)    # 128 + 64 is wide
     assert tile_config(96, 32, 96, 4096) == (64, 32, 4)      # 3b: pow2(96) = 128 + 32
     assert tile_config(128, 0, 128, 7) == (16, 64, 4)        # a short chunk: small M
+    assert tile_config(256, 32, 256, 4096) == (64, 32, 8)    # 1b latent: R 256 + rope 32
+    assert tile_config(512, 32, 512, 4096) == (32, 32, 8)    # 3b latent: pow2(384) = 512
 
 
 def test_split_dim():
