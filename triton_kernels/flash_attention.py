@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .split_kv import LOG2E, input_precision, pow2
+from .split_kv import LOG2E, input_precision, pow2, split_dim
 
 
 @triton.jit
@@ -155,14 +155,6 @@ def tile_config(d1: int, d2: int, dv: int, T: int) -> tuple[int, int, int]:
     wide = width > 128 or pow2(dv) > 128
     block_m = min(64 if wide else 128, pow2(T))
     return block_m, 32 if wide else 64, 4 if block_m <= 64 else 8
-
-
-def split_dim(d: int) -> int:
-    """Where to cut a head dim into power-of-two parts: d itself when d is a power of
-    two or <= 16, else the largest power of two below it."""
-    if d <= 16 or d & (d - 1) == 0:
-        return d
-    return 1 << (d.bit_length() - 1)
 
 
 def flash_attention(q, k, v, q_start, kv_len, scale, causal=True, out=None):
