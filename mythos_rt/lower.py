@@ -277,8 +277,10 @@ def _bind_attention(low: Lowered, op: Op, t):
 
 
 def _allocate_ffn_scratch(low: Lowered, op: Op, g: Graph) -> None:
-    hidden = low.weights[op.weights["w13"]].shape[0]
-    for name, width in ((f"{op.name}.gate_up", hidden), (f"{op.name}.act", hidden // 2)):
+    """The ``gate_up`` and ``act`` intermediates, as wide as the prepared weights' hidden
+    size (the Triton backend pads it, ``ops.ffn.align_hidden``; the others do not)."""
+    hidden = low.args[op.name].hidden
+    for name, width in ((f"{op.name}.gate_up", 2 * hidden), (f"{op.name}.act", hidden)):
         low.buffers.arena[name] = torch.empty(low.n_max, width, dtype=low.dtype, device=low.device)
 
 

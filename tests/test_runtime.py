@@ -20,6 +20,9 @@ CONFIGS = {
     "gqa": lambda: MythosConfig.from_preset("tiny_gqa"),
     "mla-noshared": lambda: dataclasses.replace(MythosConfig.from_preset("tiny_mla"),
                                                 n_shared_experts=0, coda_layers=2),
+    # dense hidden 42 (the Triton FFN pads it to 64), latent 40 (Triton decode: tiles 32 + 16)
+    "mla-awkward": lambda: dataclasses.replace(MythosConfig.from_preset("tiny_mla"), dim=32,
+                                               kv_lora_rank=40),
 }
 
 
@@ -30,7 +33,7 @@ def _model(cfg, ids):
 
 
 CASES = ([(name, b) for name in sorted(CONFIGS) for b in ("torch", "cpu")]
-         + [("mla", "triton"), ("gqa", "triton")])
+         + [("mla", "triton"), ("gqa", "triton"), ("mla-awkward", "triton")])
 
 
 @pytest.mark.parametrize("name, backend", CASES)

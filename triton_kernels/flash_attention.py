@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .split_kv import LOG2E, choose_num_splits, combine_splits, input_precision, pow2
+from .split_kv import (LOG2E, choose_num_splits, combine_splits, input_precision, pow2,
+                       split_dim)
 
 
 @triton.jit
@@ -206,14 +207,6 @@ def tile_config(d1: int, d2: int, dv: int, rows: int) -> tuple[int, int, int]:
     block_m = min(64 if wide else 128, 16384 // pow2(dv), pow2(rows))
     big = block_m > 64 or block_m * pow2(dv) >= 16384
     return block_m, 32 if wide else 64, 8 if big else 4
-
-
-def split_dim(d: int) -> int:
-    """Where to cut a head dim into power-of-two parts: d itself when d is a power of
-    two or <= 16, else the largest power of two below it."""
-    if d <= 16 or d & (d - 1) == 0:
-        return d
-    return 1 << (d.bit_length() - 1)
 
 
 def flash_attention(q, k, v, q_start, kv_len, scale, causal=True, out=None, num_splits=None):

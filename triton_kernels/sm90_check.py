@@ -170,11 +170,13 @@ def _first_line(exc: Exception) -> str:
 # ---- driving the host launchers with the runtime's arguments -------------------------------
 
 class PresetModel:
-    """A preset's weights on the meta device, in the layouts the lowering builds."""
+    """A preset's weights on the meta device, in the layouts the lowering builds and the
+    Triton backend prepares."""
 
     def __init__(self, preset: str, dtype: torch.dtype):
         from ..config import MythosConfig
         from ..lower import op_args
+        from ..ops.ffn import align_hidden
         from ..reference import OpenMythos
         self.cfg = cfg = MythosConfig.from_preset(preset)
         self.dtype = dtype
@@ -182,7 +184,7 @@ class PresetModel:
             sd = OpenMythos(cfg).to(dtype).state_dict()
         attn = "mla_attention" if cfg.attn_type == "mla" else "gqa_attention"
         self.attn = op_args(attn, sd, cfg, "prelude.0.attn.", dtype, "meta")
-        self.ffn = op_args("dense_ffn", sd, cfg, "prelude.0.ffn.", dtype, "meta")
+        self.ffn = align_hidden(op_args("dense_ffn", sd, cfg, "prelude.0.ffn.", dtype, "meta"))
         self.norm_w = sd["prelude.0.attn_norm.weight"]
         self.moe = op_args("moe", sd, cfg, "recurrent.block.ffn.", dtype, "meta")
         self.loop = op_args("loop", sd, cfg, "recurrent.", dtype, "meta")

@@ -8,7 +8,10 @@ base-2 log-sum-exp; a combine kernel merges the splits. With one split the parti
 output is written straight into the result and no combine runs.
 
 The key may come in two parts (``K1 | K2``, e.g. MLA's latent | rope key) and the value
-may alias the first key part (MLA: V is the latent itself, loaded once).
+may alias the first key part (MLA: V is the latent itself, loaded once). A first part whose
+width is no power of two is read as two power-of-two column tiles (``tiles``: mythos_3b's
+latent of 384 as 256 + 128, not one tile of 512), and so is V when it aliases it: the
+padding costs registers (the accumulator is BLOCK_H × the V tile) and shared memory.
 """
 
 from __future__ import annotations
@@ -25,6 +28,22 @@ LOG2E = 1.4426950408889634
 def pow2(n: int, lo: int = 16) -> int:
     """Next power of two >= max(n, lo) (tl.dot needs every dim >= 16 on GPU)."""
     return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+def split_dim(d: int) -> int:
+    """Where to cut a head dim into power-of-two parts: d itself when d is a power of
+    two or <= 16, else the largest power of two below it."""
+    if d <= 16 or d & (d - 1) == 0:
+        return d
+    return 1 << (d.bit_length() - 1)
+
+
+def tiles(d: int) -> tuple[int, int]:
+    """Column tiles covering ``d``: (head, tail) cut at ``split_dim`` where the two are
+    narrower than one padded tile (384: 256 + 128, not 512), else (pow2(d), 0)."""
+    head = split_dim(d)
+    tail = pow2(d - head) if head < d else 0
+    return (head, tail) if tail and head + tail < pow2(d) else (pow2(d), 0)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -66,9 +85,11 @@ def _split_kv_kernel(
     sk1_b, sk1_s, sk1_h, sk2_b, sk2_s, sk2_h, sv_b, sv_s, sv_h,
     so_b, so_h, so_s, sl_b, sl_h, sl_s,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr,
-    BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_K2: tl.constexpr,
-    V_IS_K1: tl.constexpr, WRITE_LSE: tl.constexpr, IP: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_D1_TAIL: tl.constexpr,
+    HAS_K2: tl.constexpr, V_IS_K1: tl.constexpr, WRITE_LSE: tl.constexpr, IP: tl.constexpr,
 ):
+    # BLOCK_D1_TAIL > 0: K1's columns are two tiles, [0, BLOCK_D1) and BLOCK_D1 + [0, TAIL),
+    # and so are V's (V_IS_K1; then BLOCK_DV == BLOCK_D1), with one accumulator each.
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1) // N_HBLK
     hblk = tl.program_id(1) % N_HBLK
@@ -85,6 +106,10 @@ def _split_kv_kernel(
     d1 = tl.arange(0, BLOCK_D1)
     q1 = tl.load(Q1 + b * sq1_b + heads[:, None] * sq1_h + d1[None, :],
                  mask=hmask[:, None] & (d1[None, :] < D1), other=0.0)
+    if BLOCK_D1_TAIL > 0:
+        d1t = BLOCK_D1 + tl.arange(0, BLOCK_D1_TAIL)
+        q1t = tl.load(Q1 + b * sq1_b + heads[:, None] * sq1_h + d1t[None, :],
+                      mask=hmask[:, None] & (d1t[None, :] < D1), other=0.0)
     if HAS_K2:
         d2 = tl.arange(0, BLOCK_D2)
         q2 = tl.load(Q2 + b * sq2_b + heads[:, None] * sq2_h + d2[None, :],
@@ -98,6 +123,8 @@ def _split_kv_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    if BLOCK_D1_TAIL > 0 and V_IS_K1:
+        acc_t = tl.zeros([BLOCK_H, BLOCK_D1_TAIL], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
@@ -105,6 +132,10 @@ def _split_kv_kernel(
         k1 = tl.load(k1_base + n64[:, None] * sk1_s + d1[None, :],
                      mask=nmask[:, None] & (d1[None, :] < D1), other=0.0)
         s = tl.dot(q1, tl.trans(k1), input_precision=IP)
+        if BLOCK_D1_TAIL > 0:
+            k1t = tl.load(k1_base + n64[:, None] * sk1_s + d1t[None, :],
+                          mask=nmask[:, None] & (d1t[None, :] < D1), other=0.0)
+            s += tl.dot(q1t, tl.trans(k1t), input_precision=IP)
         if HAS_K2:
             k2 = tl.load(k2_base + n64[:, None] * sk2_s + d2[None, :],
                          mask=nmask[:, None] & (d2[None, :] < D2), other=0.0)
@@ -120,13 +151,19 @@ def _split_kv_kernel(
             v = tl.load(v_base + n64[:, None] * sv_s + dv[None, :],
                         mask=nmask[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=IP)
+        if BLOCK_D1_TAIL > 0 and V_IS_K1:
+            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(k1t.dtype), k1t, input_precision=IP)
         m_i = m_new
 
     has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    o_ptr = O + b * so_b + heads[:, None] * so_h + split * so_s + dv[None, :]
-    tl.store(o_ptr, o.to(O.dtype.element_ty), mask=hmask[:, None] & (dv[None, :] < DV))
+    l_safe = tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
+    o_row = O + b * so_b + heads[:, None] * so_h + split * so_s
+    tl.store(o_row + dv[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
+             mask=hmask[:, None] & (dv[None, :] < DV))
+    if BLOCK_D1_TAIL > 0 and V_IS_K1:
+        tl.store(o_row + d1t[None, :], (acc_t / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=hmask[:, None] & (d1t[None, :] < DV))
     if WRITE_LSE:
         tl.store(LSE + b * sl_b + heads * sl_h + split * sl_s, lse, mask=hmask)
 
@@ -181,14 +218,14 @@ def split_kv_decode(q1, q2, k1, k2, v, kv_lens, scale, out, num_splits, workspac
     BLOCK_H = min(64, pow2(G))
     n_hblk = triton.cdiv(G, BLOCK_H)
     D2 = q2.shape[-1] if has_k2 else 0
-    BLOCK_D1, BLOCK_D2, BLOCK_DV = pow2(D1), pow2(D2), pow2(DV)
+    (BLOCK_D1, d1_tail), BLOCK_D2, BLOCK_DV = tiles(D1), pow2(D2), pow2(DV)
     if v_is_k1:
         BLOCK_DV = BLOCK_D1
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv * n_hblk, k1.shape[1], q1.device)
     num_splits = int(num_splits)
     # Key tile: 64 (32 for wide latents), smaller when a split is short at S_max.
-    BLOCK_N = min(32 if max(BLOCK_D1, BLOCK_DV) >= 256 else 64,
+    BLOCK_N = min(32 if max(BLOCK_D1 + d1_tail, BLOCK_DV) >= 256 else 64,
                   pow2(triton.cdiv(k1.shape[1], num_splits)))
     if num_splits == 1:
         o_part, lse = out.unsqueeze(2), None
@@ -208,8 +245,8 @@ def split_kv_decode(q1, q2, k1, k2, v, kv_lens, scale, out, num_splits, workspac
         v.stride(0), v.stride(1), v.stride(2),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), sl[0], sl[1], sl[2],
         BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D1=BLOCK_D1, BLOCK_D2=BLOCK_D2,
-        BLOCK_DV=BLOCK_DV, HAS_K2=has_k2, V_IS_K1=v_is_k1, WRITE_LSE=num_splits > 1,
-        IP=input_precision(q1.dtype), num_warps=4, num_stages=2)
+        BLOCK_DV=BLOCK_DV, BLOCK_D1_TAIL=d1_tail, HAS_K2=has_k2, V_IS_K1=v_is_k1,
+        WRITE_LSE=num_splits > 1, IP=input_precision(q1.dtype), num_warps=4, num_stages=2)
     if num_splits > 1:
         combine_splits(o_part, lse, out)
     return out

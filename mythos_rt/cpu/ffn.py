@@ -33,6 +33,10 @@ class CpuFFN:
     base: DenseFFN
     row_kernel: Optional[native.Kernel] = None  # up to KERNEL_MAX_TOKENS rows in one call
 
+    @property
+    def hidden(self) -> int:
+        return self.base.hidden
+
 
 def prepare_dense_ffn(w: DenseFFN) -> CpuFFN:
     """Bind the compiled row kernel to the FFN's weights (float32, contiguous)."""

@@ -5,6 +5,11 @@ Coda blocks, ``down(silu(gate·x) · up·x)``.
 ``triton`` are two matmuls around the ``swiglu`` op's implementation of the same backend,
 ``cpu`` adds compiled row kernels for decode (``mythos_rt.cpu.ffn``). Every backend
 computes in float32 whatever the storage dtype and casts back.
+
+The ``triton`` backend pads the hidden size to a multiple of ``HIDDEN_ALIGN`` when it
+prepares the weights (``align_hidden``): mythos_1b's 2730 makes every ``gate_up`` / ``act``
+row start off a 16-byte boundary, which costs cuBLAS and vectorized loads their fast
+paths. The lowering sizes those buffers from the prepared weights (``DenseFFN.hidden``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import torch
 
 from .registry import CPU_DTYPES, register
 
-__all__ = ["DenseFFN", "swiglu", "swiglu_torch", "dense_ffn_torch", "dense_ffn_triton"]
+__all__ = ["DenseFFN", "HIDDEN_ALIGN", "align_hidden", "swiglu", "swiglu_torch", "dense_ffn_torch",
+           "dense_ffn_triton"]
+
+# The Triton backend's hidden-size multiple: rows of 64 elements start on 128-byte
+# boundaries in 16-bit dtypes (256 in float32).
+HIDDEN_ALIGN = 64
 
 
 def swiglu_torch(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -60,6 +70,28 @@ class DenseFFN:
         roles w13 (gate and up fused by the ``pack_experts`` pass) and down to tensors."""
         return cls(w13=w["w13"], down=w["down"])
 
+    @property
+    def hidden(self) -> int:
+        """The hidden size H: the width of the ``act`` intermediate (``gate_up``: 2H)."""
+        return self.down.shape[1]
+
+
+def align_hidden(w: DenseFFN, multiple: int = HIDDEN_ALIGN) -> DenseFFN:
+    """The Triton backend's prepare hook: the same FFN with its hidden size padded to a
+    multiple of ``multiple``, exactly. The padded gate and up rows are zero, so their
+    activations are silu(0)·0 = 0, and the padded columns of ``down`` are zero, so the
+    result is the unpadded FFN's up to the order of the sums. ``w`` itself when aligned."""
+    D, H = w.down.shape
+    padded = -(-H // multiple) * multiple
+    if padded == H:
+        return w
+    w13 = w.w13.new_zeros(2 * padded, D)
+    w13[:H] = w.w13[:H]                   # gate
+    w13[padded:padded + H] = w.w13[H:]    # up
+    down = w.down.new_zeros(D, padded)
+    down[:, :H] = w.down
+    return DenseFFN(w13=w13, down=down)
+
 
 def _dense_ffn(swiglu: Callable, x: torch.Tensor, w: DenseFFN, out: Optional[torch.Tensor],
                gate_up: Optional[torch.Tensor], act: Optional[torch.Tensor]) -> torch.Tensor:
@@ -89,7 +121,8 @@ def dense_ffn_torch(x: torch.Tensor, w: DenseFFN, out: Optional[torch.Tensor] = 
 def dense_ffn_triton(x: torch.Tensor, w: DenseFFN, out: Optional[torch.Tensor] = None,
                      gate_up: Optional[torch.Tensor] = None,
                      act: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``dense_ffn`` with the Triton SwiGLU kernel between the two matmuls."""
+    """``dense_ffn`` with the Triton SwiGLU kernel between the two matmuls (on the weights
+    as given: the lowering passes them through ``align_hidden``)."""
     from ..triton_kernels.swiglu import swiglu_triton
     return _dense_ffn(swiglu_triton, x, w, out, gate_up, act)
 
@@ -98,7 +131,8 @@ register("swiglu", "torch", "mythos_rt.ops.ffn:swiglu_torch")
 register("swiglu", "triton", "mythos_rt.triton_kernels.swiglu:swiglu_triton")
 register("swiglu", "cpu", "mythos_rt.cpu.ffn:swiglu_cpu", dtypes=CPU_DTYPES)
 register("dense_ffn", "torch", "mythos_rt.ops.ffn:dense_ffn_torch")
-register("dense_ffn", "triton", "mythos_rt.ops.ffn:dense_ffn_triton")
+register("dense_ffn", "triton", "mythos_rt.ops.ffn:dense_ffn_triton",
+         prepare="mythos_rt.ops.ffn:align_hidden")
 register("dense_ffn", "cpu", "mythos_rt.cpu.ffn:dense_ffn_cpu",
          prepare="mythos_rt.cpu.ffn:prepare_dense_ffn", bind="mythos_rt.cpu.ffn:bind_dense_ffn_cpu",
          dtypes=CPU_DTYPES)

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from mythos_rt import reference as R
-from mythos_rt.ops import backends_of
+from mythos_rt.ops import backends_of, select
 from mythos_rt.config import MythosConfig
 from mythos_rt.lower import op_args
-from mythos_rt.ops.ffn import dense_ffn_torch, dense_ffn_triton
+from mythos_rt.ops.ffn import (HIDDEN_ALIGN, DenseFFN, align_hidden, dense_ffn_torch,
+                               dense_ffn_triton)
 from mythos_rt.testing import (TOL_FP16_INTERPRET, TOL_FP32_INTERPRET, TOL_FP32_TORCH,
                                assert_rel_close)
 
@@ -40,3 +41,42 @@ def test_dense_ffn_matches_reference_expert(fn, dtype, tol, N, D):
     gate_up, act = torch.empty(N, 2 * H, dtype=dtype), torch.empty(N, H, dtype=dtype)
     assert fn(x.to(dtype), w, out=out, gate_up=gate_up, act=act) is out
     assert_rel_close(out, ref, tol)
+
+
+def _random_ffn(D: int, H: int, dtype=torch.float32) -> DenseFFN:
+    return DenseFFN(w13=(torch.randn(2 * H, D) / D ** 0.5).to(dtype),
+                    down=(torch.randn(D, H) / H ** 0.5).to(dtype))
+
+
+@pytest.mark.parametrize("H", [90, 170, 64])  # 2730-like awkward sizes, and an aligned one
+def test_triton_prepare_pads_the_hidden_size_exactly(H):
+    """The Triton backend's prepared weights have a hidden size that is a multiple of 64,
+    zero in the padding; the torch and cpu backends keep the FFN as it is."""
+    w = _random_ffn(40, H)
+    prepared = select("dense_ffn", "cpu", "triton").prepare(w)
+    Hp = -(-H // HIDDEN_ALIGN) * HIDDEN_ALIGN
+    assert prepared.hidden == Hp and prepared.w13.shape == (2 * Hp, 40)
+    assert prepared.down.shape == (40, Hp)
+    assert torch.equal(prepared.w13[:H], w.w13[:H])
+    assert torch.equal(prepared.w13[Hp:Hp + H], w.w13[H:])
+    assert not prepared.w13[H:Hp].any() and not prepared.w13[Hp + H:].any()
+    assert torch.equal(prepared.down[:, :H], w.down) and not prepared.down[:, H:].any()
+    assert select("dense_ffn", "cpu", "torch").prepare(w) is w
+    assert select("dense_ffn", "cpu", "cpu").prepare(w).hidden == H
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL_FP32_INTERPRET),
+                                       (torch.float16, TOL_FP16_INTERPRET)])
+@pytest.mark.parametrize("N,H", [(1, 90), (7, 170)])
+def test_padded_triton_ffn_matches_unpadded_torch(dtype, tol, N, H):
+    w = _random_ffn(48, H, dtype)
+    prepared = align_hidden(w)
+    x = torch.randn(N, 48).to(dtype)
+    ref = dense_ffn_torch(x.float(), DenseFFN(w.w13.float(), w.down.float()))
+    Hp = prepared.hidden
+    out = torch.full((N, 48), float("nan"), dtype=dtype)
+    gate_up = torch.full((N, 2 * Hp), float("nan"), dtype=dtype)
+    act = torch.full((N, Hp), float("nan"), dtype=dtype)
+    dense_ffn_triton(x, prepared, out=out, gate_up=gate_up, act=act)
+    assert_rel_close(out, ref, tol)
+    assert not act[:, H:].any()  # silu(0)·0 in every padded column

@@ -1,6 +1,8 @@
 """The implementation records and the lowering's per-kind rules: the lowering asks the
 selected implementation's hooks, never a backend's name."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,8 +42,8 @@ def test_auto_selection_follows_the_records_dtypes():
     assert registry.select("moe_ffn", "cpu", dtype=torch.float16).backend == "torch"
 
 
-def _lowered(**kw):
-    cfg = MythosConfig.from_preset("tiny_mla")
+def _lowered(cfg=None, **kw):
+    cfg = cfg or MythosConfig.from_preset("tiny_mla")
     graph, cfg, sd = trace(R.OpenMythos(cfg))
     g = run_passes(graph)
     cpu = torch.device("cpu")
@@ -65,3 +67,19 @@ def test_every_traced_kind_has_one_rule():
              for op in g.ops}
     assert kinds <= set(RULES)
     assert {r.kernel for r in RULES.values() if r.kernel} == set(low.impls)
+
+
+@pytest.mark.parametrize("backend,hidden", [("triton", 64), ("torch", 42), ("cpu", 42)])
+def test_ffn_intermediates_are_as_wide_as_the_prepared_weights(backend, hidden):
+    """dim 32: dense hidden 42. The Triton dense FFN pads it to 64 when it prepares its
+    weights (``ops.ffn.align_hidden``) and its gate_up / act buffers follow; the other
+    backends, and the weights the runtime keeps (artifacts), stay at 42."""
+    cfg = dataclasses.replace(MythosConfig.from_preset("tiny_mla"), dim=32)
+    low = _lowered(cfg, overrides={"dense_ffn": backend})
+    ffns = [op for op in low.graph.ops if op.kind == "dense_ffn"]
+    assert len(ffns) == 2
+    for op in ffns:
+        assert low.args[op.name].hidden == hidden
+        assert low.buf(f"{op.name}.gate_up").shape == (6, 2 * hidden)
+        assert low.buf(f"{op.name}.act").shape == (6, hidden)
+        assert low.weights[op.weights["w13"]].shape == (2 * 42, 32)

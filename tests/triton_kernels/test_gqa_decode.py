@@ -29,6 +29,13 @@ def test_groups_and_splits(H, Hkv, num_splits):
     assert_rel_close(out, ref, TOL_FP32_INTERPRET)
 
 
+def test_head_dim_read_as_two_key_tiles():
+    """d=48 reads the key as tiles of 32 + 16 (split_kv.tiles); V stays one tile."""
+    q, k, v, lens = _inputs(2, 4, 2, 48, 40, [40, 9])
+    ref = A.gqa_decode(q, k, v, lens, 48 ** -0.5)
+    assert_rel_close(gqa_decode(q, k, v, lens, 48 ** -0.5, num_splits=2), ref, TOL_FP32_INTERPRET)
+
+
 def test_fp16_default_splits():
     q, k, v, lens = _inputs(2, 4, 2, 16, 64, [64, 33], torch.float16)
     ref = A.gqa_decode(q.float(), k.float(), v.float(), lens, 0.25)

@@ -7,7 +7,7 @@ from mythos_rt.ops import attention as A
 from mythos_rt.testing import (TOL_BF16_KERNEL, TOL_FP16_INTERPRET, TOL_FP32_INTERPRET,
                                assert_rel_close)
 from mythos_rt.triton_kernels.mla_decode import default_num_splits, mla_decode
-from mythos_rt.triton_kernels.split_kv import decode_workspace
+from mythos_rt.triton_kernels.split_kv import decode_workspace, pow2, tiles
 
 
 
@@ -31,6 +31,26 @@ def test_awkward_sizes_any_split_count(num_splits):
     assert_rel_close(out, ref, TOL_FP32_INTERPRET)
     one = mla_decode(q_lat, q_pe, ckv, kpe, lens, 0.3, num_splits=1)
     assert_rel_close(out, one, TOL_FP32_INTERPRET, "vs num_splits=1")
+
+
+@pytest.mark.parametrize("R,H", [(48, 3), (40, 5), (384, 24)])  # 32+16, 32+16, mythos_3b's 256+128
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_latent_read_as_two_tiles(R, H, num_splits):
+    """A latent whose width is no power of two is read as two power-of-two tiles (the key's
+    scores and the value's output both), not padded to the next power of two."""
+    head, tail = tiles(R)
+    assert tail and R <= head + tail < pow2(R)
+    q_lat, q_pe, ckv, kpe, lens = _inputs(2, H, R, 8, 40, [40, 13])
+    ref = A.mla_decode(q_lat, q_pe, ckv, kpe, lens, R ** -0.5)
+    out = torch.full((2, H, R), float("nan"))
+    mla_decode(q_lat, q_pe, ckv, kpe, lens, R ** -0.5, num_splits=num_splits, out=out)
+    assert_rel_close(out, ref, TOL_FP32_INTERPRET)
+
+
+def test_tiles():
+    assert tiles(384) == (256, 128) and tiles(48) == (32, 16) and tiles(257) == (256, 16)
+    assert tiles(512) == (512, 0) and tiles(24) == (32, 0) and tiles(100) == (128, 0)
+    assert tiles(8) == (16, 0)  # tl.dot's smallest tile
 
 
 def test_fp16_default_splits_and_buffers():
