@@ -39,7 +39,8 @@ def _checkpoint(name, directory):
 
 def _reference(case):
     rt = mythos_rt.compile(case["path"], backend=case["backend"], max_batch_size=4, chunk=4,
-                           max_loops=case["n_loops"], device="cpu")
+                           max_loops=case["n_loops"], device="cpu",
+                           overrides=case.get("overrides"))
     return {"forward": rt.forward(case["ids"], n_loops=case["n_loops"]),
             "generate": rt.generate(case["ids"], case["new"], n_loops=case["n_loops"],
                                     return_logits=True),
@@ -86,6 +87,16 @@ def test_lazy_depth_on_ranks_matches_single_process(tmp_path):
     results, codes = run_ranks(2, {"lazy": case}, tmp_path)
     assert codes == [0, 0], codes
     _check_ranks({"lazy": case}, results, 2)
+
+
+def test_triton_moe_shards_on_ranks_match_single_process(tmp_path):
+    """The Triton MoE runs each rank's expert shard (Triton's interpreter here): 5 experts
+    and 4 shared slots over 2 ranks match the single-process runtime's Triton MoE."""
+    case = dict(_checkpoint("gqa", tmp_path / "g"), backend="torch",
+                overrides={"moe_ffn": "triton"}, new=2, n_loops=2)  # the interpreter is slow
+    results, codes = run_ranks(2, {"triton": case}, tmp_path, deadline_s=300)
+    assert codes == [0, 0], codes
+    _check_ranks({"triton": case}, results, 2)
 
 
 def _check_ranks(cases: dict, results: list, world: int) -> None:

@@ -26,7 +26,8 @@ def run(case: dict, rank: int) -> dict:
                                tensor_parallel=case.get("tensor_parallel",
                                                         int(os.environ["WORLD_SIZE"])),
                                max_batch_size=4, chunk=4, max_loops=case["n_loops"],
-                               device="cpu", act_mode=case.get("act_mode", "eager"))
+                               device="cpu", act_mode=case.get("act_mode", "eager"),
+                               overrides=case.get("overrides"))
     if case.get("die") == rank:  # a rank lost after compiling
         os._exit(3)
     n = case["n_loops"]
