@@ -399,7 +399,8 @@ def _span(lo: int, hi: int) -> str:
 
 
 def weight_bytes(g: Graph) -> int:
-    """Bytes of the weights a graph's plan reads (one rank's share of a sharded graph)."""
+    """Bytes of the weights a sharded graph's plan reads: one rank's share. (Unsharded, a
+    tied head would count twice: it aliases the embedding, a shard gives each its own.)"""
     return sum(math.prod(g.weights[n].shape) * getattr(torch, g.weights[n].dtype).itemsize
                for n in g.weight_names_used())
 

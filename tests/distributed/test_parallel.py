@@ -65,7 +65,8 @@ def test_ranks_match_single_process(world, tmp_path):
     broken = dict(cases["mla"], load=cases["mla"]["save"], break_rank=1)
     (tmp_path / "partial" / f"rank0of{world}").mkdir(parents=True)  # the others never saved
     partial = dict(broken, load=str(tmp_path / "partial"), break_rank=None)
-    results, codes = run_ranks(world, dict(cases, broken=broken, partial=partial), tmp_path)
+    results, codes = run_ranks(world, dict(cases, broken=broken, partial=partial), tmp_path,
+                               deadline_s=300)  # a hang guard: 3 ranks on 2 busy cores
     assert codes == [0] * world, codes
     _check_ranks(cases, results, world)
     assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == [
