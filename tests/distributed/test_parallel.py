@@ -77,8 +77,8 @@ def test_ranks_match_single_process(world, tmp_path):
         assert error.startswith(f"ParallelError: loading {tmp_path / 'artifact'} failed on "
                                 "rank 1: ArtifactError: ") and "config.json" in error, error
     for res in results:  # the same error on every rank
-        assert (f"rank{world - 1}of{world} are missing or incomplete (save it again from all {world} "
-                "ranks)") in res["partial"].get("error", ""), res["partial"]
+        assert (f"rank{world - 1}of{world} are missing or incomplete (save it again from "
+                f"all {world} ranks)") in res["partial"].get("error", ""), res["partial"]
 
 
 def test_lazy_depth_on_ranks_matches_single_process(tmp_path):
