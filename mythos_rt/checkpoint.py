@@ -101,7 +101,7 @@ def load_checkpoint(path: PathLike | Iterable[PathLike], config: ConfigLike = No
     cfg, cfg_where = _resolve_config(config, found, where)
     sd = _canonicalize(sd)
     lazy_values = any(not isinstance(v, torch.Tensor) for v in sd.values())
-    _check_against_config(sd, cfg, where, cfg_where, check_finite and not lazy_values)
+    _check_against_config(sd, cfg, where, cfg_where, check_finite, lazy_values)
     return cfg, sd
 
 
@@ -374,9 +374,12 @@ def expected_shapes(cfg: MythosConfig) -> dict[str, tuple[tuple[int, ...], torch
 
 
 def _check_against_config(sd: dict[str, torch.Tensor], cfg: MythosConfig, where: str,
-                          cfg_where: str, check_finite: bool) -> None:
+                          cfg_where: str, check_finite: bool, lazy: bool) -> None:
+    """``lazy``: the weights are not read here (a tensor-parallel rank reads its share
+    later, checked then), so only what loading allocates must fit."""
     try:  # before the config becomes tensors (RoPE tables) or a list of names
-        check_fits(cfg, "cpu", "loading this checkpoint", dtype_bytes=MIN_WEIGHT_BYTES)
+        check_fits(cfg, "cpu", "loading this checkpoint", dtype_bytes=MIN_WEIGHT_BYTES,
+                   weights=not lazy)
     except ConfigError as exc:
         raise type(exc)(f"{cfg_where}: {exc}") from None
     if "head.weight" not in sd and "embed.weight" in sd:
@@ -409,7 +412,8 @@ def _check_against_config(sd: dict[str, torch.Tensor], cfg: MythosConfig, where:
     for k, v in sd.items():
         if not (v.is_floating_point() or v.is_complex()):
             raise CheckpointError(f"{where}: tensor {k} has non-float dtype {v.dtype}")
-        if check_finite and k not in DERIVED_BUFFERS and not bool(torch.isfinite(v).all()):
+        if (check_finite and not lazy and k not in DERIVED_BUFFERS
+                and not bool(torch.isfinite(v).all())):
             n_bad = int((~torch.isfinite(v)).sum())
             raise CheckpointError(f"{where}: tensor {k} {tuple(v.shape)} contains {n_bad} "
                                   "NaN/Inf value(s)")

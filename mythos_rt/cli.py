@@ -29,15 +29,24 @@ USER_ERRORS = (CheckpointError, ConfigError, TraceError, IRError, BackendError, 
 def _cmd_compile(args) -> int:
     from .artifact import check_destination
     from .compiler import compile as compile_model
+    from .parallel import rank_dir
+    if args.nproc is not None:
+        return _launch(args)
+    world, rank = _tensor_parallel(args), _rank()
+    if rank != 0:  # every rank compiles and saves its share, rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     out = Path(args.output)
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise InputError(f"output directory {args.output} is not empty (use --force to overwrite)")
-    check_destination(out, overwrite=args.force)  # before the compile, not after it
+    # before the compile, not after it: where this rank's share will land
+    check_destination(out if world == 1 else rank_dir(out, rank, world), overwrite=args.force)
     rt = compile_model(args.checkpoint, device=args.device, dtype=args.dtype,
                        backend=args.backend, max_batch_size=args.max_batch_size,
-                       max_seq_len=args.max_seq_len, max_loops=args.max_loops, progress=True,
-                       act_mode=args.act_mode)
-    print(f"saved {rt.save(args.output, overwrite=args.force)}: {rt!r}")
+                       max_seq_len=args.max_seq_len, max_loops=args.max_loops,
+                       progress=rank == 0, act_mode=args.act_mode, tensor_parallel=world)
+    saved = rt.save(args.output, overwrite=args.force)
+    shares = "" if world == 1 else f" (one rank{{r}}of{world}/ directory per rank)"
+    print(f"saved {saved}{shares}: {rt!r}")
     return 0
 
 
@@ -104,6 +113,11 @@ def _tensor_parallel(args) -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _launch(args) -> int:
     """--nproc N: run this same command on N local ranks through torchrun."""
     if args.nproc < 1:
@@ -124,7 +138,7 @@ def _launch(args) -> int:
 def _cmd_generate(args) -> int:
     if args.nproc is not None:
         return _launch(args)
-    if int(os.environ.get("RANK", "0")) != 0:  # every rank computes, rank 0 prints
+    if _rank() != 0:  # every rank computes, rank 0 prints
         sys.stdout = open(os.devnull, "w")
     if (args.prompt is None) == (args.prompt_ids is None):
         raise InputError("give --prompt TEXT (text) or --prompt-ids IDS (token ids), not both")
@@ -175,8 +189,12 @@ def _cmd_inspect(args) -> int:
     """The IR as traced, or after one pass of the pipeline compile() runs (``run_passes``,
     with ``--dtype`` converting where compile converts)."""
     from . import artifact
+    from .parallel import saved_world
     from .passes import run_passes
     from .trace import trace
+    world = saved_world(args.model)
+    if world is not None:
+        return _inspect_sharded(args, world)
     if artifact.is_artifact(args.model):
         if args.after_pass:
             raise InputError("--after-pass needs a checkpoint; an artifact holds the final IR")
@@ -191,14 +209,45 @@ def _cmd_inspect(args) -> int:
     final = run_passes(graph, dtype=args.dtype, after=after.__setitem__)
     if args.tensor_parallel is not None:  # rank R's share: the split and its collectives
         from .parallel import shard
-        if not 0 <= args.rank < args.tensor_parallel:
-            raise InputError(f"--rank {args.rank} must be in [0, {args.tensor_parallel})")
-        final = after["shard"] = shard(final, args.tensor_parallel, args.rank)
+        rank = _inspected_rank(args.rank, args.tensor_parallel)
+        final = after["shard"] = shard(final, args.tensor_parallel, rank)
         args.after_pass = args.after_pass or "all"
     if args.after_pass not in [*after, "all"]:
         raise InputError(f"unknown pass {args.after_pass!r}; choose one of: "
                          f"{', '.join(after)}, all")
     print((final if args.after_pass == "all" else after[args.after_pass]).to_text(), end="")
+    return 0
+
+
+def _inspected_rank(rank, world: int) -> int:
+    if rank is None:
+        return 0
+    if not 0 <= rank < world:
+        raise InputError(f"--rank {rank} must be in [0, {world})")
+    return rank
+
+
+def _inspect_sharded(args, world: int) -> int:
+    """A tensor-parallel artifact's directory: what each rank holds (or --rank R's IR)."""
+    from .ir import Graph
+    from .parallel import check_complete, check_share, describe_split, rank_dir
+    if args.after_pass:
+        raise InputError("--after-pass needs a checkpoint; an artifact holds the final IR")
+    if args.tensor_parallel not in (None, world):
+        raise InputError(f"{args.model} was saved for tensor_parallel={world}, not "
+                         f"--tensor-parallel {args.tensor_parallel}")
+    check_complete(args.model, world)
+    graphs = []
+    for r in range(world):
+        d = rank_dir(args.model, r, world)
+        graphs.append(Graph.from_json((d / "graph.json").read_text()))
+        check_share(graphs[-1], world, r, d)
+    if args.rank is not None:
+        print(graphs[_inspected_rank(args.rank, world)].to_text(), end="")
+        return 0
+    print(f"tensor-parallel artifact {args.model}: {world} ranks, rank r loads "
+          f"rank{{r}}of{world}/ (--rank R prints rank R's IR)")
+    print(describe_split(graphs), end="")
     return 0
 
 
@@ -337,6 +386,13 @@ def _add_profile(sub, dtypes, backends) -> None:
     p.set_defaults(fn=_cmd_profile)
 
 
+def _add_parallel(p, split_help: str) -> None:
+    """--tensor-parallel and --nproc, alike for every command that runs a model split."""
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N", help=split_help)
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="launch N local ranks through torchrun and split the model over them")
+
+
 ACT_HELP = ("what the loop does with positions ACT halted: eager (every loop), lazy (exact, "
             "skips loops no later token needs) or reuse (approximate); see "
             "docs/adaptive-depth.md")
@@ -359,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-loops", type=int, default=None, help="default: max_loop_iters")
     c.add_argument("--force", action="store_true", help="overwrite a non-empty output dir")
     c.add_argument("--act-mode", default="eager", choices=ACT_MODES, help=ACT_HELP)
+    _add_parallel(c, "split the checkpoint over N ranks, each saving its share into "
+                  "OUTPUT/rank{r}of{N}/ (default: torchrun's world size); see docs/parallel.md")
     c.set_defaults(fn=_cmd_compile)
 
     g = sub.add_parser("generate", help="complete text prompts (or token-id prompts)")
@@ -386,20 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None)
     g.add_argument("--act-mode", default=None, choices=ACT_MODES,
                    help=ACT_HELP + " (default: the artifact's, else eager)")
-    g.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
-                   help="split a checkpoint over N ranks (default: torchrun's world size); "
-                        "see docs/parallel.md")
-    g.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="launch N local ranks through torchrun and split the model over them")
+    _add_parallel(g, "split a checkpoint over N ranks (default: torchrun's world size); "
+                  "see docs/parallel.md")
     g.set_defaults(fn=_cmd_generate)
 
-    i = sub.add_parser("inspect", help="print the IR of a checkpoint or artifact")
+    i = sub.add_parser("inspect", help="print the IR of a checkpoint or artifact (a "
+                       "tensor-parallel artifact: what each rank holds)")
     i.add_argument("model", help="checkpoint or artifact directory")
     i.add_argument("--after-pass", default=None, help="run passes up to NAME (or 'all')")
     i.add_argument("--dtype", default=None, choices=dtypes)
     i.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
                    help="show one rank's share of the model split over N ranks")
-    i.add_argument("--rank", type=int, default=0, help="the rank --tensor-parallel shows")
+    i.add_argument("--rank", type=int, default=None,
+                   help="the rank whose IR --tensor-parallel (or a tensor-parallel "
+                        "artifact) shows (default 0; an artifact: the table of every rank)")
     i.set_defaults(fn=_cmd_inspect)
 
     d = sub.add_parser("demo", help="compile the shipped trained model, complete text, show "

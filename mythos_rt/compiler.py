@@ -50,6 +50,17 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
+def check_plan_fits(cfg: MythosConfig, device: torch.device, options: CompileOptions,
+                    what: str, weights: bool) -> None:
+    """The plan's memory (``weights`` or not; a tensor-parallel rank's share) fits on
+    ``device``, else MemoryLimitError naming what drives it."""
+    check_fits(cfg, device, what, weights=weights,
+               dtype_bytes=getattr(torch, options.dtype).itemsize,
+               max_batch=options.max_batch_size, max_seq_len=options.max_seq_len,
+               max_loops=options.max_loops, chunk=min(options.chunk, options.max_seq_len),
+               lazy_depth=options.act_mode != "eager", tensor_parallel=options.tensor_parallel)
+
+
 def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
                   device: torch.device, options: CompileOptions,
                   traced: Optional[Graph] = None, timings: Optional[dict] = None,
@@ -58,11 +69,8 @@ def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, tor
     """Lower an optimized graph with materialized weights into a Runtime (``tuning``: an
     artifact's MoE tile configs, for this runtime only; ``tokenizer``: its text layer)."""
     t0 = time.perf_counter()
-    check_fits(cfg, device, "compiling (KV caches, activation arena)", weights=False,
-               dtype_bytes=getattr(torch, options.dtype).itemsize,
-               max_batch=options.max_batch_size, max_seq_len=options.max_seq_len,
-               max_loops=options.max_loops, chunk=min(options.chunk, options.max_seq_len),
-               lazy_depth=options.act_mode != "eager")
+    check_plan_fits(cfg, device, options, "compiling (KV caches, activation arena)",
+                    weights=False)
     lowered = lower(optimized, cfg, weights, device, getattr(torch, options.dtype),
                     max_batch=options.max_batch_size,
                     chunk=min(options.chunk, options.max_seq_len),
@@ -104,7 +112,11 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
         device = resolve_device(device) if device is not None else parallel.default_device()
         rank, world = parallel.setup(tensor_parallel, device)
     with stage("loading and tracing", progress):
-        graph, cfg, sd = trace(model_or_path, config, lazy=world > 1)
+        if world == 1:
+            graph, cfg, sd = trace(model_or_path, config)
+        else:  # a checkpoint one rank cannot read is an error on every rank
+            graph, cfg, sd = parallel.together(
+                "loading the model", lambda: trace(model_or_path, config, lazy=True))
     checkpoint = None if isinstance(model_or_path, nn.Module) else model_or_path
     tok = resolve_tokenizer(checkpoint, tokenizer, cfg.vocab_size)
     t1 = time.perf_counter()
@@ -119,6 +131,9 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
         act_mode=act_mode, tensor_parallel=tensor_parallel).validate(cfg)
     if world > 1:
         parallel.agree("the model and compile options", (cfg.to_dict(), vars(options)))
+        # nothing is read yet (lazy): the rank's share must fit its device, not the model
+        check_plan_fits(cfg, device, options, f"one rank's share of the model "
+                        f"(tensor_parallel={world})", weights=True)
     with stage("running passes", progress):
         optimized = parallel.shard(run_passes(graph, dtype=options.dtype), world, rank)
     t2 = time.perf_counter()
@@ -147,12 +162,20 @@ def load(directory: Union[str, os.PathLike], *, device=None, backend: Optional[s
     """
     t0 = time.perf_counter()
     world = parallel.saved_world(directory)
-    if world is not None:  # a tensor-parallel artifact: this rank reads its own directory
+    if world is None:
+        cfg, graph, options, weights, tuning, tok = artifact.read_artifact(directory)
+    else:  # a tensor-parallel artifact: this rank reads its own directory
         device = resolve_device(device) if device is not None else parallel.default_device()
         rank, _ = parallel.setup(world, device, what=f"{directory}: saved for tensor_parallel")
-        directory = parallel.rank_dir(directory, rank, world)
-    cfg, graph, options, weights, tuning, tok = artifact.read_artifact(directory)
-    if world is not None:
+        parallel.check_complete(directory, world)  # the same error on every rank
+        mine = parallel.rank_dir(directory, rank, world)
+
+        def read():
+            parts = artifact.read_artifact(mine)
+            parallel.check_share(parts[1], world, rank, mine)
+            return parts
+        cfg, graph, options, weights, tuning, tok = parallel.together(
+            f"loading {directory}", read)
         parallel.agree("the artifact's model and options", (cfg.to_dict(), vars(options)))
     if tokenizer is not None:
         tok = resolve_tokenizer(None, tokenizer, cfg.vocab_size)

@@ -66,29 +66,46 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _attention_params(cfg: MythosConfig) -> tuple[int, int]:
-    """(parameters, tensors) of one attention sublayer."""
-    D, H = cfg.dim, cfg.n_heads
-    if cfg.attn_type == "mla":
-        rq, rkv, rope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-        n = (rq * D + rq + H * (cfg.qk_nope_head_dim + rope) * rq + (rkv + rope) * D + rkv
-             + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * rkv + D * H * cfg.v_head_dim)
-        return n, 8
-    kv = cfg.n_kv_heads * cfg.head_dim
-    return 2 * H * cfg.head_dim * D + 2 * kv * D, 4
+def _most(n: int, world: int) -> int:
+    """Rank 0's share of ``n`` items split over ``world`` ranks: the largest, since the
+    first ranks hold the extra ones (``mythos_rt.parallel.share``)."""
+    return -(-n // world)
 
 
-def parameter_count(cfg: MythosConfig) -> tuple[int, int]:
-    """(parameters, tensors) of the reference model's state_dict without its RoPE tables:
-    the numbers ``checkpoint.expected_shapes`` lists, in closed form."""
+def _attention_params(cfg: MythosConfig, world: int = 1) -> tuple[int, int]:
+    """(parameters, tensors) of one attention sublayer (rank 0's share over ``world``
+    ranks: MLA's query heads, GQA's KV heads with their query heads)."""
     D = cfg.dim
-    attn, attn_tensors = _attention_params(cfg)
-    dense = 2 * D + attn + 3 * D * cfg.dense_hidden
-    moe = (2 * D + attn + cfg.n_experts * (D + 1) + 3 * D * cfg.expert_dim * cfg.n_experts
-           + 3 * D * cfg.shared_expert_dim * cfg.n_shared_experts)
+    if cfg.attn_type == "mla":
+        h = _most(cfg.n_heads, world)
+        rq, rkv, rope = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        n = (rq * D + rq + h * (cfg.qk_nope_head_dim + rope) * rq + (rkv + rope) * D + rkv
+             + h * (cfg.qk_nope_head_dim + cfg.v_head_dim) * rkv + D * h * cfg.v_head_dim)
+        return n, 8
+    kv_heads = _most(cfg.n_kv_heads, world)
+    heads = kv_heads * (cfg.n_heads // cfg.n_kv_heads)
+    return 2 * heads * cfg.head_dim * D + 2 * kv_heads * cfg.head_dim * D, 4
+
+
+def parameter_count(cfg: MythosConfig, world: int = 1) -> tuple[int, int]:
+    """(parameters, tensors) of the reference model's state_dict without its RoPE tables:
+    the numbers ``checkpoint.expected_shapes`` lists, in closed form.
+
+    ``world`` > 1: what rank 0, the busiest rank, holds of the model split over ``world``
+    ranks (docs/parallel.md): its heads, FFN columns, routed experts and shared slots, the
+    embedding's and the head's ``ceil(V / world)`` rows (each; the embedding one zero
+    row more), the rest whole.
+    """
+    D, w = cfg.dim, world
+    attn, attn_tensors = _attention_params(cfg, w)
+    dense = 2 * D + attn + 3 * D * _most(cfg.dense_hidden, w)
+    slots = cfg.n_shared_experts * cfg.n_experts_per_tok  # shared experts, I columns each
+    moe = (2 * D + attn + cfg.n_experts * (D + 1)
+           + 3 * D * cfg.expert_dim * (_most(cfg.n_experts, w) + _most(slots, w)))
     recurrent = 4 * D + 2 + 2 * cfg.lora_rank * D + cfg.max_loop_iters * cfg.lora_rank
     layers = cfg.prelude_layers + cfg.coda_layers
-    params = 2 * cfg.vocab_size * D + D + layers * dense + moe + recurrent
+    vocab = 2 * cfg.vocab_size * D if w == 1 else (2 * _most(cfg.vocab_size, w) + 1) * D
+    params = vocab + D + layers * dense + moe + recurrent
     tensors = (3 + layers * (5 + attn_tensors) + (4 + attn_tensors + 3 * cfg.n_experts
                                                     + 3 * cfg.n_shared_experts) + 9)
     return params, tensors
@@ -96,7 +113,8 @@ def parameter_count(cfg: MythosConfig) -> tuple[int, int]:
 
 def estimate(cfg: MythosConfig, *, dtype_bytes: int, weights: bool = True, max_batch: int = 0,
              max_seq_len: Optional[int] = None, max_loops: int = 0,
-             chunk: int = 0, lazy_depth: bool = False) -> MemoryEstimate:
+             chunk: int = 0, lazy_depth: bool = False,
+             tensor_parallel: int = 1) -> MemoryEstimate:
     """Bytes allocated for ``cfg`` at ``dtype_bytes`` per element.
 
     weights: the parameters (the tied head not counted twice) and per-tensor bookkeeping.
@@ -106,19 +124,26 @@ def estimate(cfg: MythosConfig, *, dtype_bytes: int, weights: bool = True, max_b
     ``max_batch`` × ``chunk`` token rows (logits, one row of width dim per value, the
     dense FFNs' hidden rows). Depth store: with ``lazy_depth`` (act_mode lazy or reuse),
     each cached position's loop state and injection input (``depth.store_bytes``).
+    ``tensor_parallel`` N > 1: one rank's share of a model split over N ranks (the
+    busiest rank's, ``parameter_count(cfg, N)``): split weights, GQA caches of its KV
+    heads (MLA's latent cache is replicated), its FFN columns and vocabulary rows in the
+    arena (the gathered logits whole).
     """
     S = cfg.max_seq_len if max_seq_len is None else max_seq_len
-    params, tensors = parameter_count(cfg)
-    weight_bytes = ((params - cfg.vocab_size * cfg.dim) * dtype_bytes
+    N = tensor_parallel
+    params, tensors = parameter_count(cfg, N)
+    tied = cfg.vocab_size * cfg.dim if N == 1 else 0  # one tensor unless split
+    weight_bytes = ((params - tied) * dtype_bytes
                     + tensors * TENSOR_OVERHEAD_BYTES) if weights else 0
     rope_pairs = cfg.head_dim // 2 + cfg.qk_rope_head_dim // 2
     if cfg.attn_type == "mla":
         per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     else:
-        per_token = 2 * cfg.n_kv_heads * cfg.head_dim
+        per_token = 2 * _most(cfg.n_kv_heads, N) * cfg.head_dim
     layers = cfg.prelude_layers + cfg.coda_layers
     kv = (layers + max_loops) * max_batch * S * per_token * dtype_bytes
-    width = cfg.vocab_size + (4 * layers + 8) * cfg.dim + 3 * layers * cfg.dense_hidden
+    width = (cfg.vocab_size + (_most(cfg.vocab_size, N) if N > 1 else 0)
+             + (4 * layers + 8) * cfg.dim + 3 * layers * _most(cfg.dense_hidden, N))
     from .depth import store_bytes
     return MemoryEstimate(weights=weight_bytes, rope_tables=S * rope_pairs * ROPE_BYTES_PER_ENTRY,
                           kv_caches=kv, activations=max_batch * chunk * width * dtype_bytes,
@@ -163,11 +188,14 @@ def _driver(cfg: MythosConfig, sizes: dict, **kw) -> str:
 
 def check_fits(cfg: MythosConfig, device: torch.device | str, what: str, *, dtype_bytes: int,
                weights: bool = True, max_batch: int = 0, max_seq_len: Optional[int] = None,
-               max_loops: int = 0, chunk: int = 0, lazy_depth: bool = False) -> MemoryEstimate:
+               max_loops: int = 0, chunk: int = 0, lazy_depth: bool = False,
+               tensor_parallel: int = 1) -> MemoryEstimate:
     """Refuse with MemoryLimitError when ``estimate(...)`` exceeds the memory available on
-    ``device``; ``what`` says what would allocate it. Returns the estimate."""
+    ``device``; ``what`` says what would allocate it. Returns the estimate
+    (``tensor_parallel``: one rank's share, checked against the rank's own device)."""
     device = torch.device(device)
-    kw = dict(dtype_bytes=dtype_bytes, weights=weights, chunk=chunk, lazy_depth=lazy_depth)
+    kw = dict(dtype_bytes=dtype_bytes, weights=weights, chunk=chunk, lazy_depth=lazy_depth,
+              tensor_parallel=tensor_parallel)
     sizes = dict(max_batch=max_batch, max_seq_len=max_seq_len, max_loops=max_loops)
     est = estimate(cfg, **kw, **sizes)
     if device.type == "meta":  # shapes only, nothing is allocated

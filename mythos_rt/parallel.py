@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import os
 import re
 from datetime import timedelta
@@ -37,7 +38,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from .errors import InputError, clip
 from .ir import Graph, Op, TensorSpec, WeightSpec
 from .passes import remove_unused_weights
 
@@ -131,6 +132,25 @@ def agree(what: str, value: Any) -> None:
                             f"{odd[0]} has {values[odd[0]]!r}")
 
 
+def together(what: str, fn):
+    """``fn()`` on every rank; when it raises on any rank, every rank raises (that rank its
+    own error, the others a ParallelError naming it) instead of the others waiting in
+    their next collective until the timeout."""
+    error: Optional[BaseException] = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the others
+        result, error = None, exc
+    failures: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    bad = next((r for r, f in enumerate(failures) if f is not None), None)
+    if bad is not None:
+        raise ParallelError(f"{what} failed on rank {bad}: {clip(failures[bad], 300)}")
+    return result
+
+
 def shared_seed() -> int:
     """A random sampling seed drawn on rank 0 and given to every rank."""
     seed = [int(torch.randint(0, 2 ** 62, ()).item()) if dist.get_rank() == 0 else None]
@@ -159,6 +179,27 @@ def saved_world(directory) -> Optional[int]:
         raise ParallelError(f"{directory}: holds artifacts of several world sizes "
                             f"({', '.join(map(str, sorted(found)))})")
     return found.pop() if found else None
+
+
+def check_complete(directory, world: int) -> None:
+    """Every rank's directory of a sharded artifact is there (each rank checks all of
+    them, so a partial artifact is the same error on every rank, not a rank waiting for
+    one that failed)."""
+    missing = [rank_dir(directory, r, world).name for r in range(world)
+               if not (rank_dir(directory, r, world) / "manifest.json").is_file()]
+    if missing:
+        raise ParallelError(f"{directory}: an artifact saved for tensor_parallel={world} but "
+                            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                            f"{'is' if len(missing) == 1 else 'are'} missing or incomplete "
+                            f"(save it again from all {world} ranks)")
+
+
+def check_share(g: Graph, world: int, rank: int, where) -> None:
+    """The graph a rank directory holds is that rank's share (not a renamed other one)."""
+    held = g.attrs.get("parallel", {"world_size": 1, "rank": 0})
+    if held != {"world_size": world, "rank": rank}:
+        raise ParallelError(f"{where}: holds the share of rank {held.get('rank')} of "
+                            f"{held.get('world_size')}, expected rank {rank} of {world}")
 
 
 # ---- the split -----------------------------------------------------------------------------
@@ -344,6 +385,53 @@ def _head(g: Graph, op: Op, cfg: dict, world: int, rank: int) -> Op:
 
 _SPLITS = {"mla_attention": _mla, "gqa_attention": _gqa, "dense_ffn": _dense_ffn,
            "moe": _moe, "embed": _embed, "head": _head}
+
+
+# ---- what `mythos-rt inspect` shows of a sharded artifact -------------------------------
+
+_SPLIT_WHAT = {"vocab": ("rows", "vocabulary rows"), "heads": ("heads", "query heads"),
+               "kv_heads": ("kv_heads", "KV heads"), "columns": ("columns", "hidden columns"),
+               "experts": ("experts", "routed experts")}
+
+
+def _span(lo: int, hi: int) -> str:
+    return "-" if hi <= lo else str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
+
+
+def weight_bytes(g: Graph) -> int:
+    """Bytes of the weights a sharded graph's plan reads: one rank's share. (Unsharded, a
+    tied head would count twice: it aliases the embedding, a shard gives each its own.)"""
+    return sum(math.prod(g.weights[n].shape) * getattr(torch, g.weights[n].dtype).itemsize
+               for n in g.weight_names_used())
+
+
+def describe_split(graphs: list[Graph]) -> str:
+    """A table of what each rank of a sharded model holds: per split op, each rank's
+    heads, columns, experts (and shared slots) or vocabulary rows; then what every rank
+    holds whole and each rank's weight bytes. ``graphs``: the ranks' graphs, in order."""
+    from .memory import format_bytes
+    world = len(graphs)
+    rows = [["op", "split", *(f"rank {r}" for r in range(world))]]
+    for ops in zip(*(list(g.walk()) for g in graphs)):
+        shard_of = [op.attrs.get("shard") for op in ops]
+        if shard_of[0] is None:
+            continue
+        key, what = _SPLIT_WHAT[shard_of[0]["split"]]
+        cells = [_span(*s[key]) for s in shard_of]
+        if "shared_slots" in shard_of[0]:
+            what = f"{what} + shared slots"
+            cells = [f"{c} + {_span(*s['shared_slots'])}" for c, s in zip(cells, shard_of)]
+            what += f" (of {shard_of[0]['of']} + {shard_of[0]['of_slots']})"
+        else:
+            what += f" (of {shard_of[0]['of']})"
+        rows.append([ops[0].name, what, *cells])
+    rows.append(["weights", "bytes", *(format_bytes(weight_bytes(g)) for g in graphs)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    mla = any(op.kind == "mla_attention" for op in graphs[0].walk())
+    lines.append("  whole on every rank: norms, MoE router, loop state (LTI, LoRA, ACT)"
+                 + (", MLA down-projections and latent KV cache" if mla else ""))
+    return "\n".join(lines) + "\n"
 
 
 # ---- what the lowering asks -----------------------------------------------------------

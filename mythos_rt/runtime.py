@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, Union
@@ -185,16 +186,37 @@ class Runtime:
         A tensor-parallel runtime is saved by every rank, each into ``rank{r}of{N}/``.
         """
         from .artifact import write_artifact
+
+        def write(target) -> Path:
+            return write_artifact(target, self.weights, self.graph, self.config,
+                                  self.options, tuning=self.tuning_used(),
+                                  tokenizer=self.tokenizer, overwrite=overwrite)
         sharding = self.graph.attrs.get("parallel")
-        target = directory if sharding is None else parallel.rank_dir(
-            directory, sharding["rank"], sharding["world_size"])  # every rank its own share
-        path = write_artifact(target, self.weights, self.graph, self.config, self.options,
-                              tuning=self.tuning_used(), tokenizer=self.tokenizer,
-                              overwrite=overwrite)
         if sharding is None:
-            return str(path)
-        parallel.agree("saving", str(Path(directory).absolute()))  # all ranks have written
-        return str(Path(directory).absolute())
+            return str(write(directory))
+        return str(self._save_shares(Path(directory).absolute(), sharding, overwrite, write))
+
+    @staticmethod
+    def _save_shares(directory: Path, sharding: dict, overwrite: bool, write) -> Path:
+        """Every rank writes its share into ``directory/rank{r}of{N}/``. Another world
+        size's shares there are refused, or replaced with ``overwrite`` (left beside the
+        new ones they would make the directory unloadable)."""
+        world, rank = sharding["world_size"], sharding["rank"]
+        parallel.agree("the artifact directory", str(directory))
+        old = parallel.together("checking the artifact directory",
+                                lambda: parallel.saved_world(directory))
+        if old not in (None, world) and not overwrite:
+            raise InputError(f"{directory} holds an artifact saved for tensor_parallel={old}; "
+                             "choose another directory, or pass overwrite=True (CLI: --force) "
+                             "to replace it")
+        parallel.together("saving the artifact",
+                          lambda: write(parallel.rank_dir(directory, rank, world)))
+        if old not in (None, world):
+            def remove_old() -> None:
+                for r in range(old if rank == 0 else 0):
+                    shutil.rmtree(parallel.rank_dir(directory, r, old), ignore_errors=True)
+            parallel.together("removing the replaced artifact", remove_old)
+        return directory
 
     def tuning_used(self) -> dict[str, dict]:
         """The MoE tile configs this runtime's Triton MoE finds for its token buckets: its

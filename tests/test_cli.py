@@ -93,6 +93,10 @@ def test_compile_generate_inspect(ckpt, tmp_path, capsys):
      "max_batch_size=1000000000 is larger than mythos-rt supports"),
     (["compile", "{ckpt}", "-o", "{ckpt}/config.json"], "exists and is not a directory"),
     (["compile", "{ckpt}", "-o", "{ckpt}/config.json/sub"], "cannot write an artifact at"),
+    (["compile", "{ckpt}", "-o", "{tmp}/tp", "--tensor-parallel", "2"],
+     "tensor_parallel=2 needs one process per rank: launch with 'torchrun --nproc-per-node 2"),
+    (["compile", "{ckpt}", "-o", "{tmp}/tp", "--nproc", "0"],
+     "--nproc must be a positive integer, got 0"),
     (["demo", "--new-tokens", "0"], "new_tokens must be a positive integer, got '0'"),
     (["demo", "--out", "{ckpt}"], "holds files that are not the demo checkpoint's"),
 ])

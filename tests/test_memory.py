@@ -82,3 +82,55 @@ def test_available_memory_is_read_from_the_machine():
     free = memory.available_bytes(torch.device("cpu"))
     assert 0 < free < 1 << 50
     assert memory.format_bytes(1_234_567) == "1.2 MB" and memory.format_bytes(999) == "999 B"
+
+
+# Odd splits on purpose: 4 MLA heads, 6 experts, 2 shared slots, 97 vocabulary rows over
+# 3 ranks; 3 KV heads, 5 experts, 101 rows over 2.
+SPLITS = {"mla": ("tiny_mla", {}, 3), "gqa": ("tiny_gqa", {"n_kv_heads": 3}, 2)}
+
+
+@pytest.mark.parametrize("name", sorted(SPLITS))
+def test_a_ranks_estimate_is_the_bytes_of_its_share(name):
+    """``tensor_parallel=N`` estimates rank 0's share (the busiest: the first ranks hold
+    the extra heads, columns and experts) to within 0.1% of the bytes its materialized
+    plan holds, leaving out MLA's absorbed copies of kv_up rows (derived for decode; the
+    estimate counts the checkpoint's parameters). No rank holds more."""
+    import dataclasses
+
+    from mythos_rt import parallel
+    from mythos_rt.passes import run_passes
+    from mythos_rt.trace import build_graph
+    from mythos_rt.weights import materialize
+    preset, changes, world = SPLITS[name]
+    cfg = dataclasses.replace(MythosConfig.from_preset(preset), **changes)
+    sd = OpenMythos(cfg).state_dict()
+    optimized = run_passes(build_graph(cfg))
+    est = estimate(cfg, dtype_bytes=4, tensor_parallel=world)
+    want = est.weights - parameter_count(cfg, world)[1] * memory.TENSOR_OVERHEAD_BYTES
+    held = []
+    for rank in range(world):
+        g = parallel.shard(optimized, world, rank)
+        tensors = {v.data_ptr(): v.numel() * v.element_size()
+                   for k, v in materialize(g, sd, torch.device("cpu")).items()
+                   if not (g.weights[k].derive or {}).get("fn", "").startswith("mla_absorb")}
+        held.append(sum(tensors.values()))
+    assert abs(held[0] - want) <= 1e-3 * want, (held, want)
+    assert max(held) == held[0]
+    whole = estimate(cfg, dtype_bytes=4).weights
+    assert want < 0.75 * whole  # the split weights dominate even these tiny models
+
+
+def test_a_model_that_fits_split_over_the_ranks_is_not_refused(monkeypatch):
+    """Memory for 60% of the model: refused whole, accepted as one of 3 ranks' shares;
+    GQA's caches are split by KV heads, MLA's latent cache is not."""
+    cfg = MythosConfig.from_preset("mythos_1b")
+    whole = estimate(cfg, dtype_bytes=2, max_batch=1, max_seq_len=4096, chunk=256)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(0.6 * whole.total))
+    kw = dict(dtype_bytes=2, max_batch=1, max_seq_len=4096, chunk=256)
+    with pytest.raises(MemoryLimitError):
+        check_fits(cfg, "cpu", "compiling", **kw)
+    share = check_fits(cfg, "cpu", "compiling", **kw, tensor_parallel=3)
+    assert share.weights < 0.6 * whole.weights and share.kv_caches == whole.kv_caches
+    gqa = MythosConfig.from_preset("tiny_gqa")  # 2 KV heads
+    assert (estimate(gqa, dtype_bytes=4, max_batch=1, max_loops=2, tensor_parallel=2).kv_caches
+            * 2 == estimate(gqa, dtype_bytes=4, max_batch=1, max_loops=2).kv_caches)

@@ -23,6 +23,12 @@ and ``out``; grids depend only on N and static upper bounds, so it is CUDA-graph
 Upper bounds (P = N·k routed pairs, BM = BLOCK_M): routed blocks ≤ cdiv(P,BM) + min(E,P);
 shared blocks = S·cdiv(N,BM). Blocks past the live count read expert -1 and exit.
 
+An expert-parallel shard (``PackedMoE.is_shard``, docs/parallel.md) holds the routed
+experts ``expert_start + [0, n_local)`` and a share of the shared slots: the router
+still scores all experts, its histogram counts only the held ones, the alignment sorts
+only their pairs (E = n_local above) and the combine adds only their slots, so the
+ranks' outputs sum (the plan's all_reduce) to the whole MoE.
+
 Files: ``moe_kernels`` (router, GEMMs, combine), ``moe_align`` (steps 2–3),
 ``moe_config`` (tile configs, heuristic, autotune cache); this module holds the workspace
 and the launchers.
@@ -67,7 +73,7 @@ class MoEWorkspace:
     ids: torch.Tensor            # (max_tokens, k) int32
     weights: torch.Tensor        # (max_tokens, k) float32
     hist: torch.Tensor           # (chunks, E) int32 per-16-token expert histogram
-    base: torch.Tensor           # (chunks, E) int32 scatter bases
+    base: torch.Tensor           # (chunks, E) int32 scatter bases (E: the experts held)
     counts: torch.Tensor         # (E_tot,) int32 pairs per expert (shared slots: N)
     offsets: torch.Tensor        # (E_tot,) int32 padded segment starts (rows)
     sorted_pairs: torch.Tensor   # (max_rows,) int32 pair ids (-1 = padding)
@@ -88,7 +94,7 @@ class MoEWorkspace:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         device = torch.device(device) if device is not None else packed.device
-        E, k, S, I, D = (packed.n_routed, packed.top_k, packed.n_shared_slots,
+        E, k, S, I, D = (packed.n_local, packed.top_k, packed.n_shared_slots,
                          packed.expert_dim, packed.dim)
         chunks = triton.cdiv(max_tokens, ROUTER_BLOCK_T)
         rows = blocks = 0
@@ -129,11 +135,14 @@ def _router_block_d(D: int) -> int:
     return 32 if interpreted() else min(128, pow2(D, 16))
 
 
-def _launch_router(x, router_w, router_bias, top_k, ids, wts, hist, write_hist: bool):
+def _launch_router(x, router_w, router_bias, top_k, ids, wts, hist, write_hist: bool,
+                   hist_experts: Optional[Tuple[int, int]] = None):
+    """``hist_experts``: the (first, count) experts ``hist`` counts (default all E)."""
     N, D = x.shape
     E = router_w.shape[0]
+    lo, count = hist_experts or (0, E)
     _router_kernel[(triton.cdiv(N, ROUTER_BLOCK_T),)](
-        x, router_w, router_bias, ids, wts, hist, N, D, E, x.stride(0),
+        x, router_w, router_bias, ids, wts, hist, N, D, E, lo, count, x.stride(0),
         TOP_K=top_k, K_PAD=pow2(top_k, 1), BLOCK_T=ROUTER_BLOCK_T,
         BLOCK_D=_router_block_d(D), E_PAD=pow2(E, 16), WRITE_HIST=write_hist,
         DOT_PREC=input_precision(x.dtype), num_warps=4)
@@ -175,12 +184,12 @@ def moe_route_triton(x: torch.Tensor, router_w: torch.Tensor, router_bias: torch
 def _moe_ffn_impl(x: torch.Tensor, packed: PackedMoE, ws: MoEWorkspace, out: torch.Tensor,
                   cfg: MoEConfig) -> torch.Tensor:
     N, D = x.shape
-    E, k, S, I = packed.n_routed, packed.top_k, packed.n_shared_slots, packed.expert_dim
+    E, k, S, I = packed.n_local, packed.top_k, packed.n_shared_slots, packed.expert_dim
     slots = k + S
     prec = input_precision(x.dtype)
     ids, wts = ws.ids[:N], ws.weights[:N]
     _launch_router(x, packed.router_w, packed.router_bias, k, ids, wts, ws.hist,
-                   write_hist=True)
+                   write_hist=True, hist_experts=(packed.expert_start, E))
     rb_max, n_blocks = moe_align_triton(N, ids, ws.hist, ws, packed, cfg.block_m)
     meta = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     n1 = triton.cdiv(I, cfg.block_n1)
@@ -207,14 +216,14 @@ def _moe_ffn_impl(x: torch.Tensor, packed: PackedMoE, ws: MoEWorkspace, out: tor
             BLOCK_K=cfg.block_k2, GROUP_M=8, DOT_PREC=prec, **meta)
     block_d = 64 if interpreted() else min(1024, pow2(D, 16))
     _combine_kernel[(N, triton.cdiv(D, block_d))](
-        ws.y_routed, ws.y_shared, out, N, D, n_split,
+        ws.y_routed, ws.y_shared, out, ids, N, D, n_split, packed.expert_start, E,
         ws.y_routed.stride(0), ws.y_shared.stride(0), out.stride(0),
-        TOP_K=k, BLOCK_D=block_d, num_warps=4)
+        TOP_K=k, BLOCK_D=block_d, SHARD=packed.is_shard, num_warps=4)
     return out
 
 
 def _check_ws(ws: MoEWorkspace, packed: PackedMoE, N: int):
-    E, k, S, I, D = (packed.n_routed, packed.top_k, packed.n_shared_slots,
+    E, k, S, I, D = (packed.n_local, packed.top_k, packed.n_shared_slots,
                      packed.expert_dim, packed.dim)
     if N > ws.max_tokens:
         raise ValueError(f"{N} tokens exceed the workspace's max_tokens={ws.max_tokens}")
@@ -319,10 +328,5 @@ def autotune_moe(packed: PackedMoE, token_counts: Iterable[int] = (1, 16, 128, 1
 
 def moe_workspace(max_tokens: int, packed: PackedMoE, device) -> MoEWorkspace:
     """The ``moe_ffn`` implementation record's workspace hook: a ``MoEWorkspace`` for up to
-    ``max_tokens`` tokens, allocated once at compile time. Expert-parallel shards are not
-    supported by these kernels yet (docs/parallel.md)."""
-    if packed.is_shard:
-        from mythos_rt.ops.registry import BackendError
-        raise BackendError("the triton moe_ffn does not run expert-parallel shards yet; "
-                           "compile with overrides={'moe_ffn': 'torch'} (docs/parallel.md)")
+    ``max_tokens`` tokens, allocated once at compile time."""
     return MoEWorkspace.allocate(max_tokens, packed, device)

@@ -69,7 +69,8 @@ def _align_scan_kernel(hist_ptr, base_ptr, counts_ptr, offsets_ptr, sorted_ptr,
 
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, N, E, S, n_chunks, RB_MAX, SB_PER,
+def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, N, E, E_LO, S, n_chunks, RB_MAX,
+                          SB_PER,
                           TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                           CHUNK_T: tl.constexpr, PAIRS_PAD: tl.constexpr,
                           E_PAD: tl.constexpr, SH_BLOCK: tl.constexpr):
@@ -78,7 +79,9 @@ def _align_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, N, E, S, n_chunks, RB_M
         i = tl.arange(0, PAIRS_PAD)
         q = pid * (CHUNK_T * TOP_K) + i
         qm = (i < CHUNK_T * TOP_K) & (q < N * TOP_K)
-        ex = tl.load(ids_ptr + q, mask=qm, other=-1)
+        ex = tl.load(ids_ptr + q, mask=qm, other=-1) - E_LO
+        qm = qm & (ex >= 0) & (ex < E)  # pairs of experts held here (a shard: its range)
+        ex = tl.where(qm, ex, -1)
         e = tl.arange(0, E_PAD)
         onehot = (ex[:, None] == e[None, :]).to(tl.int32)
         rank = tl.cumsum(onehot, axis=0)                       # inclusive, stable
@@ -104,10 +107,15 @@ def routed_blocks(n_tokens: int, E: int, k: int, bm: int) -> int:
 def moe_align_triton(n_tokens: int, ids: torch.Tensor, hist: torch.Tensor, ws: "MoEWorkspace",
                      packed: PackedMoE, block_m: int) -> Tuple[int, int]:
     """Sort (token, slot) pairs by expert into ``ws`` (counts, offsets, sorted_pairs,
-    block_expert); ``hist`` is the router's per-chunk histogram. Returns the static grid
-    sizes (routed blocks upper bound, total blocks). Device-only; no host sync.
+    block_expert); ``hist`` is the router's per-chunk histogram of the held experts.
+    Returns the static grid sizes (routed blocks upper bound, total blocks).
+    Device-only; no host sync.
+
+    An expert shard (``packed.is_shard``) sorts only the pairs routed to its experts
+    ``expert_start + [0, n_local)``, numbered from 0 as its weights are; the other pairs
+    are another rank's and appear nowhere.
     """
-    E, k, S = packed.n_routed, packed.top_k, packed.n_shared_slots
+    E, k, S = packed.n_local, packed.top_k, packed.n_shared_slots
     N, bm = n_tokens, block_m
     n_chunks = triton.cdiv(N, ROUTER_BLOCK_T)
     rb_max = routed_blocks(N, E, k, bm)
@@ -125,7 +133,7 @@ def moe_align_triton(n_tokens: int, ids: torch.Tensor, hist: torch.Tensor, ws: "
     sh_block = 256 if interpreted() else 1024
     n_sh = triton.cdiv(S * sb_per * bm, sh_block)
     _align_scatter_kernel[(n_chunks + n_sh,)](
-        ids, ws.base, ws.sorted_pairs, N, E, S, n_chunks, rb_max, sb_per,
+        ids, ws.base, ws.sorted_pairs, N, E, packed.expert_start, S, n_chunks, rb_max, sb_per,
         TOP_K=k, SLOTS=k + S, BLOCK_M=bm, CHUNK_T=ROUTER_BLOCK_T,
         PAIRS_PAD=pow2(ROUTER_BLOCK_T * k, 1), E_PAD=e_pad, SH_BLOCK=sh_block, num_warps=4)
     return rb_max, rb_max + S * sb_per

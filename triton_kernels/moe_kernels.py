@@ -13,7 +13,7 @@ ROUTER_BLOCK_T = 16            # tokens per router program = tokens per histogra
 
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, wts_ptr, hist_ptr,
-                   N, D, E, stride_xn,
+                   N, D, E, E_LO, E_HIST, stride_xn,
                    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_D: tl.constexpr, E_PAD: tl.constexpr, WRITE_HIST: tl.constexpr,
                    DOT_PREC: tl.constexpr):
@@ -57,8 +57,9 @@ def _router_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, wts_ptr, hist_ptr,
     offs = t[:, None] * TOP_K + kc[None, :]
     tl.store(ids_ptr + offs, sel_i, mask=om)
     tl.store(wts_ptr + offs, sel_w, mask=om)
-    if WRITE_HIST:
-        tl.store(hist_ptr + pid * E + e, hist, mask=em)
+    if WRITE_HIST:  # the held experts' columns [E_LO, E_LO + E_HIST) (a shard's)
+        tl.store(hist_ptr + pid * E_HIST + (e - E_LO), hist,
+                 mask=em & (e >= E_LO) & (e < E_LO + E_HIST))
 
 
 @triton.jit
@@ -180,16 +181,22 @@ def _gemm2_shared_kernel(h_ptr, w2_ptr, ys_ptr, N, D, I, E, S, SPS,
 
 
 @triton.jit
-def _combine_kernel(yr_ptr, ys_ptr, out_ptr, N, D, n_split,
+def _combine_kernel(yr_ptr, ys_ptr, out_ptr, ids_ptr, N, D, n_split, E_LO, E_LOCAL,
                     stride_yr, stride_ys, stride_on,
-                    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, SHARD: tl.constexpr):
+    # SHARD: an expert shard computed only the slots routed to its experts
+    # [E_LO, E_LO + E_LOCAL); the others (never written) add zero here.
     n = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
     base = n.to(tl.int64) * TOP_K
-    acc = tl.load(yr_ptr + base * stride_yr + d, mask=dm, other=0.0).to(tl.float32)
-    for j in tl.static_range(1, TOP_K):
-        acc += tl.load(yr_ptr + (base + j) * stride_yr + d, mask=dm, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        held = dm
+        if SHARD:
+            ex = tl.load(ids_ptr + base + j) - E_LO
+            held = dm & (ex >= 0) & (ex < E_LOCAL)
+        acc += tl.load(yr_ptr + (base + j) * stride_yr + d, mask=held, other=0.0).to(tl.float32)
     for s in range(0, n_split):
         row = (s * N + n).to(tl.int64)
         acc += tl.load(ys_ptr + row * stride_ys + d, mask=dm, other=0.0).to(tl.float32)

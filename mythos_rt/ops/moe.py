@@ -253,6 +253,8 @@ def moe_align_torch(ids: torch.Tensor, n_experts: int, n_shared_slots: int, bloc
     padded to a multiple of block_m) and lists e's pairs in ascending pair order;
     padding and dead routed rows hold -1. Shared slot s owns the fixed segment
     ``rb_max·BM + s·sb_per·BM`` holding ``t·(k+S) + k + s`` for every token t.
+    Ids outside [0, E) are left out (an expert shard's ids, shifted by its first
+    expert: the other shards' pairs).
     """
     N, k = ids.shape
     E, S, bm, dev = n_experts, n_shared_slots, block_m, ids.device

@@ -39,7 +39,8 @@ def _checkpoint(name, directory):
 
 def _reference(case):
     rt = mythos_rt.compile(case["path"], backend=case["backend"], max_batch_size=4, chunk=4,
-                           max_loops=case["n_loops"], device="cpu")
+                           max_loops=case["n_loops"], device="cpu",
+                           overrides=case.get("overrides"))
     return {"forward": rt.forward(case["ids"], n_loops=case["n_loops"]),
             "generate": rt.generate(case["ids"], case["new"], n_loops=case["n_loops"],
                                     return_logits=True),
@@ -56,11 +57,28 @@ def test_ranks_match_single_process(world, tmp_path):
     for name, backend in RUNS[world].items():
         cases[name] = dict(_checkpoint(name, tmp_path / name), backend=backend)
     cases["mla"]["save"] = str(tmp_path / "artifact")  # saved per rank, then reloaded
-    results, codes = run_ranks(world, cases, tmp_path)
+    if world == 3:  # replaces the shares of another world size there
+        for r in range(2):
+            (tmp_path / "artifact" / f"rank{r}of2").mkdir(parents=True)
+        cases["mla"]["overwrite"] = True
+    # then rank 1's share damaged: its own error there, a ParallelError naming it on rank 0
+    broken = dict(cases["mla"], load=cases["mla"]["save"], break_rank=1)
+    (tmp_path / "partial" / f"rank0of{world}").mkdir(parents=True)  # the others never saved
+    partial = dict(broken, load=str(tmp_path / "partial"), break_rank=None)
+    results, codes = run_ranks(world, dict(cases, broken=broken, partial=partial), tmp_path,
+                               deadline_s=300)  # a hang guard: 3 ranks on 2 busy cores
     assert codes == [0] * world, codes
     _check_ranks(cases, results, world)
     assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == [
         f"rank{r}of{world}" for r in range(world)]
+    assert "ArtifactError" in results[1]["broken"].get("error", ""), results[1]["broken"]
+    for r in (0, *range(2, world)):
+        error = results[r]["broken"].get("error", "")
+        assert error.startswith(f"ParallelError: loading {tmp_path / 'artifact'} failed on "
+                                "rank 1: ArtifactError: ") and "config.json" in error, error
+    for res in results:  # the same error on every rank
+        assert (f"rank{world - 1}of{world} are missing or incomplete (save it again from "
+                f"all {world} ranks)") in res["partial"].get("error", ""), res["partial"]
 
 
 def test_lazy_depth_on_ranks_matches_single_process(tmp_path):
@@ -72,8 +90,20 @@ def test_lazy_depth_on_ranks_matches_single_process(tmp_path):
     _check_ranks({"lazy": case}, results, 2)
 
 
+def test_triton_moe_shards_on_ranks_match_single_process(tmp_path):
+    """The Triton MoE runs each rank's expert shard (Triton's interpreter here): 5 experts
+    and 4 shared slots over 2 ranks match the single-process runtime's Triton MoE."""
+    case = dict(_checkpoint("gqa", tmp_path / "g"), backend="torch",
+                overrides={"moe_ffn": "triton"}, new=2, n_loops=2)  # the interpreter is slow
+    results, codes = run_ranks(2, {"triton": case}, tmp_path, deadline_s=300)
+    assert codes == [0, 0], codes
+    _check_ranks({"triton": case}, results, 2)
+
+
 def _check_ranks(cases: dict, results: list, world: int) -> None:
     for name, case in cases.items():
+        if "break_rank" in case:  # the cases that fail
+            continue
         ref = _reference(case)
         for r, res in enumerate(results):
             got, what = res[name], f"{name}/{case['backend']} rank {r} of {world}"
@@ -201,3 +231,52 @@ def test_cli_nproc_launches_torchrun_and_rank_0_prints(tmp_path):
     want = [" ".join(map(str, row.tolist())) for row in rt.generate(
         [torch.tensor(p) for p in prompts], 3)]
     assert done.stdout.split("\n")[-3:-1] == want and done.stdout.count("\n") == 2, done.stdout
+
+
+def test_cli_compiles_per_rank_artifacts_inspects_and_generates_from_them(tmp_path, capsys):
+    """``compile --nproc 2`` saves rank{r}of2/; ``inspect`` shows each rank's share as a
+    table (a missing share: one line, exit 2); ``generate --nproc 2`` of the artifact
+    prints the single-process runtime's greedy ids."""
+    import os
+    import subprocess
+    import sys
+
+    from mythos_rt.cli import main
+
+    from .launch import REPO
+    case = _checkpoint("mla", tmp_path / "m")
+    art = tmp_path / "art"
+    env = dict(os.environ, MYTHOS_RT_DIST_TIMEOUT="30", PYTHONPATH=str(REPO))
+    cli = [sys.executable, "-m", "mythos_rt.cli"]
+    done = subprocess.run([*cli, "compile", case["path"], "-o", str(art), "--device", "cpu",
+                           "--max-batch-size", "2", "--nproc", "2"],
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"saved {art} (one rank{{r}}of2/ directory per rank)")
+    assert sorted(p.name for p in art.iterdir()) == ["rank0of2", "rank1of2"]
+
+    assert main(["inspect", str(art)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == (f"tensor-parallel artifact {art}: 2 ranks, rank r loads "
+                        "rank{r}of2/ (--rank R prints rank R's IR)")
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["embed"][-2:] == ["0-48", "49-96"]  # 97 rows: 49 per rank
+    assert rows["prelude.0.attn"][-2:] == ["0-1", "2-3"]  # 4 query heads
+    assert rows["recurrent.block.ffn"][-6:] == ["0-2", "+", "0", "3-5", "+", "1"]
+    assert main(["inspect", str(art), "--rank", "1"]) == 0
+    assert "parallel={'world_size': 2, 'rank': 1}" in capsys.readouterr().out
+
+    cmd = [*cli, "generate", str(art), "--max-new-tokens", "3", "--nproc", "2",
+           "--device", "cpu", "--prompt-ids", "5 6 7", "--prompt-ids", "8 9"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rt = mythos_rt.compile(case["path"], device="cpu", max_batch_size=2)
+    want = [" ".join(map(str, row.tolist())) for row in rt.generate(
+        [torch.tensor([5, 6, 7]), torch.tensor([8, 9])], 3)]
+    assert done.stdout.splitlines() == want, done.stdout
+
+    (art / "rank1of2" / "manifest.json").unlink()
+    assert main(["inspect", str(art)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"mythos-rt inspect: error: {art}: an artifact saved for tensor_parallel=2 "
+                   "but rank1of2 is missing or incomplete (save it again from all 2 ranks)\n")

@@ -16,13 +16,18 @@ def run(case: dict, rank: int) -> dict:
     import mythos_rt
 
     if "load" in case:
+        if case.get("break_rank") == rank:  # this rank's share of the artifact is damaged
+            with open(os.path.join(case["load"], f"rank{rank}of{os.environ['WORLD_SIZE']}",
+                                   "config.json"), "a") as f:
+                f.write(" ")
         rt = mythos_rt.load(case["load"], device="cpu")
     else:
         rt = mythos_rt.compile(case["path"], backend=case["backend"],
                                tensor_parallel=case.get("tensor_parallel",
                                                         int(os.environ["WORLD_SIZE"])),
                                max_batch_size=4, chunk=4, max_loops=case["n_loops"],
-                               device="cpu", act_mode=case.get("act_mode", "eager"))
+                               device="cpu", act_mode=case.get("act_mode", "eager"),
+                               overrides=case.get("overrides"))
     if case.get("die") == rank:  # a rank lost after compiling
         os._exit(3)
     n = case["n_loops"]
@@ -30,7 +35,7 @@ def run(case: dict, rank: int) -> dict:
            "generate": rt.generate(case["ids"], case["new"], n_loops=n, return_logits=True),
            "ragged": rt.generate(case["ragged"], case["new"], n_loops=n)}
     if "save" in case:
-        rt.save(case["save"])
+        rt.save(case["save"], overwrite=case.get("overwrite", False))
         res["reloaded"] = mythos_rt.load(case["save"], device="cpu").generate(
             case["ids"], case["new"], n_loops=n)
     return res

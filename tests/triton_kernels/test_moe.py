@@ -104,15 +104,18 @@ def test_router_out_buffers():
     assert torch.equal(ids.long(), ref_ids)
 
 
-def _check_alignment(ws, packed, N, bm, ids):
-    E, k, S = packed.n_routed, packed.top_k, packed.n_shared_slots
+def _check_alignment(ws, packed, N, bm, ids, held=None):
+    """``held``: the (token, slot) pairs of ``ids`` whose experts the workspace's MoE
+    holds (an expert shard's; default all), ``ids`` numbered as its weights are."""
+    E, k, S = packed.n_local, packed.top_k, packed.n_shared_slots
     slots = k + S
     counts, offsets = ws.counts.cpu().tolist(), ws.offsets.cpu().tolist()
     sp, be = ws.sorted_pairs.cpu(), ws.block_expert.cpu()
     ids = ids.cpu()
+    held = torch.ones_like(ids, dtype=torch.bool) if held is None else held.cpu()
     rb_max = -(-N * k // bm) + min(E, N * k)
     n_blocks = rb_max + S * -(-N // bm)
-    want_counts = torch.bincount(ids.flatten().long(), minlength=E).tolist() + [N] * S
+    want_counts = torch.bincount(ids[held].long(), minlength=E).tolist() + [N] * S
     assert counts == want_counts
     live_rows = set()
     for e in range(E + S):
@@ -141,7 +144,9 @@ def _check_alignment(ws, packed, N, bm, ids):
     # every (token, slot) pair appears exactly once
     live = sp[[r for b in sorted(live_rows) for r in range(b * bm, (b + 1) * bm)]]
     live = live[live >= 0]
-    assert sorted(live.tolist()) == list(range(N * slots))
+    tok, slot = held.nonzero(as_tuple=True)
+    want = (tok * slots + slot).tolist() + [t * slots + k + s for t in range(N) for s in range(S)]
+    assert sorted(live.tolist()) == sorted(want)
 
 
 @pytest.mark.parametrize("bm", [16, 32], ids=["bm16", "bm32"])
