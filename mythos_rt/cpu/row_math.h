@@ -18,15 +18,6 @@
 #include <omp.h>
 #endif
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace {
 
 // This thread's scratch of at least n floats (grows once, then reused: no allocation in
@@ -118,6 +109,23 @@ inline float to_float(bf16 v) {
   return f;
 }
 
+// float32 -> bfloat16 as torch rounds it: to nearest, ties to even; NaN stays a (quiet) NaN.
+inline bf16 to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<bf16>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// dst[i] = src[i] for i < n, into a cache row of either storage type.
+inline void store_row(float* dst, const float* src, int n) {
+  std::memcpy(dst, src, sizeof(float) * n);
+}
+
+inline void store_row(bf16* dst, const float* src, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
+
 inline float hsum(v16 v) {  // a fixed tree: deterministic
 #if defined(__clang__) || __GNUC__ >= 12
   typedef float v8 __attribute__((vector_size(32)));
@@ -146,15 +154,15 @@ constexpr int kTileRows = 2, kTileChunks = 2;
 // Y[n][c..c+16·NC) for NR rows: Σ_k X[n][k] · w[k][c..] in order k = 0, 1, ..., each
 // loaded chunk of w serving NR rows and each X[n][k] NC chunks. Every output sums in the
 // same order whatever the tile, so tiling (and the team's split) never changes a result.
-template <int NR, int NC>
-inline void tile_kn(const float* __restrict X, int ldx, const float* __restrict w, int K,
+template <int NR, int NC, class W>
+inline void tile_kn(const float* __restrict X, int ldx, const W* __restrict w, int K,
                     int ld, float* __restrict Y, int ldy, bool accumulate) {
   v16 acc[NR][NC];
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < NC; ++j)
       acc[r][j] = accumulate ? load16(Y + static_cast<int64_t>(r) * ldy + 16 * j) : v16{};
   for (int k = 0; k < K; ++k) {
-    const float* wk = w + static_cast<int64_t>(k) * ld;
+    const W* wk = w + static_cast<int64_t>(k) * ld;
     v16 wc[NC];
     for (int j = 0; j < NC; ++j) wc[j] = load16(wk + 16 * j);
     for (int r = 0; r < NR; ++r) {
@@ -168,10 +176,12 @@ inline void tile_kn(const float* __restrict X, int ldx, const float* __restrict 
 
 // Y[n] = X[n] · w (+ Y[n] when accumulate) for N rows (X rows ldx apart, Y rows ldy
 // apart), w (K, cols) with rows ld apart (ld = cols for a whole matrix, wider for a block
-// of its columns), in register tiles (tile_kn): each chunk of w is read once per tile of
-// rows, so the weights cross memory once per call (a few times from cache), not once
-// per row. Columns past the last whole chunk are summed one at a time, in the same order.
-void gemm_kn(const float* __restrict X, int ldx, int N, const float* __restrict w, int K,
+// of its columns; float32 or bf16), in register tiles (tile_kn): each chunk of w is read
+// once per tile of rows, so the weights cross memory once per call (a few times from
+// cache), not once per row. Columns past the last whole chunk are summed one at a time,
+// in the same order.
+template <class W>
+void gemm_kn(const float* __restrict X, int ldx, int N, const W* __restrict w, int K,
              int cols, int ld, float* __restrict Y, int ldy, bool accumulate) {
   int c = 0;
   for (; c + 16 * kTileChunks <= cols; c += 16 * kTileChunks) {
@@ -192,7 +202,7 @@ void gemm_kn(const float* __restrict X, int ldx, int N, const float* __restrict 
       const float* x = X + static_cast<int64_t>(n) * ldx;
       float* y = Y + static_cast<int64_t>(n) * ldy + c;
       float s = accumulate ? *y : 0.f;
-      for (int k = 0; k < K; ++k) s += x[k] * w[static_cast<int64_t>(k) * ld + c];
+      for (int k = 0; k < K; ++k) s += x[k] * to_float(w[static_cast<int64_t>(k) * ld + c]);
       *y = s;
     }
 }
@@ -351,12 +361,11 @@ void swiglu(const float* gate, const float* up, int n, float* act) {
 }
 
 // scores[h·L + j] = q_h · key_j for NH heads (rows of q, W wide) and keys j < L (W wide,
-// key_j = keys + j·stride): each key is read once for all NH heads.
-template <int NH>
-void scores_of(const float* q, const float* keys, int W, int64_t stride, int L,
-               float* scores) {
+// key_j = keys + j·stride; float32 or bf16): each key is read once for all NH heads.
+template <int NH, class C>
+void scores_of(const float* q, const C* keys, int W, int64_t stride, int L, float* scores) {
   for (int j = 0; j < L; ++j) {
-    const float* key = keys + j * stride;
+    const C* key = keys + j * stride;
     v16 acc[NH] = {};
     int i = 0;
     for (; i + 16 <= W; i += 16) {
@@ -365,19 +374,19 @@ void scores_of(const float* q, const float* keys, int W, int64_t stride, int L,
     }
     for (int h = 0; h < NH; ++h) {
       float s = hsum(acc[h]);
-      for (int t = i; t < W; ++t) s += q[h * W + t] * key[t];
+      for (int t = i; t < W; ++t) s += q[h * W + t] * to_float(key[t]);
       scores[h * L + j] = s;
     }
   }
 }
 
 // o[c] = Σ_j p[j] · values_j[c] for c < 16·NV, values_j = values + j·stride.
-template <int NV>
-void weighted_sum(const float* p, const float* values, int64_t stride, int L, float* o) {
+template <int NV, class C>
+void weighted_sum(const float* p, const C* values, int64_t stride, int L, float* o) {
   v16 even[NV] = {}, odd[NV] = {};  // two chains per column block: half the FMA latency
   int j = 0;
   for (; j + 2 <= L; j += 2) {
-    const float* v = values + j * stride;
+    const C* v = values + j * stride;
     for (int c = 0; c < NV; ++c) {
       even[c] += p[j] * load16(v + 16 * c);
       odd[c] += p[j + 1] * load16(v + stride + 16 * c);
@@ -388,10 +397,11 @@ void weighted_sum(const float* p, const float* values, int64_t stride, int L, fl
   for (int c = 0; c < NV; ++c) store16(o + 16 * c, even[c] + odd[c]);
 }
 
-// Attention of H query rows (q, Wk wide) over L cached tokens, token j's key at
-// keys + j·stride (Wk wide) and its value at values + j·stride (Wv wide):
-// o (H, Wv) = softmax(q·keysᵀ) · values. scores: scratch (H, L).
-void attend(const float* q, int H, const float* keys, int Wk, const float* values, int Wv,
+// Attention of H query rows (q, Wk wide) over L cached tokens (float32 or bf16), token
+// j's key at keys + j·stride (Wk wide) and its value at values + j·stride (Wv wide):
+// o (H, Wv) = softmax(q·keysᵀ) · values, summed in float32. scores: scratch (H, L).
+template <class C>
+void attend(const float* q, int H, const C* keys, int Wk, const C* values, int Wv,
             int64_t stride, int L, float* scores, float* o) {
   int h = 0;
   for (; h + 4 <= H; h += 4) scores_of<4>(q + h * Wk, keys, Wk, stride, L, scores + h * L);
@@ -407,7 +417,7 @@ void attend(const float* q, int H, const float* keys, int Wk, const float* value
     for (; c + 16 <= Wv; c += 16) weighted_sum<1>(sc, values + c, stride, L, oh + c);
     for (; c < Wv; ++c) {
       float acc = 0.f;
-      for (int j = 0; j < L; ++j) acc += sc[j] * values[j * stride + c];
+      for (int j = 0; j < L; ++j) acc += sc[j] * to_float(values[j * stride + c]);
       oh[c] = acc;
     }
   }
