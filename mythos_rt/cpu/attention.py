@@ -50,8 +50,10 @@ FOLD_LIMIT = 2.0
 
 @dataclass
 class CpuMLA:
-    """MLA weights fused for decode (float32, or bf16 for a bf16 model; nn.Linear layout
-    unless named ``*_t``)."""
+    """MLA weights fused for decode (float32, or bf16 for a bf16 model). Every matrix is
+    stored contiguous in nn.Linear's (out, in) layout, which the kernel streams row by
+    row; the ``*_t`` fields (and ``w_uk``) are transposed views of them, the right-hand
+    sides of the PyTorch paths' matmuls."""
     base: MLAWeights            # the torch implementation's weights (prefill, other dtypes)
     down_t: torch.Tensor        # (D, rope + R + q_lora): [kv_down's rope rows; its latent
                                 # rows; q_down]ᵀ
@@ -105,8 +107,9 @@ class _RowScratch:
 
 @dataclass
 class CpuGQA:
-    """GQA weights fused for decode: [wq·scale; wk; wv]ᵀ and woᵀ (contiguous; float32, or
-    bf16 for a bf16 model)."""
+    """GQA weights fused for decode: [wq·scale; wk; wv]ᵀ and woᵀ (float32, or bf16 for a
+    bf16 model), transposed views of contiguous nn.Linear-layout matrices (the kernel
+    streams their rows)."""
     base: GQAWeights
     qkv_t: torch.Tensor         # (D, (H + 2·Hkv)·d)
     wo_t: torch.Tensor          # (H·d, D)
@@ -152,13 +155,16 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
     o_t = (torch.einsum("dhv,hvr->hrd", wo, w.w_uv.to(d)).reshape(H * R, D) if fold_o
            else wo.reshape(D, H * v).t())
     mat = dict(dtype=_matrix_dtype(w.wo))
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (out, in), contiguous
+        return t.to(**mat).contiguous()
+    down = rows(torch.cat([w.kv_down[R:], w.kv_down[:R], w.q_down]))
+    w_uk = None if fold_q else rows(w.w_uk.transpose(1, 2))      # (H, R, nope)
+    w_uv = None if fold_o else rows(w.w_uv)                       # (H, v, R)
     m = CpuMLA(
-        base=w,
-        down_t=torch.cat([w.kv_down[R:], w.kv_down[:R], w.q_down]).to(**mat).t().contiguous(),
-        q_up_t=q_up.to(**mat).t().contiguous(),
-        w_uk=None if fold_q else w.w_uk.to(**mat).contiguous(),
-        o_t=o_t.to(**mat).contiguous(),
-        w_uv_t=None if fold_o else w.w_uv.transpose(1, 2).to(**mat).contiguous(),
+        base=w, down_t=down.t(), q_up_t=rows(q_up).t(),
+        w_uk=None if w_uk is None else w_uk.transpose(1, 2), o_t=rows(o_t.t()).t(),
+        w_uv_t=None if w_uv is None else w_uv.transpose(1, 2),
         kv_norm=w.kv_norm.float().contiguous(), scale=scale, n_heads=H, rank=R, rope=P,
         eps=w.eps)
     lib = native.library() if P % 2 == 0 else None
@@ -167,9 +173,9 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
         m.row_kernel = native.kernel(
             lib, _kernel_name("mla_decode_rows", mat["dtype"]), native.MlaRow,
             dict(D=D, H=H, R=R, P=P, q_lora=q_lora, nope=nope, v=v, eps=w.eps),
-            dict(down_t=m.down_t, kv_norm=m.kv_norm, q_up_t=m.q_up_t, w_uk=m.w_uk,
-                 w_uv_t=m.w_uv_t, o_t=m.o_t),
-            bf16=("down_t", "q_up_t", "w_uk", "w_uv_t", "o_t") if bf16 else ())
+            dict(down=down, kv_norm=m.kv_norm, q_up=m.q_up_t.t(), w_uk=w_uk, w_uv=w_uv,
+                 wo=m.o_t.t()),
+            bf16=("down", "q_up", "w_uk", "w_uv", "wo") if bf16 else ())
     elif fold_q and fold_o and (P + R) % 2 == 0 and not bf16:
         m.row = _RowScratch.allocate(H, P, R, q_lora, m.o_t)
     return m
@@ -180,15 +186,15 @@ def prepare_gqa(w: GQAWeights) -> CpuGQA:
     scale = w.head_dim ** -0.5
     qkv = torch.cat([w.wq.double() * scale, w.wk.double(), w.wv.double()])
     dtype = _matrix_dtype(w.wo)
-    g = CpuGQA(base=w, qkv_t=qkv.to(dtype).t().contiguous(), wo_t=w.wo.to(dtype).t().contiguous(),
-               scale=scale, n_heads=w.n_heads, n_kv_heads=w.n_kv_heads, head_dim=w.head_dim)
+    qkv, wo = qkv.to(dtype).contiguous(), w.wo.to(dtype).contiguous()  # (out, in)
+    g = CpuGQA(base=w, qkv_t=qkv.t(), wo_t=wo.t(), scale=scale, n_heads=w.n_heads,
+               n_kv_heads=w.n_kv_heads, head_dim=w.head_dim)
     lib = native.library() if w.head_dim % 2 == 0 else None
     if lib is not None:
         g.row_kernel = native.kernel(
             lib, _kernel_name("gqa_decode_rows", dtype), native.GqaRow,
             dict(D=g.qkv_t.shape[0], H=g.n_heads, Hkv=g.n_kv_heads, d=g.head_dim),
-            dict(qkv_t=g.qkv_t, o_t=g.wo_t),
-            bf16=("qkv_t", "o_t") if dtype == torch.bfloat16 else ())
+            dict(qkv=qkv, wo=wo), bf16=("qkv", "wo") if dtype == torch.bfloat16 else ())
     return g
 
 

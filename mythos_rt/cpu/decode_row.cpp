@@ -89,18 +89,18 @@ void rmsnorm_rows(const float* x, const float* residual, const float* w, float e
 
 // ------------------------------------------------------------------------------ MLA
 
-// The matrices are float32 (mla_decode_rows) or bf16 (mla_decode_rows_bf16, over a bf16
-// cache); kv_norm is float32.
+// Every matrix in nn.Linear's (out, in) layout, streamed row by row (gemm_nk); float32
+// (mla_decode_rows) or bf16 (mla_decode_rows_bf16, over a bf16 cache). kv_norm is float32.
 struct MlaRow {
   int32_t D, H, R, P, q_lora, nope, v;
   float eps;
-  const void* down_t;    // (D, P + R + q_lora): x -> [k_pe | latent | c_q]
+  const void* down;      // (P + R + q_lora, D): x -> [k_pe | latent | c_q]
   const float* kv_norm;  // (R,)
-  const void* q_up_t;    // (q_lora, H·(P + Q)): c_q -> per head [q_pe | q_Q], scaled, where
+  const void* q_up;      // (H·(P + Q), q_lora): c_q -> per head [q_pe | q_Q], scaled, where
                          // Q = R (w_uk absorbed: q_latent) or nope (w_uk given: q_nope)
-  const void* w_uk;      // (H, nope, R): q_latent = q_nope · w_uk[h], or null (absorbed)
-  const void* w_uv_t;    // (H, R, v): o_v = o_latent · w_uv_t[h], or null (absorbed)
-  const void* o_t;       // (H·R, D) absorbed output projection, or woᵀ (H·v, D)
+  const void* w_uk;      // (H, R, nope): q_latent[h] = w_uk[h] · q_nope[h], or null (absorbed)
+  const void* w_uv;      // (H, v, R): o_v[h] = w_uv[h] · o_latent[h], or null (absorbed)
+  const void* wo;        // (D, H·R) absorbed output projection, or wo (D, H·v)
 };
 
 }  // extern "C"
@@ -111,26 +111,27 @@ namespace {
 // (cache + b·batch_stride: (S_max, P + R) = [k_pe | latent]) at position cache_lens[b]
 // (read here, so a prebound call stays valid as the caches grow): project, normalize,
 // rotate, store the new entries, attend, project out. The projections are one product
-// over all B rows (the weights cross memory once); a team splits them by columns, the
-// new entries by rows and the attention by heads. Returns 1, having touched nothing,
-// when a position is outside the cache; else 0. Mat: the matrices' and the cache's type.
+// over all B rows (the weights cross memory once, front to back); a team splits them by
+// output rows, the new entries by rows and the attention by heads. Returns 1, having
+// touched nothing, when a position is outside the cache; else 0. Mat: the matrices' and
+// the cache's type.
 template <class Mat>
 int32_t mla_decode_rows_of(const MlaRow* m, const float* x, Mat* cache, int64_t batch_stride,
                            const int32_t* cache_lens, int32_t B, int32_t S_max,
                            const float* cos, const float* sin, float* out) {
-  const Mat* down_t = static_cast<const Mat*>(m->down_t);
-  const Mat* q_up_t = static_cast<const Mat*>(m->q_up_t);
+  const Mat* down = static_cast<const Mat*>(m->down);
+  const Mat* q_up_w = static_cast<const Mat*>(m->q_up);
   const Mat* w_uk = static_cast<const Mat*>(m->w_uk);
-  const Mat* w_uv_t = static_cast<const Mat*>(m->w_uv_t);
-  const Mat* o_t = static_cast<const Mat*>(m->o_t);
+  const Mat* w_uv = static_cast<const Mat*>(m->w_uv);
+  const Mat* wo = static_cast<const Mat*>(m->wo);
   int L_max = 0;
   for (int b = 0; b < B; ++b) {
     if (cache_lens[b] < 0 || cache_lens[b] >= S_max) return 1;
     L_max = std::max(L_max, cache_lens[b] + 1);
   }
   const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, D = m->D;
-  const int Wq = w_uk != nullptr ? P + m->nope : W;  // q_up's width per head
-  const int Vo = w_uv_t != nullptr ? m->v : R;       // o_t's rows per head
+  const int Wq = w_uk != nullptr ? P + m->nope : W;  // q_up's rows per head
+  const int Vo = w_uv != nullptr ? m->v : R;         // wo's columns per head
   const int down_n = W + m->q_lora;
   float* entry = scratch(static_cast<size_t>(B) * (down_n + H * (Wq + W + R + Vo)) +
                          static_cast<size_t>(H) * L_max);
@@ -146,19 +147,20 @@ int32_t mla_decode_rows_of(const MlaRow* m, const float* x, Mat* cache, int64_t 
   {
     const int t = team_rank(), nt = team_count();
     int lo, hi;
-    share(down_n, t, nt, 16, lo, hi);  // entries [k_pe | latent | c_q] of every row
-    gemm_kn(x, D, B, down_t + lo, D, hi - lo, down_n, entry + lo, down_n, false);
+    share(down_n, t, nt, 4, lo, hi);  // entries [k_pe | latent | c_q] of every row
+    gemm_nk(x, D, B, down + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, entry + lo, down_n,
+            false);
     team_barrier();
     int h0, h1;
     share(H, t, nt, 1, h0, h1);
     // This member's heads of every row's query: the up-projection (then w_uk, if given)
     // as one product over all B rows, so each weight is read once, not once per row.
-    gemm_kn(entry + W, down_n, B, q_up_t + h0 * Wq, m->q_lora, (h1 - h0) * Wq, H * Wq,
-            q_up + h0 * Wq, H * Wq, false);
-    if (w_uk != nullptr)  // q_latent = q_nope · w_uk[h] (r_q applied below)
+    gemm_nk(entry + W, down_n, B, q_up_w + static_cast<int64_t>(h0) * Wq * m->q_lora,
+            (h1 - h0) * Wq, m->q_lora, 1.0f, q_up + h0 * Wq, H * Wq, false);
+    if (w_uk != nullptr)  // q_latent = w_uk[h] · q_nope (r_q applied below)
       for (int h = h0; h < h1; ++h)
-        gemm_kn(q_up + h * Wq + P, H * Wq, B, w_uk + static_cast<int64_t>(h) * m->nope * R,
-                m->nope, R, R, q + h * W + P, H * W, false);
+        gemm_nk(q_up + h * Wq + P, H * Wq, B, w_uk + static_cast<int64_t>(h) * R * m->nope, R,
+                m->nope, 1.0f, q + h * W + P, H * W, false);
     for (int b = 0; b < B; ++b) {
       const float r_q = inv_rms(entry + static_cast<int64_t>(b) * down_n + W, m->q_lora, m->eps);
       const float* c = cos + static_cast<int64_t>(cache_lens[b]) * half;
@@ -190,14 +192,14 @@ int32_t mla_decode_rows_of(const MlaRow* m, const float* x, Mat* cache, int64_t 
       attend(q + static_cast<int64_t>(b) * H * W + h0 * W, h1 - h0, rows, W, rows + P, R, W,
              cache_lens[b] + 1, scores + h0 * L_max, o + static_cast<int64_t>(b) * H * R + h0 * R);
     }
-    if (w_uv_t != nullptr)  // o_v[h] = o_latent[h] · w_uv_t[h], over all rows at once
+    if (w_uv != nullptr)  // o_v[h] = w_uv[h] · o_latent[h], over all rows at once
       for (int h = h0; h < h1; ++h)
-        gemm_kn(o + h * R, H * R, B, w_uv_t + static_cast<int64_t>(h) * R * Vo, R, Vo, Vo,
+        gemm_nk(o + h * R, H * R, B, w_uv + static_cast<int64_t>(h) * Vo * R, Vo, R, 1.0f,
                 o_v + h * Vo, H * Vo, false);
     team_barrier();
-    share(D, t, nt, 16, lo, hi);
-    gemm_kn(w_uv_t != nullptr ? o_v : o, H * Vo, B, o_t + lo, H * Vo, hi - lo, D, out + lo, D,
-            false);
+    share(D, t, nt, 4, lo, hi);
+    gemm_nk(w_uv != nullptr ? o_v : o, H * Vo, B, wo + static_cast<int64_t>(lo) * H * Vo,
+            hi - lo, H * Vo, 1.0f, out + lo, D, false);
   }
   return 0;
 }
@@ -222,12 +224,12 @@ int32_t mla_decode_rows_bf16(const MlaRow* m, const float* x, bf16* cache, int64
 
 // ------------------------------------------------------------------------------ GQA
 
-// The matrices are float32 (gqa_decode_rows) or bf16 (gqa_decode_rows_bf16, over bf16
-// caches).
+// The matrices in nn.Linear's (out, in) layout, streamed row by row (gemm_nk); float32
+// (gqa_decode_rows) or bf16 (gqa_decode_rows_bf16, over bf16 caches).
 struct GqaRow {
   int32_t D, H, Hkv, d;
-  const void* qkv_t;  // (D, (H + 2·Hkv)·d): x -> [q · softmax scale | k | v]
-  const void* o_t;    // (H·d, D) = woᵀ
+  const void* qkv;  // ((H + 2·Hkv)·d, D): x -> [q · softmax scale | k | v]
+  const void* wo;   // (D, H·d)
 };
 
 }  // extern "C"
@@ -246,8 +248,8 @@ template <class W>
 int32_t gqa_decode_rows_of(const GqaRow* m, const float* x, W* k_cache, W* v_cache,
                            int64_t batch_stride, const int32_t* cache_lens, int32_t B,
                            int32_t S_max, const float* cos, const float* sin, float* out) {
-  const W* qkv_t = static_cast<const W*>(m->qkv_t);
-  const W* o_t = static_cast<const W*>(m->o_t);
+  const W* qkv = static_cast<const W*>(m->qkv);
+  const W* wo = static_cast<const W*>(m->wo);
   int L_max = 0;
   for (int b = 0; b < B; ++b) {
     if (cache_lens[b] < 0 || cache_lens[b] >= S_max) return 1;
@@ -266,8 +268,8 @@ int32_t gqa_decode_rows_of(const GqaRow* m, const float* x, W* k_cache, W* v_cac
   {
     const int t = team_rank(), nt = team_count();
     int lo, hi;
-    share(Wy, t, nt, 16, lo, hi);  // [q | k | v] of every row
-    gemm_kn(x, D, B, qkv_t + lo, D, hi - lo, Wy, y + lo, Wy, false);
+    share(Wy, t, nt, 4, lo, hi);  // [q | k | v] of every row
+    gemm_nk(x, D, B, qkv + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, y + lo, Wy, false);
     team_barrier();
     share(B, t, nt, 1, lo, hi);
     for (int b = lo; b < hi; ++b) {  // this member's rows: rotate q and k, store k and v
@@ -291,8 +293,9 @@ int32_t gqa_decode_rows_of(const GqaRow* m, const float* x, W* k_cache, W* v_cac
              o + static_cast<int64_t>(b) * H * d + g * group * d);
     }
     team_barrier();
-    share(D, t, nt, 16, lo, hi);
-    gemm_kn(o, H * d, B, o_t + lo, H * d, hi - lo, D, out + lo, D, false);
+    share(D, t, nt, 4, lo, hi);
+    gemm_nk(o, H * d, B, wo + static_cast<int64_t>(lo) * H * d, hi - lo, H * d, 1.0f, out + lo,
+            D, false);
   }
   return 0;
 }

@@ -71,13 +71,13 @@ class NativeError(RuntimeError):
 class MlaRow(ctypes.Structure):
     _fields_ = [("D", _i32), ("H", _i32), ("R", _i32), ("P", _i32), ("q_lora", _i32),
                 ("nope", _i32), ("v", _i32), ("eps", ctypes.c_float),
-                ("down_t", _vp), ("kv_norm", _vp), ("q_up_t", _vp), ("w_uk", _vp),
-                ("w_uv_t", _vp), ("o_t", _vp)]
+                ("down", _vp), ("kv_norm", _vp), ("q_up", _vp), ("w_uk", _vp),
+                ("w_uv", _vp), ("wo", _vp)]
 
 
 class GqaRow(ctypes.Structure):
-    _fields_ = [("D", _i32), ("H", _i32), ("Hkv", _i32), ("d", _i32), ("qkv_t", _vp),
-                ("o_t", _vp)]
+    _fields_ = [("D", _i32), ("H", _i32), ("Hkv", _i32), ("d", _i32), ("qkv", _vp),
+                ("wo", _vp)]
 
 
 class MoeRow(ctypes.Structure):

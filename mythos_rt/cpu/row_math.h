@@ -17,6 +17,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -94,10 +97,7 @@ inline v16 load16(const bf16* p) {
   typedef int32_t i16 __attribute__((vector_size(64)));
   h16 h;
   std::memcpy(&h, p, sizeof h);
-  const i16 bits = __builtin_convertvector(h, i16) << 16;
-  v16 v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
+  return (v16)(__builtin_convertvector(h, i16) << 16);  // a same-size cast: the bits as floats
 }
 
 inline float to_float(float v) { return v; }
@@ -154,15 +154,15 @@ constexpr int kTileRows = 2, kTileChunks = 2;
 // Y[n][c..c+16·NC) for NR rows: Σ_k X[n][k] · w[k][c..] in order k = 0, 1, ..., each
 // loaded chunk of w serving NR rows and each X[n][k] NC chunks. Every output sums in the
 // same order whatever the tile, so tiling (and the team's split) never changes a result.
-template <int NR, int NC, class W>
-inline void tile_kn(const float* __restrict X, int ldx, const W* __restrict w, int K,
+template <int NR, int NC>
+inline void tile_kn(const float* __restrict X, int ldx, const float* __restrict w, int K,
                     int ld, float* __restrict Y, int ldy, bool accumulate) {
   v16 acc[NR][NC];
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < NC; ++j)
       acc[r][j] = accumulate ? load16(Y + static_cast<int64_t>(r) * ldy + 16 * j) : v16{};
   for (int k = 0; k < K; ++k) {
-    const W* wk = w + static_cast<int64_t>(k) * ld;
+    const float* wk = w + static_cast<int64_t>(k) * ld;
     v16 wc[NC];
     for (int j = 0; j < NC; ++j) wc[j] = load16(wk + 16 * j);
     for (int r = 0; r < NR; ++r) {
@@ -176,12 +176,10 @@ inline void tile_kn(const float* __restrict X, int ldx, const W* __restrict w, i
 
 // Y[n] = X[n] · w (+ Y[n] when accumulate) for N rows (X rows ldx apart, Y rows ldy
 // apart), w (K, cols) with rows ld apart (ld = cols for a whole matrix, wider for a block
-// of its columns; float32 or bf16), in register tiles (tile_kn): each chunk of w is read
-// once per tile of rows, so the weights cross memory once per call (a few times from
-// cache), not once per row. Columns past the last whole chunk are summed one at a time,
-// in the same order.
-template <class W>
-void gemm_kn(const float* __restrict X, int ldx, int N, const W* __restrict w, int K,
+// of its columns), in register tiles (tile_kn): each chunk of w is read once per tile of
+// rows, so the weights cross memory once per call (a few times from cache), not once
+// per row. Columns past the last whole chunk are summed one at a time, in the same order.
+void gemm_kn(const float* __restrict X, int ldx, int N, const float* __restrict w, int K,
              int cols, int ld, float* __restrict Y, int ldy, bool accumulate) {
   int c = 0;
   for (; c + 16 * kTileChunks <= cols; c += 16 * kTileChunks) {
@@ -202,7 +200,7 @@ void gemm_kn(const float* __restrict X, int ldx, int N, const W* __restrict w, i
       const float* x = X + static_cast<int64_t>(n) * ldx;
       float* y = Y + static_cast<int64_t>(n) * ldy + c;
       float s = accumulate ? *y : 0.f;
-      for (int k = 0; k < K; ++k) s += x[k] * to_float(w[static_cast<int64_t>(k) * ld + c]);
+      for (int k = 0; k < K; ++k) s += x[k] * w[static_cast<int64_t>(k) * ld + c];
       *y = s;
     }
 }
@@ -222,28 +220,73 @@ float dot(const float* __restrict a, const float* __restrict b, int n) {
   return s;
 }
 
+// The register-width part of a v16 that tile_nk sums in: all 16 lanes with AVX-512, 8
+// elsewhere. GCC keeps an array of two-register v16 sums in memory (every update a
+// store and a reload: the AVX2 products ran at a third of the read bandwidth); arrays of
+// register-width parts stay in registers. The lanes, so the sums, are the same.
+#ifdef __AVX512F__
+constexpr int kPart = 16;
+#else
+constexpr int kPart = 8;
+#endif
+typedef float vpart __attribute__((vector_size(4 * kPart)));
+constexpr int kParts = 16 / kPart;  // parts of one v16
+
+inline vpart load_part(const float* p) {
+  vpart v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// kPart bf16 weights widened as load16 does: zero-extended to 32 bits and shifted into
+// the high half (one vpmovzxwd from memory and one vpslld, in AVX2's or AVX-512's width).
+inline vpart load_part(const bf16* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vpart)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#elif defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vpart)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+#else
+  typedef uint16_t hp __attribute__((vector_size(2 * kPart)));
+  typedef int32_t ip __attribute__((vector_size(4 * kPart)));
+  hp h;
+  std::memcpy(&h, p, sizeof h);
+  return (vpart)(__builtin_convertvector(h, ip) << 16);
+#endif
+}
+
+// hsum of the v16 whose parts these are.
+inline float hsum(const vpart (&parts)[kParts]) {
+  v16 v;
+  std::memcpy(&v, parts, sizeof v);
+  return hsum(v);
+}
+
 // Tile of gemm_nk: NW rows of w against NX inputs, the NW·NX vector sums in registers
 // for the whole row. Every output's sum has one order whatever the tile: lane l sums
 // k ≡ l (mod 16) in order, then a fixed tree (hsum), then the tail k past the last 16.
 #ifdef __AVX512F__
 constexpr int kNkInputs = 4;  // 16 sums + 4 weight vectors + 1 input in 32 registers
 #else
-constexpr int kNkInputs = 1;  // 4 two-register sums + weights in AVX2's 16 registers
+constexpr int kNkInputs = 1;  // 4·2 part sums + 4 weight parts + 1 input in 16 registers
 #endif
 
 template <int NW, int NX, class W>
 inline void tile_nk(const float* __restrict X, int ldx, const W* __restrict w, int K,
                     float alpha, float* __restrict Y, int ldy, bool accumulate) {
-  v16 acc[NX][NW] = {};
+  vpart acc[NX][NW][kParts] = {};
   int i = 0;
-  for (; i + 16 <= K; i += 16) {
-    v16 wv[NW];
-    for (int j = 0; j < NW; ++j) wv[j] = load16(w + static_cast<int64_t>(j) * K + i);
-    for (int x = 0; x < NX; ++x) {
-      const v16 xv = load16(X + static_cast<int64_t>(x) * ldx + i);
-      for (int j = 0; j < NW; ++j) acc[x][j] += wv[j] * xv;
+  for (; i + 16 <= K; i += 16)
+    for (int p = 0; p < kParts; ++p) {
+      const int at = i + p * kPart;
+      vpart wv[NW];
+      for (int j = 0; j < NW; ++j) wv[j] = load_part(w + static_cast<int64_t>(j) * K + at);
+      for (int x = 0; x < NX; ++x) {
+        const vpart xv = load_part(X + static_cast<int64_t>(x) * ldx + at);
+        for (int j = 0; j < NW; ++j) acc[x][j][p] += wv[j] * xv;
+      }
     }
-  }
   for (int x = 0; x < NX; ++x) {
     const float* xr = X + static_cast<int64_t>(x) * ldx;
     float* y = Y + static_cast<int64_t>(x) * ldy;
