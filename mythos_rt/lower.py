@@ -27,6 +27,7 @@ from .ir import Graph, Op
 from .ops.comm import gather_scratch
 from .ops.attention import GQAWeights, MLAWeights, new_caches, rope_tables
 from .ops.ffn import DenseFFN
+from .ops.head import HeadWeights
 from .ops.moe import PackedMoE
 from .ops.norm import NORM_EPS
 from .ops.recurrent import ACTState, LoopParams
@@ -236,12 +237,9 @@ def _bind_add(low: Lowered, op: Op, t):
 
 
 def _bind_head(low: Lowered, op: Op, t):
-    w_t, x, out = low.weights[op.weights["w"]].t(), low.buf(op.inputs[0]), low.buf(op.outputs[0])
-
-    def bind(s: Shape):
-        xv, o = x[:s.N], out[:s.N]
-        return lambda: torch.matmul(xv, w_t, out=o)
-    return bind
+    impl, w = low.impl(op), low.args[op.name]
+    x, out = low.buf(op.inputs[0]), low.buf(op.outputs[0])
+    return lambda s: impl.launcher(x[:s.N], w, out=out[:s.N])
 
 
 def _cache_keys(op: Op, max_loops: int) -> list[str]:
@@ -461,7 +459,7 @@ RULES: dict[str, Rule] = {
     "gqa_attention": Rule(_bind_attention, "gqa_attention", GQAWeights.build, _allocate_caches),
     "dense_ffn": Rule(_bind_dense_ffn, "dense_ffn", DenseFFN.build, _allocate_ffn_scratch),
     "moe": Rule(_bind_moe, "moe_ffn", PackedMoE.build),
-    "head": Rule(_bind_head),
+    "head": Rule(_bind_head, "head", HeadWeights.build),
     "loop": Rule(None, steps=_loop_region),
     "loop_prologue": Rule(None, "loop_prologue"),
     "loop_epilogue": Rule(None, "loop_epilogue", allocate=_allocate_loop),
@@ -537,7 +535,7 @@ def op_args(kind: str, state_dict: Mapping[str, torch.Tensor], cfg: MythosConfig
     kind's builder) from the parameters of that module alone.
 
     kind : an IR op kind with a builder (``mla_attention``, ``gqa_attention``, ``moe``,
-        ``dense_ffn``) or ``"loop"`` for the recurrent loop's ``LoopParams``.
+        ``dense_ffn``, ``head``) or ``"loop"`` for the recurrent loop's ``LoopParams``.
     state_dict, prefix : the module's parameters, named as in the module under ``prefix``
         (e.g. a bare ``MoEFFN``'s state_dict and ``""``, or a whole model's and
         ``"recurrent.block.ffn."``; for ``"loop"``, the ``RecurrentBlock``'s).

@@ -13,7 +13,7 @@ in as few calls as possible:
 * positions and routing decisions are read on the host, where that is free;
 * RoPE is one in-place complex multiply;
 * at decode, each sublayer is one call, for all of the step's rows, of a C++ kernel
-  (``decode_row.cpp``: RMSNorm, MLA over the joint cache, GQA, MoE, dense FFN, loop
+  (``decode_row.cpp``: RMSNorm, MLA over the joint cache, GQA, MoE, dense FFN, head, loop
   epilogue;
   norms and epilogues of prefill chunks too) over those same layouts, compiled on first
   use by the host C++ compiler and cached (``mythos_rt.cpu.native``), its arguments
@@ -22,13 +22,16 @@ in as few calls as possible:
 
 Same signatures and cache contracts as the torch implementations, which they fall back
 to for what they do not specialize (dtypes other than float32, positions past the
-cache), so every input gives the reference's answer. bf16 models: the MoE keeps its
-weights bf16 and runs a kernel that widens them in registers; the other ops run the torch
-implementations. Real-size behaviour and numbers: ``docs/cpu.md``.
+cache), so every input gives the reference's answer. bf16 models: attention, the MoE,
+the dense FFNs and the head keep their weights (and the KV caches) bf16 and run decode
+kernels that widen them in registers, summing in float32; prompt chunks, norms and loop
+steps run the torch implementations in bf16. Real-size behaviour and numbers:
+``docs/cpu.md``.
 
 * ``mythos_rt.cpu.attention``  ``mla_attention_cpu``, ``gqa_attention_cpu``
 * ``mythos_rt.cpu.moe``        ``moe_ffn_cpu``
 * ``mythos_rt.cpu.ffn``        ``dense_ffn_cpu``, ``swiglu_cpu``
+* ``mythos_rt.cpu.head``       ``head_cpu``
 * ``mythos_rt.cpu.recurrent``  ``loop_prologue_cpu``, ``loop_epilogue_cpu``
 * ``mythos_rt.cpu.norm``       ``rmsnorm_cpu``
 * ``mythos_rt.cpu.native``     builds and loads ``decode_row.cpp`` (kernels) with

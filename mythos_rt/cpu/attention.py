@@ -19,8 +19,12 @@ heads), else the grouped matmuls.
 
 A chunk of several tokens per row (prefill) runs in latent space too (``_mla_chunk``: a
 few batched matmuls, no per-head K/V over the cache). Positions are read on the host
-(free on a CPU). Dtypes other than float32 and positions past the cache run the torch
-implementation.
+(free on a CPU). bf16 weights: the fused matrices are kept in bf16 (folded in float64,
+rounded once) and decode runs ``mla_decode_rows_bf16`` / ``gqa_decode_rows_bf16`` over
+the bf16 caches (weights and cached entries widened in registers, every sum in float32,
+the rows staged through float32); bf16 chunks (prefill) run the torch implementation
+(oneDNN's bf16 matmuls). Other dtypes, and positions past the cache, run the torch
+implementation too.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ FOLD_LIMIT = 2.0
 
 @dataclass
 class CpuMLA:
-    """MLA weights fused for decode (float32, nn.Linear layout unless named ``*_t``)."""
+    """MLA weights fused for decode (float32, or bf16 for a bf16 model). Every matrix is
+    stored contiguous in nn.Linear's (out, in) layout, which the kernel streams row by
+    row; the ``*_t`` fields (and ``w_uk``) are transposed views of them, the right-hand
+    sides of the PyTorch paths' matmuls."""
     base: MLAWeights            # the torch implementation's weights (prefill, other dtypes)
     down_t: torch.Tensor        # (D, rope + R + q_lora): [kv_down's rope rows; its latent
                                 # rows; q_down]ᵀ
@@ -100,7 +107,9 @@ class _RowScratch:
 
 @dataclass
 class CpuGQA:
-    """GQA weights fused for decode: [wq·scale; wk; wv]ᵀ and woᵀ (contiguous)."""
+    """GQA weights fused for decode: [wq·scale; wk; wv]ᵀ and woᵀ (float32, or bf16 for a
+    bf16 model), transposed views of contiguous nn.Linear-layout matrices (the kernel
+    streams their rows)."""
     base: GQAWeights
     qkv_t: torch.Tensor         # (D, (H + 2·Hkv)·d)
     wo_t: torch.Tensor          # (H·d, D)
@@ -113,6 +122,16 @@ class CpuGQA:
 
 def _fold(big: int, parts: int, limit: float) -> bool:
     return big <= limit * parts
+
+
+def _matrix_dtype(w: torch.Tensor) -> torch.dtype:
+    """The dtype the fused matrices are kept in: bf16 for bf16 weights (the bf16 kernels
+    stream half the bytes), else float32."""
+    return torch.bfloat16 if w.dtype == torch.bfloat16 else torch.float32
+
+
+def _kernel_name(name: str, dtype: torch.dtype) -> str:
+    return f"{name}_bf16" if dtype == torch.bfloat16 else name
 
 
 def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
@@ -135,24 +154,29 @@ def prepare_mla(w: MLAWeights, fold_limit: Optional[float] = None) -> CpuMLA:
     wo = w.wo.to(d).view(D, H, v)
     o_t = (torch.einsum("dhv,hvr->hrd", wo, w.w_uv.to(d)).reshape(H * R, D) if fold_o
            else wo.reshape(D, H * v).t())
-    f32 = dict(dtype=torch.float32)
+    mat = dict(dtype=_matrix_dtype(w.wo))
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (out, in), contiguous
+        return t.to(**mat).contiguous()
+    down = rows(torch.cat([w.kv_down[R:], w.kv_down[:R], w.q_down]))
+    w_uk = None if fold_q else rows(w.w_uk.transpose(1, 2))      # (H, R, nope)
+    w_uv = None if fold_o else rows(w.w_uv)                       # (H, v, R)
     m = CpuMLA(
-        base=w,
-        down_t=torch.cat([w.kv_down[R:], w.kv_down[:R], w.q_down]).to(**f32).t().contiguous(),
-        q_up_t=q_up.to(**f32).t().contiguous(),
-        w_uk=None if fold_q else w.w_uk.to(**f32).contiguous(),
-        o_t=o_t.to(**f32).contiguous(),
-        w_uv_t=None if fold_o else w.w_uv.transpose(1, 2).to(**f32).contiguous(),
-        kv_norm=w.kv_norm.to(**f32).contiguous(), scale=scale, n_heads=H, rank=R, rope=P,
+        base=w, down_t=down.t(), q_up_t=rows(q_up).t(),
+        w_uk=None if w_uk is None else w_uk.transpose(1, 2), o_t=rows(o_t.t()).t(),
+        w_uv_t=None if w_uv is None else w_uv.transpose(1, 2),
+        kv_norm=w.kv_norm.float().contiguous(), scale=scale, n_heads=H, rank=R, rope=P,
         eps=w.eps)
     lib = native.library() if P % 2 == 0 else None
+    bf16 = mat["dtype"] == torch.bfloat16
     if lib is not None:
         m.row_kernel = native.kernel(
-            lib, "mla_decode_rows", native.MlaRow,
+            lib, _kernel_name("mla_decode_rows", mat["dtype"]), native.MlaRow,
             dict(D=D, H=H, R=R, P=P, q_lora=q_lora, nope=nope, v=v, eps=w.eps),
-            dict(down_t=m.down_t, kv_norm=m.kv_norm, q_up_t=m.q_up_t, w_uk=m.w_uk,
-                 w_uv_t=m.w_uv_t, o_t=m.o_t))
-    elif fold_q and fold_o and (P + R) % 2 == 0:
+            dict(down=down, kv_norm=m.kv_norm, q_up=m.q_up_t.t(), w_uk=w_uk, w_uv=w_uv,
+                 wo=m.o_t.t()),
+            bf16=("down", "q_up", "w_uk", "w_uv", "wo") if bf16 else ())
+    elif fold_q and fold_o and (P + R) % 2 == 0 and not bf16:
         m.row = _RowScratch.allocate(H, P, R, q_lora, m.o_t)
     return m
 
@@ -161,14 +185,16 @@ def prepare_gqa(w: GQAWeights) -> CpuGQA:
     """Fuse a GQA sublayer's weights for ``gqa_attention_cpu``."""
     scale = w.head_dim ** -0.5
     qkv = torch.cat([w.wq.double() * scale, w.wk.double(), w.wv.double()])
-    g = CpuGQA(base=w, qkv_t=qkv.float().t().contiguous(), wo_t=w.wo.float().t().contiguous(),
-               scale=scale, n_heads=w.n_heads, n_kv_heads=w.n_kv_heads, head_dim=w.head_dim)
+    dtype = _matrix_dtype(w.wo)
+    qkv, wo = qkv.to(dtype).contiguous(), w.wo.to(dtype).contiguous()  # (out, in)
+    g = CpuGQA(base=w, qkv_t=qkv.t(), wo_t=wo.t(), scale=scale, n_heads=w.n_heads,
+               n_kv_heads=w.n_kv_heads, head_dim=w.head_dim)
     lib = native.library() if w.head_dim % 2 == 0 else None
     if lib is not None:
         g.row_kernel = native.kernel(
-            lib, "gqa_decode_rows", native.GqaRow,
+            lib, _kernel_name("gqa_decode_rows", dtype), native.GqaRow,
             dict(D=g.qkv_t.shape[0], H=g.n_heads, Hkv=g.n_kv_heads, d=g.head_dim),
-            dict(qkv_t=g.qkv_t, o_t=g.wo_t))
+            dict(qkv=qkv, wo=wo), bf16=("qkv", "wo") if dtype == torch.bfloat16 else ())
     return g
 
 
@@ -194,7 +220,7 @@ def _joint_rows(ckv: torch.Tensor, kpe: torch.Tensor):
     def make(kpe):
         P, R = kpe.shape[-1], ckv.shape[-1]
         W = P + R
-        joint = (kpe.dim() == 3 and ckv.shape[:2] == kpe.shape[:2] and W % 2 == 0
+        joint = (kpe.dim() == 3 and ckv.shape[:2] == kpe.shape[:2]
                  and kpe.stride() == (kpe.shape[1] * W, W, 1) and ckv.stride() == kpe.stride()
                  and kpe.storage_offset() % 2 == 0
                  and ckv.data_ptr() == kpe.data_ptr() + P * kpe.element_size())
@@ -251,9 +277,10 @@ def _store(cache: torch.Tensor, pos: list[int], cache_lens, values: torch.Tensor
         cache[torch.arange(B), cache_lens.long()] = values
 
 
-def _decode_positions(x, cache_lens, S_max: int) -> Optional[list[int]]:
-    """Host positions of a float32 one-token chunk that fits the cache, else None."""
-    if x.shape[1] != 1 or x.dtype != torch.float32:
+def _decode_positions(x, cache_lens, S_max: int, dtype: torch.dtype) -> Optional[list[int]]:
+    """Host positions of a one-token chunk in ``dtype`` (the fused matrices') that fits
+    the cache, else None."""
+    if x.shape[1] != 1 or x.dtype != dtype:
         return None
     pos = cache_lens.tolist()  # (B,) by contract
     return pos if max(pos) < S_max else None
@@ -288,7 +315,7 @@ def _output(o: torch.Tensor, wo_t: torch.Tensor, out: Optional[torch.Tensor], B:
 
 def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=None):
     """MLA attention sublayer, lean decode (same contract as ``ops.attention.mla_attention``)."""
-    pos = _decode_positions(x, cache_lens, ckv.shape[1])
+    pos = _decode_positions(x, cache_lens, ckv.shape[1], w.o_t.dtype)
     if pos is None:
         if _latent_chunk(x, w, cache_lens, ckv.shape[1], scale):
             return _mla_chunk(x, w, ckv, kpe, cache_lens, cos, sin, out)
@@ -298,6 +325,8 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
             x, w, ckv, kpe, cache_lens, cos, sin, scale, target), x, out)
         if res is not None:
             return res
+    if x.dtype != torch.float32:  # bf16 rows the kernel did not take
+        return mla_attention(x, w.base, ckv, kpe, cache_lens, cos, sin, scale, out)
     rows = (_joint_rows(ckv, kpe) if len(pos) == 1 and scale == w.scale and w.row is not None
             else None)
     if rows is not None:
@@ -329,7 +358,7 @@ def mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=N
 def _latent_chunk(x, w: CpuMLA, cache_lens, S_max: int, scale: float) -> bool:
     """Whether a chunk (T > 1) runs ``_mla_chunk``: float32, the fused weights' scale, in
     range."""
-    return (x.dtype == torch.float32 and scale == w.scale
+    return (x.dtype == torch.float32 and w.o_t.dtype == torch.float32 and scale == w.scale
             and int(cache_lens.max()) + x.shape[1] <= S_max)
 
 
@@ -380,11 +409,21 @@ def _mla_chunk(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, out):
 def bind_mla_attention_cpu(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out=None):
     """``mla_attention_cpu`` for B rows of one token as a prebound call of the compiled
     kernel (it reads the positions from ``cache_lens`` itself), or None where that does
-    not apply: not float32 single tokens, separate caches, or a layout the kernel cannot
-    take."""
+    not apply: not single tokens, rows or caches not in the fused matrices' dtype,
+    separate caches, or a layout the kernel cannot take. bf16: through float32 staging
+    rows (``native.bind_staged``)."""
+    if w.o_t.dtype == torch.bfloat16 and w.row_kernel is not None:
+        return native.bind_staged(lambda x32, out32: _bind_mla_rows(
+            x32, w, ckv, kpe, cache_lens, cos, sin, scale, out32), x, out)
+    return _bind_mla_rows(x, w, ckv, kpe, cache_lens, cos, sin, scale, out)
+
+
+def _bind_mla_rows(x, w: CpuMLA, ckv, kpe, cache_lens, cos, sin, scale, out):
+    """The prebound kernel call of ``bind_mla_attention_cpu`` on float32 rows."""
     k = w.row_kernel
     B = x.shape[0]
     if (k is None or x.dim() != 3 or x.shape[1] != 1 or x.dtype != torch.float32
+            or kpe.dtype != w.o_t.dtype
             or out is None or scale != w.scale or cache_lens.dtype != torch.int32
             or cache_lens.shape != (B,) or B > kpe.shape[0]
             or not _tables_fit(cos, sin, kpe.shape[1], w.rope // 2)
@@ -422,7 +461,7 @@ def _mla_one_row(x, w: CpuMLA, rows: torch.Tensor, p: int, ph, out):
 
 def gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scale, out=None):
     """GQA attention sublayer, lean decode (same contract as ``ops.attention.gqa_attention``)."""
-    pos = _decode_positions(x, cache_lens, k_cache.shape[1])
+    pos = _decode_positions(x, cache_lens, k_cache.shape[1], w.qkv_t.dtype)
     if pos is None:
         return gqa_attention(x, w.base, k_cache, v_cache, cache_lens, cos, sin, scale, out)
     if w.row_kernel is not None:
@@ -430,6 +469,8 @@ def gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scal
             x, w, k_cache, v_cache, cache_lens, cos, sin, scale, target), x, out)
         if res is not None:
             return res
+    if x.dtype != torch.float32:  # bf16 rows the kernel did not take
+        return gqa_attention(x, w.base, k_cache, v_cache, cache_lens, cos, sin, scale, out)
     B, H, Hkv, d = x.shape[0], w.n_heads, w.n_kv_heads, w.head_dim
     L = max(pos) + 1
     y = torch.mm(x.view(B, -1), w.qkv_t)
@@ -451,12 +492,22 @@ def bind_gqa_attention_cpu(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin,
                            out=None):
     """``gqa_attention_cpu`` for B rows of one token as a prebound call of the compiled
     kernel (it reads the positions from ``cache_lens`` itself), or None where that does
-    not apply: not float32 single tokens, or caches or tables the kernel cannot take."""
+    not apply: not single tokens, rows or caches not in the fused matrices' dtype, or
+    caches or tables the kernel cannot take. bf16: through float32 staging rows
+    (``native.bind_staged``)."""
+    if w.qkv_t.dtype == torch.bfloat16 and w.row_kernel is not None:
+        return native.bind_staged(lambda x32, out32: _bind_gqa_rows(
+            x32, w, k_cache, v_cache, cache_lens, cos, sin, scale, out32), x, out)
+    return _bind_gqa_rows(x, w, k_cache, v_cache, cache_lens, cos, sin, scale, out)
+
+
+def _bind_gqa_rows(x, w: CpuGQA, k_cache, v_cache, cache_lens, cos, sin, scale, out):
+    """The prebound kernel call of ``bind_gqa_attention_cpu`` on float32 rows."""
     k = w.row_kernel
     B = x.shape[0]
     if (k is None or x.dim() != 3 or x.shape[1] != 1 or x.dtype != torch.float32
             or out is None or scale != w.scale or cache_lens.dtype != torch.int32
-            or cache_lens.shape != (B,) or k_cache.dtype != torch.float32
+            or cache_lens.shape != (B,) or k_cache.dtype != w.qkv_t.dtype
             or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride()
             or k_cache.shape[2:] != (w.n_kv_heads, w.head_dim) or B > k_cache.shape[0]
             or not _tables_fit(cos, sin, k_cache.shape[1], w.head_dim // 2)

@@ -1,5 +1,6 @@
 // Row kernels of mythos-rt's cpu backend (decode steps, and prefill's norms and loop
-// epilogues), float32 (the MoE also over bf16 weights, widened in registers).
+// epilogues), float32; the matrix kernels (MLA, GQA, MoE, dense FFN, head) also over
+// bf16 weights and caches (*_bf16), widened to float32 in registers: every sum is float32.
 //
 // Why: a decode sublayer is a handful of small matrix-vector products per row, and the
 // PyTorch calls that would run them cost more than their arithmetic. Each function here
@@ -88,36 +89,49 @@ void rmsnorm_rows(const float* x, const float* residual, const float* w, float e
 
 // ------------------------------------------------------------------------------ MLA
 
+// Every matrix in nn.Linear's (out, in) layout, streamed row by row (gemm_nk); float32
+// (mla_decode_rows) or bf16 (mla_decode_rows_bf16, over a bf16 cache). kv_norm is float32.
 struct MlaRow {
   int32_t D, H, R, P, q_lora, nope, v;
   float eps;
-  const float* down_t;   // (D, P + R + q_lora): x -> [k_pe | latent | c_q]
+  const void* down;      // (P + R + q_lora, D): x -> [k_pe | latent | c_q]
   const float* kv_norm;  // (R,)
-  const float* q_up_t;   // (q_lora, H·(P + Q)): c_q -> per head [q_pe | q_Q], scaled, where
+  const void* q_up;      // (H·(P + Q), q_lora): c_q -> per head [q_pe | q_Q], scaled, where
                          // Q = R (w_uk absorbed: q_latent) or nope (w_uk given: q_nope)
-  const float* w_uk;     // (H, nope, R): q_latent = q_nope · w_uk[h], or null (absorbed)
-  const float* w_uv_t;   // (H, R, v): o_v = o_latent · w_uv_t[h], or null (absorbed)
-  const float* o_t;      // (H·R, D) absorbed output projection, or woᵀ (H·v, D)
+  const void* w_uk;      // (H, R, nope): q_latent[h] = w_uk[h] · q_nope[h], or null (absorbed)
+  const void* w_uv;      // (H, v, R): o_v[h] = w_uv[h] · o_latent[h], or null (absorbed)
+  const void* wo;        // (D, H·R) absorbed output projection, or wo (D, H·v)
 };
+
+}  // extern "C"
+
+namespace {
 
 // B rows of one new token of MLA, row b over its own joint cache rows
 // (cache + b·batch_stride: (S_max, P + R) = [k_pe | latent]) at position cache_lens[b]
 // (read here, so a prebound call stays valid as the caches grow): project, normalize,
 // rotate, store the new entries, attend, project out. The projections are one product
-// over all B rows (the weights cross memory once); a team splits them by columns, the
-// new entries by rows and the attention by heads. Returns 1, having touched nothing,
-// when a position is outside the cache; else 0.
-int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t batch_stride,
-                        const int32_t* cache_lens, int32_t B, int32_t S_max, const float* cos,
-                        const float* sin, float* out) {
+// over all B rows (the weights cross memory once, front to back); a team splits them by
+// output rows, the new entries by rows and the attention by heads. Returns 1, having
+// touched nothing, when a position is outside the cache; else 0. Mat: the matrices' and
+// the cache's type.
+template <class Mat>
+int32_t mla_decode_rows_of(const MlaRow* m, const float* x, Mat* cache, int64_t batch_stride,
+                           const int32_t* cache_lens, int32_t B, int32_t S_max,
+                           const float* cos, const float* sin, float* out) {
+  const Mat* down = static_cast<const Mat*>(m->down);
+  const Mat* q_up_w = static_cast<const Mat*>(m->q_up);
+  const Mat* w_uk = static_cast<const Mat*>(m->w_uk);
+  const Mat* w_uv = static_cast<const Mat*>(m->w_uv);
+  const Mat* wo = static_cast<const Mat*>(m->wo);
   int L_max = 0;
   for (int b = 0; b < B; ++b) {
     if (cache_lens[b] < 0 || cache_lens[b] >= S_max) return 1;
     L_max = std::max(L_max, cache_lens[b] + 1);
   }
   const int W = m->P + m->R, H = m->H, R = m->R, P = m->P, half = P / 2, D = m->D;
-  const int Wq = m->w_uk != nullptr ? P + m->nope : W;  // q_up's width per head
-  const int Vo = m->w_uv_t != nullptr ? m->v : R;       // o_t's rows per head
+  const int Wq = w_uk != nullptr ? P + m->nope : W;  // q_up's rows per head
+  const int Vo = w_uv != nullptr ? m->v : R;         // wo's columns per head
   const int down_n = W + m->q_lora;
   float* entry = scratch(static_cast<size_t>(B) * (down_n + H * (Wq + W + R + Vo)) +
                          static_cast<size_t>(H) * L_max);
@@ -133,19 +147,20 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
   {
     const int t = team_rank(), nt = team_count();
     int lo, hi;
-    share(down_n, t, nt, 16, lo, hi);  // entries [k_pe | latent | c_q] of every row
-    gemm_kn(x, D, B, m->down_t + lo, D, hi - lo, down_n, entry + lo, down_n, false);
+    share(down_n, t, nt, 4, lo, hi);  // entries [k_pe | latent | c_q] of every row
+    gemm_nk(x, D, B, down + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, entry + lo, down_n,
+            false);
     team_barrier();
     int h0, h1;
     share(H, t, nt, 1, h0, h1);
     // This member's heads of every row's query: the up-projection (then w_uk, if given)
     // as one product over all B rows, so each weight is read once, not once per row.
-    gemm_kn(entry + W, down_n, B, m->q_up_t + h0 * Wq, m->q_lora, (h1 - h0) * Wq, H * Wq,
-            q_up + h0 * Wq, H * Wq, false);
-    if (m->w_uk != nullptr)  // q_latent = q_nope · w_uk[h] (r_q applied below)
+    gemm_nk(entry + W, down_n, B, q_up_w + static_cast<int64_t>(h0) * Wq * m->q_lora,
+            (h1 - h0) * Wq, m->q_lora, 1.0f, q_up + h0 * Wq, H * Wq, false);
+    if (w_uk != nullptr)  // q_latent = w_uk[h] · q_nope (r_q applied below)
       for (int h = h0; h < h1; ++h)
-        gemm_kn(q_up + h * Wq + P, H * Wq, B, m->w_uk + static_cast<int64_t>(h) * m->nope * R,
-                m->nope, R, R, q + h * W + P, H * W, false);
+        gemm_nk(q_up + h * Wq + P, H * Wq, B, w_uk + static_cast<int64_t>(h) * R * m->nope, R,
+                m->nope, 1.0f, q + h * W + P, H * W, false);
     for (int b = 0; b < B; ++b) {
       const float r_q = inv_rms(entry + static_cast<int64_t>(b) * down_n + W, m->q_lora, m->eps);
       const float* c = cos + static_cast<int64_t>(cache_lens[b]) * half;
@@ -154,7 +169,7 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
         const float* u = q_up + (static_cast<int64_t>(b) * H + h) * Wq;
         float* qh = q + (static_cast<int64_t>(b) * H + h) * W;
         for (int i = 0; i < P; ++i) qh[i] = r_q * u[i];
-        if (m->w_uk != nullptr)
+        if (w_uk != nullptr)
           for (int i = P; i < W; ++i) qh[i] *= r_q;
         else
           for (int i = P; i < W; ++i) qh[i] = r_q * u[i];
@@ -169,33 +184,57 @@ int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t b
       for (int i = 0; i < R; ++i) e[P + i] = r_kv * e[P + i] * m->kv_norm[i];
       rotate(e, cos + static_cast<int64_t>(pos) * half, sin + static_cast<int64_t>(pos) * half,
              half);
-      std::memcpy(cache + b * batch_stride + static_cast<int64_t>(pos) * W, e, sizeof(float) * W);
+      store_row(cache + b * batch_stride + static_cast<int64_t>(pos) * W, e, W);
     }
     team_barrier();  // every entry is in its slot
     for (int b = 0; b < B; ++b) {
-      const float* rows = cache + b * batch_stride;  // keys [k_pe | latent], values latent
+      const Mat* rows = cache + b * batch_stride;  // keys [k_pe | latent], values latent
       attend(q + static_cast<int64_t>(b) * H * W + h0 * W, h1 - h0, rows, W, rows + P, R, W,
              cache_lens[b] + 1, scores + h0 * L_max, o + static_cast<int64_t>(b) * H * R + h0 * R);
     }
-    if (m->w_uv_t != nullptr)  // o_v[h] = o_latent[h] · w_uv_t[h], over all rows at once
+    if (w_uv != nullptr)  // o_v[h] = w_uv[h] · o_latent[h], over all rows at once
       for (int h = h0; h < h1; ++h)
-        gemm_kn(o + h * R, H * R, B, m->w_uv_t + static_cast<int64_t>(h) * R * Vo, R, Vo, Vo,
+        gemm_nk(o + h * R, H * R, B, w_uv + static_cast<int64_t>(h) * Vo * R, Vo, R, 1.0f,
                 o_v + h * Vo, H * Vo, false);
     team_barrier();
-    share(D, t, nt, 16, lo, hi);
-    gemm_kn(m->w_uv_t != nullptr ? o_v : o, H * Vo, B, m->o_t + lo, H * Vo, hi - lo, D, out + lo,
-            D, false);
+    share(D, t, nt, 4, lo, hi);
+    gemm_nk(w_uv != nullptr ? o_v : o, H * Vo, B, wo + static_cast<int64_t>(lo) * H * Vo,
+            hi - lo, H * Vo, 1.0f, out + lo, D, false);
   }
   return 0;
 }
 
+}  // namespace
+
+extern "C" {
+
+int32_t mla_decode_rows(const MlaRow* m, const float* x, float* cache, int64_t batch_stride,
+                        const int32_t* cache_lens, int32_t B, int32_t S_max, const float* cos,
+                        const float* sin, float* out) {
+  return mla_decode_rows_of<float>(m, x, cache, batch_stride, cache_lens, B, S_max, cos, sin,
+                                   out);
+}
+
+int32_t mla_decode_rows_bf16(const MlaRow* m, const float* x, bf16* cache, int64_t batch_stride,
+                             const int32_t* cache_lens, int32_t B, int32_t S_max,
+                             const float* cos, const float* sin, float* out) {
+  return mla_decode_rows_of<bf16>(m, x, cache, batch_stride, cache_lens, B, S_max, cos, sin,
+                                  out);
+}
+
 // ------------------------------------------------------------------------------ GQA
 
+// The matrices in nn.Linear's (out, in) layout, streamed row by row (gemm_nk); float32
+// (gqa_decode_rows) or bf16 (gqa_decode_rows_bf16, over bf16 caches).
 struct GqaRow {
   int32_t D, H, Hkv, d;
-  const float* qkv_t;  // (D, (H + 2·Hkv)·d): x -> [q · softmax scale | k | v]
-  const float* o_t;    // (H·d, D) = woᵀ
+  const void* qkv;  // ((H + 2·Hkv)·d, D): x -> [q · softmax scale | k | v]
+  const void* wo;   // (D, H·d)
 };
+
+}  // extern "C"
+
+namespace {
 
 // B rows of one new token of GQA, row b over its own caches (k_cache / v_cache +
 // b·batch_stride: (S_max, Hkv, d), keys stored after RoPE) at position cache_lens[b]
@@ -203,10 +242,14 @@ struct GqaRow {
 // k, store the new k and v, attend (query head h reads kv head h / (H / Hkv)), project
 // out. The projections are one product over all B rows; a team splits them by columns,
 // the new entries by rows and the attention by (row, kv head). Returns 1, having touched
-// nothing, when a position is outside the cache; else 0.
-int32_t gqa_decode_rows(const GqaRow* m, const float* x, float* k_cache, float* v_cache,
-                        int64_t batch_stride, const int32_t* cache_lens, int32_t B,
-                        int32_t S_max, const float* cos, const float* sin, float* out) {
+// nothing, when a position is outside the cache; else 0. W: the matrices' type (and the
+// caches').
+template <class W>
+int32_t gqa_decode_rows_of(const GqaRow* m, const float* x, W* k_cache, W* v_cache,
+                           int64_t batch_stride, const int32_t* cache_lens, int32_t B,
+                           int32_t S_max, const float* cos, const float* sin, float* out) {
+  const W* qkv = static_cast<const W*>(m->qkv);
+  const W* wo = static_cast<const W*>(m->wo);
   int L_max = 0;
   for (int b = 0; b < B; ++b) {
     if (cache_lens[b] < 0 || cache_lens[b] >= S_max) return 1;
@@ -225,8 +268,8 @@ int32_t gqa_decode_rows(const GqaRow* m, const float* x, float* k_cache, float* 
   {
     const int t = team_rank(), nt = team_count();
     int lo, hi;
-    share(Wy, t, nt, 16, lo, hi);  // [q | k | v] of every row
-    gemm_kn(x, D, B, m->qkv_t + lo, D, hi - lo, Wy, y + lo, Wy, false);
+    share(Wy, t, nt, 4, lo, hi);  // [q | k | v] of every row
+    gemm_nk(x, D, B, qkv + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, y + lo, Wy, false);
     team_barrier();
     share(B, t, nt, 1, lo, hi);
     for (int b = lo; b < hi; ++b) {  // this member's rows: rotate q and k, store k and v
@@ -236,8 +279,8 @@ int32_t gqa_decode_rows(const GqaRow* m, const float* x, float* k_cache, float* 
       const float* s = sin + static_cast<int64_t>(pos) * half;
       for (int h = 0; h < H + Hkv; ++h) rotate(yb + h * d, c, s, half);
       const int64_t slot = b * batch_stride + static_cast<int64_t>(pos) * Wkv;
-      std::memcpy(k_cache + slot, yb + H * d, sizeof(float) * Wkv);
-      std::memcpy(v_cache + slot, yb + H * d + Wkv, sizeof(float) * Wkv);
+      store_row(k_cache + slot, yb + H * d, Wkv);
+      store_row(v_cache + slot, yb + H * d + Wkv, Wkv);
     }
     team_barrier();  // every entry is in its slot
     share(B * Hkv, t, nt, 1, lo, hi);
@@ -250,10 +293,29 @@ int32_t gqa_decode_rows(const GqaRow* m, const float* x, float* k_cache, float* 
              o + static_cast<int64_t>(b) * H * d + g * group * d);
     }
     team_barrier();
-    share(D, t, nt, 16, lo, hi);
-    gemm_kn(o, H * d, B, m->o_t + lo, H * d, hi - lo, D, out + lo, D, false);
+    share(D, t, nt, 4, lo, hi);
+    gemm_nk(o, H * d, B, wo + static_cast<int64_t>(lo) * H * d, hi - lo, H * d, 1.0f, out + lo,
+            D, false);
   }
   return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int32_t gqa_decode_rows(const GqaRow* m, const float* x, float* k_cache, float* v_cache,
+                        int64_t batch_stride, const int32_t* cache_lens, int32_t B,
+                        int32_t S_max, const float* cos, const float* sin, float* out) {
+  return gqa_decode_rows_of<float>(m, x, k_cache, v_cache, batch_stride, cache_lens, B, S_max,
+                                   cos, sin, out);
+}
+
+int32_t gqa_decode_rows_bf16(const GqaRow* m, const float* x, bf16* k_cache, bf16* v_cache,
+                             int64_t batch_stride, const int32_t* cache_lens, int32_t B,
+                             int32_t S_max, const float* cos, const float* sin, float* out) {
+  return gqa_decode_rows_of<bf16>(m, x, k_cache, v_cache, batch_stride, cache_lens, B, S_max,
+                                  cos, sin, out);
 }
 
 // ------------------------------------------------------------------------------ MoE
@@ -414,15 +476,23 @@ void moe_rows_bf16(const MoeRow* m, const float* x, int32_t N, float* out) {
 
 // ------------------------------------------------------------------------------ dense FFN
 
+// The matrices are float32 (ffn_rows) or bf16 (ffn_rows_bf16).
 struct FfnRow {
   int32_t D, H;
-  const float* w13;   // (2H, D): [gate; up]
-  const float* down;  // (D, H)
+  const void* w13;   // (2H, D): [gate; up]
+  const void* down;  // (D, H)
 };
+
+}  // extern "C"
+
+namespace {
 
 // N rows of the dense SwiGLU FFN: out = down · (silu(gate · x) ⊙ up · x). A team splits
 // the hidden units (their gate and up rows, read once for all N rows), then the outputs.
-void ffn_rows(const FfnRow* f, const float* x, int32_t N, float* out) {
+template <class W>
+void ffn_rows_of(const FfnRow* f, const float* x, int32_t N, float* out) {
+  const W* w13 = static_cast<const W*>(f->w13);
+  const W* down = static_cast<const W*>(f->down);
   const int D = f->D, H = f->H;
   [[maybe_unused]] const int T = team_size();
   float* act = scratch(static_cast<size_t>(N) * 3 * H);  // (N, H), then gate and up (N, H)
@@ -435,9 +505,8 @@ void ffn_rows(const FfnRow* f, const float* x, int32_t N, float* out) {
     const int t = team_rank(), nt = team_count();
     int lo, hi;
     share(H, t, nt, 16, lo, hi);
-    gemm_nk(x, D, N, f->w13 + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, gate + lo, H,
-            false);
-    gemm_nk(x, D, N, f->w13 + static_cast<int64_t>(H + lo) * D, hi - lo, D, 1.0f, up + lo, H,
+    gemm_nk(x, D, N, w13 + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, gate + lo, H, false);
+    gemm_nk(x, D, N, w13 + static_cast<int64_t>(H + lo) * D, hi - lo, D, 1.0f, up + lo, H,
             false);
     for (int n = 0; n < N; ++n) {
       const int64_t at = static_cast<int64_t>(n) * H + lo;
@@ -445,9 +514,62 @@ void ffn_rows(const FfnRow* f, const float* x, int32_t N, float* out) {
     }
     team_barrier();
     share(D, t, nt, 16, lo, hi);
-    gemm_nk(act, H, N, f->down + static_cast<int64_t>(lo) * H, hi - lo, H, 1.0f, out + lo, D,
+    gemm_nk(act, H, N, down + static_cast<int64_t>(lo) * H, hi - lo, H, 1.0f, out + lo, D,
             false);
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+void ffn_rows(const FfnRow* f, const float* x, int32_t N, float* out) {
+  ffn_rows_of<float>(f, x, N, out);
+}
+
+void ffn_rows_bf16(const FfnRow* f, const float* x, int32_t N, float* out) {
+  ffn_rows_of<bf16>(f, x, N, out);
+}
+
+// ------------------------------------------------------------------------------ head
+
+// The matrix is float32 (head_rows) or bf16 (head_rows_bf16).
+struct HeadRow {
+  int32_t V, D;
+  const void* w;  // (V, D): the vocabulary projection, nn.Linear's layout
+};
+
+}  // extern "C"
+
+namespace {
+
+// logits (N, V) = x (N, D) · wᵀ: the team splits the vocabulary rows, each member
+// streaming its own stretch of w once for all N rows.
+template <class W>
+void head_rows_of(const HeadRow* h, const float* x, int32_t N, float* logits) {
+  const W* w = static_cast<const W*>(h->w);
+  const int V = h->V, D = h->D;
+  [[maybe_unused]] const int T = team_size();
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T) if (T > 1)
+#endif
+  {
+    int lo, hi;
+    share(V, team_rank(), team_count(), 4, lo, hi);
+    gemm_nk(x, D, N, w + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, logits + lo, V, false);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void head_rows(const HeadRow* h, const float* x, int32_t N, float* logits) {
+  head_rows_of<float>(h, x, N, logits);
+}
+
+void head_rows_bf16(const HeadRow* h, const float* x, int32_t N, float* logits) {
+  head_rows_of<bf16>(h, x, N, logits);
 }
 
 // ------------------------------------------------------------------------------ loop step

@@ -3,9 +3,11 @@ kernels, and the ``swiglu`` activation.
 
 Up to ``KERNEL_MAX_TOKENS`` rows (decode) run ``ffn_rows`` of ``mythos_rt.cpu.native`` over the
 op's own weights (nothing is copied): gate/up rows split among threads, each row of the
-weights read once for all the step's rows, then the down projection. Longer chunks
-(prefill: large matmuls) and machines without the kernels run the torch composite
-(``mythos_rt.ops.ffn.dense_ffn_torch``), as do dtypes other than float32.
+weights read once for all the step's rows, then the down projection. bf16 weights stay
+bf16 and run ``ffn_rows_bf16`` (widened in registers, float32 sums, the rows staged
+through float32). Longer chunks (prefill: large matmuls, bf16 ones in oneDNN) and
+machines without the kernels run the torch composite
+(``mythos_rt.ops.ffn.dense_ffn_torch``), as do other dtypes.
 """
 
 from __future__ import annotations
@@ -39,14 +41,16 @@ class CpuFFN:
 
 
 def prepare_dense_ffn(w: DenseFFN) -> CpuFFN:
-    """Bind the compiled row kernel to the FFN's weights (float32, contiguous)."""
+    """Bind the compiled row kernel to the FFN's weights (float32 or bf16, contiguous)."""
     ffn = CpuFFN(base=w)
     lib = native.library()
-    if (lib is not None and w.w13.dtype == torch.float32 and w.down.dtype == torch.float32
-            and native.contiguous(w.w13, w.down)):
-        ffn.row_kernel = native.kernel(lib, "ffn_rows", native.FfnRow,
-                                       dict(D=w.down.shape[0], H=w.down.shape[1]),
-                                       dict(w13=w.w13, down=w.down))
+    bf16 = w.w13.dtype == torch.bfloat16
+    if (lib is not None and w.w13.dtype in (torch.float32, torch.bfloat16)
+            and w.down.dtype == w.w13.dtype and native.contiguous(w.w13, w.down)):
+        ffn.row_kernel = native.kernel(lib, "ffn_rows_bf16" if bf16 else "ffn_rows",
+                                       native.FfnRow, dict(D=w.down.shape[0], H=w.down.shape[1]),
+                                       dict(w13=w.w13, down=w.down),
+                                       bf16=("w13", "down") if bf16 else ())
     return ffn
 
 
@@ -66,8 +70,12 @@ def bind_dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] =
                        act: Optional[torch.Tensor] = None):
     """``dense_ffn_cpu`` of up to ``KERNEL_MAX_TOKENS`` rows as a prebound call of the compiled
     kernel (its own scratch: ``gate_up``/``act`` are left alone), or None where that does
-    not apply (more rows, not contiguous float32 rows, no kernel, no ``out``)."""
-    return native.bind_rows(w.row_kernel, x, out, KERNEL_MAX_TOKENS)
+    not apply (more rows, not contiguous rows in the weights' dtype, no kernel, no
+    ``out``). bf16 weights: through float32 staging rows (``native.bind_staged``)."""
+    if w.base.w13.dtype != torch.bfloat16:
+        return native.bind_rows(w.row_kernel, x, out, KERNEL_MAX_TOKENS)
+    return native.bind_staged(
+        lambda x32, out32: native.bind_rows(w.row_kernel, x32, out32, KERNEL_MAX_TOKENS), x, out)
 
 
 def swiglu_cpu(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

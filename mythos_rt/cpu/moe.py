@@ -188,25 +188,14 @@ def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                      out: Optional[torch.Tensor] = None):
     """``moe_ffn_cpu`` for up to ``kernel_max_tokens`` tokens as a prebound call of the
     compiled kernel, or None where that does not apply (more tokens, rows not contiguous
-    in the weights' dtype, no kernel, no ``out``). bf16 weights: the rows are widened into
-    float32 staging rows (allocated here, once per binding) and the result rounded back."""
+    in the weights' dtype, no kernel, no ``out``). bf16 weights: through float32 staging
+    rows (``native.bind_staged``)."""
     if isinstance(moe, PackedMoE):
         return None
     if moe.base.w13.dtype != torch.bfloat16:
         return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)
-    if (x.dtype != torch.bfloat16 or out is None or out.dtype != torch.bfloat16
-            or out.shape != x.shape or not out.is_contiguous()):
-        return None
-    x32, out32 = torch.empty(x.shape), torch.empty(x.shape)
-    launch32 = native.bind_rows(moe.row_kernel, x32, out32, moe.kernel_max_tokens)
-    if launch32 is None:
-        return None
-
-    def launch():
-        x32.copy_(x)
-        launch32()
-        return out.copy_(out32)
-    return launch
+    return native.bind_staged(lambda x32, out32: native.bind_rows(
+        moe.row_kernel, x32, out32, moe.kernel_max_tokens), x, out)
 
 
 def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> torch.Tensor:

@@ -3,11 +3,12 @@
 
 A decode step is a few small matrix-vector products per sublayer and row; run as
 PyTorch calls it is bound by their dispatch. ``decode_row.cpp`` runs each sublayer
-(RMSNorm, MLA, GQA, MoE, dense FFN, the loop epilogue) for all of a step's rows in one C
-call. It is compiled here, on the machine that runs it, with the host C++ compiler
+(RMSNorm, MLA, GQA, MoE, dense FFN, head, the loop epilogue) for all of a step's rows in
+one C call; the matrix kernels also over bf16 weights (``*_bf16``, widened in
+registers). It is compiled here, on the machine that runs it, with the host C++ compiler
 (``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native`` (``march``), cached on disk by
-a hash of the sources, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no Python or
-torch headers, any torch version). Without a compiler, or with
+a hash of the sources, flags, compiler and CPU, and loaded with ctypes (plain C ABI: no
+Python or torch headers, any torch version). Without a compiler, or with
 ``MYTHOS_RT_CPU_NATIVE=0``, ``library()`` is None (with one warning saying why) and the
 cpu ops run their PyTorch paths.
 
@@ -51,8 +52,8 @@ from ..buildcache import replacing
 
 __all__ = ["SOURCE", "HEADER", "FLAGS", "OPENMP", "march", "flags", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",
-           "bind_rows", "in_cache_launch", "run_bound", "contiguous", "MlaRow", "GqaRow",
-           "MoeRow", "FfnRow", "LoopRow", "Kernel", "kernel"]
+           "bind_rows", "bind_staged", "in_cache_launch", "run_bound", "contiguous", "MlaRow", "GqaRow",
+           "MoeRow", "FfnRow", "HeadRow", "LoopRow", "Kernel", "kernel"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
 HEADER = Path(__file__).with_name("row_math.h")  # the shared math SOURCE includes
@@ -70,13 +71,13 @@ class NativeError(RuntimeError):
 class MlaRow(ctypes.Structure):
     _fields_ = [("D", _i32), ("H", _i32), ("R", _i32), ("P", _i32), ("q_lora", _i32),
                 ("nope", _i32), ("v", _i32), ("eps", ctypes.c_float),
-                ("down_t", _vp), ("kv_norm", _vp), ("q_up_t", _vp), ("w_uk", _vp),
-                ("w_uv_t", _vp), ("o_t", _vp)]
+                ("down", _vp), ("kv_norm", _vp), ("q_up", _vp), ("w_uk", _vp),
+                ("w_uv", _vp), ("wo", _vp)]
 
 
 class GqaRow(ctypes.Structure):
-    _fields_ = [("D", _i32), ("H", _i32), ("Hkv", _i32), ("d", _i32), ("qkv_t", _vp),
-                ("o_t", _vp)]
+    _fields_ = [("D", _i32), ("H", _i32), ("Hkv", _i32), ("d", _i32), ("qkv", _vp),
+                ("wo", _vp)]
 
 
 class MoeRow(ctypes.Structure):
@@ -87,6 +88,10 @@ class MoeRow(ctypes.Structure):
 
 class FfnRow(ctypes.Structure):
     _fields_ = [("D", _i32), ("H", _i32), ("w13", _vp), ("down", _vp)]
+
+
+class HeadRow(ctypes.Structure):
+    _fields_ = [("V", _i32), ("D", _i32), ("w", _vp)]
 
 
 class LoopRow(ctypes.Structure):
@@ -100,11 +105,18 @@ _SIGNATURES = {
     "rmsnorm_rows": [_vp, _vp, _vp, ctypes.c_float, _i32, _i32, _vp, _vp],
     "mla_decode_rows": [ctypes.POINTER(MlaRow), _vp, _vp, ctypes.c_int64, _vp, _i32, _i32, _vp,
                         _vp, _vp],
+    "mla_decode_rows_bf16": [ctypes.POINTER(MlaRow), _vp, _vp, ctypes.c_int64, _vp, _i32, _i32,
+                             _vp, _vp, _vp],
     "gqa_decode_rows": [ctypes.POINTER(GqaRow), _vp, _vp, _vp, ctypes.c_int64, _vp, _i32, _i32,
                         _vp, _vp, _vp],
+    "gqa_decode_rows_bf16": [ctypes.POINTER(GqaRow), _vp, _vp, _vp, ctypes.c_int64, _vp, _i32,
+                             _i32, _vp, _vp, _vp],
     "moe_rows": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
     "moe_rows_bf16": [ctypes.POINTER(MoeRow), _vp, _i32, _vp],
     "ffn_rows": [ctypes.POINTER(FfnRow), _vp, _i32, _vp],
+    "ffn_rows_bf16": [ctypes.POINTER(FfnRow), _vp, _i32, _vp],
+    "head_rows": [ctypes.POINTER(HeadRow), _vp, _i32, _vp],
+    "head_rows_bf16": [ctypes.POINTER(HeadRow), _vp, _i32, _vp],
     "loop_epilogue_rows": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp,
                            _vp, _vp, _vp],
     "set_parallel": [_i32],
@@ -142,6 +154,28 @@ def bind_rows(k: Optional[Kernel], x: torch.Tensor, out: Optional[torch.Tensor],
     def launch():
         call()
         return out
+    return launch
+
+
+def bind_staged(bind32: Callable[[torch.Tensor, torch.Tensor], Optional[Callable]],
+                x: torch.Tensor, out: Optional[torch.Tensor]) -> Optional[Callable[[], torch.Tensor]]:
+    """bfloat16 rows ``x`` into bfloat16 ``out`` through a kernel that takes float32 rows
+    (its weights bf16): ``bind32(x32, out32)`` binds it to float32 staging copies of both
+    (allocated here, once per binding); the launch widens ``x`` into them, runs, and
+    rounds the result into ``out`` once, returning ``out``. None where ``bind32`` declines
+    or ``x``/``out`` are not bf16 (``out`` contiguous)."""
+    if (x.dtype != torch.bfloat16 or out is None or out.dtype != torch.bfloat16
+            or not out.is_contiguous()):
+        return None
+    x32, out32 = torch.empty(x.shape), torch.empty(out.shape)
+    launch32 = bind32(x32, out32)
+    if launch32 is None:
+        return None
+
+    def launch():
+        x32.copy_(x)
+        launch32()
+        return out.copy_(out32)
     return launch
 
 
@@ -317,7 +351,9 @@ def _load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.has_openmp.restype = lib.team_threads.restype = lib.vector_bits.restype = ctypes.c_int32
-    lib.mla_decode_rows.restype = lib.gqa_decode_rows.restype = ctypes.c_int32
+    for name in ("mla_decode_rows", "mla_decode_rows_bf16", "gqa_decode_rows",
+                 "gqa_decode_rows_bf16"):
+        getattr(lib, name).restype = ctypes.c_int32
     lib.stream_sum.restype = ctypes.c_float
     lib.set_parallel(1 if lib.has_openmp() and _one_openmp_runtime() else 0)
     return lib

@@ -17,14 +17,8 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -103,10 +97,7 @@ inline v16 load16(const bf16* p) {
   typedef int32_t i16 __attribute__((vector_size(64)));
   h16 h;
   std::memcpy(&h, p, sizeof h);
-  const i16 bits = __builtin_convertvector(h, i16) << 16;
-  v16 v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
+  return (v16)(__builtin_convertvector(h, i16) << 16);  // a same-size cast: the bits as floats
 }
 
 inline float to_float(float v) { return v; }
@@ -116,6 +107,23 @@ inline float to_float(bf16 v) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// float32 -> bfloat16 as torch rounds it: to nearest, ties to even; NaN stays a (quiet) NaN.
+inline bf16 to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<bf16>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// dst[i] = src[i] for i < n, into a cache row of either storage type.
+inline void store_row(float* dst, const float* src, int n) {
+  std::memcpy(dst, src, sizeof(float) * n);
+}
+
+inline void store_row(bf16* dst, const float* src, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
 
 inline float hsum(v16 v) {  // a fixed tree: deterministic
@@ -212,28 +220,73 @@ float dot(const float* __restrict a, const float* __restrict b, int n) {
   return s;
 }
 
+// The register-width part of a v16 that tile_nk sums in: all 16 lanes with AVX-512, 8
+// elsewhere. GCC keeps an array of two-register v16 sums in memory (every update a
+// store and a reload: the AVX2 products ran at a third of the read bandwidth); arrays of
+// register-width parts stay in registers. The lanes, so the sums, are the same.
+#ifdef __AVX512F__
+constexpr int kPart = 16;
+#else
+constexpr int kPart = 8;
+#endif
+typedef float vpart __attribute__((vector_size(4 * kPart)));
+constexpr int kParts = 16 / kPart;  // parts of one v16
+
+inline vpart load_part(const float* p) {
+  vpart v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// kPart bf16 weights widened as load16 does: zero-extended to 32 bits and shifted into
+// the high half (one vpmovzxwd from memory and one vpslld, in AVX2's or AVX-512's width).
+inline vpart load_part(const bf16* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vpart)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#elif defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vpart)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+#else
+  typedef uint16_t hp __attribute__((vector_size(2 * kPart)));
+  typedef int32_t ip __attribute__((vector_size(4 * kPart)));
+  hp h;
+  std::memcpy(&h, p, sizeof h);
+  return (vpart)(__builtin_convertvector(h, ip) << 16);
+#endif
+}
+
+// hsum of the v16 whose parts these are.
+inline float hsum(const vpart (&parts)[kParts]) {
+  v16 v;
+  std::memcpy(&v, parts, sizeof v);
+  return hsum(v);
+}
+
 // Tile of gemm_nk: NW rows of w against NX inputs, the NW·NX vector sums in registers
 // for the whole row. Every output's sum has one order whatever the tile: lane l sums
 // k ≡ l (mod 16) in order, then a fixed tree (hsum), then the tail k past the last 16.
 #ifdef __AVX512F__
 constexpr int kNkInputs = 4;  // 16 sums + 4 weight vectors + 1 input in 32 registers
 #else
-constexpr int kNkInputs = 1;  // 4 two-register sums + weights in AVX2's 16 registers
+constexpr int kNkInputs = 1;  // 4·2 part sums + 4 weight parts + 1 input in 16 registers
 #endif
 
 template <int NW, int NX, class W>
 inline void tile_nk(const float* __restrict X, int ldx, const W* __restrict w, int K,
                     float alpha, float* __restrict Y, int ldy, bool accumulate) {
-  v16 acc[NX][NW] = {};
+  vpart acc[NX][NW][kParts] = {};
   int i = 0;
-  for (; i + 16 <= K; i += 16) {
-    v16 wv[NW];
-    for (int j = 0; j < NW; ++j) wv[j] = load16(w + static_cast<int64_t>(j) * K + i);
-    for (int x = 0; x < NX; ++x) {
-      const v16 xv = load16(X + static_cast<int64_t>(x) * ldx + i);
-      for (int j = 0; j < NW; ++j) acc[x][j] += wv[j] * xv;
+  for (; i + 16 <= K; i += 16)
+    for (int p = 0; p < kParts; ++p) {
+      const int at = i + p * kPart;
+      vpart wv[NW];
+      for (int j = 0; j < NW; ++j) wv[j] = load_part(w + static_cast<int64_t>(j) * K + at);
+      for (int x = 0; x < NX; ++x) {
+        const vpart xv = load_part(X + static_cast<int64_t>(x) * ldx + at);
+        for (int j = 0; j < NW; ++j) acc[x][j][p] += wv[j] * xv;
+      }
     }
-  }
   for (int x = 0; x < NX; ++x) {
     const float* xr = X + static_cast<int64_t>(x) * ldx;
     float* y = Y + static_cast<int64_t>(x) * ldy;
@@ -351,12 +404,11 @@ void swiglu(const float* gate, const float* up, int n, float* act) {
 }
 
 // scores[h·L + j] = q_h · key_j for NH heads (rows of q, W wide) and keys j < L (W wide,
-// key_j = keys + j·stride): each key is read once for all NH heads.
-template <int NH>
-void scores_of(const float* q, const float* keys, int W, int64_t stride, int L,
-               float* scores) {
+// key_j = keys + j·stride; float32 or bf16): each key is read once for all NH heads.
+template <int NH, class C>
+void scores_of(const float* q, const C* keys, int W, int64_t stride, int L, float* scores) {
   for (int j = 0; j < L; ++j) {
-    const float* key = keys + j * stride;
+    const C* key = keys + j * stride;
     v16 acc[NH] = {};
     int i = 0;
     for (; i + 16 <= W; i += 16) {
@@ -365,19 +417,19 @@ void scores_of(const float* q, const float* keys, int W, int64_t stride, int L,
     }
     for (int h = 0; h < NH; ++h) {
       float s = hsum(acc[h]);
-      for (int t = i; t < W; ++t) s += q[h * W + t] * key[t];
+      for (int t = i; t < W; ++t) s += q[h * W + t] * to_float(key[t]);
       scores[h * L + j] = s;
     }
   }
 }
 
 // o[c] = Σ_j p[j] · values_j[c] for c < 16·NV, values_j = values + j·stride.
-template <int NV>
-void weighted_sum(const float* p, const float* values, int64_t stride, int L, float* o) {
+template <int NV, class C>
+void weighted_sum(const float* p, const C* values, int64_t stride, int L, float* o) {
   v16 even[NV] = {}, odd[NV] = {};  // two chains per column block: half the FMA latency
   int j = 0;
   for (; j + 2 <= L; j += 2) {
-    const float* v = values + j * stride;
+    const C* v = values + j * stride;
     for (int c = 0; c < NV; ++c) {
       even[c] += p[j] * load16(v + 16 * c);
       odd[c] += p[j + 1] * load16(v + stride + 16 * c);
@@ -388,10 +440,11 @@ void weighted_sum(const float* p, const float* values, int64_t stride, int L, fl
   for (int c = 0; c < NV; ++c) store16(o + 16 * c, even[c] + odd[c]);
 }
 
-// Attention of H query rows (q, Wk wide) over L cached tokens, token j's key at
-// keys + j·stride (Wk wide) and its value at values + j·stride (Wv wide):
-// o (H, Wv) = softmax(q·keysᵀ) · values. scores: scratch (H, L).
-void attend(const float* q, int H, const float* keys, int Wk, const float* values, int Wv,
+// Attention of H query rows (q, Wk wide) over L cached tokens (float32 or bf16), token
+// j's key at keys + j·stride (Wk wide) and its value at values + j·stride (Wv wide):
+// o (H, Wv) = softmax(q·keysᵀ) · values, summed in float32. scores: scratch (H, L).
+template <class C>
+void attend(const float* q, int H, const C* keys, int Wk, const C* values, int Wv,
             int64_t stride, int L, float* scores, float* o) {
   int h = 0;
   for (; h + 4 <= H; h += 4) scores_of<4>(q + h * Wk, keys, Wk, stride, L, scores + h * L);
@@ -407,7 +460,7 @@ void attend(const float* q, int H, const float* keys, int Wk, const float* value
     for (; c + 16 <= Wv; c += 16) weighted_sum<1>(sc, values + c, stride, L, oh + c);
     for (; c < Wv; ++c) {
       float acc = 0.f;
-      for (int j = 0; j < L; ++j) acc += sc[j] * values[j * stride + c];
+      for (int j = 0; j < L; ++j) acc += sc[j] * to_float(values[j * stride + c]);
       oh[c] = acc;
     }
   }

@@ -7,4 +7,4 @@ Triton kernel from ``mythos_rt.triton_kernels`` and, where one exists, the CUDA 
 
 from . import registry  # noqa: F401
 from .registry import BackendError, Selected, backends_of, load, ops, register, select  # noqa: F401
-from . import attention, comm, ffn, moe, norm, recurrent  # noqa: F401,E402
+from . import attention, comm, ffn, head, moe, norm, recurrent  # noqa: F401,E402

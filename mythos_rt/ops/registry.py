@@ -49,7 +49,8 @@ _AUTO_ORDER_GPU = ("triton", "cuda", "torch")
 _AUTO_ORDER_CPU = ("cpu", "torch")
 HOOKS = ("prepare", "bind", "caches", "workspace")
 # The storage dtypes the cpu backend registers for: its kernels stream float32 weights,
-# or bfloat16 ones widened to float32 in registers (the MoE; other ops run torch in bf16).
+# or bfloat16 ones widened to float32 in registers (attention, MoE, dense FFN, head; norms
+# and loop steps run the torch implementations in bf16).
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 

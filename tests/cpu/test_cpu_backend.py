@@ -12,12 +12,14 @@ import torch
 
 from mythos_rt.cpu.attention import prepare_mla
 from mythos_rt.cpu.ffn import dense_ffn_cpu, prepare_dense_ffn, swiglu_cpu
+from mythos_rt.cpu.head import head_cpu, prepare_head
 from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
 from mythos_rt.cpu.norm import rmsnorm_cpu
 from mythos_rt.cpu.recurrent import loop_epilogue_cpu, loop_prologue_cpu, prepare_loop
 from mythos_rt.lower import op_args
 from mythos_rt.ops import BackendError, select
 from mythos_rt.ops.ffn import swiglu_torch
+from mythos_rt.ops.head import HeadWeights
 from mythos_rt.ops.norm import rmsnorm_torch
 from mythos_rt.testing import TOL_BF16_KERNEL, TOL_FP32_TORCH, assert_rel_close
 
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("row_path")
 
 def test_registry_auto_is_cpu_on_a_cpu_and_refused_elsewhere():
     for op in ("mla_attention", "gqa_attention", "moe_ffn", "loop_prologue", "loop_epilogue",
-               "rmsnorm", "swiglu", "dense_ffn"):
+               "rmsnorm", "swiglu", "dense_ffn", "head"):
         assert select(op, "cpu").backend == "cpu", op
         assert select(op, "cpu", overrides={op: "torch"}).backend == "torch"
     with pytest.raises(BackendError, match="CPU only"):
@@ -92,6 +94,43 @@ def test_dense_ffn_matches_reference(N):
     gate_up, act = torch.empty(N, 106), torch.empty(N, 53)
     assert dense_ffn_cpu(x, ffn, out=out, gate_up=gate_up, act=act) is out
     assert_rel_close(out, ref, TOL_FP32_TORCH)
+
+
+@pytest.mark.parametrize("N", [1, 3, 16, 20], ids=["one", "decode-batch", "max-rows", "prefill"])
+def test_dense_ffn_bf16_weights_match_the_fp32_reference(N, row_path):
+    """bf16 weights stay bf16: up to 16 rows run ffn_rows_bf16 (compiled paths), more the
+    torch bf16 matmuls; judged against the float32 reference at the bf16 per-kernel bound."""
+    ex, w = make_ffn(40, torch.bfloat16)  # hidden 53: nothing a multiple of 16
+    ffn = prepare_dense_ffn(w)
+    assert (ffn.row_kernel is not None) == (row_path == "compiled")
+    x = torch.randn(N, 40).bfloat16()
+    with torch.no_grad():
+        ref = ex.to(torch.bfloat16).float()(x.float())
+    res = dense_ffn_cpu(x, ffn)
+    assert res.dtype == torch.bfloat16
+    assert_rel_close(res.float(), ref, TOL_BF16_KERNEL)
+    out = torch.full((N, 40), float("nan"), dtype=torch.bfloat16)
+    assert dense_ffn_cpu(x, ffn, out=out) is out
+    assert_rel_close(out.float(), ref, TOL_BF16_KERNEL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N", [1, 3, 16, 20], ids=["one", "decode-batch", "max-rows", "prefill"])
+def test_head_matches_the_fp32_reference(N, dtype, row_path):
+    """Up to 16 rows run head_rows / head_rows_bf16 (compiled paths), more the torch
+    matmul; bf16 judged against the float32 product at the bf16 per-kernel bound."""
+    w = torch.randn(203, 40).to(dtype)  # neither a multiple of 4 or 16
+    head = prepare_head(HeadWeights(w))
+    assert (head.row_kernel is not None) == (row_path == "compiled")
+    x = torch.randn(N, 40).to(dtype)
+    ref = x.float() @ w.float().t()
+    tol = TOL_BF16_KERNEL if dtype == torch.bfloat16 else TOL_FP32_TORCH
+    res = head_cpu(x, head)
+    assert res.dtype == dtype
+    assert_rel_close(res.float(), ref, tol)
+    out = torch.full((N, 203), float("nan"), dtype=dtype)
+    assert head_cpu(x, head, out=out) is out
+    assert_rel_close(out.float(), ref, tol)
 
 
 @pytest.mark.parametrize("t", [0, 2, 6], ids=["t0", "t2", "t6_beyond_max_loops"])
@@ -215,16 +254,25 @@ def test_moe_bf16_weights_match_the_fp32_reference(N, row_path):
 
 
 def test_bf16_model_runs_the_cpu_backend_within_the_bf16_bound():
-    """A bf16 model on a CPU gets the cpu backend (its MoE on bf16 weights, the rest on
-    the torch implementations): prefill and decode logits against the fp32 reference."""
+    """A bf16 model on a CPU gets the cpu backend (attention, MoE, dense FFNs and the head
+    on bf16 weights through the kernels where compiled; norms and loop steps on the torch
+    implementations): prefill and decode logits against the fp32 reference."""
     import mythos_rt
     from mythos_rt.config import MythosConfig
+    from mythos_rt.cpu import native
+    from mythos_rt.cpu.attention import CpuMLA
+    from mythos_rt.cpu.ffn import CpuFFN
+    from mythos_rt.cpu.head import CpuHead
+    from mythos_rt.cpu.moe import CpuMoE
     from mythos_rt.reference import OpenMythos
     from mythos_rt.testing import TOL_BF16_E2E
     cfg = MythosConfig.from_preset("tiny_mla")
     model = OpenMythos(cfg).eval()
     rt = mythos_rt.compile(model, dtype="bfloat16", max_batch_size=2)
-    assert rt.backends["moe_ffn"] == "cpu"
+    assert rt.backends["moe_ffn"] == rt.backends["head"] == "cpu"
+    prepared = [a for a in rt._low.args.values() if isinstance(a, (CpuMLA, CpuFFN, CpuHead, CpuMoE))]
+    assert {type(a) for a in prepared} == {CpuMLA, CpuFFN, CpuHead, CpuMoE}
+    assert all((a.row_kernel is not None) == (native.library() is not None) for a in prepared)
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
         assert_rel_close(rt.forward(ids, n_loops=4).float(), model(ids, n_loops=4), TOL_BF16_E2E)

@@ -13,7 +13,7 @@ from mythos_rt.cpu import native
 from mythos_rt.cpu.attention import prepare_mla
 from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
 from mythos_rt.lower import op_args
-from mythos_rt.testing import TOL_FP32_TORCH, assert_rel_close
+from mythos_rt.testing import TOL_BF16_KERNEL, TOL_FP32_TORCH, assert_rel_close
 
 from ..ops._attn_ref import Harness
 from ..ops.test_moe import make_moe, moe_cfg, ref_forward
@@ -103,6 +103,22 @@ def test_kernel_arguments_must_be_contiguous_float32():
                       dict(A=torch.randn(4).to(torch.bfloat16)))
 
 
+@needs_compiler
+def test_the_avx512_path_compiles_on_a_cpu_without_it(fresh, monkeypatch):
+    """Every kernel (the bf16 ones too) builds for AVX-512 (x86-64-v4). A CPU with
+    AVX-512 runs that build in every compiled test; on one without (AVX2 only) this checks
+    that it still compiles."""
+    import platform
+    from pathlib import Path
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("not an x86-64 CPU")
+    if " avx512f " in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU runs the AVX-512 build in every compiled test")
+    monkeypatch.setenv("MYTHOS_RT_CPU_ARCH", "x86-64-v4")
+    assert native.build().exists()
+
+
 def test_openmp_runtimes_are_read_from_the_process_maps():
     line = "7f00-7f01 r-xp 00000000 08:01 12 {}\n"
     torch_only = line.format("/site-packages/torch/lib/libgomp.so.1")
@@ -119,15 +135,16 @@ def _awkward_mla() -> MythosConfig:
                         rope_theta=10000.0)
 
 
-def _prefill_then_decode_to_the_last_slot(h: Harness, s_max: int) -> None:
+def _prefill_then_decode_to_the_last_slot(h: Harness, s_max: int,
+                                          tol: float = TOL_FP32_TORCH) -> None:
     """Three prompt tokens, then one token per step up to slot s_max - 1, each against the
-    reference."""
+    (float32) reference."""
     ref_cache = {}
     x = h.x(1, 3)
-    assert_rel_close(h.ours(x, [0]), h.reference(x, 0, ref_cache), TOL_FP32_TORCH, "prefill")
+    assert_rel_close(h.ours(x, [0]).float(), h.reference(x, 0, ref_cache), tol, "prefill")
     for pos in range(3, s_max):
         x = h.x(1, 1)
-        assert_rel_close(h.ours(x, [pos]), h.reference(x, pos, ref_cache), TOL_FP32_TORCH,
+        assert_rel_close(h.ours(x, [pos]).float(), h.reference(x, pos, ref_cache), tol,
                          f"decode at {pos}")
 
 
@@ -146,6 +163,68 @@ def test_mla_one_row_over_the_joint_cache(cfg, fold, row_path):
     joint = torch.full((1, 24, P + R), float("nan"))
     h.caches = (joint[..., P:], joint[..., :P])
     _prefill_then_decode_to_the_last_slot(h, 24)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["absorbed", "two-step"])
+@pytest.mark.parametrize("cfg", [None, _awkward_mla()], ids=["harness", "awkward"])
+def test_mla_bf16_one_row_within_the_bf16_bound(cfg, fold, row_path):
+    """bf16 weights and a bf16 joint cache: the fused matrices stay bf16 and decode runs
+    mla_decode_rows_bf16, against the float32 reference with docs/design.md's bf16
+    per-kernel bound, up to the last slot."""
+    if row_path == "pytorch":
+        pytest.skip("no bf16 kernel to test: the torch implementation runs (its bf16 error at "
+                    "these small sizes is near the bound itself)")
+    h = Harness("mla", "cpu", dtype=torch.bfloat16, b_max=1, s_max=20, cfg=cfg)
+    if not fold:
+        h.w = prepare_mla(h.w.base, fold_limit=0.0)
+    assert h.w.o_t.dtype == torch.bfloat16 and (h.w.w_uk is None) == fold
+    assert h.w.row_kernel is not None
+    P, R = h.cfg.qk_rope_head_dim, h.cfg.kv_lora_rank
+    joint = torch.full((1, 20, P + R), float("nan"), dtype=torch.bfloat16)
+    h.caches = (joint[..., P:], joint[..., :P])
+    _prefill_then_decode_to_the_last_slot(h, 20, TOL_BF16_KERNEL)
+
+
+def _float32_weights(w):
+    """The same weights (bf16 values, exactly) in float32: the float32 path's input."""
+    from dataclasses import fields, replace
+
+    return replace(w, **{f.name: getattr(w, f.name).float() for f in fields(w)
+                         if isinstance(getattr(w, f.name), torch.Tensor)})
+
+
+@needs_compiler
+@pytest.mark.parametrize("fold", [True, False], ids=["absorbed", "two-step"])
+def test_mla_bf16_rows_of_a_ragged_batch_match_the_float32_kernel(fold):
+    """B rows at different positions over a bf16 joint cache (unwritten slots NaN): the
+    bf16 kernel against the float32 kernel on the same weights and cache values (rounded
+    to bf16), outputs and new entries within the bf16 bound."""
+    from mythos_rt.cpu.attention import mla_attention_cpu
+
+    limit = None if fold else 0.0
+    h = Harness("mla", "cpu", dtype=torch.bfloat16, b_max=3, s_max=16, cfg=_awkward_mla())
+    ours = prepare_mla(h.w.base, fold_limit=limit)
+    ref = prepare_mla(_float32_weights(h.w.base), fold_limit=limit)
+    assert ours.o_t.dtype == torch.bfloat16 and ref.o_t.dtype == torch.float32
+    P, R = h.cfg.qk_rope_head_dim, h.cfg.kv_lora_rank
+    lens = torch.tensor([5, 0, 15], dtype=torch.int32)  # one row at the last slot
+    joint = torch.full((3, 16, P + R), float("nan"))
+    for b, n in enumerate(lens.tolist()):
+        joint[b, :n] = torch.randn(n, P + R)
+    joint = joint.bfloat16()
+    x = h.x(3, 1).bfloat16()
+    results = []
+    for w, dtype in ((ours, torch.bfloat16), (ref, torch.float32)):
+        cache = joint.to(dtype)
+        out = mla_attention_cpu(x.to(dtype), w, cache[..., P:], cache[..., :P], lens, h.cos,
+                                h.sin, h.scale)
+        results.append((out.float(), cache.float()))
+    (out, cache), (ref_out, ref_cache) = results
+    assert_rel_close(out, ref_out, TOL_BF16_KERNEL, "outputs")
+    written = torch.zeros(3, 16, dtype=torch.bool)
+    written[torch.arange(3), lens.long()] = True
+    assert_rel_close(cache[written], ref_cache[written], TOL_BF16_KERNEL, "new entries")
+    assert torch.equal(cache[~written].isnan(), joint[~written].float().isnan())
 
 
 def test_binders_take_their_ops_arguments():
@@ -292,6 +371,48 @@ def test_gqa_rows_of_a_ragged_batch_match_the_pytorch_path(cfg):
         written[torch.arange(3), lens.long()] = True
         assert_rel_close(a[written], b[written], TOL_FP32_TORCH, f"new {name} entries")
         assert torch.equal(a[~written].isnan(), before[~written].isnan()), name
+
+
+@pytest.mark.parametrize("cfg", GQA_SHAPES)
+def test_gqa_bf16_one_row_within_the_bf16_bound(cfg, row_path):
+    """bf16 weights and caches: decode runs gqa_decode_rows_bf16, against the float32
+    reference at the bf16 per-kernel bound."""
+    if row_path == "pytorch":
+        pytest.skip("no bf16 kernel to test: the torch implementation runs (its bf16 error at "
+                    "these small sizes is near the bound itself)")
+    h = Harness("gqa", "cpu", dtype=torch.bfloat16, b_max=1, s_max=20, cfg=cfg)
+    assert h.w.qkv_t.dtype == torch.bfloat16 and h.w.row_kernel is not None
+    _prefill_then_decode_to_the_last_slot(h, 20, TOL_BF16_KERNEL)
+
+
+@needs_compiler
+@pytest.mark.parametrize("cfg", GQA_SHAPES)
+def test_gqa_bf16_rows_of_a_ragged_batch_match_the_float32_kernel(cfg):
+    """B rows at different positions over bf16 caches (unwritten slots NaN): the bf16
+    kernel against the float32 kernel on the same weights and cache values."""
+    from mythos_rt.cpu.attention import gqa_attention_cpu, prepare_gqa
+
+    h = Harness("gqa", "cpu", dtype=torch.bfloat16, b_max=4, s_max=16, cfg=cfg)
+    ref = prepare_gqa(_float32_weights(h.w.base))
+    lens = torch.tensor([5, 0, 15], dtype=torch.int32)
+    caches = [torch.full((4, 16, cfg.n_kv_heads, cfg.head_dim), float("nan")) for _ in range(2)]
+    for c in caches:
+        for b, n in enumerate(lens.tolist()):
+            c[b, :n] = torch.randn(n, cfg.n_kv_heads, cfg.head_dim)
+    caches = [c.bfloat16() for c in caches]
+    x = h.x(3, 1).bfloat16()
+    results = []
+    for w, dtype in ((h.w, torch.bfloat16), (ref, torch.float32)):
+        k, v = (c.to(dtype) for c in caches)
+        out = gqa_attention_cpu(x.to(dtype), w, k, v, lens, h.cos, h.sin, h.scale)
+        results.append((out.float(), k.float(), v.float()))
+    (ours, ok, ov), (ref_out, rk, rv) = results
+    assert_rel_close(ours, ref_out, TOL_BF16_KERNEL, "outputs")
+    written = torch.zeros(4, 16, dtype=torch.bool)
+    written[torch.arange(3), lens.long()] = True
+    for name, a, b, before in (("k", ok, rk, caches[0]), ("v", ov, rv, caches[1])):
+        assert_rel_close(a[written], b[written], TOL_BF16_KERNEL, f"new {name} entries")
+        assert torch.equal(a[~written].isnan(), before[~written].float().isnan()), name
 
 
 @needs_compiler
