@@ -9,6 +9,10 @@ from its output), which the defaults do in one (phase 2's batches then differ):
     ... train_demo_model.py --steps 700 --halt-steps 0 --out /tmp/phase1
     ... train_demo_model.py --init /tmp/phase1 --steps 0 --halt-steps 120 --halt-lr 2e-3
 
+Runs are not bit-reproducible across CPUs (vector units round differently); three runs
+put the held-out level within ~0.2 bits/byte of each other, with the same depth effect
+(bench/results/2026-12-02-demo-model-reproduction.md).
+
 Data: the docstrings of Python's standard library (it ships with every Python, so no
 download), UTF-8 bytes, one <eos> between docstrings. A file goes to the held-out split
 when crc32 of its path inside the stdlib is 0 mod 10, so no held-out text is trained on.
