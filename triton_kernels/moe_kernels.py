@@ -194,7 +194,9 @@ def _combine_kernel(yr_ptr, ys_ptr, out_ptr, ids_ptr, N, D, n_split, E_LO, E_LOC
     for j in tl.static_range(TOP_K):
         held = dm
         if SHARD:
-            ex = tl.load(ids_ptr + base + j) - E_LO
+            # a block of expert ids, not a scalar: Triton 3.9's interpreter rejects
+            # a block mask & a scalar comparison ("mask has unsupported dtype")
+            ex = tl.load(ids_ptr + base + j) - E_LO + 0 * d
             held = dm & (ex >= 0) & (ex < E_LOCAL)
         acc += tl.load(yr_ptr + (base + j) * stride_yr + d, mask=held, other=0.0).to(tl.float32)
     for s in range(0, n_split):
