@@ -45,12 +45,10 @@ def prepare_head(w: HeadWeights) -> CpuHead:
 def head_cpu(x: torch.Tensor, w: CpuHead, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``head`` (see ``ops.head.head_torch``)."""
     if w.row_kernel is not None and x.dim() == 2 and x.shape[0] <= KERNEL_MAX_TOKENS:
-        target = (out if out is not None and out.is_contiguous()
-                  else torch.empty(x.shape[0], w.base.w.shape[0], dtype=x.dtype))
-        launch = bind_head_cpu(x, w, target)
-        if launch is not None:
-            launch()
-            return target if out is None or target is out else out.copy_(target)
+        res = native.run_bound(lambda target: bind_head_cpu(x, w, target), x, out,
+                               width=w.base.w.shape[0])
+        if res is not None:
+            return res
     return head_torch(x, w.base, out)
 
 
@@ -59,21 +57,10 @@ def bind_head_cpu(x: torch.Tensor, w: CpuHead, out: Optional[torch.Tensor] = Non
     kernel, or None where that does not apply (more rows, rows not contiguous in the
     weight's dtype, no kernel, no ``out``). bf16: through float32 staging rows
     (``native.bind_staged``)."""
+    V = w.base.w.shape[0]
+
+    def bind32(x32: torch.Tensor, out32: Optional[torch.Tensor]):
+        return native.bind_rows(w.row_kernel, x32, out32, KERNEL_MAX_TOKENS, width=V)
     if w.base.w.dtype == torch.bfloat16:
-        return native.bind_staged(lambda x32, out32: _bind_rows(x32, w, out32), x, out)
-    return _bind_rows(x, w, out)
-
-
-def _bind_rows(x: torch.Tensor, w: CpuHead, out: Optional[torch.Tensor]):
-    """The prebound kernel call of ``bind_head_cpu`` on float32 rows."""
-    k = w.row_kernel
-    if (k is None or x.dim() != 2 or not 1 <= x.shape[0] <= KERNEL_MAX_TOKENS
-            or x.dtype != torch.float32 or out is None or out.dtype != torch.float32
-            or out.shape != (x.shape[0], w.base.w.shape[0]) or not native.contiguous(x, out)):
-        return None
-    call = native.prebound(k.fn, k.ref, x.data_ptr(), x.shape[0], out.data_ptr(), keep=(x, out))
-
-    def launch():
-        call()
-        return out
-    return launch
+        return native.bind_staged(bind32, x, out)
+    return bind32(x, out)

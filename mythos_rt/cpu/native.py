@@ -141,12 +141,13 @@ def prebound(fn: Callable, *args, keep: tuple = ()) -> Callable:
 
 
 def bind_rows(k: Optional[Kernel], x: torch.Tensor, out: Optional[torch.Tensor],
-              max_rows: int) -> Optional[Callable[[], torch.Tensor]]:
+              max_rows: int, width: Optional[int] = None) -> Optional[Callable[[], torch.Tensor]]:
     """A prebound ``k.fn(k.ref, x, N, out)`` for N = 1..max_rows contiguous float32 rows
-    ``x`` (N, D) into ``out`` of the same shape, returning ``out``; None where that does
-    not apply (no kernel, other rows, no ``out``)."""
+    ``x`` (N, D) into ``out`` (N, ``width``; default D), returning ``out``; None where that
+    does not apply (no kernel, other rows, no ``out``)."""
     if (k is None or x.dim() != 2 or not 1 <= x.shape[0] <= max_rows
-            or x.dtype != torch.float32 or out is None or out.shape != x.shape
+            or x.dtype != torch.float32 or out is None
+            or out.shape != (x.shape[0], x.shape[1] if width is None else width)
             or not contiguous(x, out)):
         return None
     call = prebound(k.fn, k.ref, x.data_ptr(), x.shape[0], out.data_ptr(), keep=(x, out))
@@ -193,11 +194,13 @@ def in_cache_launch(call: Callable[[], int], op: str, cache_lens: torch.Tensor, 
 
 
 def run_bound(bind: Callable[[torch.Tensor], Optional[Callable]], x: torch.Tensor,
-              out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+              out: Optional[torch.Tensor], width: Optional[int] = None) -> Optional[torch.Tensor]:
     """Run an op once through its binder: ``bind(target)`` with ``out`` as the target, or a
-    new tensor like ``x`` (then copied into ``out``, if any) when ``out`` is missing or not
-    contiguous. Returns the result, or None where the binder declines."""
-    target = out if out is not None and out.is_contiguous() else torch.empty_like(x)
+    new tensor like ``x`` (last dimension ``width`` when given; then copied into ``out``, if
+    any) when ``out`` is missing or not contiguous. Returns the result, or None where the
+    binder declines."""
+    target = (out if out is not None and out.is_contiguous() else torch.empty_like(x)
+              if width is None else x.new_empty(*x.shape[:-1], width))
     launch = bind(target)
     if launch is None:
         return None
