@@ -102,7 +102,8 @@ def synthetic(args) -> list[dict]:
     rows = []
     for B in (1, 8):
         for r in _decode_rows(model, prompts[:B], args.new, 16, args.reps):
-            rows.append({"workload": f"synthetic (bias {args.bias}, spread {args.spread})", **r})
+            rows.append({"workload": f"synthetic: mythos_1b shrunk to dim {cfg.dim} (bias "
+                                     f"{args.bias}, spread {args.spread})", **r})
     return rows
 
 
@@ -166,7 +167,9 @@ def main() -> None:
     prov = provenance()
     prov["cpu_flags"] = _cpu_flags()
     prov["load_average_1_5_15min_at_end"] = os.getloadavg()  # the machine may be shared
-    result = {"provenance": prov, "args": vars(args), "synthetic": syn, "trained_decode": dec,
+    synthetic_config = dataclasses.replace(BENCH_CONFIG, attn_type=args.attn).to_dict()
+    result = {"provenance": prov, "args": vars(args), "synthetic_config": synthetic_config,
+              "synthetic": syn, "trained_decode": dec,
               "trained_quality": quality}
     cols = ["workload", "mode", "batch", "n_loops", "decode_ms_per_step", "tokens_per_s",
             "speedup_vs_eager", "evals_saved_pct", "catchup_evals", "greedy_ids_equal_eager"]
