@@ -76,7 +76,7 @@ def build_runtime(optimized: Graph, cfg: MythosConfig, weights: Mapping[str, tor
                     chunk=min(options.chunk, options.max_seq_len),
                     max_seq_len=options.max_seq_len, max_loops=options.max_loops,
                     backend=options.backend, overrides=options.overrides,
-                    act_mode=options.act_mode)
+                    act_mode=options.act_mode, lazy_window=options.lazy_window)
     timings = dict(timings or {}, lower_s=time.perf_counter() - t0)
     return Runtime(lowered, options, traced=traced, timings=timings, tuning=tuning,
                    tokenizer=tokenizer)
@@ -87,7 +87,8 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
             max_loops: Optional[int] = None, config: Any = None, chunk: int = DEFAULT_CHUNK,
             overrides: Optional[Mapping[str, str]] = None, cuda_graphs: bool = True,
             debug: bool = False, progress: bool = False, tokenizer=None,
-            act_mode: str = "eager", tensor_parallel: int = 1) -> Runtime:
+            act_mode: str = "eager", tensor_parallel: int = 1,
+            lazy_window: Optional[int] = None) -> Runtime:
     """Compile an OpenMythos model (module or checkpoint path) into a Runtime.
 
     device: default CUDA if available else CPU. dtype: default the weights' dtype.
@@ -102,6 +103,9 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
     "eager" (every loop for every position, as the reference), "lazy" (exact: a halted
     position's deeper loops run only when a later position needs them, batched) or
     "reuse" (approximate: halted positions' deeper cache entries repeat their last ones).
+    lazy_window: lazy decode steps as fixed passes of this many positions per row, decided
+    on the device and CUDA-graph-capturable (default 16 on CUDA); 0 decides each loop's
+    pass on the host (default on CPU, where it does the least work).
     tensor_parallel: split the model over this many processes, one per device, started by
     ``torchrun --nproc-per-node N`` (every rank calls compile, and then generate, alike);
     each rank reads only its share of a safetensors checkpoint. docs/parallel.md.
@@ -128,7 +132,8 @@ def compile(model_or_path: Union[nn.Module, str, os.PathLike], *, device=None, d
         max_seq_len=cfg.max_seq_len if max_seq_len is None else max_seq_len,
         max_loops=cfg.max_loop_iters if max_loops is None else max_loops, chunk=chunk,
         overrides=dict(overrides or {}), cuda_graphs=cuda_graphs, debug=debug,
-        act_mode=act_mode, tensor_parallel=tensor_parallel).validate(cfg)
+        act_mode=act_mode, tensor_parallel=tensor_parallel,
+        lazy_window=lazy_window).validate(cfg)
     if world > 1:
         parallel.agree("the model and compile options", (cfg.to_dict(), vars(options)))
         # nothing is read yet (lazy): the rank's share must fit its device, not the model

@@ -23,11 +23,20 @@ generated), which are rewritten before anything reads them.
 ``"reuse"`` (approximate, Huginn-style): earlier positions are never resumed; their
 missing loop-t entries are copies of their loop t−1 entries.
 
-Bookkeeping is on the host: since depth never increases along a row, a row's depths are
-fully described by ``deeper[b][t]``, the number of leading positions deeper than loop t,
-so no per-position depth array exists. Each loop reads the chunk's halting flags once
-(free on a CPU); on CUDA this mode therefore runs without CUDA graphs
-(docs/adaptive-depth.md).
+Since depth never increases along a row, a row's depths are fully described by
+``deeper[b, t]``, the number of leading positions deeper than loop t, so no per-position
+depth array exists. Prompt chunks decide their passes on the host: each loop reads the
+chunk's halting flags once (free on a CPU).
+
+Decode steps can instead run *device-resident* (``window`` W > 0, the default on CUDA):
+no host read at all, a fixed list of launches that a CUDA graph can capture. Each loop
+runs one pass of W positions per row starting at ``deeper[b, t]``; rows whose new token
+has halted get an empty pass. That is exact only while no row has W or more positions
+missing a loop's entry, so the store keeps that bound: a decode step whose row would
+reach W pending positions at its deepest loop runs the new token through every loop
+(its output stays frozen by ACT; its cache entries are computed), which catches the
+whole row up, and a prompt chunk ends by catching up every position older than its
+last W − 1 (``lazy_region``). Positions in a pass past the new token are padding.
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ import torch
 
 from .ops.recurrent import ACTState
 
+# Positions per row of a device-resident decode pass on CUDA: a pass of 16 rows per row
+# reads each weight once, like one row, and catch-up waits at most 15 steps.
+DEVICE_WINDOW = 16
+
 
 @dataclass
 class Piece:
@@ -49,6 +62,12 @@ class Piece:
     start: torch.Tensor      # (B,) int32
     store_row: torch.Tensor  # (B·W,) int64
     chunk_row: torch.Tensor  # (B·W,) int64
+    read_row: Optional[torch.Tensor] = None  # (B·W,) int64, store rows gathered (default
+    # store_row; device decode points padding at the new token's row: finite, same experts)
+
+    @property
+    def source(self) -> torch.Tensor:
+        return self.store_row if self.read_row is None else self.read_row
 
 
 @dataclass
@@ -58,8 +77,8 @@ class DepthState:
     h, e : (B_max·(S_max + 1), D) storage dtype: each position's state after its last
         computed loop and its injection input, row ``b·(S_max + 1) + position``; the
         spare row per batch row absorbs the writes of padded pass rows.
-    deeper : host lists, ``deeper[b][t]`` = leading positions of row b computed beyond
-        loop t (their loop-t cache entries exist).
+    deeper : (B_max, max_loops) int64 on the device, ``deeper[b, t]`` = leading positions
+        of row b computed beyond loop t (their loop-t cache entries exist).
     loop_lens : (B_max,) int32, the offset of the current pass (the loop's attention ops
         read positions from it instead of ``cache_lens``).
     chunk_valid : (B_max,) int32, real tokens of each row in the current chunk (prefill
@@ -67,31 +86,57 @@ class DepthState:
     work : the ACT buffers of the pass's rows (the chunk's own are ``Buffers.act``,
         allocated with one spare row, ``n_max``).
     chunk_rows : (N_max,) int64, each chunk token's store row (``store_chunk``).
+    window : W, positions per row of a device-resident decode pass (0: decode steps
+        decide their passes on the host like prompt chunks).
+    counts : (4,) int64 on the device, what device-resident steps add to ``stats``:
+        block_evals, catchup_evals, positions, eager_block_evals; ``halt_counts`` the
+        same for the halting histogram (``collect_stats`` folds them in).
+    force, ran : (B_max,) scratch of a device-resident step (catch-up forced; loops the
+        new token ran before halting); ``device_piece`` its pass's (fixed) rows.
     """
     h: torch.Tensor
     e: torch.Tensor
-    deeper: list
+    deeper: torch.Tensor
     loop_lens: torch.Tensor
     chunk_valid: torch.Tensor
     work: ACTState
     chunk_rows: torch.Tensor
     seq_len: int
     mode: str = "lazy"
+    window: int = 0
+    counts: Optional[torch.Tensor] = None
+    halt_counts: Optional[torch.Tensor] = None
+    force: Optional[torch.Tensor] = None
+    ran: Optional[torch.Tensor] = None
+    device_piece: Optional[Piece] = None
     stats: dict = field(default_factory=dict)
     piece: Optional[Piece] = None
 
     @classmethod
     def allocate(cls, mode: str, max_batch: int, max_seq_len: int, max_loops: int,
-                 n_max: int, dim: int, dtype: torch.dtype, device) -> "DepthState":
+                 n_max: int, dim: int, dtype: torch.dtype, device,
+                 window: int = 0) -> "DepthState":
         rows = max_batch * (max_seq_len + 1)
+        if mode != "lazy" or window * max_batch > n_max:
+            window = 0  # reuse copies entries per row; a pass must fit the activation rows
+        i64 = dict(dtype=torch.int64, device=device)
+        BW = max_batch * max(window, 1)
         st = cls(h=torch.zeros(rows, dim, dtype=dtype, device=device),
                  e=torch.zeros(rows, dim, dtype=dtype, device=device),
-                 deeper=[[0] * max_loops for _ in range(max_batch)],
+                 deeper=torch.zeros(max_batch, max_loops, **i64),
                  loop_lens=torch.zeros(max_batch, dtype=torch.int32, device=device),
                  chunk_valid=torch.zeros(max_batch, dtype=torch.int32, device=device),
                  work=ACTState.allocate(n_max, dim, dtype, device),
-                 chunk_rows=torch.zeros(n_max, dtype=torch.int64, device=device),
-                 seq_len=max_seq_len, mode=mode)
+                 chunk_rows=torch.zeros(n_max, **i64),
+                 seq_len=max_seq_len, mode=mode, window=window,
+                 counts=torch.zeros(4, **i64), halt_counts=torch.zeros(max_loops + 1, **i64),
+                 force=torch.zeros(max_batch, dtype=torch.bool, device=device),
+                 ran=torch.zeros(max_batch, **i64),
+                 device_piece=Piece(start=torch.zeros(max_batch, dtype=torch.int32,
+                                                      device=device),
+                                    store_row=torch.zeros(BW, **i64),
+                                    chunk_row=torch.zeros(BW, **i64),
+                                    read_row=torch.zeros(BW, **i64)))
         st.reset_stats(1)
         return st
 
@@ -100,6 +145,21 @@ class DepthState:
         self.stats = {"block_evals": 0, "eager_block_evals": 0, "catchup_evals": 0,
                       "reused_entries": 0, "positions": 0,
                       "halt_histogram": [0] * (n_loops + 1)}
+        self.counts.zero_()
+        self.halt_counts.zero_()
+
+    def collect_stats(self) -> dict:
+        """``stats`` with the device-resident steps' counters added (one host read)."""
+        stats = dict(self.stats)
+        counts = self.counts.tolist()
+        for key, n in zip(("block_evals", "catchup_evals", "positions", "eager_block_evals"),
+                          counts):
+            stats[key] += n
+        hist = list(stats["halt_histogram"])
+        for loop, n in enumerate(self.halt_counts[:len(hist)].tolist()):
+            hist[loop] += n
+        stats["halt_histogram"] = hist
+        return stats
 
 
 def store_bytes(max_batch: int, max_seq_len: int, dim: int, dtype_bytes: int) -> int:
@@ -117,6 +177,8 @@ class LoopSteps:
         on the chunk's own rows — what eager depth runs.
     gathered_pass[t] : [gather, prologue, *block ops, epilogue, scatter] on a piece.
     flush / unflush : the chunk's h into the store / back (around gathered passes).
+    device_decode(shape) : a device-resident decode step's (step, shape) pairs
+        (``device_decode_steps``).
     """
     start: object
     prologue: list
@@ -124,6 +186,7 @@ class LoopSteps:
     gathered_pass: list
     flush: object
     unflush: object
+    device_decode: Callable = None
 
 
 def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
@@ -144,6 +207,9 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
         [lo, hi) of the row into loop t's caches.
     """
     def expand(shape) -> Iterator:
+        if shape.T == 1 and st.window:
+            yield from steps.device_decode(shape)
+            return
         B, T = shape.B, shape.T
         yield steps.start, shape
         lens = cache_lens[:B].tolist()
@@ -151,8 +217,9 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
         stats = st.stats
         stats["positions"] += sum(valid)
         stats["eager_block_evals"] += sum(valid) * n_loops
-        for b in range(B):  # the chunk's positions start at depth 0
-            st.deeper[b] = [min(d, lens[b]) for d in st.deeper[b]]
+        # the chunk's positions start at depth 0
+        deeper = [[min(d, lens[b]) for d in row[:n_loops]]
+                  for b, row in enumerate(st.deeper[:B].tolist())]
         tail = [0] * B  # depth of each row's last real chunk token
         halt_at = [0] * (B * T)
         was = [True] * (B * T)
@@ -174,15 +241,15 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
                     lo.append(0)
                     n.append(0)
                     continue
-                s = st.deeper[b][t]
+                s = deeper[b][t]
                 if st.mode == "reuse" and s < lens[b]:
                     copy_entries(b, s, lens[b], t)
                     stats["reused_entries"] += lens[b] - s
-                    s = st.deeper[b][t] = lens[b]
+                    s = deeper[b][t] = lens[b]
                 lo.append(s)
                 n.append(lens[b] + last[b] - s + 1)
             whole = max(last) == T - 1 and all(
-                v == 0 or (st.deeper[b][t] >= lens[b] and tail[b] == t)
+                v == 0 or (deeper[b][t] >= lens[b] and tail[b] == t)
                 for b, v in enumerate(valid))
             if whole:
                 if in_store:
@@ -196,7 +263,7 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
                 for b in range(B):
                     if valid[b]:
                         tail[b] = t + 1
-                        st.deeper[b][t] = lens[b] + valid[b]
+                        deeper[b][t] = lens[b] + valid[b]
                 stats["block_evals"] += sum(valid)
                 continue
             if not in_store:
@@ -206,7 +273,7 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
             for b in range(B):
                 if n[b]:
                     stats["catchup_evals"] += lens[b] - lo[b]
-                    st.deeper[b][t] = lens[b] + last[b] + 1
+                    deeper[b][t] = lens[b] + last[b] + 1
                     if last[b] == valid[b] - 1:
                         tail[b] = t + 1
             stats["block_evals"] += sum(n)
@@ -215,7 +282,26 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
                 st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
                 for step in steps.gathered_pass[t]:
                     yield step, type(shape)(B, W)
+        if st.window:  # device-resident decode follows: no row may keep W pending positions
+            for t in range(n_loops):
+                lo = [deeper[b][t] for b in range(B)]
+                n = [max(0, lens[b] + valid[b] - st.window + 1 - lo[b]) for b in range(B)]
+                if not max(n):
+                    continue
+                if not in_store:
+                    yield steps.flush, shape
+                    in_store = True
+                stats["block_evals"] += sum(n)
+                stats["catchup_evals"] += sum(n)
+                for b in range(B):
+                    deeper[b][t] += n[b]
+                for k in range(0, max(n), chunk):
+                    W = min(chunk, max(n) - k)
+                    st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
+                    for step in steps.gathered_pass[t]:
+                        yield step, type(shape)(B, W)
         st.piece = None
+        st.deeper[:B, :n_loops].copy_(torch.tensor(deeper, dtype=torch.int64))
         if not in_store:  # later steps resume this chunk's positions from the store
             yield steps.flush, shape
         hist = stats["halt_histogram"]
@@ -225,6 +311,95 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
                 if loop < len(hist):
                     hist[loop] += 1
     return expand
+
+
+def device_decode_steps(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
+                        e_chunk: torch.Tensor, h: torch.Tensor, n_loops: int,
+                        gathered_pass: list, copy_step: Callable) -> Callable:
+    """A decode step's lazy loop as a fixed list of launches (``st.window`` W > 0): no
+    host read, so a CUDA graph can capture it. For each loop t a *window* step derives the
+    pass from device state alone, then ``gathered_pass[t]`` runs W positions per row:
+    those from ``deeper[b, t]`` up to the new token when the row runs loop t (its new
+    token has not halted, or the row is forced), none otherwise (every pass row then
+    points at the new token's state and writes only spare rows and unused cache slots).
+    The module docstring says why W pending positions per row suffice."""
+    W, S1, spare = st.window, st.seq_len + 1, act.n_max - 1
+    store = store_chunk(st, act, cache_lens, e_chunk, h)
+
+    def start(shape):
+        B = shape.B
+        begin, hv, idx = store(shape), h[:B], st.chunk_rows[:B]
+        deeper, lens, valid = st.deeper[:B, :n_loops], cache_lens[:B], st.chunk_valid[:B]
+
+        def run():
+            begin()
+            st.h.index_copy_(0, idx, hv)  # the new token's h (= e) joins the store
+            L = lens.long()
+            deeper.copy_(torch.minimum(deeper, L[:, None]))  # a new sequence starts at 0
+            real = valid > 0
+            # the row would reach W pending positions at its deepest loop: catch up all
+            torch.logical_and(L - deeper[:, n_loops - 1] + 1 >= W, real, out=st.force[:B])
+            st.ran[:B].zero_()
+            n = real.sum()
+            st.counts[2] += n
+            st.counts[3] += n * n_loops
+        return run
+
+    def window(t: int):
+        def bind(shape):
+            B = shape.B
+            device = cache_lens.device
+            i = torch.arange(W, device=device)[None, :]
+            rows = torch.arange(B, device=device)[:, None]
+            dp = st.device_piece
+            piece = Piece(start=dp.start[:B], store_row=dp.store_row[:B * W],
+                          chunk_row=dp.chunk_row[:B * W], read_row=dp.read_row[:B * W])
+            store_row, chunk_row = piece.store_row.view(B, W), piece.chunk_row.view(B, W)
+            read_row, lens, deeper = piece.read_row.view(B, W), cache_lens[:B], st.deeper[:B, t]
+
+            def run():
+                L = lens.long()
+                running = ~act.halted[:B]  # padding rows were marked halted
+                st.ran[:B] += running
+                runs = running | st.force[:B]
+                first = torch.where(runs, deeper, L + 1)
+                pos = first[:, None] + i
+                live = runs[:, None] & (pos <= L[:, None])
+                base = rows * S1
+                store_row.copy_(torch.where(live, base + pos, base + S1 - 1))
+                read_row.copy_(torch.where(live, base + pos, base + L[:, None]))
+                chunk_row.copy_(torch.where(live & (pos == L[:, None]), rows, spare))
+                piece.start.copy_(first)
+                st.loop_lens[:B].copy_(first)
+                deeper.copy_(torch.where(runs, L + 1, deeper))
+                st.counts[0] += live.sum()
+                st.counts[1] += (live & (pos < L[:, None])).sum()
+                st.piece = piece
+            return run
+        return copy_step(f"depth_window[t={t}]", bind)
+
+    def finish(shape):
+        B = shape.B
+        ones = torch.ones(B, dtype=torch.int64, device=cache_lens.device)
+
+        def run():
+            # loops run before halting (0 = never halted), real rows only
+            loop = torch.where(act.halted[:B], st.ran[:B], 0)
+            st.halt_counts.index_add_(0, loop, ones * (st.chunk_valid[:B] > 0))
+            st.piece = None
+        return run
+
+    first_step, last_step = copy_step("depth_start", start), copy_step("depth_finish", finish)
+    windows = [window(t) for t in range(n_loops)]
+
+    def steps(shape) -> Iterator:
+        yield first_step, shape
+        for t in range(n_loops):
+            yield windows[t], shape
+            for step in gathered_pass[t]:
+                yield step, type(shape)(shape.B, W)
+        yield last_step, shape
+    return steps
 
 
 def _piece(st: DepthState, lo: list[int], n: list[int], k: int, W: int, lens: list[int],
@@ -298,8 +473,8 @@ def gather(st: DepthState, act: ACTState, h: torch.Tensor, e: torch.Tensor):
 
         def run():
             pc = st.piece
-            torch.index_select(st.h, 0, pc.store_row, out=hv)
-            torch.index_select(st.e, 0, pc.store_row, out=ev)
+            torch.index_select(st.h, 0, pc.source, out=hv)
+            torch.index_select(st.e, 0, pc.source, out=ev)
             torch.index_select(act.cum_p, 0, pc.chunk_row, out=cum)
             torch.index_select(act.h_out, 0, pc.chunk_row, out=h_out)
             torch.index_select(act.halted, 0, pc.chunk_row, out=halted)

@@ -400,17 +400,20 @@ def _lazy_loop_steps(low: Lowered, loop: Op, n_loops: int) -> list[Step]:
             for a, c in zip(src, dst):
                 c[b, lo:hi] = a[b, lo:hi]
 
+    gathered_pass = [[copy_step(f"depth_gather[t={t}]", depth.gather(st, act, h, e)),
+                      prologue(t, e), *block[t], epilogue(t, e, st.work, fuse=False),
+                      copy_step(f"depth_scatter[t={t}]", depth.scatter(st, act, h))]
+                     for t in range(n_loops)]
     steps = depth.LoopSteps(
         start=copy_step("depth_start", depth.store_chunk(st, act, lens, e_chunk, h)),
         prologue=[prologue(t, e_chunk) for t in range(n_loops)],
         chunk_pass=[[copy_step(f"depth_offsets[t={t}]", own_offsets), *block[t],
                      epilogue(t, e_chunk, act, fuse=t + 1 < n_loops)] for t in range(n_loops)],
-        gathered_pass=[[copy_step(f"depth_gather[t={t}]", depth.gather(st, act, h, e)),
-                        prologue(t, e), *block[t], epilogue(t, e, st.work, fuse=False),
-                        copy_step(f"depth_scatter[t={t}]", depth.scatter(st, act, h))]
-                       for t in range(n_loops)],
+        gathered_pass=gathered_pass,
         flush=copy_step("depth_flush", depth.flush(st, h)),
-        unflush=copy_step("depth_unflush", depth.flush(st, h, back=True)))
+        unflush=copy_step("depth_unflush", depth.flush(st, h, back=True)),
+        device_decode=depth.device_decode_steps(st, act, lens, e_chunk, h, n_loops,
+                                                gathered_pass, copy_step))
     expand = depth.lazy_region(st, steps, n_loops=n_loops, chunk=low.chunk, cache_lens=lens,
                                act=act, copy_entries=copy_entries)
 
@@ -483,9 +486,14 @@ def _graphs(graph: Graph) -> list[Graph]:
 def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
           device: torch.device, dtype: torch.dtype, *, max_batch: int, chunk: int,
           max_seq_len: int, max_loops: int, backend: str = "auto",
-          overrides: Optional[Mapping[str, str]] = None, act_mode: str = "eager") -> Lowered:
+          overrides: Optional[Mapping[str, str]] = None, act_mode: str = "eager",
+          lazy_window: Optional[int] = None) -> Lowered:
     """Place an optimized graph: select implementations, prepare op arguments, allocate
-    (``act_mode``: "eager", or "lazy"/"reuse" for adaptive depth, ``mythos_rt.depth``)."""
+    (``act_mode``: "eager", or "lazy"/"reuse" for adaptive depth, ``mythos_rt.depth``;
+    ``lazy_window``: its device-resident decode passes' width, default 16 on CUDA and 0,
+    host-decided passes, elsewhere)."""
+    if lazy_window is None:
+        lazy_window = depth.DEVICE_WINDOW if device.type == "cuda" else 0
     kernels = {r.kernel for r in RULES.values() if r.kernel is not None}
     impls = {name: select(name, device, backend, overrides, dtype) for name in kernels}
     n_max = max_batch * chunk
@@ -500,7 +508,8 @@ def lower(graph: Graph, cfg: MythosConfig, weights: Mapping[str, torch.Tensor],
         h=torch.empty(n_max, cfg.dim, dtype=dtype, device=device),
         cos=cos, sin=sin,
         depth=None if act_mode == "eager" else depth.DepthState.allocate(
-            act_mode, max_batch, max_seq_len, max_loops, n_max, cfg.dim, dtype, device))
+            act_mode, max_batch, max_seq_len, max_loops, n_max, cfg.dim, dtype, device,
+            window=min(lazy_window, chunk)))
     low = Lowered(cfg, graph, device, dtype, max_batch, chunk, max_loops, impls, buffers,
                   weights=dict(weights), max_seq_len=max_seq_len)
     for g in _graphs(graph):

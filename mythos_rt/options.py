@@ -6,6 +6,7 @@ A Runtime is built from them and keeps them; artifacts save them (``options.json
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -43,6 +44,9 @@ class CompileOptions:
     debug: bool = False
     act_mode: str = "eager"
     tensor_parallel: int = 1  # ranks the model is split over (mythos_rt.parallel)
+    # lazy depth's decode passes: None = the device's default (16 on CUDA: device-resident,
+    # graph-capturable; 0 elsewhere: decided on the host), or that many positions per row
+    lazy_window: Optional[int] = None
 
     def validate(self, cfg: MythosConfig) -> "CompileOptions":
         for name in ("max_batch_size", "max_seq_len", "max_loops", "chunk", "tensor_parallel"):
@@ -62,6 +66,11 @@ class CompileOptions:
                 isinstance(k, str) and isinstance(v, str) for k, v in self.overrides.items()):
             raise InputError(f"overrides must map op names to backend names, got "
                              f"{str(self.overrides)[:60]!r}")
+        w = self.lazy_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0
+                              or w > self.chunk):
+            raise InputError(f"lazy_window must be None or an integer in [0, chunk={self.chunk}]"
+                             f", got {str(w)[:40]!r}")
         if self.act_mode not in ACT_MODES:
             raise InputError(f"act_mode must be one of {', '.join(ACT_MODES)}, got "
                              f"{str(self.act_mode)[:40]!r}")

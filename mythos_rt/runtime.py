@@ -99,22 +99,26 @@ class Runtime:
             ws.tuned = self.tuning
         buf = lowered.buffers
         self._stats: dict = {}
-        # Lazy depth decides each loop's work on the host (mythos_rt.depth): not capturable.
         self.graphs = DecodeGraphs(
             lambda B, n: self._execute(Shape(B, 1), n), self.device, self.max_batch_size,
             buf.cache_lens, buf.input_ids, static=[buf.cache_lens, buf.input_ids,
                                                    buf.arena["logits"]],
-            enabled=options.cuda_graphs and buf.depth is None, debug=options.debug)
+            enabled=options.cuda_graphs and self._capturable, debug=options.debug)
 
     @property
     def use_cuda_graphs(self) -> bool:
         """Whether decode steps are captured/replayed as CUDA graphs (settable; always off
-        with lazy depth, whose loop decides its work on the host)."""
+        when lazy depth decides its decode passes on the host, ``lazy_window=0``)."""
         return self.graphs.enabled
 
     @use_cuda_graphs.setter
     def use_cuda_graphs(self, on: bool) -> None:
-        self.graphs.set_enabled(on and self._low.buffers.depth is None)
+        self.graphs.set_enabled(on and self._capturable)
+
+    @property
+    def _capturable(self) -> bool:
+        depth = self._low.buffers.depth
+        return depth is None or depth.window > 0
 
     @property
     def act_mode(self) -> str:
@@ -134,7 +138,7 @@ class Runtime:
           index 0 = never halted (lazy and reuse only; None under eager).
         """
         st = self._low.buffers.depth
-        stats = dict(st.stats if st is not None else self._stats)
+        stats = st.collect_stats() if st is not None else dict(self._stats)
         if st is None:
             stats["halt_histogram"] = None
         stats["act_mode"] = self.act_mode
@@ -403,6 +407,7 @@ class Runtime:
                     depth.chunk_valid[:B].fill_(T)
                 else:
                     depth.chunk_valid[:B].copy_(torch.tensor(valid, dtype=torch.int32))
+                depth.chunk_valid[B:].zero_()  # rows a CUDA graph's batch bucket pads
             self._low.buffers.input_ids[:B * T].copy_(ids.reshape(-1))
             if T == 1:
                 self.graphs.step(B, n_loops)

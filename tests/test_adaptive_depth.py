@@ -68,13 +68,64 @@ def test_lazy_is_exact(preset, backend):
     _check_generate(rt, model, [ids[0, :3], ids[1], ids[2, :6]], 4, n, TOL[backend])
 
 
-def test_lazy_is_exact_on_triton_interpreted(monkeypatch):
+@pytest.mark.parametrize("preset", ["tiny_mla", "tiny_gqa"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("window", [2, 4])
+def test_device_resident_decode_is_exact(preset, backend, window):
+    """Decode passes decided on the device (``lazy_window``), narrow enough that rows
+    reach the bound and are caught up (forced) several times, ragged."""
+    ids = torch.randint(0, 97, (3, 9))
+    model = _model(preset, ids, seed=4)
+    n = model.cfg.max_loop_iters + 1
+    rt = mythos_rt.compile(model, backend=backend, max_batch_size=3, chunk=4, max_loops=n,
+                           act_mode="lazy", lazy_window=window)
+    _check_generate(rt, model, [ids[0, :3], ids[1], ids[2, :6]], 7, n, TOL[backend])
+    s = rt.last_stats
+    assert s["block_evals"] <= s["eager_block_evals"] and s["positions"] == 3 + 9 + 6 + 3 * 6
+    assert sum(s["halt_histogram"]) == s["positions"]
+
+
+def test_device_resident_decode_reads_nothing_on_the_host(monkeypatch):
+    """The depth steps of a decode step (window, gather, scatter, start, finish) never
+    read a device value on the host: what lets a CUDA graph capture them."""
+    ids = torch.randint(0, 97, (2, 5))
+    model = _model("tiny_mla", ids, seed=5)
+    n = model.cfg.max_loop_iters
+    rt = mythos_rt.compile(model, backend="torch", max_batch_size=2, chunk=4, max_loops=n,
+                           act_mode="lazy", lazy_window=4)
+    checked = []
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a host read in a device-resident depth step")
+
+    class NoHostReads:
+        decoding = False
+
+        def on_step_start(self, step, shape):
+            if step.name == "depth_start":
+                self.decoding = shape.T == 1
+            if self.decoding and step.name.startswith("depth_"):
+                checked.append(step.name)
+                for name in ("tolist", "item", "__bool__", "__int__", "__index__"):
+                    monkeypatch.setattr(torch.Tensor, name, forbidden)
+
+        def on_step_end(self, step, shape):
+            monkeypatch.undo()
+    with rt.observe(NoHostReads()):
+        out = rt.generate(ids, 4, n_loops=n)
+    assert torch.equal(out, model.generate(ids, 4, n_loops=n, temperature=0.0))
+    assert {"depth_start", "depth_window[t=0]", "depth_gather[t=0]", "depth_scatter[t=0]",
+            "depth_finish"} <= set(checked)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_lazy_is_exact_on_triton_interpreted(monkeypatch, window):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ids = torch.randint(0, 97, (2, 6))
     model = _model("tiny_mla", ids, seed=1)
     n = model.cfg.max_loop_iters + 1
     rt = mythos_rt.compile(model, backend="triton", max_batch_size=2, chunk=4, max_loops=n,
-                           act_mode="lazy")
+                           act_mode="lazy", lazy_window=window)
     assert set(rt.backends.values()) == {"triton"}
     out, logits = rt.generate([ids[0, :3], ids[1]], 2, n_loops=n, return_logits=True)
     for b, p in enumerate([ids[0, :3], ids[1]]):
@@ -104,16 +155,21 @@ def test_lazy_depth_on_cuda(preset, mode):
     with torch.no_grad():
         assert_rel_close(logits, model(ids, n_loops=n), TOL_FP32_TORCH)
     _check_generate(rt, model, [ids[0, :3], ids[1], ids[2, :6]], 4, n, TOL_FP32_TORCH)
+    # lazy decode steps are device-resident by default on CUDA: captured, not eager
+    assert rt.use_cuda_graphs and rt.graphs.captured and not rt.graphs.fallbacks, \
+        rt.graphs.fallbacks
 
 
-def test_counters_follow_the_halting_depths():
+@pytest.mark.parametrize("window", [0, 16])
+def test_counters_follow_the_halting_depths(window):
     """Each (position, loop) runs at most once, so the lazy runtime evaluates exactly
-    every position's final depth: the deepest halting loop at or after it."""
+    every position's final depth: the deepest halting loop at or after it (also with
+    device-resident decode passes wider than the sequence: nothing is forced)."""
     ids = torch.randint(0, 97, (1, 7))
     model = _model("tiny_mla", ids, seed=2)
     n = model.cfg.max_loop_iters + 1
     rt = mythos_rt.compile(model, backend="torch", max_batch_size=1, chunk=16, max_loops=n,
-                           act_mode="lazy")
+                           act_mode="lazy", lazy_window=window)
     out = rt.generate(ids, 6, n_loops=n)
     stats = rt.last_stats
     k = [n if x == 0 else x for x in halting_loops(model, out[:, :-1], n)[0].tolist()]
@@ -177,6 +233,9 @@ def test_options_artifacts_and_graphs(tmp_path):
     model = _model("tiny_gqa", ids)
     with pytest.raises(InputError, match="act_mode must be one of eager, lazy, reuse, got 'fast'"):
         mythos_rt.compile(model, backend="torch", act_mode="fast")
+    for bad in (-1, True, 1.5, 300):
+        with pytest.raises(InputError, match="lazy_window must be None or an integer in"):
+            mythos_rt.compile(model, backend="torch", act_mode="lazy", lazy_window=bad)
     rt = mythos_rt.compile(model, backend="torch", max_batch_size=1, act_mode="lazy")
     assert rt.act_mode == "lazy" and not rt.use_cuda_graphs
     rt.use_cuda_graphs = True

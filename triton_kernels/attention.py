@@ -3,14 +3,14 @@
 Projections are torch matmuls; RoPE, the cache writes and the attention math are the
 kernels of this package. Decode (T == 1) launches depend only on host-side shapes
 (lengths stay on the device). Prefill (T > 1) reads ``max(cache_lens)`` once on the host
-to size the key range.
+to size the key range, except under CUDA-graph capture (``key_extent``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops.attention import GQAWeights, MLAWeights, gqa_sublayer, mla_sublayer
+from ..ops.attention import GQAWeights, MLAWeights, gqa_sublayer, key_extent, mla_sublayer
 from .flash_attention import _launch as _flash_launch
 from .flash_attention import flash_attention
 from .gqa_decode import gqa_decode
@@ -50,7 +50,7 @@ def mla_prefill(q_nope, q_pe, ckv, kpe, cache_lens, w: MLAWeights, scale, latent
     """
     B, T, H, nope = q_nope.shape
     R, vd = w.kv_lora_rank, w.v_dim
-    S = min(int(cache_lens.max()) + T, ckv.shape[1])  # host sync to size the range
+    S = key_extent(cache_lens, T, ckv.shape[1])
     kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
     if latent is None:
         latent = latent_prefill_wins(T, R, nope, w.rope_dim, vd)

@@ -301,6 +301,16 @@ def mla_query(x, w: MLAWeights):
             (c_q @ w.q_up_rope.t()).view(B, T, w.n_heads, w.rope_dim))
 
 
+def key_extent(cache_lens: torch.Tensor, T: int, S_max: int) -> int:
+    """Cache positions a chunk's attention spans: the longest row's prefix + T, read on
+    the host; while a CUDA graph is being captured (a device-resident lazy-depth pass,
+    ``mythos_rt.depth``) the whole cache instead, since a capture cannot read the device
+    (each row still stops at its own ``kv_len``)."""
+    if cache_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return S_max
+    return min(int(cache_lens.max()) + T, S_max)
+
+
 def mla_sublayer(x, w: MLAWeights, ckv, kpe, cache_lens, cos, sin, scale, out,
                  kernels) -> torch.Tensor:
     """The MLA sublayer's composition, shared by the torch and Triton backends.
@@ -330,7 +340,7 @@ def mla_prefill(q_nope, q_pe, ckv, kpe, cache_lens, w: MLAWeights, scale):
     """Causal attention of a chunk (B, T, H, ·) over the cached prefix + chunk: per-head
     K/V expanded from the latent cache through kv_up. Returns (B, T, H, v_dim)."""
     B, T, H, nope = q_nope.shape
-    S = min(int(cache_lens.max()) + T, ckv.shape[1])  # host sync to size the range
+    S = key_extent(cache_lens, T, ckv.shape[1])
     kv = (ckv[:B, :S] @ w.kv_up.t()).view(B, S, H, nope + w.v_dim)
     k = torch.cat([kv[..., :nope], kpe[:B, :S, None, :].expand(B, S, H, w.rope_dim)], -1)
     kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
@@ -367,7 +377,7 @@ def gqa_sublayer(x, w: GQAWeights, k_cache, v_cache, cache_lens, cos, sin, scale
         kv_lens = (cache_lens + 1).clamp(max=S_max).to(torch.int32)
         o = decode_fn(q[:, 0], k_cache, v_cache, kv_lens, scale)
         return _finish(o.reshape(B, 1, H * d), w.wo, out)
-    S = min(int(cache_lens.max()) + T, S_max)  # prefill only: host sync to size the range
+    S = key_extent(cache_lens, T, S_max)
     kv_len = (cache_lens + T).clamp(max=S).to(torch.int32)
     o = flash_fn(q, k_cache[:B, :S], v_cache[:B, :S], cache_lens, kv_len, scale)
     return _finish(o.reshape(B, T, H * d), w.wo, out)
