@@ -5,6 +5,8 @@ Two workloads:
 * ``synthetic``: mythos_1b's structure at the CPU-friendly width of
   ``bench_runtime_cpu.BENCH_CONFIG`` (random weights) with the halting head calibrated by
   ``mythos_rt.testing.spread_act_halting`` (``--bias`` sets how early positions halt);
+  ``--preset mythos_1b`` runs it at the real preset instead (random weights scaled by
+  fan-in; ``--batches 1`` and ``--skip-trained`` keep such a run to minutes);
 * ``trained``: the shipped demo model (``mythos_rt/assets/docstrings_lm``) on held-out
   docstring text, at its trained depth (8) and beyond (16).
 
@@ -36,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mythos_rt  # noqa: E402
-from bench.bench_runtime_cpu import BENCH_CONFIG, _cpu_flags  # noqa: E402
+from bench.bench_runtime_cpu import BENCH_CONFIG, _cpu_flags, _random_reference  # noqa: E402
 from bench.harness import markdown_table, provenance  # noqa: E402
+from mythos_rt.config import MythosConfig  # noqa: E402
 from mythos_rt.reference import OpenMythos  # noqa: E402
 from mythos_rt.testing import rel_err, spread_act_halting  # noqa: E402
 from mythos_rt.tokenizer import ByteTokenizer  # noqa: E402
@@ -93,17 +96,30 @@ def _decode_rows(model, prompts: torch.Tensor, new: int, n_loops: int, reps: int
     return rows
 
 
+def synthetic_config(args) -> MythosConfig:
+    """mythos_1b shrunk to dim 256, or with ``--preset`` the real preset (its cache only
+    as long as the run needs)."""
+    if args.preset:
+        return dataclasses.replace(MythosConfig.from_preset(args.preset), attn_type=args.attn,
+                                   max_seq_len=args.prompt + args.new + 8)
+    return dataclasses.replace(BENCH_CONFIG, attn_type=args.attn)
+
+
 def synthetic(args) -> list[dict]:
-    cfg = dataclasses.replace(BENCH_CONFIG, attn_type=args.attn)
-    torch.manual_seed(0)
-    model = OpenMythos(cfg).eval()
+    cfg = synthetic_config(args)
+    if args.preset:  # random weights scaled by fan-in, as bench_runtime_cpu's real-size runs
+        model = _random_reference(cfg, getattr(torch, args.dtype))
+        what = f"synthetic: {args.preset} (real size, random weights, {args.dtype})"
+    else:
+        torch.manual_seed(0)
+        model = OpenMythos(cfg).eval()
+        what = f"synthetic: mythos_1b shrunk to dim {cfg.dim}"
     prompts = torch.randint(0, cfg.vocab_size, (8, args.prompt))
     spread_act_halting(model, prompts, bias=args.bias, spread=args.spread)
     rows = []
-    for B in (1, 8):
+    for B in args.batches:
         for r in _decode_rows(model, prompts[:B], args.new, 16, args.reps):
-            rows.append({"workload": f"synthetic: mythos_1b shrunk to dim {cfg.dim} (bias "
-                                     f"{args.bias}, spread {args.spread})", **r})
+            rows.append({"workload": f"{what} (bias {args.bias}, spread {args.spread})", **r})
     return rows
 
 
@@ -159,16 +175,24 @@ def main() -> None:
     ap.add_argument("--eval-len", type=int, default=128, help="held-out bytes per window")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", help="the synthetic workload at this real preset (e.g. "
+                    "mythos_1b, random weights) instead of mythos_1b shrunk to dim 256")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="weights of a --preset run (three runtimes of mythos_1b in float32 "
+                    "need about 24 GB; bfloat16 half)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8],
+                    help="decode batch sizes of the synthetic workload")
+    ap.add_argument("--skip-trained", action="store_true",
+                    help="only the synthetic workload (no demo-model rows)")
     ap.add_argument("--out", help="results stem (writes STEM.json and STEM.md)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     syn = synthetic(args)
-    dec, quality = trained(args)
+    dec, quality = ([], []) if args.skip_trained else trained(args)
     prov = provenance()
     prov["cpu_flags"] = _cpu_flags()
     prov["load_average_1_5_15min_at_end"] = os.getloadavg()  # the machine may be shared
-    synthetic_config = dataclasses.replace(BENCH_CONFIG, attn_type=args.attn).to_dict()
-    result = {"provenance": prov, "args": vars(args), "synthetic_config": synthetic_config,
+    result = {"provenance": prov, "args": vars(args), "synthetic_config": synthetic_config(args).to_dict(),
               "synthetic": syn, "trained_decode": dec,
               "trained_quality": quality}
     cols = ["workload", "mode", "batch", "n_loops", "decode_ms_per_step", "tokens_per_s",

@@ -229,14 +229,8 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
 
 def _cpu_flags() -> str:
     """The CPU's vector-relevant feature flags (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
-    keep = ("avx", "fma", "f16c", "amx")
-    return " ".join(f for f in flags if f.startswith(keep))
+    from mythos_rt.cpu import native
+    return native.cpu_facts()["cpu_flags"]
 
 
 def _row_kernels(backend: str) -> str:

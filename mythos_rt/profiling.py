@@ -40,6 +40,7 @@ import torch
 
 from . import costmodel
 from .config import MythosConfig
+from .cpu import native
 from .errors import InputError
 from .lower import Shape, Step
 
@@ -307,22 +308,12 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> costmodel.Ceil
     del x
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     mm_ms = _median_ms(lambda: a @ b, device, reps=10 if cuda else 3)
-    name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
+    name = torch.cuda.get_device_name(device) if cuda else native.cpu_facts()["cpu"]
     return costmodel.Ceilings(
         copy_gbps=round(nbytes / (read_ms * 1e-3) / 1e9, 2),
         bf16_tflops=round(2 * n ** 3 / (mm_ms * 1e-3) / 1e12, 4), measured=True,
         source=f"measured on this {device.type} ({name}): read of {nbytes >> 20} MiB of random "
                f"data (sum), {n}^3 {str(dtype).replace('torch.', '')} matmul, median")
-
-
-def _cpu_name() -> str:
-    import platform
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager
@@ -648,6 +639,9 @@ def _provenance(rt) -> dict:
         p["triton"] = None
     if rt.device.type == "cuda":
         p["gpu"] = torch.cuda.get_device_name(rt.device)
+    else:
+        p.update(native.cpu_facts())
+        p["cpu_row_kernels"] = native.describe()
     return p
 
 

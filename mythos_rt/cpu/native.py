@@ -272,6 +272,24 @@ def compiler() -> Optional[str]:
     return None
 
 
+def cpu_facts() -> dict:
+    """The CPU model and its vector-relevant feature flags (for results files: the same
+    code runs AVX-512 on one machine and AVX2 on another)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags") and key not in fields:
+                    fields[key] = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    keep = ("avx", "fma", "f16c", "amx")
+    flags = [f for f in fields.get("flags", "").split() if f.startswith(keep)]
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_flags": " ".join(flags) if "flags" in fields else "unknown"}
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and its feature flags."""
     try:
