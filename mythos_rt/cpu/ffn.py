@@ -5,8 +5,9 @@ Up to ``KERNEL_MAX_TOKENS`` rows (decode) run ``ffn_rows`` of ``mythos_rt.cpu.na
 op's own weights (nothing is copied): gate/up rows split among threads, each row of the
 weights read once for all the step's rows, then the down projection. bf16 weights stay
 bf16 and run ``ffn_rows_bf16`` (widened in registers, float32 sums, the rows staged
-through float32). Longer chunks (prefill: large matmuls, bf16 ones in oneDNN) and
-machines without the kernels run the torch composite
+through float32). Longer chunks (prefill: large matmuls, bf16 ones in oneDNN where the
+CPU has bf16 hardware; without it the kernel takes them too, ``native.kernel_row_limit``)
+and machines without the kernels run the torch composite
 (``mythos_rt.ops.ffn.dense_ffn_torch``), as do other dtypes.
 """
 
@@ -33,7 +34,9 @@ KERNEL_MAX_TOKENS = 16
 @dataclass
 class CpuFFN:
     base: DenseFFN
-    row_kernel: Optional[native.Kernel] = None  # up to KERNEL_MAX_TOKENS rows in one call
+    row_kernel: Optional[native.Kernel] = None  # up to max_rows rows in one call
+    max_rows: int = KERNEL_MAX_TOKENS  # more than KERNEL_MAX_TOKENS only for bf16 without
+    # bf16 hardware (native.kernel_row_limit)
 
     @property
     def hidden(self) -> int:
@@ -51,6 +54,7 @@ def prepare_dense_ffn(w: DenseFFN) -> CpuFFN:
                                        native.FfnRow, dict(D=w.down.shape[0], H=w.down.shape[1]),
                                        dict(w13=w.w13, down=w.down),
                                        bf16=("w13", "down") if bf16 else ())
+        ffn.max_rows = native.kernel_row_limit(KERNEL_MAX_TOKENS, w.w13.dtype)
     return ffn
 
 
@@ -68,14 +72,14 @@ def dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] = None
 def bind_dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] = None,
                        gate_up: Optional[torch.Tensor] = None,
                        act: Optional[torch.Tensor] = None):
-    """``dense_ffn_cpu`` of up to ``KERNEL_MAX_TOKENS`` rows as a prebound call of the compiled
+    """``dense_ffn_cpu`` of up to ``w.max_rows`` rows as a prebound call of the compiled
     kernel (its own scratch: ``gate_up``/``act`` are left alone), or None where that does
     not apply (more rows, not contiguous rows in the weights' dtype, no kernel, no
     ``out``). bf16 weights: through float32 staging rows (``native.bind_staged``)."""
     if w.base.w13.dtype != torch.bfloat16:
-        return native.bind_rows(w.row_kernel, x, out, KERNEL_MAX_TOKENS)
+        return native.bind_rows(w.row_kernel, x, out, w.max_rows)
     return native.bind_staged(
-        lambda x32, out32: native.bind_rows(w.row_kernel, x32, out32, KERNEL_MAX_TOKENS), x, out)
+        lambda x32, out32: native.bind_rows(w.row_kernel, x32, out32, w.max_rows), x, out)
 
 
 def swiglu_cpu(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -14,8 +14,9 @@ of up to ``kernel_max_tokens`` tokens (16 per expert) is one ``moe_rows`` call o
 the same layout instead. Longer chunks (prefill) sort their (token, slot) pairs by
 expert once and run one matmul pair per expert (``_moe_grouped``). bf16 weights stay
 bf16 (half the bytes a decode token streams) and run ``moe_rows_bf16``, which widens
-them to float32 in registers, for the same chunks; longer bf16 chunks and other dtypes
-run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
+them to float32 in registers: decode batches where the CPU has bf16 hardware (oneDNN's
+bf16 matmuls win chunks there), the same chunks as float32 where it has not; longer bf16
+chunks and other dtypes run the torch implementation (``mythos_rt.ops.moe.moe_ffn_torch``).
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE | PackedMoE:
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
                  shared_w2=shared_w2), bf16=matrices if bf16 else ())
-        moe.kernel_max_tokens = (BF16_KERNEL_MAX_TOKENS if bf16
-                                 else KERNEL_TOKENS_PER_EXPERT * E // packed.top_k)
+        moe.kernel_max_tokens = min(KERNEL_TOKENS_PER_EXPERT * E // packed.top_k,
+                                    native.kernel_row_limit(BF16_KERNEL_MAX_TOKENS, packed.w13.dtype)
+                                    if bf16 else 1 << 30)
     return moe
 
 
@@ -125,10 +127,12 @@ MAX_TOKENS = 8
 # experts, top-4, on 2 cores: 4.2x at 16 tokens, 1.6x at 256, 0.64x at 1024), so it takes
 # chunks of up to this many tokens per expert on average (a 256-token prefill chunk there).
 KERNEL_TOKENS_PER_EXPERT = 16
-# bf16 weights: the kernel widens every weight it reads, and torch's bf16 matmuls (oneDNN)
-# win on chunks: a 64-token mythos_1b prompt ran at 0.41x the eager reference through the
-# kernel (bench/results/2026-12-01-cpu-mythos_1b-bf16-kernel-prefill.json). The kernel takes
-# decode batches only.
+# bf16 weights on a CPU that multiplies bf16 in hardware (native.native_bf16_matmul): the
+# kernel widens every weight it reads, and torch's bf16 matmuls (oneDNN) win on chunks: a
+# 64-token mythos_1b prompt ran at 0.41x the eager reference through the kernel on a Zen 4
+# (bench/results/2026-12-01-cpu-mythos_1b-bf16-kernel-prefill.json), so the kernel takes
+# decode batches only. Without bf16 hardware those matmuls are the slow path and the
+# kernel takes chunks as for float32 weights.
 BF16_KERNEL_MAX_TOKENS = 16
 
 

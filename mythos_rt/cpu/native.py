@@ -290,6 +290,23 @@ def cpu_facts() -> dict:
             "cpu_flags": " ".join(flags) if "flags" in fields else "unknown"}
 
 
+def native_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16), which is
+    what makes torch's bf16 matmuls (oneDNN) fast; without it they are far slower than
+    widening bf16 weights in the row kernels (docs/cpu.md, "bf16")."""
+    flags = cpu_facts()["cpu_flags"].split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def kernel_row_limit(limit: int, dtype: torch.dtype) -> int:
+    """The most rows a row kernel takes before torch's matmuls do: ``limit`` (where a
+    blocked GEMM starts to win), except for bf16 weights on a CPU without bf16 hardware,
+    where torch's bf16 matmuls are the slow path and the kernel takes every chunk."""
+    if dtype == torch.bfloat16 and not native_bf16_matmul():
+        return 1 << 30
+    return limit
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and its feature flags."""
     try:

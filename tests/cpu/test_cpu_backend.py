@@ -10,6 +10,7 @@ MoE one token vs several, the one-row ACT update, norms with aliasing outputs.
 import pytest
 import torch
 
+from mythos_rt.cpu import native
 from mythos_rt.cpu.attention import prepare_mla
 from mythos_rt.cpu.ffn import dense_ffn_cpu, prepare_dense_ffn, swiglu_cpu
 from mythos_rt.cpu.head import head_cpu, prepare_head
@@ -96,13 +97,24 @@ def test_dense_ffn_matches_reference(N):
     assert_rel_close(out, ref, TOL_FP32_TORCH)
 
 
+@pytest.fixture(params=[True, False], ids=["bf16-hardware", "no-bf16-hardware"])
+def bf16_hardware(request, monkeypatch):
+    """Both choices of who takes bf16 chunks (``native.kernel_row_limit``), whatever CPU
+    runs the tests: torch's matmuls (bf16 hardware) or the row kernels (none)."""
+    monkeypatch.setattr(native, "native_bf16_matmul", lambda: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("N", [1, 3, 16, 20], ids=["one", "decode-batch", "max-rows", "prefill"])
-def test_dense_ffn_bf16_weights_match_the_fp32_reference(N, row_path):
+def test_dense_ffn_bf16_weights_match_the_fp32_reference(N, row_path, bf16_hardware):
     """bf16 weights stay bf16: up to 16 rows run ffn_rows_bf16 (compiled paths), more the
-    torch bf16 matmuls; judged against the float32 reference at the bf16 per-kernel bound."""
+    torch bf16 matmuls on bf16 hardware and the kernel without; judged against the float32
+    reference at the bf16 per-kernel bound."""
     ex, w = make_ffn(40, torch.bfloat16)  # hidden 53: nothing a multiple of 16
     ffn = prepare_dense_ffn(w)
     assert (ffn.row_kernel is not None) == (row_path == "compiled")
+    if ffn.row_kernel is not None:
+        assert ffn.max_rows == (16 if bf16_hardware else 1 << 30)
     x = torch.randn(N, 40).bfloat16()
     with torch.no_grad():
         ref = ex.to(torch.bfloat16).float()(x.float())
@@ -116,12 +128,16 @@ def test_dense_ffn_bf16_weights_match_the_fp32_reference(N, row_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("N", [1, 3, 16, 20], ids=["one", "decode-batch", "max-rows", "prefill"])
-def test_head_matches_the_fp32_reference(N, dtype, row_path):
+def test_head_matches_the_fp32_reference(N, dtype, row_path, bf16_hardware):
     """Up to 16 rows run head_rows / head_rows_bf16 (compiled paths), more the torch
-    matmul; bf16 judged against the float32 product at the bf16 per-kernel bound."""
+    matmul (bf16 without bf16 hardware: the kernel); bf16 judged against the float32
+    product at the bf16 per-kernel bound."""
     w = torch.randn(203, 40).to(dtype)  # neither a multiple of 4 or 16
     head = prepare_head(HeadWeights(w))
     assert (head.row_kernel is not None) == (row_path == "compiled")
+    if head.row_kernel is not None:
+        assert head.max_rows == (1 << 30 if dtype == torch.bfloat16 and not bf16_hardware
+                                 else 16)
     x = torch.randn(N, 40).to(dtype)
     ref = x.float() @ w.float().t()
     tol = TOL_BF16_KERNEL if dtype == torch.bfloat16 else TOL_FP32_TORCH
@@ -235,15 +251,21 @@ def test_batch1_decode_matches_reference(name, monkeypatch, row_path):
 
 
 @pytest.mark.parametrize("N", [1, 3, 29], ids=["one-token", "decode-batch", "chunk"])
-def test_moe_bf16_weights_match_the_fp32_reference(N, row_path):
-    """bf16 weights stay bf16 (the kernel widens them in registers); judged against the
-    float32 reference with docs/design.md's bf16 per-kernel bound."""
+def test_moe_bf16_weights_match_the_fp32_reference(N, row_path, bf16_hardware):
+    """bf16 weights stay bf16 (the kernel widens them in registers; it takes chunks too
+    on a CPU without bf16 hardware); judged against the float32 reference with
+    docs/design.md's bf16 per-kernel bound."""
     cfg = moe_cfg(D=48, I=16, E=6, k=3, S=2)
     m = make_moe(cfg)
     moe = prepare_moe(op_args("moe", m.state_dict(), cfg, dtype=torch.bfloat16))
     assert moe.base.w13.dtype == torch.bfloat16 and moe.front.dtype == torch.bfloat16
     assert (moe.row_kernel is not None) == (row_path == "compiled")
+    if moe.row_kernel is not None:
+        assert moe.kernel_max_tokens == (16 if bf16_hardware else 16 * 6 // 3)
     x = torch.randn(N, cfg.dim).bfloat16()
+    with torch.no_grad():  # the reference on the same (bf16-rounded) weights: a router
+        for p in m.parameters():  # logit near a tie may otherwise pick another expert
+            p.copy_(p.bfloat16().float())
     ref = ref_forward(m, x.float())
     res = moe_ffn_cpu(x, moe)
     assert res.dtype == torch.bfloat16
