@@ -87,6 +87,31 @@ void rmsnorm_rows(const float* x, const float* residual, const float* w, float e
   }
 }
 
+// rmsnorm_rows over bf16 rows (w float32), as the torch implementation computes it: the
+// residual sum rounded to bf16 and stored, then normalized from that stored value in
+// float32, the output rounded once.
+void rmsnorm_rows_bf16(const bf16* x, const bf16* residual, const float* w, float eps,
+                       int32_t N, int32_t D, bf16* out, bf16* residual_out) {
+  [[maybe_unused]] const int T = team_size();
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(T) if (T > 1 && N >= 16)
+#endif
+  for (int n = 0; n < N; ++n) {
+    const int64_t at = static_cast<int64_t>(n) * D;
+    float* s = scratch(D);
+    for (int d = 0; d < D; ++d) {
+      if (residual != nullptr) {
+        residual_out[at + d] = to_bf16(to_float(x[at + d]) + to_float(residual[at + d]));
+        s[d] = to_float(residual_out[at + d]);
+      } else {
+        s[d] = to_float(x[at + d]);
+      }
+    }
+    const float r = inv_rms(s, D, eps);
+    for (int d = 0; d < D; ++d) out[at + d] = to_bf16(s[d] * r * w[d]);
+  }
+}
+
 // ------------------------------------------------------------------------------ MLA
 
 // Every matrix in nn.Linear's (out, in) layout, streamed row by row (gemm_nk); float32
@@ -638,6 +663,68 @@ void loop_epilogue_rows(const LoopRow* p, const float* lora_down, const float* b
     crossed += epilogue_one(p, lora_down, block_out + n * D, h + n * D, e + n * D, cum_p + n,
                             halted + n, h_out + n * D, next_emb,
                             next_emb != nullptr ? next_combined + n * D : nullptr);
+  *n_running -= crossed;
+}
+
+
+// The epilogue of one row stored in bf16 (block_out, h, e, h_out and next_combined;
+// the loop's vectors float32), as the torch implementation computes it: every sum in
+// float32, h rounded to bf16 once, and that stored value is what the ACT update and the
+// next prologue read. Returns whether the row halted at this step.
+static bool epilogue_one_bf16(const LoopRow* p, const float* lora_down, const bf16* block_out,
+                              bf16* h, const bf16* e, float* cum_p, bool* halted, bf16* h_out,
+                              const float* next_emb, bf16* next_combined) {
+  const int D = p->D;
+  float* mixed = scratch(3 * static_cast<size_t>(D) + p->r);  // block_out + LoRA delta
+  float* hs = mixed + D;                                      // the stored h, widened
+  float* ef = hs + D;                                         // e, widened
+  float* z = ef + D;
+  for (int d = 0; d < D; ++d) {
+    mixed[d] = to_float(block_out[d]);
+    ef[d] = to_float(e[d]);
+  }
+  gemv_nk(mixed, lora_down, p->r, D, 1.0f, z, false);
+  gemv_kn(z, p->lora_B, p->r, D, D, mixed, true);
+  for (int d = 0; d < D; ++d) {
+    h[d] = to_bf16((p->A[d] * to_float(h[d]) + p->inj_B[d] * ef[d]) + mixed[d]);
+    hs[d] = to_float(h[d]);
+  }
+  const float logit = p->halt_b[0] + dot(hs, p->halt_w, D);
+  const float prob = 1.0f / (1.0f + std::exp(-logit));
+  const float cum = *cum_p;
+  bool crossing = false;
+  if (!(cum >= p->threshold)) {
+    const float total = cum + prob;
+    crossing = total >= p->threshold;
+    const float weight = crossing ? (1.0f - cum > 0.f ? 1.0f - cum : 0.f) : prob;
+    if (weight != 0.f)
+      for (int d = 0; d < D; ++d) h_out[d] = to_bf16(to_float(h_out[d]) + weight * hs[d]);
+    *cum_p = total;
+    if (crossing) *halted = true;
+  }
+  if (next_emb != nullptr) {  // mixed is free again: the prologue's sum
+    for (int d = 0; d < D; ++d) mixed[d] = (hs[d] + next_emb[d]) + ef[d];
+    const float r = inv_rms(mixed, D, p->eps);
+    for (int d = 0; d < D; ++d) next_combined[d] = to_bf16(mixed[d] * r * p->norm_w[d]);
+  }
+  return crossing;
+}
+
+// loop_epilogue_rows over bf16 rows (epilogue_one_bf16); the ACT sums stay float32.
+void loop_epilogue_rows_bf16(const LoopRow* p, const float* lora_down, const bf16* block_out,
+                             bf16* h, const bf16* e, int32_t N, float* cum_p, bool* halted,
+                             bf16* h_out, int32_t* n_running, const float* next_emb,
+                             bf16* next_combined) {
+  const int64_t D = p->D;
+  int crossed = 0;
+  [[maybe_unused]] const int T = team_size();
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(T) if (T > 1 && N >= 16) reduction(+ : crossed)
+#endif
+  for (int n = 0; n < N; ++n)
+    crossed += epilogue_one_bf16(p, lora_down, block_out + n * D, h + n * D, e + n * D,
+                                 cum_p + n, halted + n, h_out + n * D, next_emb,
+                                 next_emb != nullptr ? next_combined + n * D : nullptr);
   *n_running -= crossed;
 }
 

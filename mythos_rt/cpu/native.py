@@ -103,6 +103,7 @@ class LoopRow(ctypes.Structure):
 
 _SIGNATURES = {
     "rmsnorm_rows": [_vp, _vp, _vp, ctypes.c_float, _i32, _i32, _vp, _vp],
+    "rmsnorm_rows_bf16": [_vp, _vp, _vp, ctypes.c_float, _i32, _i32, _vp, _vp],
     "mla_decode_rows": [ctypes.POINTER(MlaRow), _vp, _vp, ctypes.c_int64, _vp, _i32, _i32, _vp,
                         _vp, _vp],
     "mla_decode_rows_bf16": [ctypes.POINTER(MlaRow), _vp, _vp, ctypes.c_int64, _vp, _i32, _i32,
@@ -119,6 +120,8 @@ _SIGNATURES = {
     "head_rows_bf16": [ctypes.POINTER(HeadRow), _vp, _i32, _vp],
     "loop_epilogue_rows": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp,
                            _vp, _vp, _vp],
+    "loop_epilogue_rows_bf16": [ctypes.POINTER(LoopRow), _vp, _vp, _vp, _vp, _i32, _vp, _vp,
+                                _vp, _vp, _vp, _vp],
     "set_parallel": [_i32],
     "has_openmp": [],
     "team_threads": [],

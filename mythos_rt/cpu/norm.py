@@ -3,8 +3,9 @@
 Same contracts as ``mythos_rt.ops.norm``: one ``torch.add`` for the residual, and for a
 single row the RMS read on the host as one norm (``inv_rms``), instead of the
 reference's dtype round trips and five-call RMS; with the compiled kernels
-(``mythos_rt.cpu.native``) rows into a given ``out`` are one ``rmsnorm_rows`` call.
-Dtypes other than float32 run the torch implementations.
+(``mythos_rt.cpu.native``) rows into a given ``out`` are one ``rmsnorm_rows`` call
+(``rmsnorm_rows_bf16`` for bf16 rows, rounded as the torch implementation rounds). Other
+dtypes, and bf16 without the kernels, run the torch implementations.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ def rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                 residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                 residual_out: Optional[torch.Tensor] = None):
     """``rmsnorm`` (see ``ops.norm.rmsnorm_torch``)."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return rmsnorm_torch(x, weight, eps, residual, out, residual_out)
     if x.dim() == 2 and out is not None:
         s = residual_out if residual is None or residual_out is not None else torch.empty_like(x)
         launch = bind_rmsnorm_cpu(x, weight, eps, residual, out, s)
         if launch is not None:
             return launch()
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return rmsnorm_torch(x, weight, eps, residual, out, residual_out)
     s = x
     if residual is not None:
         s = (torch.add(x, residual) if residual_out is None
@@ -70,16 +71,20 @@ def bind_rmsnorm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                      residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                      residual_out: Optional[torch.Tensor] = None):
     """``rmsnorm_cpu`` of (N, D) rows as a prebound call of the compiled kernel, or None
-    where that does not apply (no kernel, not contiguous float32 rows, no ``out``, or a
-    residual without ``residual_out``)."""
+    where that does not apply (no kernel, rows not contiguous float32 or bf16 (the weight
+    then any float dtype, widened once here), no ``out``, or a residual without
+    ``residual_out``)."""
     lib = native.library()
-    if (lib is None or x.dim() != 2 or out is None
+    rows = x.dtype
+    if (lib is None or x.dim() != 2 or out is None or rows not in (torch.float32, torch.bfloat16)
             or (residual is not None and residual_out is None)
-            or any(t is not None and t.dtype != torch.float32
-                   for t in (x, weight, residual, out, residual_out))
-            or not native.contiguous(x, weight, residual, out, residual_out)):
+            or any(t is not None and t.dtype != rows for t in (residual, out, residual_out))
+            or (rows == torch.float32 and weight.dtype != torch.float32)
+            or not native.contiguous(x, residual, out, residual_out)):
         return None
-    call = native.prebound(lib.rmsnorm_rows, x.data_ptr(), native.address(residual),
+    weight = weight.reshape(-1).to(torch.float32).contiguous()  # the model's own if float32
+    kernel = lib.rmsnorm_rows if rows == torch.float32 else lib.rmsnorm_rows_bf16
+    call = native.prebound(kernel, x.data_ptr(), native.address(residual),
                            weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr(),
                            native.address(residual_out),
                            keep=(x, residual, weight, out, residual_out))

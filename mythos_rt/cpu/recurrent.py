@@ -7,8 +7,10 @@ It uses that ``halted`` is exactly ``cum_p >= threshold`` (cum_p only grows), so
 rows crossing the threshold this step are known from one comparison; a single row
 (batch-1 decode) does the ACT arithmetic on the host in float32 scalars. With the
 compiled kernels (``mythos_rt.cpu.native``) the whole epilogue of any number of rows is
-one ``loop_epilogue_rows`` call. Same contract as ``mythos_rt.ops.recurrent``; dtypes
-other than float32 run the torch implementation.
+one ``loop_epilogue_rows`` call (``loop_epilogue_rows_bf16`` for a bf16 model: its rows
+widened, summed in float32, h rounded once as the torch implementation does). Same
+contract as ``mythos_rt.ops.recurrent``; the prologue of other dtypes and, without the
+kernels, their epilogue run the torch implementation.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class CpuLoop:
                                            # a transposed view of a contiguous (r, D)
     embeddings: dict[int, torch.Tensor] = field(default_factory=dict)  # t -> (D,), filled on use
     row_kernel: Optional[native.Kernel] = None  # any rows' epilogue in one compiled call
+    row_dtype: torch.dtype = torch.float32      # the rows' storage dtype it takes
 
     def lora_down_at(self, t: int) -> torch.Tensor:
         """Loop index t's scaled down-projection (D, r); indices past max_loops use the last."""
@@ -58,13 +61,15 @@ def prepare_loop(params: LoopParams) -> CpuLoop:
     for t in range(params.max_loops + 1):
         loop.embedding(t)
     lib = native.library()
-    if lib is not None and params.lora_B.dtype == torch.float32:
+    if lib is not None and params.lora_B.dtype in (torch.float32, torch.bfloat16):
         f32 = dict(dtype=torch.float32)
+        bf16 = params.lora_B.dtype == torch.bfloat16  # a bf16 model: bf16 rows
+        loop.row_dtype = params.lora_B.dtype
         loop.row_kernel = native.kernel(
-            lib, "loop_epilogue_rows", native.LoopRow,
+            lib, "loop_epilogue_rows_bf16" if bf16 else "loop_epilogue_rows", native.LoopRow,
             dict(D=params.dim, r=params.lora_B.shape[0], eps=params.eps,
                  threshold=params.threshold),
-            dict(lora_B=params.lora_B.contiguous(), A=params.A.to(**f32).contiguous(),
+            dict(lora_B=params.lora_B.to(**f32).contiguous(), A=params.A.to(**f32).contiguous(),
                  inj_B=params.inj_B.to(**f32).contiguous(),
                  halt_w=params.halt_w.to(**f32).contiguous(),
                  halt_b=params.halt_b.to(**f32).contiguous(),
@@ -108,10 +113,13 @@ def bind_loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTS
                            next_combined=None):
     """``loop_epilogue_cpu`` of (N, D) rows (and the next prologue) as a prebound call of
     the compiled kernel, or None where that does not apply (no kernel, not contiguous
-    float32 rows, ACT state too small or of another layout)."""
+    rows of the model's dtype (float32, or bf16 for a bf16 model), ACT state too small or
+    of another layout)."""
     k = params.row_kernel
-    if (k is None or h.dim() != 2 or h.shape[0] > state.n_max or h.dtype != torch.float32
-            or state.h_out.dtype != torch.float32 or state.halted.dtype != torch.bool
+    rows = params.row_dtype
+    if (k is None or h.dim() != 2 or h.shape[0] > state.n_max
+            or any(t is not None and t.dtype != rows for t in (block_out, h, e, next_combined))
+            or state.h_out.dtype != rows or state.halted.dtype != torch.bool
             or state.n_running.dtype != torch.int32
             or not native.contiguous(block_out, h, e, next_combined, state.cum_p, state.halted,
                                      state.h_out, state.n_running)):
@@ -129,14 +137,14 @@ def loop_epilogue_cpu(block_out, h, e, params: CpuLoop, t: int, state: ACTState,
                       next_combined=None) -> None:
     """``loop_epilogue`` in place (see ``ops.recurrent.loop_epilogue_torch``)."""
     p = params.base
-    if h.dtype != torch.float32:
-        return loop_epilogue_torch(block_out, h, e, p, t, state, next_combined)
     N = h.shape[0]
     if state.n_max < N:
         raise ValueError(f"ACTState holds {state.n_max} rows; this step needs {N}")
     launch = bind_loop_epilogue_cpu(block_out, h, e, params, t, state, next_combined)
     if launch is not None:
         return launch()
+    if h.dtype != torch.float32:
+        return loop_epilogue_torch(block_out, h, e, p, t, state, next_combined)
     z = torch.mm(block_out, params.lora_down_at(t))
     out = torch.addmm(block_out, z, p.lora_B)                   # block_out + LoRA delta
     torch.addcmul(out, p.A, h, out=h).addcmul_(p.inj_B, e)     # out + A·h + B·e

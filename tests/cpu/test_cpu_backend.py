@@ -15,7 +15,7 @@ from mythos_rt.cpu.attention import prepare_mla
 from mythos_rt.cpu.ffn import dense_ffn_cpu, prepare_dense_ffn, swiglu_cpu
 from mythos_rt.cpu.head import head_cpu, prepare_head
 from mythos_rt.cpu.moe import moe_ffn_cpu, prepare_moe
-from mythos_rt.cpu.norm import rmsnorm_cpu
+from mythos_rt.cpu.norm import bind_rmsnorm_cpu, rmsnorm_cpu
 from mythos_rt.cpu.recurrent import loop_epilogue_cpu, loop_prologue_cpu, prepare_loop
 from mythos_rt.lower import op_args
 from mythos_rt.ops import BackendError, select
@@ -179,10 +179,40 @@ def test_epilogue_matches_reference(n, t, with_next):
         assert len(seen) >= 2, seen
 
 
+@pytest.mark.parametrize("with_next", [False, True], ids=["plain", "next_combined"])
+@pytest.mark.parametrize("n", [1, 37])
+def test_bf16_epilogue_matches_reference(n, with_next, row_path):
+    """A bf16 model's epilogue: ``loop_epilogue_rows_bf16`` where compiled (the torch
+    implementation otherwise), at the bf16 per-kernel bound, halting as the reference."""
+    m = make_ref_loop(48, rank=3, max_loops=3, round_to=torch.bfloat16)
+    assert (prepare_loop(m.params(dtype=torch.bfloat16)).row_kernel is not None) == (
+        row_path == "compiled")
+    for seed in range(6 if n == 1 else 1):  # one row: halted, crossing and running draws
+        torch.manual_seed(seed)
+        check_step(m, _epilogue, n, torch.bfloat16, TOL_BF16_KERNEL, 5, with_next)
+
+
 @pytest.mark.parametrize("scenario,T", [("mixed", 1), ("all", 7)])
 def test_loop_matches_reference(scenario, T):
     run_loop(lambda h, e, p, t: loop_prologue_cpu(h, e, prepare_loop(p), t), _epilogue,
              scenario, T, 7, TOL_FP32_TORCH)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 19])
+def test_bf16_rmsnorm_matches_torch(rows, row_path):
+    """bf16 rows (``rmsnorm_rows_bf16`` where compiled): the residual sum rounded and
+    stored exactly as torch's, the output within one bf16 rounding of it."""
+    x, r = torch.randn(rows, 40).bfloat16(), torch.randn(rows, 40).bfloat16()
+    w = torch.randn(40).bfloat16()
+    out, s = torch.empty_like(x), torch.empty_like(x)
+    assert (bind_rmsnorm_cpu(x, w, 1e-6, r, out, s) is not None) == (row_path == "compiled")
+    y, s_got = rmsnorm_cpu(x, w, 1e-6, residual=r, out=out, residual_out=s)
+    y_ref, s_ref = rmsnorm_torch(x, w, 1e-6, residual=r)
+    assert y is out and s_got is s and torch.equal(s, s_ref)
+    assert_rel_close(y.float(), y_ref.float(), TOL_BF16_KERNEL)
+    assert (y.float() - y_ref.float()).abs().max() <= 2 ** -7 * y_ref.float().abs().max()
+    assert_rel_close(rmsnorm_cpu(x, w, out=torch.empty_like(x)).float(),
+                     rmsnorm_torch(x, w).float(), TOL_BF16_KERNEL)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -276,9 +306,9 @@ def test_moe_bf16_weights_match_the_fp32_reference(N, row_path, bf16_hardware):
 
 
 def test_bf16_model_runs_the_cpu_backend_within_the_bf16_bound():
-    """A bf16 model on a CPU gets the cpu backend (attention, MoE, dense FFNs and the head
-    on bf16 weights through the kernels where compiled; norms and loop steps on the torch
-    implementations): prefill and decode logits against the fp32 reference."""
+    """A bf16 model on a CPU gets the cpu backend (attention, MoE, dense FFNs, the head,
+    norms and loop epilogues through the kernels where compiled): prefill and decode
+    logits against the fp32 reference."""
     import mythos_rt
     from mythos_rt.config import MythosConfig
     from mythos_rt.cpu import native
