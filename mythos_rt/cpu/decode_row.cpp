@@ -67,31 +67,16 @@ int32_t team_threads() { return team_size(); }
 
 // ------------------------------------------------------------------------------ RMSNorm
 
-// Per row of N: s = x (+ residual), into residual_out when given;
-// out = s · rsqrt(mean(s²) + eps) · w. out and residual_out may alias x or residual.
-void rmsnorm_rows(const float* x, const float* residual, const float* w, float eps, int32_t N,
-                  int32_t D, float* out, float* residual_out) {
-  [[maybe_unused]] const int T = team_size();
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(T) if (T > 1 && N >= 16)
-#endif
-  for (int n = 0; n < N; ++n) {
-    const int64_t at = static_cast<int64_t>(n) * D;
-    const float* s = x + at;
-    if (residual != nullptr) {
-      for (int d = 0; d < D; ++d) residual_out[at + d] = x[at + d] + residual[at + d];
-      s = residual_out + at;
-    }
-    const float r = inv_rms(s, D, eps);
-    for (int d = 0; d < D; ++d) out[at + d] = r * s[d] * w[d];
-  }
-}
+}  // extern "C"
 
-// rmsnorm_rows over bf16 rows (w float32), as the torch implementation computes it: the
-// residual sum rounded to bf16 and stored, then normalized from that stored value in
-// float32, the output rounded once.
-void rmsnorm_rows_bf16(const bf16* x, const bf16* residual, const float* w, float eps,
-                       int32_t N, int32_t D, bf16* out, bf16* residual_out) {
+namespace {
+
+// Per row of N: s = x (+ residual), stored into residual_out when given (rounded to the
+// rows' type, and normalized from that stored value); out = s · rsqrt(mean(s²) + eps) · w,
+// summed in float32. out and residual_out may alias x or residual. S: float or bf16.
+template <class S>
+void rmsnorm_rows_of(const S* x, const S* residual, const float* w, float eps, int32_t N,
+                     int32_t D, S* out, S* residual_out) {
   [[maybe_unused]] const int T = team_size();
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(T) if (T > 1 && N >= 16)
@@ -101,15 +86,29 @@ void rmsnorm_rows_bf16(const bf16* x, const bf16* residual, const float* w, floa
     float* s = scratch(D);
     for (int d = 0; d < D; ++d) {
       if (residual != nullptr) {
-        residual_out[at + d] = to_bf16(to_float(x[at + d]) + to_float(residual[at + d]));
+        put(residual_out[at + d], to_float(x[at + d]) + to_float(residual[at + d]));
         s[d] = to_float(residual_out[at + d]);
       } else {
         s[d] = to_float(x[at + d]);
       }
     }
     const float r = inv_rms(s, D, eps);
-    for (int d = 0; d < D; ++d) out[at + d] = to_bf16(s[d] * r * w[d]);
+    for (int d = 0; d < D; ++d) put(out[at + d], r * s[d] * w[d]);
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+void rmsnorm_rows(const float* x, const float* residual, const float* w, float eps, int32_t N,
+                  int32_t D, float* out, float* residual_out) {
+  rmsnorm_rows_of(x, residual, w, eps, N, D, out, residual_out);
+}
+
+void rmsnorm_rows_bf16(const bf16* x, const bf16* residual, const float* w, float eps,
+                       int32_t N, int32_t D, bf16* out, bf16* residual_out) {
+  rmsnorm_rows_of(x, residual, w, eps, N, D, out, residual_out);
 }
 
 // ------------------------------------------------------------------------------ MLA
@@ -610,23 +609,38 @@ struct LoopRow {
   const float* norm_w;  // (D,)
 };
 
+}  // extern "C"
+
+namespace {
+
 // The loop epilogue of one row, in the reference's order: LoRA (lora_down (r, D) is this
 // loop index's down-projection, its scale folded in), then
 // h = (block_out + lora) + A·h + B·e, the ACT update (in float32, halted == cum_p ≥
 // threshold), and, when next_emb is given, the next prologue
-// rmsnorm(h + next_emb + e)·norm_w into next_combined (which may alias block_out).
+// rmsnorm(h + next_emb + e)·norm_w into next_combined (which may alias block_out). Rows of
+// type S (float or bf16), every sum in float32: h is rounded to S once, and that stored
+// value is what the ACT update and the next prologue read (as torch's implementations).
 // Returns whether the row halted at this step.
-static bool epilogue_one(const LoopRow* p, const float* lora_down, const float* block_out,
-                         float* h, const float* e, float* cum_p, bool* halted, float* h_out,
-                         const float* next_emb, float* next_combined) {
+template <class S>
+bool epilogue_one(const LoopRow* p, const float* lora_down, const S* block_out, S* h,
+                  const S* e, float* cum_p, bool* halted, S* h_out, const float* next_emb,
+                  S* next_combined) {
   const int D = p->D;
-  float* mixed = scratch(D + p->r);  // block_out + LoRA delta, then z
-  float* z = mixed + D;
-  gemv_nk(block_out, lora_down, p->r, D, 1.0f, z, false);
-  std::memcpy(mixed, block_out, sizeof(float) * D);
+  float* mixed = scratch(3 * static_cast<size_t>(D) + p->r);  // block_out + LoRA delta
+  float* hs = mixed + D;                                      // the stored h
+  float* ef = hs + D;
+  float* z = ef + D;
+  for (int d = 0; d < D; ++d) {
+    mixed[d] = to_float(block_out[d]);
+    ef[d] = to_float(e[d]);
+  }
+  gemv_nk(mixed, lora_down, p->r, D, 1.0f, z, false);
   gemv_kn(z, p->lora_B, p->r, D, D, mixed, true);
-  for (int d = 0; d < D; ++d) h[d] = (mixed[d] + p->A[d] * h[d]) + p->inj_B[d] * e[d];
-  const float logit = p->halt_b[0] + dot(h, p->halt_w, D);
+  for (int d = 0; d < D; ++d) {
+    put(h[d], (mixed[d] + p->A[d] * to_float(h[d])) + p->inj_B[d] * ef[d]);
+    hs[d] = to_float(h[d]);
+  }
+  const float logit = p->halt_b[0] + dot(hs, p->halt_w, D);
   const float prob = 1.0f / (1.0f + std::exp(-logit));
   const float cum = *cum_p;
   bool crossing = false;
@@ -635,24 +649,24 @@ static bool epilogue_one(const LoopRow* p, const float* lora_down, const float* 
     crossing = total >= p->threshold;
     const float weight = crossing ? (1.0f - cum > 0.f ? 1.0f - cum : 0.f) : prob;
     if (weight != 0.f)
-      for (int d = 0; d < D; ++d) h_out[d] += weight * h[d];
+      for (int d = 0; d < D; ++d) put(h_out[d], to_float(h_out[d]) + weight * hs[d]);
     *cum_p = total;
     if (crossing) *halted = true;
   }
-  if (next_emb != nullptr) {
-    for (int d = 0; d < D; ++d) next_combined[d] = (h[d] + next_emb[d]) + e[d];
-    const float r = inv_rms(next_combined, D, p->eps);
-    for (int d = 0; d < D; ++d) next_combined[d] = r * next_combined[d] * p->norm_w[d];
+  if (next_emb != nullptr) {  // mixed is free again: the prologue's sum
+    for (int d = 0; d < D; ++d) mixed[d] = (hs[d] + next_emb[d]) + ef[d];
+    const float r = inv_rms(mixed, D, p->eps);
+    for (int d = 0; d < D; ++d) put(next_combined[d], r * mixed[d] * p->norm_w[d]);
   }
   return crossing;
 }
 
 // The epilogue of N rows (the ACT state's first N), n_running lowered by the rows that
 // halt; next_emb/next_combined as for one row (null: no next prologue).
-void loop_epilogue_rows(const LoopRow* p, const float* lora_down, const float* block_out,
-                        float* h, const float* e, int32_t N, float* cum_p, bool* halted,
-                        float* h_out, int32_t* n_running, const float* next_emb,
-                        float* next_combined) {
+template <class S>
+void epilogue_rows_of(const LoopRow* p, const float* lora_down, const S* block_out, S* h,
+                      const S* e, int32_t N, float* cum_p, bool* halted, S* h_out,
+                      int32_t* n_running, const float* next_emb, S* next_combined) {
   const int64_t D = p->D;
   int crossed = 0;
   [[maybe_unused]] const int T = team_size();
@@ -666,66 +680,24 @@ void loop_epilogue_rows(const LoopRow* p, const float* lora_down, const float* b
   *n_running -= crossed;
 }
 
+}  // namespace
 
-// The epilogue of one row stored in bf16 (block_out, h, e, h_out and next_combined;
-// the loop's vectors float32), as the torch implementation computes it: every sum in
-// float32, h rounded to bf16 once, and that stored value is what the ACT update and the
-// next prologue read. Returns whether the row halted at this step.
-static bool epilogue_one_bf16(const LoopRow* p, const float* lora_down, const bf16* block_out,
-                              bf16* h, const bf16* e, float* cum_p, bool* halted, bf16* h_out,
-                              const float* next_emb, bf16* next_combined) {
-  const int D = p->D;
-  float* mixed = scratch(3 * static_cast<size_t>(D) + p->r);  // block_out + LoRA delta
-  float* hs = mixed + D;                                      // the stored h, widened
-  float* ef = hs + D;                                         // e, widened
-  float* z = ef + D;
-  for (int d = 0; d < D; ++d) {
-    mixed[d] = to_float(block_out[d]);
-    ef[d] = to_float(e[d]);
-  }
-  gemv_nk(mixed, lora_down, p->r, D, 1.0f, z, false);
-  gemv_kn(z, p->lora_B, p->r, D, D, mixed, true);
-  for (int d = 0; d < D; ++d) {
-    h[d] = to_bf16((p->A[d] * to_float(h[d]) + p->inj_B[d] * ef[d]) + mixed[d]);
-    hs[d] = to_float(h[d]);
-  }
-  const float logit = p->halt_b[0] + dot(hs, p->halt_w, D);
-  const float prob = 1.0f / (1.0f + std::exp(-logit));
-  const float cum = *cum_p;
-  bool crossing = false;
-  if (!(cum >= p->threshold)) {
-    const float total = cum + prob;
-    crossing = total >= p->threshold;
-    const float weight = crossing ? (1.0f - cum > 0.f ? 1.0f - cum : 0.f) : prob;
-    if (weight != 0.f)
-      for (int d = 0; d < D; ++d) h_out[d] = to_bf16(to_float(h_out[d]) + weight * hs[d]);
-    *cum_p = total;
-    if (crossing) *halted = true;
-  }
-  if (next_emb != nullptr) {  // mixed is free again: the prologue's sum
-    for (int d = 0; d < D; ++d) mixed[d] = (hs[d] + next_emb[d]) + ef[d];
-    const float r = inv_rms(mixed, D, p->eps);
-    for (int d = 0; d < D; ++d) next_combined[d] = to_bf16(mixed[d] * r * p->norm_w[d]);
-  }
-  return crossing;
+extern "C" {
+
+void loop_epilogue_rows(const LoopRow* p, const float* lora_down, const float* block_out,
+                        float* h, const float* e, int32_t N, float* cum_p, bool* halted,
+                        float* h_out, int32_t* n_running, const float* next_emb,
+                        float* next_combined) {
+  epilogue_rows_of(p, lora_down, block_out, h, e, N, cum_p, halted, h_out, n_running,
+                   next_emb, next_combined);
 }
 
-// loop_epilogue_rows over bf16 rows (epilogue_one_bf16); the ACT sums stay float32.
 void loop_epilogue_rows_bf16(const LoopRow* p, const float* lora_down, const bf16* block_out,
                              bf16* h, const bf16* e, int32_t N, float* cum_p, bool* halted,
                              bf16* h_out, int32_t* n_running, const float* next_emb,
                              bf16* next_combined) {
-  const int64_t D = p->D;
-  int crossed = 0;
-  [[maybe_unused]] const int T = team_size();
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(T) if (T > 1 && N >= 16) reduction(+ : crossed)
-#endif
-  for (int n = 0; n < N; ++n)
-    crossed += epilogue_one_bf16(p, lora_down, block_out + n * D, h + n * D, e + n * D,
-                                 cum_p + n, halted + n, h_out + n * D, next_emb,
-                                 next_emb != nullptr ? next_combined + n * D : nullptr);
-  *n_running -= crossed;
+  epilogue_rows_of(p, lora_down, block_out, h, e, N, cum_p, halted, h_out, n_running,
+                   next_emb, next_combined);
 }
 
 }  // extern "C"

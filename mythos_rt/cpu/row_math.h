@@ -117,6 +117,10 @@ inline bf16 to_bf16(float f) {
   return static_cast<bf16>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+// o = v in the storage type (bf16: rounded to nearest even, as torch rounds).
+inline void put(float& o, float v) { o = v; }
+inline void put(bf16& o, float v) { o = to_bf16(v); }
+
 // dst[i] = src[i] for i < n, into a cache row of either storage type.
 inline void store_row(float* dst, const float* src, int n) {
   std::memcpy(dst, src, sizeof(float) * n);
