@@ -18,7 +18,8 @@ positions that must run are those up to its last running one; together one range
 every backend's ordinary attention, MoE and loop kernels run it unchanged, in pieces of
 at most ``chunk`` positions. Rows whose range is shorter than a piece are padded; a
 padded query writes only loop-t slots of positions after the range (pending or not yet
-generated), which are rewritten before anything reads them.
+generated), which are rewritten before anything reads them, and reads a real row's state
+(its experts, so no other expert weights are read for it).
 
 ``"reuse"`` (approximate, Huginn-style): earlier positions are never resumed; their
 missing loop-t entries are copies of their loop t−1 entries.
@@ -63,7 +64,7 @@ class Piece:
     store_row: torch.Tensor  # (B·W,) int64
     chunk_row: torch.Tensor  # (B·W,) int64
     read_row: Optional[torch.Tensor] = None  # (B·W,) int64, store rows gathered (default
-    # store_row; device decode points padding at the new token's row: finite, same experts)
+    # store_row): padding reads a real row's state (finite, that row's experts)
 
     @property
     def source(self) -> torch.Tensor:
@@ -405,7 +406,9 @@ def device_decode_steps(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
 def _piece(st: DepthState, lo: list[int], n: list[int], k: int, W: int, lens: list[int],
            T: int, spare: int) -> Piece:
     """Piece ``k`` (offset k within each row's range) of width W. A row with no work left
-    is placed after its chunk, where its padded queries touch only unused slots."""
+    is placed after its chunk, where its padded queries touch only unused slots. Padding
+    rows read the state of the piece's first real row, so that in the MoE they choose
+    that row's experts and read no other expert's weights."""
     device = st.loop_lens.device
     B, S1 = len(lo), st.seq_len + 1
     first = [lo[b] + k if n[b] > k else lens[b] + T for b in range(B)]
@@ -418,8 +421,10 @@ def _piece(st: DepthState, lo: list[int], n: list[int], k: int, W: int, lens: li
     rows = torch.arange(B, device=device)[:, None]
     store_row = torch.where(live, rows * S1 + pos, rows * S1 + S1 - 1)
     chunk_row = torch.where(live & (pos >= L), rows * T + pos - L, spare)
+    b0 = next(b for b in range(B) if n[b] > k)  # every piece has real work
+    read_row = torch.where(live, store_row, b0 * S1 + lo[b0] + k)
     return Piece(start=meta[0].to(torch.int32), store_row=store_row.reshape(-1),
-                 chunk_row=chunk_row.reshape(-1))
+                 chunk_row=chunk_row.reshape(-1), read_row=read_row.reshape(-1))
 
 
 def store_chunk(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
