@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mythos_rt.costmodel import H100, Ceilings  # noqa: E402
+from mythos_rt.cpu import native  # noqa: E402
 
 # docs/design.md's measured ceilings for one H100 80GB; gpu_suite re-measures them per run.
 H100_COPY_GBPS = H100.copy_gbps
@@ -177,16 +178,6 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def nvml_info(index: int = 0) -> dict:
     """Driver, clocks, power limit and memory from NVML, or {"nvml": "unavailable: ..."}."""
     try:
@@ -234,7 +225,7 @@ def provenance() -> dict:
          "git_commit": commit, "git_dirty": bool(dirty) if dirty is not None else None,
          "python": platform.python_version(), "torch": torch.__version__,
          "triton": triton_version, "cuda_runtime": torch.version.cuda,
-         "os": f"{platform.system()} {platform.release()}", "cpu": _cpu_model(),
+         "os": f"{platform.system()} {platform.release()}", "cpu": native.cpu_facts()["cpu"],
          "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

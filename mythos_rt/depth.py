@@ -118,8 +118,8 @@ class DepthState:
                  n_max: int, dim: int, dtype: torch.dtype, device,
                  window: int = 0) -> "DepthState":
         rows = max_batch * (max_seq_len + 1)
-        if mode != "lazy" or window * max_batch > n_max:
-            window = 0  # reuse copies entries per row; a pass must fit the activation rows
+        if mode != "lazy":
+            window = 0  # reuse copies entries per row (lower caps the window at chunk)
         i64 = dict(dtype=torch.int64, device=device)
         BW = max_batch * max(window, 1)
         st = cls(h=torch.zeros(rows, dim, dtype=dtype, device=device),
@@ -207,6 +207,16 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
     copy_entries(row, lo, hi, t) : "reuse": copy loop t−1's cache entries of positions
         [lo, hi) of the row into loop t's caches.
     """
+    def passes(t: int, lo: list, n: list, lens: list, shape) -> Iterator:
+        """Loop t's gathered passes over each row's range [lo, lo + n), in pieces of at
+        most ``chunk`` positions."""
+        B, T = shape.B, shape.T
+        for k in range(0, max(n), chunk):
+            W = min(chunk, max(n) - k)
+            st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
+            for step in steps.gathered_pass[t]:
+                yield step, type(shape)(B, W)
+
     def expand(shape) -> Iterator:
         if shape.T == 1 and st.window:
             yield from steps.device_decode(shape)
@@ -278,11 +288,7 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
                     if last[b] == valid[b] - 1:
                         tail[b] = t + 1
             stats["block_evals"] += sum(n)
-            for k in range(0, max(n), chunk):
-                W = min(chunk, max(n) - k)
-                st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
-                for step in steps.gathered_pass[t]:
-                    yield step, type(shape)(B, W)
+            yield from passes(t, lo, n, lens, shape)
         if st.window:  # device-resident decode follows: no row may keep W pending positions
             for t in range(n_loops):
                 lo = [deeper[b][t] for b in range(B)]
@@ -296,11 +302,7 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
                 stats["catchup_evals"] += sum(n)
                 for b in range(B):
                     deeper[b][t] += n[b]
-                for k in range(0, max(n), chunk):
-                    W = min(chunk, max(n) - k)
-                    st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
-                    for step in steps.gathered_pass[t]:
-                        yield step, type(shape)(B, W)
+                yield from passes(t, lo, n, lens, shape)
         st.piece = None
         st.deeper[:B, :n_loops].copy_(torch.tensor(deeper, dtype=torch.int64))
         if not in_store:  # later steps resume this chunk's positions from the store

@@ -113,9 +113,8 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE | PackedMoE:
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
                  shared_w2=shared_w2), bf16=matrices if bf16 else ())
-        moe.kernel_max_tokens = min(KERNEL_TOKENS_PER_EXPERT * E // packed.top_k,
-                                    native.kernel_row_limit(BF16_KERNEL_MAX_TOKENS, packed.w13.dtype)
-                                    if bf16 else 1 << 30)
+        moe.kernel_max_tokens = (BF16_KERNEL_MAX_TOKENS if bf16 and native.native_bf16_matmul()
+                                 else KERNEL_TOKENS_PER_EXPERT * E // packed.top_k)
     return moe
 
 

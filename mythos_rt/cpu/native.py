@@ -41,7 +41,7 @@ import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -275,9 +275,11 @@ def compiler() -> Optional[str]:
     return None
 
 
+@lru_cache(maxsize=None)
 def cpu_facts() -> dict:
     """The CPU model and its vector-relevant feature flags (for results files: the same
-    code runs AVX-512 on one machine and AVX2 on another)."""
+    code runs AVX-512 on one machine and AVX2 on another); /proc/cpuinfo is read once.
+    Callers must not modify the returned dict."""
     fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
