@@ -166,7 +166,7 @@ class ReadProbe:
         from mythos_rt.cpu import native
         self.buf = torch.randn(n_bytes // 4)
         lib = native.library()
-        self.how = "row kernels' stream_sum" if lib is not None else "torch.sum"
+        self.how = "row kernels' stream_sum (four streams per thread)" if lib is not None else "torch.sum"
         self.run = (lambda: lib.stream_sum(self.buf.data_ptr(), self.buf.numel())) if lib \
             else (lambda: self.buf.sum())
 
