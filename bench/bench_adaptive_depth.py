@@ -91,6 +91,10 @@ def _decode_rows(model, prompts: torch.Tensor, new: int, n_loops: int, reps: int
                      "block_evals": s["block_evals"], "eager_block_evals": s["eager_block_evals"],
                      "evals_saved_pct": round(100 * (1 - s["block_evals"] / s["eager_block_evals"]), 1),
                      "catchup_evals": s["catchup_evals"], "reused_entries": s["reused_entries"],
+                     "passes": s["passes"], "eager_passes": s["eager_passes"],
+                     "passes_vs_eager": round(s["passes"] / s["eager_passes"], 3),
+                     "pass_rows": s["pass_rows"],
+                     "padding_pct": round(100 * (1 - s["block_evals"] / s["pass_rows"]), 1),
                      "greedy_ids_equal_eager": bool(torch.equal(outs[m], outs["eager"])),
                      "halt_histogram": s["halt_histogram"]})
     return rows
@@ -196,7 +200,8 @@ def main() -> None:
               "synthetic": syn, "trained_decode": dec,
               "trained_quality": quality}
     cols = ["workload", "mode", "batch", "n_loops", "decode_ms_per_step", "tokens_per_s",
-            "speedup_vs_eager", "evals_saved_pct", "catchup_evals", "greedy_ids_equal_eager"]
+            "speedup_vs_eager", "evals_saved_pct", "catchup_evals", "passes_vs_eager",
+            "padding_pct", "greedy_ids_equal_eager"]
     md = (markdown_table(syn + dec, cols) + "\n"
           + markdown_table(quality, ["mode", "n_loops", "bytes", "bits_per_byte", "accuracy",
                                      "logit_rel_err_vs_eager", "evals_saved_pct", "reused_entries"]))

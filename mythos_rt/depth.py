@@ -49,6 +49,10 @@ import torch
 
 from .ops.recurrent import ACTState
 
+# The stats a device-resident step counts on the device (DepthState.counts), in order.
+COUNTED = ("block_evals", "catchup_evals", "positions", "eager_block_evals", "passes",
+           "eager_passes", "pass_rows")
+
 # Positions per row of a device-resident decode pass on CUDA: a pass of 16 rows per row
 # reads each weight once, like one row, and catch-up waits at most 15 steps.
 DEVICE_WINDOW = 16
@@ -89,9 +93,9 @@ class DepthState:
     chunk_rows : (N_max,) int64, each chunk token's store row (``store_chunk``).
     window : W, positions per row of a device-resident decode pass (0: decode steps
         decide their passes on the host like prompt chunks).
-    counts : (4,) int64 on the device, what device-resident steps add to ``stats``:
-        block_evals, catchup_evals, positions, eager_block_evals; ``halt_counts`` the
-        same for the halting histogram (``collect_stats`` folds them in).
+    counts : int64 on the device, what device-resident steps add to ``stats`` (``COUNTED``,
+        in that order); ``halt_counts`` the same for the halting histogram
+        (``collect_stats`` folds them in).
     force, ran : (B_max,) scratch of a device-resident step (catch-up forced; loops the
         new token ran before halting); ``device_piece`` its pass's (fixed) rows.
     """
@@ -130,7 +134,8 @@ class DepthState:
                  work=ACTState.allocate(n_max, dim, dtype, device),
                  chunk_rows=torch.zeros(n_max, **i64),
                  seq_len=max_seq_len, mode=mode, window=window,
-                 counts=torch.zeros(4, **i64), halt_counts=torch.zeros(max_loops + 1, **i64),
+                 counts=torch.zeros(len(COUNTED), **i64),
+                 halt_counts=torch.zeros(max_loops + 1, **i64),
                  force=torch.zeros(max_batch, dtype=torch.bool, device=device),
                  ran=torch.zeros(max_batch, **i64),
                  device_piece=Piece(start=torch.zeros(max_batch, dtype=torch.int32,
@@ -143,9 +148,8 @@ class DepthState:
 
     def reset_stats(self, n_loops: int) -> None:
         """Zero the counters (``Runtime.last_stats``) for a request of ``n_loops`` loops."""
-        self.stats = {"block_evals": 0, "eager_block_evals": 0, "catchup_evals": 0,
-                      "reused_entries": 0, "positions": 0,
-                      "halt_histogram": [0] * (n_loops + 1)}
+        self.stats = {key: 0 for key in COUNTED}
+        self.stats.update(reused_entries=0, halt_histogram=[0] * (n_loops + 1))
         self.counts.zero_()
         self.halt_counts.zero_()
 
@@ -153,8 +157,7 @@ class DepthState:
         """``stats`` with the device-resident steps' counters added (one host read)."""
         stats = dict(self.stats)
         counts = self.counts.tolist()
-        for key, n in zip(("block_evals", "catchup_evals", "positions", "eager_block_evals"),
-                          counts):
+        for key, n in zip(COUNTED, counts):
             stats[key] += n
         hist = list(stats["halt_histogram"])
         for loop, n in enumerate(self.halt_counts[:len(hist)].tolist()):
@@ -214,6 +217,8 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
         for k in range(0, max(n), chunk):
             W = min(chunk, max(n) - k)
             st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
+            st.stats["passes"] += 1
+            st.stats["pass_rows"] += B * W
             for step in steps.gathered_pass[t]:
                 yield step, type(shape)(B, W)
 
@@ -228,6 +233,7 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
         stats = st.stats
         stats["positions"] += sum(valid)
         stats["eager_block_evals"] += sum(valid) * n_loops
+        stats["eager_passes"] += n_loops
         # the chunk's positions start at depth 0
         deeper = [[min(d, lens[b]) for d in row[:n_loops]]
                   for b, row in enumerate(st.deeper[:B].tolist())]
@@ -270,6 +276,8 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
                     yield steps.prologue[t], shape
                 for step in steps.chunk_pass[t]:
                     yield step, shape
+                stats["passes"] += 1
+                stats["pass_rows"] += B * T
                 fused = True
                 for b in range(B):
                     if valid[b]:
@@ -346,6 +354,8 @@ def device_decode_steps(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
             n = real.sum()
             st.counts[2] += n
             st.counts[3] += n * n_loops
+            st.counts[4:6] += n_loops  # passes: one per loop, as eager
+            st.counts[6] += n_loops * B * W
         return run
 
     def window(t: int):

@@ -661,6 +661,9 @@ def format_stages(result: dict) -> str:
         line = (f"  depth ({w['act_mode']}): {w['block_evals']} of {w['eager_block_evals']} "
                 f"block evaluations ran ({100 * saved:.1f}% saved), {w['catchup_evals']} in "
                 "catch-up")
+        if w.get("eager_passes"):
+            line += (f"; {w['passes']} block passes (eager {w['eager_passes']}), "
+                     f"{w['pass_rows'] - w['block_evals']} padding rows")
         if w.get("halt_histogram"):
             hist = w["halt_histogram"]
             line += ("; halted at loop 1.." + str(len(hist) - 1) + ": "

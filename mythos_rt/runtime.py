@@ -134,6 +134,10 @@ class Runtime:
         * ``catchup_evals``: evaluations of earlier positions' deferred loops (lazy);
         * ``reused_entries``: (position, loop) cache entries copied instead (reuse);
         * ``positions``: tokens that ran the loop; ``n_loops``; ``act_mode``;
+        * ``passes`` / ``eager_passes``: passes of the looped block that ran (each reads
+          every weight the pass's tokens need) and what eager depth would have run (one
+          per loop per chunk); ``pass_rows``: the (position, loop) rows those passes
+          computed, padding included (``pass_rows - block_evals`` is padding);
         * ``halt_histogram``: positions by the loop (1-based) at which ACT halted them,
           index 0 = never halted (lazy and reuse only; None under eager).
         """
@@ -382,7 +386,8 @@ class Runtime:
     def _start_request(self, n_loops: int) -> None:
         """Zero the work counters (``last_stats``) for a request of ``n_loops`` loops."""
         self._stats = {"block_evals": 0, "eager_block_evals": 0, "catchup_evals": 0,
-                       "reused_entries": 0, "positions": 0, "n_loops": n_loops}
+                       "reused_entries": 0, "positions": 0, "passes": 0, "eager_passes": 0,
+                       "pass_rows": 0, "n_loops": n_loops}
         if self._low.buffers.depth is not None:
             self._low.buffers.depth.reset_stats(n_loops)
 
@@ -398,9 +403,10 @@ class Runtime:
         real = B * T if valid is None else sum(valid)
         depth = self._low.buffers.depth
         if depth is None:
-            for key in ("block_evals", "eager_block_evals"):
-                self._stats[key] = self._stats.get(key, 0) + real * n_loops
-            self._stats["positions"] = self._stats.get("positions", 0) + real
+            for key, n in (("block_evals", real * n_loops), ("eager_block_evals", real * n_loops),
+                           ("positions", real), ("passes", n_loops), ("eager_passes", n_loops),
+                           ("pass_rows", B * T * n_loops)):
+                self._stats[key] = self._stats.get(key, 0) + n
         with torch.inference_mode():
             if depth is not None:
                 if valid is None:

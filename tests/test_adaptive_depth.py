@@ -180,6 +180,13 @@ def test_counters_follow_the_halting_depths(window):
     assert stats["eager_block_evals"] == n * len(k)
     assert stats["block_evals"] == sum(final)
     assert stats["catchup_evals"] == sum(final) - sum(in_own_pass)
+    # one chunk for the prompt, then 5 decode steps: eager runs one pass per loop of each;
+    # lazy at most that (a loop with nothing to run is skipped; device-resident steps run
+    # every loop), and its passes' rows cover the evaluations, padding included
+    assert stats["eager_passes"] == 6 * n
+    assert stats["passes"] <= stats["eager_passes"] and stats["pass_rows"] >= stats["block_evals"]
+    if window:  # every decode step: n passes of `window` rows
+        assert stats["passes"] >= 5 * n and stats["pass_rows"] >= 5 * n * window
     hist = stats["halt_histogram"]
     assert sum(hist) == len(k) and hist[0] == sum(x == 0 for x in
                                                  halting_loops(model, out[:, :-1], n)[0].tolist())
@@ -246,6 +253,8 @@ def test_options_artifacts_and_graphs(tmp_path):
     assert eager.act_mode == "eager"
     out = eager.generate(ids, 3, n_loops=3)
     assert eager.last_stats["block_evals"] == eager.last_stats["eager_block_evals"] == 3 * 7
+    assert eager.last_stats["passes"] == eager.last_stats["eager_passes"] == 3 * 3
+    assert eager.last_stats["pass_rows"] == 3 * 7
     assert eager.last_stats["halt_histogram"] is None
     assert torch.equal(out, rt.generate(ids, 3, n_loops=3))
 
