@@ -212,15 +212,18 @@ def lazy_region(st: DepthState, steps: LoopSteps, *, n_loops: int, chunk: int,
     """
     def passes(t: int, lo: list, n: list, lens: list, shape) -> Iterator:
         """Loop t's gathered passes over each row's range [lo, lo + n), in pieces of at
-        most ``chunk`` positions."""
-        B, T = shape.B, shape.T
+        most ``chunk`` positions; a piece spans only the batch rows from its first to its
+        last with work (a row catching up alone does not pad every other row)."""
+        T = shape.T
         for k in range(0, max(n), chunk):
             W = min(chunk, max(n) - k)
-            st.piece = _piece(st, lo, n, k, W, lens, T, act.n_max - 1)
+            busy = [b for b in range(len(n)) if n[b] > k]
+            a, z = busy[0], busy[-1] + 1
+            st.piece = _piece(st, lo[a:z], n[a:z], k, W, lens[a:z], T, act.n_max - 1, a)
             st.stats["passes"] += 1
-            st.stats["pass_rows"] += B * W
+            st.stats["pass_rows"] += (z - a) * W
             for step in steps.gathered_pass[t]:
-                yield step, type(shape)(B, W)
+                yield step, type(shape)(z - a, W, a)
 
     def expand(shape) -> Iterator:
         if shape.T == 1 and st.window:
@@ -416,11 +419,12 @@ def device_decode_steps(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
 
 
 def _piece(st: DepthState, lo: list[int], n: list[int], k: int, W: int, lens: list[int],
-           T: int, spare: int) -> Piece:
-    """Piece ``k`` (offset k within each row's range) of width W. A row with no work left
-    is placed after its chunk, where its padded queries touch only unused slots. Padding
-    rows read the state of the piece's first real row, so that in the MoE they choose
-    that row's experts and read no other expert's weights."""
+           T: int, spare: int, row0: int = 0) -> Piece:
+    """Piece ``k`` (offset k within each row's range) of width W over the batch rows
+    ``row0 + b`` (the lists are theirs). A row with no work left is placed after its
+    chunk, where its padded queries touch only unused slots. Padding rows read the state
+    of the piece's first real row, so that in the MoE they choose that row's experts and
+    read no other expert's weights."""
     device = st.loop_lens.device
     B, S1 = len(lo), st.seq_len + 1
     first = [lo[b] + k if n[b] > k else lens[b] + T for b in range(B)]
@@ -430,11 +434,11 @@ def _piece(st: DepthState, lo: list[int], n: list[int], k: int, W: int, lens: li
     i = torch.arange(W, device=device)[None, :]
     pos = start + i
     live = i < live_n
-    rows = torch.arange(B, device=device)[:, None]
+    rows = torch.arange(row0, row0 + B, device=device)[:, None]
     store_row = torch.where(live, rows * S1 + pos, rows * S1 + S1 - 1)
     chunk_row = torch.where(live & (pos >= L), rows * T + pos - L, spare)
     b0 = next(b for b in range(B) if n[b] > k)  # every piece has real work
-    read_row = torch.where(live, store_row, b0 * S1 + lo[b0] + k)
+    read_row = torch.where(live, store_row, (row0 + b0) * S1 + lo[b0] + k)
     return Piece(start=meta[0].to(torch.int32), store_row=store_row.reshape(-1),
                  chunk_row=chunk_row.reshape(-1), read_row=read_row.reshape(-1))
 
@@ -484,8 +488,8 @@ def gather(st: DepthState, act: ACTState, h: torch.Tensor, e: torch.Tensor):
     work = st.work
 
     def bind(shape):
-        B, N = shape.B, shape.B * shape.T
-        hv, ev = h[:N], e[:N]
+        N = shape.B * shape.T
+        hv, ev, offsets = h[:N], e[:N], st.loop_lens[shape.row0:][:shape.B]
         cum, h_out, halted = work.cum_p[:N], work.h_out[:N], work.halted[:N]
 
         def run():
@@ -495,7 +499,7 @@ def gather(st: DepthState, act: ACTState, h: torch.Tensor, e: torch.Tensor):
             torch.index_select(act.cum_p, 0, pc.chunk_row, out=cum)
             torch.index_select(act.h_out, 0, pc.chunk_row, out=h_out)
             torch.index_select(act.halted, 0, pc.chunk_row, out=halted)
-            st.loop_lens[:B].copy_(pc.start)
+            offsets.copy_(pc.start)
         return run
     return bind
 

@@ -48,9 +48,11 @@ class LoweringError(ValueError):
 
 class Shape(NamedTuple):
     """The runtime shape of one plan execution: B rows × T new tokens each (a tuple, so
-    looking up a step's bound views by shape hashes in C)."""
+    looking up a step's bound views by shape hashes in C). ``row0``: the batch row the B
+    rows start at (a lazy-depth pass over only the rows with work; 0 everywhere else)."""
     B: int
     T: int
+    row0: int = 0
 
     @property
     def N(self) -> int:
@@ -269,8 +271,9 @@ def _bind_attention(low: Lowered, op: Op, t):
              else cfg.head_dim ** -0.5)
 
     def bind(s: Shape):
-        xv, o, lv = x[:s.N].view(s.B, s.T, D), out[:s.N].view(s.B, s.T, D), lens[:s.B]
-        return impl.launcher(xv, w, first, second, lv, cos, sin, scale, out=o)
+        xv, o, lv = x[:s.N].view(s.B, s.T, D), out[:s.N].view(s.B, s.T, D), lens[s.row0:][:s.B]
+        c1, c2 = (first, second) if s.row0 == 0 else (first[s.row0:], second[s.row0:])
+        return impl.launcher(xv, w, c1, c2, lv, cos, sin, scale, out=o)
     return bind
 
 

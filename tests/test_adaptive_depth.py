@@ -68,6 +68,37 @@ def test_lazy_is_exact(preset, backend):
     _check_generate(rt, model, [ids[0, :3], ids[1], ids[2, :6]], 4, n, TOL[backend])
 
 
+@pytest.mark.parametrize("preset, seed, backend", [
+    ("tiny_mla", 0, "torch"), ("tiny_gqa", 3, "torch"), ("tiny_mla", 0, "cpu"),
+    ("tiny_gqa", 3, "cpu"), ("tiny_mla", 0, "triton")])
+def test_passes_span_only_the_rows_with_work(preset, seed, backend, monkeypatch):
+    """A gathered pass covers the batch rows from its first to its last with work (a row
+    catching up alone runs alone, at its own cache rows): a ragged batch's logits equal
+    each row's alone, and such narrower passes occur (Triton: under the interpreter)."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (4, 9))
+    model = _model(preset, ids, seed)  # seeds whose halting makes narrower passes
+    n = model.cfg.max_loop_iters + 1
+    rt = mythos_rt.compile(model, backend=backend, max_batch_size=4, chunk=4, max_loops=n,
+                           act_mode="lazy")
+    spans = []
+    piece = mythos_rt.depth._piece
+
+    def recording(st, lo, *args):
+        spans.append((args[-1] if len(args) == 7 else 0, len(lo)))
+        return piece(st, lo, *args)
+    monkeypatch.setattr(mythos_rt.depth, "_piece", recording)
+    rows = [ids[0, :5], ids[1], ids[2, :2], ids[3, :7]]
+    out, logits = rt.generate(rows, 3, n_loops=n, return_logits=True)
+    assert any(row0 > 0 or B < 4 for row0, B in spans), spans
+    for b, p in enumerate(rows):
+        alone, ref = rt.generate(p[None], 3, n_loops=n, return_logits=True)
+        assert torch.equal(out[b], alone[0]), f"row {b} ids"
+        assert_rel_close(logits[b], ref[0], TOL[backend], f"row {b} logits")
+
+
 @pytest.mark.parametrize("preset", ["tiny_mla", "tiny_gqa"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("window", [2, 4])
