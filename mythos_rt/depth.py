@@ -16,7 +16,8 @@ row. At loop ``t`` the positions lacking a loop-t entry are therefore the suffix
 positions that must run are those up to its last running one; together one range
 ``[s, e]`` per row. That range is a chunked prefill at offset ``s`` (``loop_lens``), so
 every backend's ordinary attention, MoE and loop kernels run it unchanged, in pieces of
-at most ``chunk`` positions. Rows whose range is shorter than a piece are padded; a
+at most ``chunk`` positions over the batch rows from the first to the last with work
+(``Shape.row0``). Rows in that span whose range is shorter than a piece are padded; a
 padded query writes only loop-t slots of positions after the range (pending or not yet
 generated), which are rewritten before anything reads them, and reads a real row's state
 (its experts, so no other expert weights are read for it).
