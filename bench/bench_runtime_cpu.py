@@ -184,12 +184,21 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
     cfg = dataclasses.replace(MythosConfig.from_preset(preset),
                               max_seq_len=prompt + steps + 8)
     n_loops = cfg.max_loop_iters
-    tdtype = getattr(torch, dtype)
-    ref = _random_reference(cfg, tdtype)
-    rt = mythos_rt.compile(ref, dtype=tdtype, max_batch_size=1, max_seq_len=cfg.max_seq_len)
-    bytes_per_token = decode_bytes_per_token(ref, cfg, n_loops)
+    pair = dtype == "both"  # the runtime in float32 and in bfloat16 (same weights), no eager
+    refs = {d: _random_reference(cfg, getattr(torch, d))
+            for d in (("float32", "bfloat16") if pair else (dtype,))}
+    rts = {d: mythos_rt.compile(r, dtype=getattr(torch, d), max_batch_size=1,
+                                max_seq_len=cfg.max_seq_len) for d, r in refs.items()}
+    rt = next(iter(rts.values()))
+    if pair:
+        models = {f"mythos-rt {d}": r for d, r in rts.items()}
+    else:
+        models = {f"mythos-rt ({rt.backends['moe_ffn']} backend)": rt,
+                  "eager reference": refs[dtype]}
+    model_bytes = {name: decode_bytes_per_token(refs[d], cfg, n_loops)
+                   for name, d in zip(models, (*refs, dtype))}
+    bytes_per_token = next(iter(model_bytes.values()))
     probe = ReadProbe(probe_mib * 2**20)
-    models = {f"mythos-rt ({rt.backends['moe_ffn']} backend)": rt, "eager reference": ref}
     rt_name = next(iter(models))
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
     rows, runs = [], {}
@@ -203,14 +212,19 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
     for t, (prefill, decode) in runs.items():
         for name in models:
             times = decode[name]
+            floor = model_bytes[name] / (best_gbps * 1e9)
             r = {"name": name, "threads": t, "prompt": prompt,
                  "decode_s_per_token": round(statistics.median(times), 5),
                  "decode_s_range": [round(min(times), 5), round(max(times), 5)],
-                 "pct_of_read_floor": round(100 * floor_s / statistics.median(times), 1),
-                 "pct_of_read_floor_best_token": round(100 * floor_s / min(times), 1),
+                 "pct_of_read_floor": round(100 * floor / statistics.median(times), 1),
+                 "pct_of_read_floor_best_token": round(100 * floor / min(times), 1),
                  "prefill_s": round(prefill[name], 4),
                  "prefill_tok_s": round(prompt / prefill[name], 2)}
-            if name != rt_name:
+            if name != rt_name and pair:  # how much faster than the float32 runtime
+                r["decode_speedup_vs_float32"] = round(statistics.median(
+                    f / b for f, b in zip(decode[rt_name], times)), 2)
+                r["prefill_speedup_vs_float32"] = round(prefill[rt_name] / prefill[name], 2)
+            elif name != rt_name:
                 r["rt_decode_speedup"] = round(statistics.median(
                     o / b for o, b in zip(times, decode[rt_name])), 2)
                 r["rt_prefill_speedup"] = round(prefill[name] / prefill[rt_name], 2)
@@ -220,7 +234,8 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
                      "read_gbps_median": round(statistics.median(bw), 1),
                      "read_gbps_range": [round(min(bw), 1), round(max(bw), 1)]})
     facts = {"preset": preset, "dtype": dtype, "config": cfg.to_dict(), "n_loops": n_loops,
-             "decode_bytes_per_token": bytes_per_token, "backends": rt.backends,
+             "decode_bytes_per_token": bytes_per_token,
+             "decode_bytes_per_token_by_model": model_bytes, "backends": rt.backends,
              "read_probe": f"{probe_mib} MiB of random float32, {probe.how}",
              "read_gbps_best": round(best_gbps, 1), "floor_s_per_token": round(floor_s, 6),
              "decode_tokens_per_thread_count": steps}
@@ -261,8 +276,9 @@ def main() -> None:
                    help="the model's attention (gqa: 4 query heads over 2 KV heads)")
     p.add_argument("--preset", help="a real preset (e.g. mythos_1b) instead of the small "
                                      "configuration: batch 1, random weights")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="storage dtype of both models (with --preset)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "both"],
+                   help="storage dtype of both models (with --preset); both: the runtime in "
+                        "float32 against itself in bfloat16, interleaved, no eager reference")
     p.add_argument("--threads", default="2,1",
                    help="torch thread counts to run, comma-separated (with --preset)")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens (with --preset)")
@@ -310,6 +326,9 @@ def _main_preset(args) -> None:
             continue
         extra = (f"  rt is {r['rt_decode_speedup']}x at decode, {r['rt_prefill_speedup']}x "
                  f"at prefill" if "rt_decode_speedup" in r else "")
+        if "decode_speedup_vs_float32" in r:
+            extra = (f"  {r['decode_speedup_vs_float32']}x the float32 runtime at decode, "
+                     f"{r['prefill_speedup_vs_float32']}x at prefill")
         print(f"threads {r['threads']}  {r['name']:<28} decode {r['decode_s_per_token']} s/token "
               f"{r['decode_s_range']} ({r['pct_of_read_floor']}% of floor, best token "
               f"{r['pct_of_read_floor_best_token']}%)  prefill {r['prefill_tok_s']} tok/s{extra}")
@@ -326,7 +345,8 @@ def _main_preset(args) -> None:
                            "and read probe interleaved token by token, medians and ranges; "
                            "speedup: median of per-token ratios; read floor: bytes per token "
                            "/ the best probe bandwidth of the run; % of floor: floor / median "
-                           "(and / best) token time")
+                           "(and / best) token time; --dtype both: the float32 and bfloat16 "
+                           "runtimes in place of runtime and eager")
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

@@ -31,6 +31,17 @@ def test_preset_run_reports_decode_against_the_read_floor_at_each_thread_count()
     assert facts["floor_s_per_token"] > 0 and facts["read_gbps_best"] > 0
 
 
+def test_dtype_pair_run_compares_the_bf16_runtime_with_the_fp32_one():
+    """--dtype both: the runtime in float32 and in bfloat16 interleaved, each judged against
+    its own bytes; the bf16 row carries its speedup over float32."""
+    rows, facts = bench_runtime_cpu.run_preset("tiny_mla", "both", threads=(1,), prompt=5,
+                                               steps=2, probe_mib=4)
+    assert [r["name"] for r in rows] == ["mythos-rt float32", "mythos-rt bfloat16", "read probe"]
+    assert rows[1]["decode_speedup_vs_float32"] > 0 and "decode_speedup_vs_float32" not in rows[0]
+    fp32, bf16 = facts["decode_bytes_per_token_by_model"].values()
+    assert fp32 == 2 * bf16 == facts["decode_bytes_per_token"]
+
+
 def test_decode_bytes_count_the_loop_per_iteration_and_only_the_chosen_experts():
     cfg = bench_runtime_cpu.MythosConfig.from_preset("tiny_mla")
     ref = bench_runtime_cpu._random_reference(cfg, bench_runtime_cpu.torch.float32)
