@@ -8,6 +8,7 @@ import torch
 import mythos_rt
 from mythos_rt.checkpoint import save_checkpoint
 from mythos_rt.config import MythosConfig
+from mythos_rt.lower import Shape
 from mythos_rt.reference import OpenMythos
 from mythos_rt.runtime import InputError
 from mythos_rt.testing import (TOL_BF16_E2E, TOL_FP32_INTERPRET, TOL_FP32_TORCH, assert_rel_close,
@@ -195,7 +196,7 @@ def test_observer_sees_every_plan_step_and_is_removed_after():
             with rt.observe(_Recorder()):
                 pass
     # 7 prompt tokens prefill in chunks of 5 and 2, then one decode step of one token per row
-    shapes = [(2, 5), (2, 2), (2, 1)]
+    shapes = [Shape(2, 5), Shape(2, 2), Shape(2, 1)]
     starts = [(name, shape) for kind, name, shape in rec.events if kind == "start"]
     assert starts == [(name, shape) for shape in shapes for name in plan]
     assert len(rec.events) == 2 * len(starts) and rec.open is None

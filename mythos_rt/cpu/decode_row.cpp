@@ -56,7 +56,7 @@ float stream_sum(const float* x, int64_t n) {
     constexpr int streams = 4, step = 64 / streams;  // floats per stream per step
     const int64_t blocks = n / 64, t = team_rank(), nt = team_count();
     const int64_t lo = blocks * t / nt * 64, hi = blocks * (t + 1) / nt * 64;
-    const int64_t quarter = (hi - lo) / streams;
+    const int64_t quarter = (hi - lo) / streams;  // a multiple of step: hi - lo is of 64
     vpart acc[streams][step / kPart] = {};  // register-width sums: see tile_nk
     for (int64_t i = 0; i < quarter; i += step)
       for (int q = 0; q < streams; ++q)
@@ -66,7 +66,6 @@ float stream_sum(const float* x, int64_t n) {
     for (int q = 0; q < streams; ++q)
       for (int j = 0; j < step / kPart; ++j) sum += acc[q][j];
     for (int l = 0; l < kPart; ++l) total += sum[l];
-    for (int64_t i = lo + streams * quarter; i < hi; ++i) total += x[i];
     if (t == nt - 1)
       for (int64_t i = blocks * 64; i < n; ++i) total += x[i];
   }

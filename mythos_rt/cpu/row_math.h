@@ -285,8 +285,26 @@ inline float hsum(const vpart (&parts)[kParts]) {
   return hsum(v);
 }
 
-// Tile of gemm_nk: NW rows of w against NX inputs, the NW·NX vector sums in registers
-// for the whole row. Every output's sum has one order whatever the tile: lane l sums
+// A tile's outputs: each of its NX·NW lane sums reduced by the fixed tree (hsum), plus
+// the products of the columns from i (past the last whole vector block) to K in order,
+// scaled by alpha, stored or added onto Y.
+template <int NW, int NX, class W>
+inline void store_sums(const vpart (&acc)[NX][NW][kParts], const float* X, int ldx, const W* w,
+                       int K, int i, float alpha, float* Y, int ldy, bool accumulate) {
+  for (int x = 0; x < NX; ++x) {
+    const float* xr = X + static_cast<int64_t>(x) * ldx;
+    float* y = Y + static_cast<int64_t>(x) * ldy;
+    for (int j = 0; j < NW; ++j) {
+      const W* wr = w + static_cast<int64_t>(j) * K;
+      float s = hsum(acc[x][j]);
+      for (int t = i; t < K; ++t) s += to_float(wr[t]) * xr[t];
+      y[j] = accumulate ? y[j] + alpha * s : alpha * s;
+    }
+  }
+}
+
+// Tile of gemm_nk for float32 weights: NW rows of w against NX inputs, the NW·NX vector
+// sums in registers for the whole row. Every output's sum has one order whatever the tile: lane l sums
 // k ≡ l (mod 16) in order, then a fixed tree (hsum), then the tail k past the last 16.
 #ifdef __AVX512F__
 constexpr int kNkInputs = 4;  // 16 sums + 4 weight vectors + 1 input in 32 registers
@@ -294,8 +312,8 @@ constexpr int kNkInputs = 4;  // 16 sums + 4 weight vectors + 1 input in 32 regi
 constexpr int kNkInputs = 1;  // 4·2 part sums + 4 weight parts + 1 input in 16 registers
 #endif
 
-template <int NW, int NX, class W>
-inline void tile_nk(const float* __restrict X, int ldx, const W* __restrict w, int K,
+template <int NW, int NX>
+inline void tile_nk(const float* __restrict X, int ldx, const float* __restrict w, int K,
                     float alpha, float* __restrict Y, int ldy, bool accumulate) {
   vpart acc[NX][NW][kParts] = {};
   int i = 0;
@@ -309,16 +327,7 @@ inline void tile_nk(const float* __restrict X, int ldx, const W* __restrict w, i
         for (int j = 0; j < NW; ++j) acc[x][j][p] += wv[j] * xv;
       }
     }
-  for (int x = 0; x < NX; ++x) {
-    const float* xr = X + static_cast<int64_t>(x) * ldx;
-    float* y = Y + static_cast<int64_t>(x) * ldy;
-    for (int j = 0; j < NW; ++j) {
-      const W* wr = w + static_cast<int64_t>(j) * K;
-      float s = hsum(acc[x][j]);
-      for (int t = i; t < K; ++t) s += to_float(wr[t]) * xr[t];
-      y[j] = accumulate ? y[j] + alpha * s : alpha * s;
-    }
-  }
+  store_sums<NW, NX>(acc, X, ldx, w, K, i, alpha, Y, ldy, accumulate);
 }
 
 // tile_nk for bf16 weights, X in the pair order (pair_inputs): lane l of a v16 sum takes
@@ -344,16 +353,7 @@ inline void tile_nk_pairs(const float* __restrict X, int ldx, const bf16* __rest
         }
       }
     }
-  for (int x = 0; x < NX; ++x) {
-    const float* xr = X + static_cast<int64_t>(x) * ldx;
-    float* y = Y + static_cast<int64_t>(x) * ldy;
-    for (int j = 0; j < NW; ++j) {
-      const bf16* wr = w + static_cast<int64_t>(j) * K;
-      float s = hsum(acc[x][j]);
-      for (int t = i; t < K; ++t) s += to_float(wr[t]) * xr[t];
-      y[j] = accumulate ? y[j] + alpha * s : alpha * s;
-    }
-  }
+  store_sums<NW, NX>(acc, X, ldx, w, K, i, alpha, Y, ldy, accumulate);
 }
 
 // The tile of gemm_nk for weights of type W.
@@ -366,12 +366,12 @@ inline void tile_of(const float* X, int ldx, const W* w, int K, float alpha, flo
     tile_nk<NW, NX>(X, ldx, w, K, alpha, Y, ldy, accumulate);
 }
 
-// Y[i][r] = alpha · (w[r, :] · X[i]) (+ Y[i][r] when accumulate) for the rows r < N of w
-// (N, K) row-major (nn.Linear's layout; float32 or bf16) and inputs i < M (X rows ldx apart, Y rows ldy
-// apart), in register tiles (tile_nk): w streams through memory once, front to back, in
-// blocks of four rows, each block serving every input while it sits in L1. The
-// streaming layout of decode: a team splits w's rows, so each member reads one
-// contiguous stretch of the matrix.
+// Y[i][r] = alpha · (w[r, :] · X[i]) (+ Y[i][r] when accumulate) for the rows r < N of
+// w (N, K) row-major (nn.Linear's layout; float32 or bf16) and inputs i < M (X rows ldx
+// apart, Y rows ldy apart), in register tiles (tile_nk; tile_nk_pairs for bf16): w
+// streams through memory once, front to back, in blocks of four rows, each block serving
+// every input while it sits in L1. The streaming layout of decode: a team splits w's
+// rows, so each member reads one contiguous stretch of the matrix.
 template <class W>
 void gemm_nk(const float* __restrict X, int ldx, int M, const W* __restrict w, int N, int K,
              float alpha, float* __restrict Y, int ldy, bool accumulate) {
