@@ -166,7 +166,8 @@ class ReadProbe:
         from mythos_rt.cpu import native
         self.buf = torch.randn(n_bytes // 4)
         lib = native.library()
-        self.how = "row kernels' stream_sum (four streams per thread)" if lib is not None else "torch.sum"
+        self.how = ("row kernels' stream_sum (four streams per thread)" if lib is not None
+                    else "torch.sum")
         self.run = (lambda: lib.stream_sum(self.buf.data_ptr(), self.buf.numel())) if lib \
             else (lambda: self.buf.sum())
 
@@ -192,11 +193,12 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
     rt = next(iter(rts.values()))
     if pair:
         models = {f"mythos-rt {d}": r for d, r in rts.items()}
+        weights_of = {f"mythos-rt {d}": r for d, r in refs.items()}
     else:
         models = {f"mythos-rt ({rt.backends['moe_ffn']} backend)": rt,
                   "eager reference": refs[dtype]}
-    model_bytes = {name: decode_bytes_per_token(refs[d], cfg, n_loops)
-                   for name, d in zip(models, (*refs, dtype))}
+        weights_of = dict.fromkeys(models, refs[dtype])
+    model_bytes = {name: decode_bytes_per_token(r, cfg, n_loops) for name, r in weights_of.items()}
     bytes_per_token = next(iter(model_bytes.values()))
     probe = ReadProbe(probe_mib * 2**20)
     rt_name = next(iter(models))

@@ -272,8 +272,7 @@ def _bind_attention(low: Lowered, op: Op, t):
 
     def bind(s: Shape):
         xv, o, lv = x[:s.N].view(s.B, s.T, D), out[:s.N].view(s.B, s.T, D), lens[s.row0:][:s.B]
-        c1, c2 = (first, second) if s.row0 == 0 else (first[s.row0:], second[s.row0:])
-        return impl.launcher(xv, w, c1, c2, lv, cos, sin, scale, out=o)
+        return impl.launcher(xv, w, first[s.row0:], second[s.row0:], lv, cos, sin, scale, out=o)
     return bind
 
 

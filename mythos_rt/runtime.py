@@ -27,6 +27,7 @@ import torch
 
 from . import parallel
 from .config import MythosConfig
+from .depth import COUNTED
 from .errors import InputError, clip
 from .graphs import DecodeGraphs
 from .ir import Graph
@@ -385,9 +386,7 @@ class Runtime:
 
     def _start_request(self, n_loops: int) -> None:
         """Zero the work counters (``last_stats``) for a request of ``n_loops`` loops."""
-        self._stats = {"block_evals": 0, "eager_block_evals": 0, "catchup_evals": 0,
-                       "reused_entries": 0, "positions": 0, "passes": 0, "eager_passes": 0,
-                       "pass_rows": 0, "n_loops": n_loops}
+        self._stats = {**dict.fromkeys(COUNTED, 0), "reused_entries": 0, "n_loops": n_loops}
         if self._low.buffers.depth is not None:
             self._low.buffers.depth.reset_stats(n_loops)
 
