@@ -287,25 +287,28 @@ inline float hsum(const vpart (&parts)[kParts]) {
 
 // A tile's outputs: each of its NX·NW lane sums reduced by the fixed tree (hsum), plus
 // the products of the columns from i (past the last whole vector block) to K in order,
-// scaled by alpha, stored or added onto Y.
+// scaled by alpha, stored or added onto Y. Tile row j is w + j·ldw, its output Y[j·ldj].
 template <int NW, int NX, class W>
 inline void store_sums(const vpart (&acc)[NX][NW][kParts], const float* X, int ldx, const W* w,
-                       int K, int i, float alpha, float* Y, int ldy, bool accumulate) {
+                       int64_t ldw, int K, int i, float alpha, float* Y, int ldy, int ldj,
+                       bool accumulate) {
   for (int x = 0; x < NX; ++x) {
     const float* xr = X + static_cast<int64_t>(x) * ldx;
     float* y = Y + static_cast<int64_t>(x) * ldy;
     for (int j = 0; j < NW; ++j) {
-      const W* wr = w + static_cast<int64_t>(j) * K;
+      const W* wr = w + j * ldw;
       float s = hsum(acc[x][j]);
       for (int t = i; t < K; ++t) s += to_float(wr[t]) * xr[t];
-      y[j] = accumulate ? y[j] + alpha * s : alpha * s;
+      float& o = y[static_cast<int64_t>(j) * ldj];
+      o = accumulate ? o + alpha * s : alpha * s;
     }
   }
 }
 
 // Tile of gemm_nk for float32 weights: NW rows of w against NX inputs, the NW·NX vector
-// sums in registers for the whole row. Every output's sum has one order whatever the tile: lane l sums
-// k ≡ l (mod 16) in order, then a fixed tree (hsum), then the tail k past the last 16.
+// sums in registers for the whole row. Every output's sum has one order whatever the
+// tile: lane l sums k ≡ l (mod 16) in order, then a fixed tree (hsum), then the tail k
+// past the last 16.
 #ifdef __AVX512F__
 constexpr int kNkInputs = 4;  // 16 sums + 4 weight vectors + 1 input in 32 registers
 #else
@@ -313,29 +316,30 @@ constexpr int kNkInputs = 1;  // 4·2 part sums + 4 weight parts + 1 input in 16
 #endif
 
 template <int NW, int NX>
-inline void tile_nk(const float* __restrict X, int ldx, const float* __restrict w, int K,
-                    float alpha, float* __restrict Y, int ldy, bool accumulate) {
+inline void tile_nk(const float* __restrict X, int ldx, const float* __restrict w, int64_t ldw,
+                    int K, float alpha, float* __restrict Y, int ldy, int ldj, bool accumulate) {
   vpart acc[NX][NW][kParts] = {};
   int i = 0;
   for (; i + 16 <= K; i += 16)
     for (int p = 0; p < kParts; ++p) {
       const int at = i + p * kPart;
       vpart wv[NW];
-      for (int j = 0; j < NW; ++j) wv[j] = load_part(w + static_cast<int64_t>(j) * K + at);
+      for (int j = 0; j < NW; ++j) wv[j] = load_part(w + j * ldw + at);
       for (int x = 0; x < NX; ++x) {
         const vpart xv = load_part(X + static_cast<int64_t>(x) * ldx + at);
         for (int j = 0; j < NW; ++j) acc[x][j][p] += wv[j] * xv;
       }
     }
-  store_sums<NW, NX>(acc, X, ldx, w, K, i, alpha, Y, ldy, accumulate);
+  store_sums<NW, NX>(acc, X, ldx, w, ldw, K, i, alpha, Y, ldy, ldj, accumulate);
 }
 
 // tile_nk for bf16 weights, X in the pair order (pair_inputs): lane l of a v16 sum takes
 // each block's elements 2l and 2l+1, then a fixed tree (hsum), then the tail past the
 // last block; one order whatever the tile, as tile_nk.
 template <int NW, int NX>
-inline void tile_nk_pairs(const float* __restrict X, int ldx, const bf16* __restrict w, int K,
-                          float alpha, float* __restrict Y, int ldy, bool accumulate) {
+inline void tile_nk_pairs(const float* __restrict X, int ldx, const bf16* __restrict w,
+                          int64_t ldw, int K, float alpha, float* __restrict Y, int ldy,
+                          int ldj, bool accumulate) {
   constexpr int half = kPairBlock / 2;
   vpart acc[NX][NW][kParts] = {};
   int i = 0;
@@ -343,7 +347,7 @@ inline void tile_nk_pairs(const float* __restrict X, int ldx, const bf16* __rest
     for (int p = 0; p < kParts; ++p) {
       vpart even[NW], odd[NW];
       for (int j = 0; j < NW; ++j)
-        load_pairs(w + static_cast<int64_t>(j) * K + i + 2 * kPart * p, even[j], odd[j]);
+        load_pairs(w + j * ldw + i + 2 * kPart * p, even[j], odd[j]);
       for (int x = 0; x < NX; ++x) {
         const float* xr = X + static_cast<int64_t>(x) * ldx + i + kPart * p;
         const vpart xe = load_part(xr), xo = load_part(xr + half);
@@ -353,25 +357,28 @@ inline void tile_nk_pairs(const float* __restrict X, int ldx, const bf16* __rest
         }
       }
     }
-  store_sums<NW, NX>(acc, X, ldx, w, K, i, alpha, Y, ldy, accumulate);
+  store_sums<NW, NX>(acc, X, ldx, w, ldw, K, i, alpha, Y, ldy, ldj, accumulate);
 }
 
 // The tile of gemm_nk for weights of type W.
 template <int NW, int NX, class W>
-inline void tile_of(const float* X, int ldx, const W* w, int K, float alpha, float* Y, int ldy,
-                    bool accumulate) {
+inline void tile_of(const float* X, int ldx, const W* w, int64_t ldw, int K, float alpha,
+                    float* Y, int ldy, int ldj, bool accumulate) {
   if constexpr (std::is_same_v<W, bf16>)
-    tile_nk_pairs<NW, NX>(X, ldx, w, K, alpha, Y, ldy, accumulate);
+    tile_nk_pairs<NW, NX>(X, ldx, w, ldw, K, alpha, Y, ldy, ldj, accumulate);
   else
-    tile_nk<NW, NX>(X, ldx, w, K, alpha, Y, ldy, accumulate);
+    tile_nk<NW, NX>(X, ldx, w, ldw, K, alpha, Y, ldy, ldj, accumulate);
 }
 
 // Y[i][r] = alpha · (w[r, :] · X[i]) (+ Y[i][r] when accumulate) for the rows r < N of
 // w (N, K) row-major (nn.Linear's layout; float32 or bf16) and inputs i < M (X rows ldx
-// apart, Y rows ldy apart), in register tiles (tile_nk; tile_nk_pairs for bf16): w
-// streams through memory once, front to back, in blocks of four rows, each block serving
-// every input while it sits in L1. The streaming layout of decode: a team splits w's
-// rows, so each member reads one contiguous stretch of the matrix.
+// apart, Y rows ldy apart), in register tiles (tile_nk; tile_nk_pairs for bf16) of four
+// rows, each tile serving every input while it sits in L1. w streams through memory once
+// as four long streams: its rows split in quarters and a tile takes the same row of each.
+// Four adjacent rows would restart four short streams every tile (a bf16 row of 2048 is
+// one 4 KB page), which held one AVX2 EPYC thread to 14-16 GB/s against 20-22 as four
+// long streams (the read floor's pattern, stream_sum). The streaming layout of decode: a
+// team splits w's rows, so each member reads its own contiguous stretch of the matrix.
 template <class W>
 void gemm_nk(const float* __restrict X, int ldx, int M, const W* __restrict w, int N, int K,
              float alpha, float* __restrict Y, int ldy, bool accumulate) {
@@ -379,21 +386,22 @@ void gemm_nk(const float* __restrict X, int ldx, int M, const W* __restrict w, i
     X = pair_inputs(X, ldx, M, K);
     ldx = K;
   }
-  int n = 0;
-  for (; n + 4 <= N; n += 4) {
+  const int Q = N / 4;  // four streams: tile row j is row n + j·Q
+  const int64_t ldw = static_cast<int64_t>(Q) * K;
+  for (int n = 0; n < Q; ++n) {
     const W* wn = w + static_cast<int64_t>(n) * K;
     int m = 0;
     for (; m + kNkInputs <= M; m += kNkInputs)
-      tile_of<4, kNkInputs>(X + static_cast<int64_t>(m) * ldx, ldx, wn, K, alpha,
-                            Y + static_cast<int64_t>(m) * ldy + n, ldy, accumulate);
+      tile_of<4, kNkInputs>(X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, K, alpha,
+                            Y + static_cast<int64_t>(m) * ldy + n, ldy, Q, accumulate);
     for (; m < M; ++m)
-      tile_of<4, 1>(X + static_cast<int64_t>(m) * ldx, ldx, wn, K, alpha,
-                    Y + static_cast<int64_t>(m) * ldy + n, ldy, accumulate);
+      tile_of<4, 1>(X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, K, alpha,
+                    Y + static_cast<int64_t>(m) * ldy + n, ldy, Q, accumulate);
   }
-  for (; n < N; ++n)
+  for (int n = 4 * Q; n < N; ++n)
     for (int m = 0; m < M; ++m)
       tile_of<1, 1>(X + static_cast<int64_t>(m) * ldx, ldx, w + static_cast<int64_t>(n) * K, K,
-                    alpha, Y + static_cast<int64_t>(m) * ldy + n, ldy, accumulate);
+                    K, alpha, Y + static_cast<int64_t>(m) * ldy + n, ldy, 1, accumulate);
 }
 
 // y[n] = alpha · (w[n, :] · x) (+ y[n] when accumulate) for one input: gemm_nk with M = 1.

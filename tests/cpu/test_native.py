@@ -124,19 +124,20 @@ def test_the_avx512_path_compiles_on_a_cpu_without_it(fresh, monkeypatch):
 @pytest.mark.parametrize("K", [16, 32, 45, 64, 97], ids=lambda k: f"K{k}")
 def test_bf16_products_at_awkward_widths_on_every_vector_path(arch, K, monkeypatch):
     """bf16 products widen two weights per 32-bit lane and take the inputs in pair order
-    over blocks of 32: widths with no whole block, one, several, and tails, 7 weight rows
-    (a tile of 4 and 3 single rows) and 5 inputs, on AVX-512 or AVX2 (native), AVX2 alone
-    and SSE2 (x86-64), against the float64 product of the same bf16 values."""
+    over blocks of 32: widths with no whole block, one, several, and tails, 23 weight rows
+    (tiles taking one row of each quarter, and single rows after the quarters) and 5
+    inputs, on AVX-512 or AVX2 (native), AVX2 alone and SSE2 (x86-64), against the float64
+    product of the same bf16 values."""
     if arch != "native" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("an x86-64 -march")
     monkeypatch.setenv("MYTHOS_RT_CPU_ARCH", arch)
     monkeypatch.setattr(native, "_LIBRARY", {})  # a build per -march, cached across tests
     lib = native.library()
     assert lib is not None
-    w = torch.randn(7, K).bfloat16()
+    w = torch.randn(23, K).bfloat16()
     x = torch.randn(5, K)
-    logits = torch.full((5, 7), float("nan"))
-    head = native.kernel(lib, "head_rows_bf16", native.HeadRow, dict(V=7, D=K), dict(w=w),
+    logits = torch.full((5, 23), float("nan"))
+    head = native.kernel(lib, "head_rows_bf16", native.HeadRow, dict(V=23, D=K), dict(w=w),
                          bf16=("w",))
     head.fn(head.ref, native.address(x), 5, native.address(logits))
     want = x.double() @ w.double().t()
