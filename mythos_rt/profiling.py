@@ -300,12 +300,17 @@ def _median_ms(fn, device: torch.device, reps: int) -> float:
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> costmodel.Ceilings:
     """The ceilings of ``device``, measured now (about a second): read bandwidth, summing a
     buffer of random data well beyond the caches (random: a VM host may merge identical
-    pages and serve them from cache), and the FLOP/s of a square ``dtype`` matmul."""
+    pages and serve them from cache), and the FLOP/s of a square ``dtype`` matmul. On a CPU
+    the matmul is float32 whatever ``dtype``: the cpu backend widens bf16 weights and sums
+    in float32, and torch's bf16 matmul on a CPU without bf16 units is a software path
+    (0.0009 TFLOP/s on an AVX2 EPYC) that made bf16 floors compute-bound by 15x."""
     cuda = device.type == "cuda"
     nbytes, n = ((1 << 30), 4096) if cuda else ((128 << 20), 1024)
     x = torch.rand(nbytes // 4, device=device)
     read_ms = _median_ms(x.sum, device, reps=10 if cuda else 5)
     del x
+    if not cuda:
+        dtype = torch.float32
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     mm_ms = _median_ms(lambda: a @ b, device, reps=10 if cuda else 3)
     name = torch.cuda.get_device_name(device) if cuda else native.cpu_facts()["cpu"]

@@ -134,6 +134,13 @@ def test_measured_ceilings_of_a_cpu():
     assert 0.1 < c.copy_gbps < 1000 and 1e-4 < c.bf16_tflops < 100
 
 
+def test_a_cpu_compute_ceiling_is_float32_for_bf16_weights():
+    """The cpu backend sums bf16 weights in float32: its ceiling is a float32 matmul, not
+    torch's software bf16 one (which made every bf16 CPU floor compute-bound)."""
+    c = profiling.measure_ceilings(torch.device("cpu"), torch.bfloat16)
+    assert "float32 matmul" in c.source and "bfloat16" not in c.source
+
+
 def test_cli_bench(ckpt, tmp_path):
     out = tmp_path / "bench.json"
     proc = _cli("bench", str(ckpt), "--quick", "--systems", "mythos-rt", "--budget-s", "40",
