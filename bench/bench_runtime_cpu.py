@@ -312,7 +312,7 @@ def main() -> None:
                           "per-call overhead dominates, not the kernels",
                     quick=args.quick,
                     backend=args.backend, mla_unabsorbed=args.unabsorbed,
-                    cpu_row_kernels=_row_kernels(args.backend),
+                    cpu_flags=_cpu_flags(), cpu_row_kernels=_row_kernels(args.backend),
                     method="decode: median over interleaved steps (models alternate step by "
                            "step); speedup: median of per-step time ratios; prefill: one run")
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
