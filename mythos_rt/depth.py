@@ -33,12 +33,14 @@ chunk's halting flags once (free on a CPU).
 Decode steps can instead run *device-resident* (``window`` W > 0, the default on CUDA):
 no host read at all, a fixed list of launches that a CUDA graph can capture. Each loop
 runs one pass of W positions per row starting at ``deeper[b, t]``; rows whose new token
-has halted get an empty pass. That is exact only while no row has W or more positions
-missing a loop's entry, so the store keeps that bound: a decode step whose row would
-reach W pending positions at its deepest loop runs the new token through every loop
-(its output stays frozen by ACT; its cache entries are computed), which catches the
-whole row up, and a prompt chunk ends by catching up every position older than its
-last W − 1 (``lazy_region``). Positions in a pass past the new token are padding.
+has halted get an empty pass, and a pass with no real row at all sets ``skip``, so that
+the MoE (most of a pass's weight bytes) returns at once. That is exact only while no row
+has W or more positions missing a loop's entry, so the store keeps that bound: a decode
+step whose row would reach W pending positions at its deepest loop runs the new token
+through every loop (its output stays frozen by ACT; its cache entries are computed),
+which catches the whole row up, and a prompt chunk ends by catching up every position
+older than its last W − 1 (``lazy_region``). Positions in a pass past the new token are
+padding.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class DepthState:
         (``collect_stats`` folds them in).
     force, ran : (B_max,) scratch of a device-resident step (catch-up forced; loops the
         new token ran before halting); ``device_piece`` its pass's (fixed) rows.
+    skip : (1,) int32 on the device, 1 while a device-resident pass has no real row: the
+        loop's MoE then reads no expert weight (``moe_ffn``'s ``skip``); 0 otherwise.
     """
     h: torch.Tensor
     e: torch.Tensor
@@ -115,6 +119,7 @@ class DepthState:
     force: Optional[torch.Tensor] = None
     ran: Optional[torch.Tensor] = None
     device_piece: Optional[Piece] = None
+    skip: Optional[torch.Tensor] = None
     stats: dict = field(default_factory=dict)
     piece: Optional[Piece] = None
 
@@ -139,6 +144,7 @@ class DepthState:
                  halt_counts=torch.zeros(max_loops + 1, **i64),
                  force=torch.zeros(max_batch, dtype=torch.bool, device=device),
                  ran=torch.zeros(max_batch, **i64),
+                 skip=torch.zeros(1, dtype=torch.int32, device=device),
                  device_piece=Piece(start=torch.zeros(max_batch, dtype=torch.int32,
                                                       device=device),
                                     store_row=torch.zeros(BW, **i64),
@@ -389,6 +395,7 @@ def device_decode_steps(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
                 piece.start.copy_(first)
                 st.loop_lens[:B].copy_(first)
                 deeper.copy_(torch.where(runs, L + 1, deeper))
+                st.skip.copy_(~live.any().view(1))
                 st.counts[0] += live.sum()
                 st.counts[1] += (live & (pos < L[:, None])).sum()
                 st.piece = piece
@@ -403,6 +410,7 @@ def device_decode_steps(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
             # loops run before halting (0 = never halted), real rows only
             loop = torch.where(act.halted[:B], st.ran[:B], 0)
             st.halt_counts.index_add_(0, loop, ones * (st.chunk_valid[:B] > 0))
+            st.skip.zero_()  # the chunk passes that follow all have real rows
             st.piece = None
         return run
 

@@ -294,6 +294,10 @@ def _bind_dense_ffn(low: Lowered, op: Op, t):
 def _bind_moe(low: Lowered, op: Op, t):
     impl, packed, ws = low.impl(op), low.args[op.name], low.buffers.workspaces.get(op.name)
     x, out = low.buf(op.inputs[0]), low.buf(op.outputs[0])
+    depth = low.buffers.depth
+    if t is not None and depth is not None and depth.window:
+        # device-resident lazy decode: a pass with no real position reads no expert
+        return lambda s: impl.launcher(x[:s.N], packed, ws, out=out[:s.N], skip=depth.skip)
     return lambda s: impl.launcher(x[:s.N], packed, ws, out=out[:s.N])
 
 

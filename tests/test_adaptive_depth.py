@@ -116,6 +116,38 @@ def test_device_resident_decode_is_exact(preset, backend, window):
     assert sum(s["halt_histogram"]) == s["positions"]
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_a_pass_with_no_real_row_skips_the_moe(backend, monkeypatch):
+    """One row, device-resident: once its new token halts, the step's later loops have
+    no real row; those passes set ``skip`` (the MoE returns zeros without reading an
+    expert; Triton: its kernels read the flag) and the result stays exact."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(100)  # a prompt whose generated tokens halt early
+    ids = torch.randint(0, 97, (1, 6))
+    model = _model("tiny_mla", ids, seed=0)
+    n = model.cfg.max_loop_iters + 1
+    rt = mythos_rt.compile(model, backend=backend, max_batch_size=1, chunk=4, max_loops=n,
+                           act_mode="lazy", lazy_window=4)
+    with rt.observe(_SkipFlags(rt)) as flags:
+        _check_generate(rt, model, ids, 8, n, TOL[backend])
+    assert flags.seen == {0, 1}
+
+
+class _SkipFlags:
+    """The ``skip`` flag each device-resident pass ran with (read after its window step)."""
+
+    def __init__(self, rt):
+        self.depth, self.seen = rt._low.buffers.depth, set()
+
+    def on_step_start(self, step, shape):
+        pass
+
+    def on_step_end(self, step, shape):
+        if step.name.startswith("depth_window"):
+            self.seen.add(int(self.depth.skip[0]))
+
+
 def test_device_resident_decode_reads_nothing_on_the_host(monkeypatch):
     """The depth steps of a decode step (window, gather, scatter, start, finish) never
     read a device value on the host: what lets a CUDA graph capture them."""

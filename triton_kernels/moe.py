@@ -182,11 +182,13 @@ def moe_route_triton(x: torch.Tensor, router_w: torch.Tensor, router_bias: torch
 
 
 def _moe_ffn_impl(x: torch.Tensor, packed: PackedMoE, ws: MoEWorkspace, out: torch.Tensor,
-                  cfg: MoEConfig) -> torch.Tensor:
+                  cfg: MoEConfig, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
     N, D = x.shape
     E, k, S, I = packed.n_local, packed.top_k, packed.n_shared_slots, packed.expert_dim
     slots = k + S
     prec = input_precision(x.dtype)
+    has_skip = skip is not None
+    skip_ptr = skip if has_skip else ws.block_expert  # any int32 buffer: not read then
     ids, wts = ws.ids[:N], ws.weights[:N]
     _launch_router(x, packed.router_w, packed.router_bias, k, ids, wts, ws.hist,
                    write_hist=True, hist_experts=(packed.expert_start, E))
@@ -194,31 +196,32 @@ def _moe_ffn_impl(x: torch.Tensor, packed: PackedMoE, ws: MoEWorkspace, out: tor
     meta = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     n1 = triton.cdiv(I, cfg.block_n1)
     _gemm1_kernel[(n_blocks * n1,)](
-        x, packed.w13, ws.h, ws.sorted_pairs, ws.block_expert,
+        x, packed.w13, ws.h, ws.sorted_pairs, ws.block_expert, skip_ptr,
         D, I, n1, x.stride(0), packed.w13.stride(0), ws.h.stride(0),
         SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n1, BLOCK_K=cfg.block_k1,
-        DOT_PREC=prec, **meta)
+        DOT_PREC=prec, HAS_SKIP=has_skip, **meta)
     n2 = triton.cdiv(D, cfg.block_n2)
     _gemm2_routed_kernel[(rb_max * n2,)](
-        ws.h, packed.w2, ws.y_routed, wts, ws.sorted_pairs, ws.block_expert,
+        ws.h, packed.w2, ws.y_routed, wts, ws.sorted_pairs, ws.block_expert, skip_ptr,
         D, I, E, n2, ws.h.stride(0), packed.w2.stride(0), ws.y_routed.stride(0),
         TOP_K=k, SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n2,
-        BLOCK_K=cfg.block_k2, DOT_PREC=prec, **meta)
+        BLOCK_K=cfg.block_k2, DOT_PREC=prec, HAS_SKIP=has_skip, **meta)
     n_split = 0
     if S:
         split = max(1, min(cfg.split_shared, S, ws.y_shared.shape[0] // N))
         sps = triton.cdiv(S, split)
         n_split = triton.cdiv(S, sps)
         _gemm2_shared_kernel[(triton.cdiv(N, cfg.block_m_shared) * n2, n_split)](
-            ws.h, packed.w2, ws.y_shared, N, D, I, E, S, sps,
+            ws.h, packed.w2, ws.y_shared, skip_ptr, N, D, I, E, S, sps,
             ws.h.stride(0), packed.w2.stride(0), ws.y_shared.stride(0),
             TOP_K=k, SLOTS=slots, BLOCK_M=cfg.block_m_shared, BLOCK_N=cfg.block_n2,
-            BLOCK_K=cfg.block_k2, GROUP_M=8, DOT_PREC=prec, **meta)
+            BLOCK_K=cfg.block_k2, GROUP_M=8, DOT_PREC=prec, HAS_SKIP=has_skip, **meta)
     block_d = 64 if interpreted() else min(1024, pow2(D, 16))
     _combine_kernel[(N, triton.cdiv(D, block_d))](
-        ws.y_routed, ws.y_shared, out, ids, N, D, n_split, packed.expert_start, E,
-        ws.y_routed.stride(0), ws.y_shared.stride(0), out.stride(0),
-        TOP_K=k, BLOCK_D=block_d, SHARD=packed.is_shard, num_warps=4)
+        ws.y_routed, ws.y_shared, out, ids, skip_ptr, N, D, n_split,
+        packed.expert_start, E, ws.y_routed.stride(0), ws.y_shared.stride(0), out.stride(0),
+        TOP_K=k, BLOCK_D=block_d, SHARD=packed.is_shard, HAS_SKIP=has_skip,
+        num_warps=4)
     return out
 
 
@@ -233,7 +236,8 @@ def _check_ws(ws: MoEWorkspace, packed: PackedMoE, N: int):
 
 
 def moe_ffn_triton(x: torch.Tensor, packed: PackedMoE, workspace: Optional[MoEWorkspace] = None,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   out: Optional[torch.Tensor] = None,
+                   skip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoE FFN with Triton kernels (same contract as ``mythos_rt.ops.moe.moe_ffn_torch``).
 
     Parameters
@@ -245,6 +249,10 @@ def moe_ffn_triton(x: torch.Tensor, packed: PackedMoE, workspace: Optional[MoEWo
     out : optional (N, D) buffer in x's dtype, unit last stride. Without it the result
         is written to ``workspace.out[:N]`` (a view into the workspace, overwritten by
         the next call).
+    skip : optional (1,) int32 on x's device, read by the kernels (no host sync): nonzero
+        says no row of this call is needed (a lazy-depth pass with no real position,
+        ``mythos_rt.depth``); the GEMM programs then return at once, no expert weight is
+        read, and the output is zeros.
 
     Returns
     -------
@@ -263,6 +271,10 @@ def moe_ffn_triton(x: torch.Tensor, packed: PackedMoE, workspace: Optional[MoEWo
         out = ws.out[:N]
     elif out.shape != (N, D) or out.dtype != x.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be ({N}, {D}) {x.dtype} with unit last stride")
+    if skip is not None and (skip.shape != (1,) or skip.dtype != torch.int32
+                             or skip.device != x.device):
+        raise ValueError(f"skip must be a (1,) int32 tensor on {x.device}, got "
+                         f"{tuple(skip.shape)} {skip.dtype} on {skip.device}")
     if N == 0:
         return out
     cfg = ws.config or get_config(N, packed, x.dtype, x.device, tuned=ws.tuned)
@@ -271,7 +283,7 @@ def moe_ffn_triton(x: torch.Tensor, packed: PackedMoE, workspace: Optional[MoEWo
     if ws.config is None and not interpreted():
         cfg = replace(cfg, split_shared=shared_split(N, packed.n_shared_slots, cfg, D,
                                                       ws.y_shared.shape[0]))
-    return _moe_ffn_impl(x, packed, ws, out, cfg)
+    return _moe_ffn_impl(x, packed, ws, out, cfg, skip)
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,16 +63,18 @@ def _router_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, wts_ptr, hist_ptr,
 
 
 @triton.jit
-def _gemm1_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_expert_ptr,
+def _gemm1_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_expert_ptr, skip_ptr,
                   D, I, n_tiles, stride_xn, stride_we, stride_hn,
                   SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+                  BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, HAS_SKIP: tl.constexpr):
     # 1-D grid, N tiles fastest: a block's x rows stay in L2 across its I tiles and an
     # expert's consecutive blocks share its weight tiles within a wave.
     pid = tl.program_id(0)
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles
     ex = tl.load(block_expert_ptr + pid_m)
+    if HAS_SKIP:  # a call with no real row: every block is dead
+        ex = tl.where(tl.load(skip_ptr) != 0, -1, ex)
     if ex < 0:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,14 +107,16 @@ def _gemm1_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_expert_ptr,
 
 @triton.jit
 def _gemm2_routed_kernel(h_ptr, w2_ptr, y_ptr, wts_ptr, sorted_ptr, block_expert_ptr,
-                         D, I, E, n_tiles, stride_hn, stride_we, stride_yn,
+                         skip_ptr, D, I, E, n_tiles, stride_hn, stride_we, stride_yn,
                          TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
+                         DOT_PREC: tl.constexpr, HAS_SKIP: tl.constexpr):
     pid = tl.program_id(0)
     pid_m = pid // n_tiles
     pid_n = pid % n_tiles
     ex = tl.load(block_expert_ptr + pid_m)
+    if HAS_SKIP:
+        ex = tl.where(tl.load(skip_ptr) != 0, -1, ex)
     if (ex < 0) | (ex >= E):
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -140,11 +144,12 @@ def _gemm2_routed_kernel(h_ptr, w2_ptr, y_ptr, wts_ptr, sorted_ptr, block_expert
 
 
 @triton.jit
-def _gemm2_shared_kernel(h_ptr, w2_ptr, ys_ptr, N, D, I, E, S, SPS,
+def _gemm2_shared_kernel(h_ptr, w2_ptr, ys_ptr, skip_ptr, N, D, I, E, S, SPS,
                          stride_hn, stride_we, stride_yn,
                          TOP_K: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr):
+                         GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+                         HAS_SKIP: tl.constexpr):
     # grouped ordering (GROUP_M token blocks × all D tiles per group) so both the
     # K-concatenated shared weights and the h rows are reused from L2 at large N
     pid = tl.program_id(0)
@@ -165,6 +170,8 @@ def _gemm2_shared_kernel(h_ptr, w2_ptr, ys_ptr, N, D, I, E, S, SPS,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_lo = pid_s * SPS
     s_hi = tl.minimum(S, s_lo + SPS)
+    if HAS_SKIP:  # no real row: no slot, zeros stored (no weight read)
+        s_hi = tl.where(tl.load(skip_ptr) != 0, s_lo, s_hi)
     for s in range(s_lo, s_hi):
         a_ptrs = h_ptr + (t * SLOTS + TOP_K + s)[:, None] * stride_hn + kk[None, :]
         b_ptrs = w2_ptr + (E + s).to(tl.int64) * stride_we + cols[None, :] * I + kk[:, None]
@@ -181,23 +188,28 @@ def _gemm2_shared_kernel(h_ptr, w2_ptr, ys_ptr, N, D, I, E, S, SPS,
 
 
 @triton.jit
-def _combine_kernel(yr_ptr, ys_ptr, out_ptr, ids_ptr, N, D, n_split, E_LO, E_LOCAL,
+def _combine_kernel(yr_ptr, ys_ptr, out_ptr, ids_ptr, skip_ptr, N, D, n_split, E_LO, E_LOCAL,
                     stride_yr, stride_ys, stride_on,
-                    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, SHARD: tl.constexpr):
+                    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, SHARD: tl.constexpr,
+                    HAS_SKIP: tl.constexpr):
     # SHARD: an expert shard computed only the slots routed to its experts
-    # [E_LO, E_LO + E_LOCAL); the others (never written) add zero here.
+    # [E_LO, E_LO + E_LOCAL); the others (never written) add zero here. HAS_SKIP: when
+    # the call has no real row the routed slots were never written: zeros are stored.
     n = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
+    live = dm
+    if HAS_SKIP:  # a block, not a scalar, in the mask (see SHARD below)
+        live = dm & (tl.load(skip_ptr) + 0 * d == 0)
     base = n.to(tl.int64) * TOP_K
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        held = dm
+        held = live
         if SHARD:
             # a block of expert ids, not a scalar: Triton 3.9's interpreter rejects
             # a block mask & a scalar comparison ("mask has unsupported dtype")
             ex = tl.load(ids_ptr + base + j) - E_LO + 0 * d
-            held = dm & (ex >= 0) & (ex < E_LOCAL)
+            held = live & (ex >= 0) & (ex < E_LOCAL)
         acc += tl.load(yr_ptr + (base + j) * stride_yr + d, mask=held, other=0.0).to(tl.float32)
     for s in range(0, n_split):
         row = (s * N + n).to(tl.int64)

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..ops.moe import PackedMoE, moe_ffn_torch
+from ..ops.moe import PackedMoE, moe_ffn_torch, skipped
 from . import native
 from .memo import per_tensor
 
@@ -149,9 +149,13 @@ def _route(biased: torch.Tensor, top_k: int, bias: list[float]):
 
 
 def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None,
+                skip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoE FFN (same contract as ``ops.moe.moe_ffn_torch``); up to ``MAX_TOKENS`` tokens
     run the lean path."""
+    done = skipped(skip, x, out)
+    if done is not None:
+        return done
     if isinstance(moe, PackedMoE):  # an expert-parallel shard (prepare_moe)
         return moe_ffn_torch(x, moe, workspace, out)
     p = moe.base
@@ -188,12 +192,12 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
 
 
 def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
-                     out: Optional[torch.Tensor] = None):
+                     out: Optional[torch.Tensor] = None, skip: Optional[torch.Tensor] = None):
     """``moe_ffn_cpu`` for up to ``kernel_max_tokens`` tokens as a prebound call of the
     compiled kernel, or None where that does not apply (more tokens, rows not contiguous
-    in the weights' dtype, no kernel, no ``out``). bf16 weights: through float32 staging
-    rows (``native.bind_staged``)."""
-    if isinstance(moe, PackedMoE):
+    in the weights' dtype, no kernel, no ``out``, a ``skip`` flag to read each call). bf16
+    weights: through float32 staging rows (``native.bind_staged``)."""
+    if isinstance(moe, PackedMoE) or skip is not None:
         return None
     if moe.base.w13.dtype != torch.bfloat16:
         return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)

@@ -6,8 +6,11 @@ The op family (docs/design.md "Reference semantics", MoE):
   ``logits = x·Wᵀ`` (fp32 accumulation, kept in fp32), ``scores = softmax(logits)``,
   top-k chosen on ``logits + bias``, chosen scores renormalized to sum 1.
   ``ids`` int32 (N, k) in descending biased-logit order, ``weights`` fp32 (N, k).
-* ``moe_ffn(x, packed, workspace=None, out=None) -> (N, D)``: k routed SwiGLU experts per
-  token weighted by the routing weights, plus the shared experts (always on, weight 1).
+* ``moe_ffn(x, packed, workspace=None, out=None, skip=None) -> (N, D)``: k routed SwiGLU
+  experts per token weighted by the routing weights, plus the shared experts (always on,
+  weight 1). ``skip``: an optional (1,) int32 device flag; nonzero says no row of the call
+  is needed (a lazy-depth pass with no real position): the result is zeros and no
+  expert weight is read (the Triton kernels read the flag on the device).
 
 Packing (the ``pack_experts`` pass, with ``split_w13``/``split_w2``) turns the reference
 parameters into one stacked weight set:
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 
 from .registry import CPU_DTYPES, register
 
-__all__ = ["PackedMoE", "moe_route_torch", "moe_ffn_torch"]
+__all__ = ["PackedMoE", "moe_route_torch", "moe_ffn_torch", "skipped"]
 
 
 @dataclass
@@ -146,8 +149,18 @@ def moe_route_torch(x: torch.Tensor, router_w: torch.Tensor, router_bias: torch.
     return ids, w
 
 
+def skipped(skip: Optional[torch.Tensor], x: torch.Tensor,
+            out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The zeros a ``moe_ffn`` call returns when its ``skip`` flag is set, else None (it
+    must run). Reads the flag on the host: for the backends that synchronize anyway."""
+    if skip is None or not int(skip[0]):
+        return None
+    return torch.zeros_like(x) if out is None else out.zero_()
+
+
 def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None,
+                  skip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoE FFN in composite PyTorch (same signature as the Triton backend).
 
     Parameters
@@ -156,6 +169,7 @@ def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
     packed : ``PackedMoE``.
     workspace : ignored (accepted for signature parity with the Triton backend).
     out : optional (N, D) output buffer in x's dtype.
+    skip : optional (1,) int32 flag: nonzero, the result is zeros (module docstring).
 
     Returns
     -------
@@ -165,6 +179,9 @@ def moe_ffn_torch(x: torch.Tensor, packed: PackedMoE, workspace=None,
     graph-capturable. An expert-parallel shard adds only the experts it holds.
     """
     del workspace
+    done = skipped(skip, x, out)
+    if done is not None:
+        return done
     N, D = x.shape
     E, k, S, I = packed.n_local, packed.top_k, packed.n_shared_slots, packed.expert_dim
     ids, weights = moe_route_torch(x, packed.router_w, packed.router_bias, k)

@@ -205,6 +205,30 @@ def test_pinned_configs(cfg):
     assert_rel_close(out.cpu(), ref_forward(m, x.float()), TOL_FP32_INTERPRET)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_skipped_call_reads_no_expert_weight(backend):
+    """``skip`` set: zeros, even with NaN expert weights (none is read); ``skip`` clear:
+    bitwise the call without it."""
+    _, m, packed, x = build(dict(D=48, I=16, E=6, k=3, S=2), 11, torch.float32)
+    x = x.to(DEV)
+    ws = MoEWorkspace.allocate(11, packed)
+    run = ((lambda p, **kw: moe_ffn_triton(x, p, ws, **kw)) if backend == "triton"
+           else (lambda p, **kw: moe_ffn_torch(x, p, **kw)))
+    flag = torch.zeros(1, dtype=torch.int32, device=DEV)
+    assert torch.equal(run(packed, skip=flag).clone(), run(packed).clone())
+    nan = dataclasses.replace(packed, w13=torch.full_like(packed.w13, float("nan")),
+                              w2=torch.full_like(packed.w2, float("nan")))
+    ws.h.fill_(7)
+    ws.y_routed.fill_(7)
+    out = torch.full_like(x, float("nan"))
+    res = run(nan, skip=flag.fill_(1), out=out)
+    assert res is out and torch.equal(out, torch.zeros_like(x))
+    if backend == "triton":  # the expert GEMMs wrote nothing
+        assert bool((ws.h == 7).all()) and bool((ws.y_routed == 7).all())
+        with pytest.raises(ValueError, match="skip must be"):
+            run(packed, skip=torch.ones(1))
+
+
 def test_triton_matches_torch_backend_fp32():
     cfg, m, packed, x = build(dict(), 21, torch.float32)
     assert_rel_close(moe_ffn_triton(x.to(DEV), packed).cpu(),
