@@ -229,10 +229,15 @@ def launch_step(m: PresetModel, B: int, T: int, prefix: int, max_batch: int,
     swiglu_triton(_meta(N, m.ffn.w13.shape[0], dtype=dt))
     ws = tmoe.MoEWorkspace.allocate(max_batch * max(T, 1), m.moe, device="meta")
     tmoe.moe_ffn_triton(x, m.moe, ws)
-    if T == 1:  # a device-resident lazy decode pass: W rows per batch row, a skip flag
+    # lazy depth with device-resident decode (the CUDA default) passes a skip flag to the
+    # loop's MoE: its prompt chunks, and decode passes of W rows per batch row
+    skip = _meta(1, dtype=torch.int32)
+    if T > 1:
+        tmoe.moe_ffn_triton(x, m.moe, ws, skip=skip)
+    else:
         xw = _meta(B * DEVICE_WINDOW, D, dtype=dt)
         ws_w = tmoe.MoEWorkspace.allocate(max_batch * DEVICE_WINDOW, m.moe, device="meta")
-        tmoe.moe_ffn_triton(xw, m.moe, ws_w, skip=_meta(1, dtype=torch.int32))
+        tmoe.moe_ffn_triton(xw, m.moe, ws_w, skip=skip)
     tmoe.moe_route_triton(x, m.moe.router_w, m.moe.router_bias, m.moe.top_k)
     state = ACTState.allocate(N, D, dt, "meta")
     h, e = _meta(N, D, dtype=dt), _meta(N, D, dtype=dt)
