@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mythos_rt  # noqa: E402
 from mythos_rt.config import MythosConfig  # noqa: E402
+from mythos_rt.cpu import native  # noqa: E402
 from mythos_rt.reference import OpenMythos  # noqa: E402
 
 # mythos_1b's structure (MLA, 64 experts top-4, 2 shared, 16 loops) at a CPU-friendly width.
@@ -157,27 +158,6 @@ def decode_bytes_per_token(ref: OpenMythos, cfg: MythosConfig, n_loops: int) -> 
     return rest + n_loops * (loop + routed * cfg.n_experts_per_tok // cfg.n_experts)
 
 
-class ReadProbe:
-    """One pass over ``n_bytes`` of random float32 (random: identical pages could be
-    merged by the host, and a zero page reads from nowhere), summed by the row kernels'
-    ``stream_sum`` (their team, their vector width) or, without them, by torch."""
-
-    def __init__(self, n_bytes: int):
-        from mythos_rt.cpu import native
-        self.buf = torch.randn(n_bytes // 4)
-        lib = native.library()
-        self.how = ("row kernels' stream_sum (four streams per thread)" if lib is not None
-                    else "torch.sum")
-        self.run = (lambda: lib.stream_sum(self.buf.data_ptr(), self.buf.numel())) if lib \
-            else (lambda: self.buf.sum())
-
-    def __call__(self):
-        self.run()
-
-    def gbps(self, seconds: float) -> float:
-        return self.buf.numel() * 4 / seconds / 1e9
-
-
 def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int = 64,
                steps: int = 3, probe_mib: int = 512) -> tuple[list[dict], dict]:
     """Real-size runs (see the module docstring); returns (rows, facts about the model and
@@ -200,7 +180,7 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
         weights_of = dict.fromkeys(models, refs[dtype])
     model_bytes = {name: decode_bytes_per_token(r, cfg, n_loops) for name, r in weights_of.items()}
     bytes_per_token = next(iter(model_bytes.values()))
-    probe = ReadProbe(probe_mib * 2**20)
+    probe = native.ReadProbe(probe_mib * 2**20)
     rt_name = next(iter(models))
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
     rows, runs = [], {}
@@ -246,13 +226,11 @@ def run_preset(preset: str, dtype: str = "float32", threads=(2, 1), prompt: int 
 
 def _cpu_flags() -> str:
     """The CPU's vector-relevant feature flags (from /proc/cpuinfo)."""
-    from mythos_rt.cpu import native
     return native.cpu_facts()["cpu_flags"]
 
 
 def _row_kernels(backend: str) -> str:
     """Whether decode ran the compiled row kernels, built by what, on how many threads."""
-    from mythos_rt.cpu import native
     if backend == "torch":
         return "not used: torch backend"
     lib = native.library()

@@ -300,16 +300,21 @@ def _median_ms(fn, device: torch.device, reps: int) -> float:
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> costmodel.Ceilings:
     """The ceilings of ``device``, measured now (about a second): read bandwidth, summing a
     buffer of random data well beyond the caches (random: a VM host may merge identical
-    pages and serve them from cache), and the FLOP/s of a square ``dtype`` matmul. On a CPU
-    the matmul is float32 whatever ``dtype``: the cpu backend widens bf16 weights and sums
-    in float32, and torch's bf16 matmul on a CPU without bf16 units is a software path
-    (0.0009 TFLOP/s on an AVX2 EPYC) that made bf16 floors compute-bound by 15x."""
+    pages and serve them from cache; on a CPU with the row kernels' four-stream
+    ``stream_sum``, the pattern their products read with), and the FLOP/s of a square
+    ``dtype`` matmul. On a CPU the matmul is float32 whatever ``dtype``: the cpu backend
+    widens bf16 weights and sums in float32, and torch's bf16 matmul on a CPU without
+    bf16 units is a software path (0.0009 TFLOP/s on an AVX2 EPYC) that made bf16 floors
+    compute-bound by 15x."""
     cuda = device.type == "cuda"
     nbytes, n = ((1 << 30), 4096) if cuda else ((128 << 20), 1024)
-    x = torch.rand(nbytes // 4, device=device)
-    read_ms = _median_ms(x.sum, device, reps=10 if cuda else 5)
-    del x
-    if not cuda:
+    if cuda:
+        x, how = torch.rand(nbytes // 4, device=device), "sum"
+        read_ms = _median_ms(x.sum, device, reps=10)
+        del x
+    else:  # the row kernels' own read pattern, as bench_runtime_cpu's floor
+        probe = native.ReadProbe(nbytes)
+        read_ms, how = _median_ms(probe, device, reps=5), probe.how
         dtype = torch.float32
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     mm_ms = _median_ms(lambda: a @ b, device, reps=10 if cuda else 3)
@@ -318,7 +323,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> costmodel.Ceil
         copy_gbps=round(nbytes / (read_ms * 1e-3) / 1e9, 2),
         bf16_tflops=round(2 * n ** 3 / (mm_ms * 1e-3) / 1e12, 4), measured=True,
         source=f"measured on this {device.type} ({name}): read of {nbytes >> 20} MiB of random "
-               f"data (sum), {n}^3 {str(dtype).replace('torch.', '')} matmul, median")
+               f"data ({how}), {n}^3 {str(dtype).replace('torch.', '')} matmul, median")
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ from ..buildcache import replacing
 __all__ = ["SOURCE", "HEADER", "FLAGS", "OPENMP", "march", "flags", "NativeError", "enabled", "cache_dir", "compiler",
            "build", "library", "describe", "reset", "openmp_runtimes", "address", "prebound",
            "bind_rows", "bind_staged", "in_cache_launch", "run_bound", "contiguous", "MlaRow", "GqaRow",
-           "MoeRow", "FfnRow", "HeadRow", "LoopRow", "Kernel", "kernel"]
+           "MoeRow", "FfnRow", "HeadRow", "LoopRow", "Kernel", "kernel", "ReadProbe"]
 
 SOURCE = Path(__file__).with_name("decode_row.cpp")
 HEADER = Path(__file__).with_name("row_math.h")  # the shared math SOURCE includes
@@ -436,3 +436,25 @@ def describe() -> str:
 def reset() -> None:
     """Forget the decision of ``library()`` (tests, or after changing the environment)."""
     _LIBRARY.clear()
+
+
+class ReadProbe:
+    """One pass over ``n_bytes`` of random float32 (random: identical pages could be
+    merged by the host, and a zero page reads from nowhere), summed by the row kernels'
+    ``stream_sum`` (their team, their vector width, four streams per thread as the matrix
+    products read) or, without them, by torch: the read floor a decode token is judged
+    against (``bench_runtime_cpu``, ``mythos-rt profile``)."""
+
+    def __init__(self, n_bytes: int):
+        self.buf = torch.randn(n_bytes // 4)
+        lib = library()
+        self.how = ("row kernels' stream_sum (four streams per thread)" if lib is not None
+                    else "torch.sum")
+        self.run = (lambda: lib.stream_sum(self.buf.data_ptr(), self.buf.numel())) if lib \
+            else (lambda: self.buf.sum())
+
+    def __call__(self):
+        self.run()
+
+    def gbps(self, seconds: float) -> float:
+        return self.buf.numel() * 4 / seconds / 1e9
