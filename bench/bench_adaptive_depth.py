@@ -93,7 +93,7 @@ def _decode_rows(model, prompts: torch.Tensor, new: int, n_loops: int, reps: int
                      "catchup_evals": s["catchup_evals"], "reused_entries": s["reused_entries"],
                      "passes": s["passes"], "eager_passes": s["eager_passes"],
                      "passes_vs_eager": round(s["passes"] / s["eager_passes"], 3),
-                     "pass_rows": s["pass_rows"],
+                     "pass_rows": s["pass_rows"], "empty_passes": s["empty_passes"],
                      "padding_pct": round(100 * (1 - s["block_evals"] / s["pass_rows"]), 1),
                      "greedy_ids_equal_eager": bool(torch.equal(outs[m], outs["eager"])),
                      "halt_histogram": s["halt_histogram"]})

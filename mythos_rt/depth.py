@@ -54,7 +54,7 @@ from .ops.recurrent import ACTState
 
 # The stats a device-resident step counts on the device (DepthState.counts), in order.
 COUNTED = ("block_evals", "catchup_evals", "positions", "eager_block_evals", "passes",
-           "eager_passes", "pass_rows")
+           "eager_passes", "pass_rows", "empty_passes")
 
 # Positions per row of a device-resident decode pass on CUDA: a pass of 16 rows per row
 # reads each weight once, like one row, and catch-up waits at most 15 steps.
@@ -396,6 +396,7 @@ def device_decode_steps(st: DepthState, act: ACTState, cache_lens: torch.Tensor,
                 st.loop_lens[:B].copy_(first)
                 deeper.copy_(torch.where(runs, L + 1, deeper))
                 st.skip.copy_(~live.any().view(1))
+                st.counts[7] += st.skip[0]
                 st.counts[0] += live.sum()
                 st.counts[1] += (live & (pos < L[:, None])).sum()
                 st.piece = piece

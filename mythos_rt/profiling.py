@@ -674,6 +674,8 @@ def format_stages(result: dict) -> str:
         if w.get("eager_passes"):
             line += (f"; {w['passes']} block passes (eager {w['eager_passes']}), "
                      f"{w['pass_rows'] - w['block_evals']} padding rows")
+            if w.get("empty_passes"):
+                line += f", {w['empty_passes']} passes empty (their MoE skipped)"
         if w.get("halt_histogram"):
             hist = w["halt_histogram"]
             line += ("; halted at loop 1.." + str(len(hist) - 1) + ": "

@@ -139,6 +139,8 @@ class Runtime:
           every weight the pass's tokens need) and what eager depth would have run (one
           per loop per chunk); ``pass_rows``: the (position, loop) rows those passes
           computed, padding included (``pass_rows - block_evals`` is padding);
+          ``empty_passes``: device-resident passes with no real row, whose MoE read no
+          expert (``lazy_window``; docs/adaptive-depth.md);
         * ``halt_histogram``: positions by the loop (1-based) at which ACT halted them,
           index 0 = never halted (lazy and reuse only; None under eager).
         """
