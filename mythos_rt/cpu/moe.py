@@ -195,10 +195,22 @@ def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                      out: Optional[torch.Tensor] = None, skip: Optional[torch.Tensor] = None):
     """``moe_ffn_cpu`` for up to ``kernel_max_tokens`` tokens as a prebound call of the
     compiled kernel, or None where that does not apply (more tokens, rows not contiguous
-    in the weights' dtype, no kernel, no ``out``, a ``skip`` flag to read each call). bf16
-    weights: through float32 staging rows (``native.bind_staged``)."""
-    if isinstance(moe, PackedMoE) or skip is not None:
+    in the weights' dtype, no kernel, no ``out``). bf16 weights: through float32 staging
+    rows (``native.bind_staged``). ``skip``: the call reads the flag first (on the host,
+    free on a CPU) and zeroes ``out`` instead when it is set."""
+    if isinstance(moe, PackedMoE):
         return None
+    if skip is not None:
+        launch = bind_moe_ffn_cpu(x, moe, workspace, out)
+        if launch is None:
+            return None
+
+        def run():
+            if int(skip[0]):
+                out.zero_()
+            else:
+                launch()
+        return run
     if moe.base.w13.dtype != torch.bfloat16:
         return native.bind_rows(moe.row_kernel, x, out, moe.kernel_max_tokens)
     return native.bind_staged(lambda x32, out32: native.bind_rows(
