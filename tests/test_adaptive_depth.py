@@ -86,9 +86,9 @@ def test_passes_span_only_the_rows_with_work(preset, seed, backend, monkeypatch)
     spans = []
     piece = mythos_rt.depth._piece
 
-    def recording(st, lo, *args):
-        spans.append((args[-1] if len(args) == 7 else 0, len(lo)))
-        return piece(st, lo, *args)
+    def recording(st, lo, n, k, W, lens, T, spare, row0=0):
+        spans.append((row0, len(lo)))
+        return piece(st, lo, n, k, W, lens, T, spare, row0)
     monkeypatch.setattr(mythos_rt.depth, "_piece", recording)
     rows = [ids[0, :5], ids[1], ids[2, :2], ids[3, :7]]
     out, logits = rt.generate(rows, 3, n_loops=n, return_logits=True)

@@ -206,9 +206,7 @@ def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
             return None
 
         def run():
-            if int(skip[0]):
-                out.zero_()
-            else:
+            if skipped(skip, x, out) is None:
                 launch()
         return run
     if moe.base.w13.dtype != torch.bfloat16:
