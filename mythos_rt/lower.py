@@ -278,8 +278,14 @@ def _bind_attention(low: Lowered, op: Op, t):
 
 def _allocate_ffn_scratch(low: Lowered, op: Op, g: Graph) -> None:
     """The ``gate_up`` and ``act`` intermediates, as wide as the prepared weights' hidden
-    size (the Triton backend pads it, ``ops.ffn.align_hidden``; the others do not)."""
-    hidden = low.args[op.name].hidden
+    size (the Triton backend pads it, ``ops.ffn.align_hidden``; the others do not). Padded
+    weights hold the model's as views, which replace the originals in ``low.weights``
+    (what ``Runtime.weights`` and artifacts show), so the plan keeps one copy."""
+    w = low.args[op.name]
+    hidden = w.hidden
+    if isinstance(w, DenseFFN) and w.width is not None:
+        model = w.unpadded()
+        low.weights[op.weights["w13"]], low.weights[op.weights["down"]] = model.w13, model.down
     for name, width in ((f"{op.name}.gate_up", 2 * hidden), (f"{op.name}.act", hidden)):
         low.buffers.arena[name] = torch.empty(low.n_max, width, dtype=low.dtype, device=low.device)
 

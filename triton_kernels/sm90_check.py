@@ -204,7 +204,7 @@ def launch_step(m: PresetModel, B: int, T: int, prefix: int, max_batch: int,
     from .attention import gqa_attention, mla_attention
     from .recurrent_step import loop_epilogue_triton, loop_prologue_triton
     from .rmsnorm import rmsnorm_triton
-    from .swiglu import swiglu_triton
+    from ..ops.ffn import dense_ffn_triton
     cfg, dt = m.cfg, m.dtype
     N, D = B * T, cfg.dim
     x = _meta(N, D, dtype=dt)
@@ -226,7 +226,8 @@ def launch_step(m: PresetModel, B: int, T: int, prefix: int, max_batch: int,
         kc = _meta(max_batch, s_max, cfg.n_kv_heads, cfg.head_dim, dtype=dt)
         gqa_attention(x.view(B, T, D), m.attn, kc, kc.clone(), lens, cos, sin,
                       cfg.head_dim ** -0.5)
-    swiglu_triton(_meta(N, m.ffn.w13.shape[0], dtype=dt))
+    dense_ffn_triton(x, m.ffn, gate_up=_meta(N, 2 * m.ffn.hidden, dtype=dt),
+                     act=_meta(N, m.ffn.hidden, dtype=dt))
     ws = tmoe.MoEWorkspace.allocate(max_batch * max(T, 1), m.moe, device="meta")
     tmoe.moe_ffn_triton(x, m.moe, ws)
     # lazy depth with device-resident decode (the CUDA default) passes a skip flag to the

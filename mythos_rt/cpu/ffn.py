@@ -84,7 +84,8 @@ def bind_dense_ffn_cpu(x: torch.Tensor, w: CpuFFN, out: Optional[torch.Tensor] =
 
 def swiglu_cpu(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``swiglu`` (see ``ops.ffn.swiglu_torch``)."""
-    if gate_up.dtype != torch.float32 or gate_up.shape[-1] % 2:
-        return swiglu_torch(gate_up, out)
+    if (gate_up.dtype != torch.float32 or gate_up.shape[-1] % 2
+            or (out is not None and 2 * out.shape[-1] != gate_up.shape[-1])):
+        return swiglu_torch(gate_up, out)  # its errors, and an ``out`` with padding
     g, u = gate_up.chunk(2, dim=-1)
     return torch.mul(F.silu(g), u) if out is None else torch.mul(F.silu(g), u, out=out)

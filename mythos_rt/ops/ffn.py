@@ -9,7 +9,8 @@ computes in float32 whatever the storage dtype and casts back.
 The ``triton`` backend pads the hidden size to a multiple of ``HIDDEN_ALIGN`` when it
 prepares the weights (``align_hidden``): mythos_1b's 2730 makes every ``gate_up`` / ``act``
 row start off a 16-byte boundary, which costs cuBLAS and vectorized loads their fast
-paths. The lowering sizes those buffers from the prepared weights (``DenseFFN.hidden``).
+paths. The lowering sizes those buffers from the prepared weights (``DenseFFN.hidden``)
+and keeps the model's weights as views of the padded ones (``DenseFFN.unpadded``).
 """
 
 from __future__ import annotations
@@ -35,21 +36,34 @@ def swiglu_torch(gate_up: torch.Tensor, out: Optional[torch.Tensor] = None) -> t
     Parameters
     ----------
     gate_up : (..., 2I) = [gate | up] along the last dim, fp32 / fp16 / bf16.
-    out : optional (..., I) buffer of gate_up's dtype.
+    out : optional (..., I') buffer of gate_up's dtype, I' >= I; columns past I are set
+        to zero (the ``act`` of an FFN padded by ``align_hidden``).
 
     Returns
     -------
-    (..., I) in gate_up's dtype, computed in float32.
+    ``out``, or a new (..., I) tensor in gate_up's dtype; computed in float32.
     """
-    two_i = gate_up.shape[-1]
-    if two_i % 2:
-        raise ValueError(f"swiglu: last dim must be even (gate|up), got {two_i}")
+    I = swiglu_half_width(gate_up, out)
     g, u = gate_up.float().chunk(2, dim=-1)
     y = torch.nn.functional.silu(g) * u
     if out is None:
         return y.to(gate_up.dtype)
-    out.copy_(y)
+    out[..., :I].copy_(y)
+    out[..., I:].zero_()
     return out
+
+
+def swiglu_half_width(gate_up: torch.Tensor, out: Optional[torch.Tensor]) -> int:
+    """I of a (..., 2I) ``gate_up``, checked against an ``out`` (..., I' >= I)."""
+    two_i = gate_up.shape[-1]
+    if two_i % 2:
+        raise ValueError(f"swiglu: last dim must be even (gate|up), got {two_i}")
+    I = two_i // 2
+    if out is not None and (tuple(out.shape[:-1]) != tuple(gate_up.shape[:-1])
+                            or out.shape[-1] < I):
+        raise ValueError(f"swiglu: out shape {tuple(out.shape)}, expected "
+                         f"{tuple(gate_up.shape[:-1]) + (I,)} or wider")
+    return I
 
 
 def swiglu(gate_up, out=None, backend="auto"):
@@ -60,9 +74,14 @@ def swiglu(gate_up, out=None, backend="auto"):
 
 @dataclass(frozen=True)
 class DenseFFN:
-    """The FFN's weights in nn.Linear layout: ``w13`` (2H, D) = [gate; up], ``down`` (D, H)."""
+    """The FFN's weights in nn.Linear layout: ``w13`` (2H, D) = [gate; up], ``down`` (D, H).
+
+    ``width``: set by ``align_hidden`` on padded weights, the hidden columns that hold the
+    model's FFN (``w13`` is then [gate; up; zero rows], ``down`` [down | zero columns]);
+    None when the weights are the model's own."""
     w13: torch.Tensor
     down: torch.Tensor
+    width: Optional[int] = None
 
     @classmethod
     def build(cls, w: Mapping[str, torch.Tensor], cfg) -> "DenseFFN":
@@ -75,28 +94,38 @@ class DenseFFN:
         """The hidden size H: the width of the ``act`` intermediate (``gate_up``: 2H)."""
         return self.down.shape[1]
 
+    def unpadded(self) -> "DenseFFN":
+        """The model's FFN: for padded weights, views of them (no copy), so a plan that
+        holds the padded weights need not keep the originals too."""
+        if self.width is None:
+            return self
+        return DenseFFN(w13=self.w13[:2 * self.width], down=self.down[:, :self.width])
+
 
 def align_hidden(w: DenseFFN, multiple: int = HIDDEN_ALIGN) -> DenseFFN:
     """The Triton backend's prepare hook: the same FFN with its hidden size padded to a
-    multiple of ``multiple``, exactly. The padded gate and up rows are zero, so their
-    activations are silu(0)·0 = 0, and the padded columns of ``down`` are zero, so the
-    result is the unpadded FFN's up to the order of the sums. ``w`` itself when aligned."""
+    multiple of ``multiple``, exactly. The zero rows follow [gate; up], so the model's
+    weights stay views of the padded ones (``DenseFFN.unpadded``); ``swiglu`` reads gate
+    and up from the first 2H columns of ``gate_up`` and writes zeros in ``act``'s padding,
+    whose columns of ``down`` are zero, so the result is the unpadded FFN's up to the
+    order of the sums. ``w`` itself when aligned."""
     D, H = w.down.shape
     padded = -(-H // multiple) * multiple
     if padded == H:
         return w
     w13 = w.w13.new_zeros(2 * padded, D)
-    w13[:H] = w.w13[:H]                   # gate
-    w13[padded:padded + H] = w.w13[H:]    # up
+    w13[:2 * H] = w.w13
     down = w.down.new_zeros(D, padded)
     down[:, :H] = w.down
-    return DenseFFN(w13=w13, down=down)
+    return DenseFFN(w13=w13, down=down, width=H)
 
 
 def _dense_ffn(swiglu: Callable, x: torch.Tensor, w: DenseFFN, out: Optional[torch.Tensor],
                gate_up: Optional[torch.Tensor], act: Optional[torch.Tensor]) -> torch.Tensor:
     gu = torch.matmul(x, w.w13.t()) if gate_up is None else torch.matmul(x, w.w13.t(), out=gate_up)
-    a = swiglu(gu) if act is None else swiglu(gu, out=act)
+    if act is None:
+        act = gu.new_empty(*gu.shape[:-1], w.hidden)
+    a = swiglu(gu if w.width is None else gu[..., :2 * w.width], out=act)
     return torch.matmul(a, w.down.t()) if out is None else torch.matmul(a, w.down.t(), out=out)
 
 

@@ -51,16 +51,20 @@ def _random_ffn(D: int, H: int, dtype=torch.float32) -> DenseFFN:
 @pytest.mark.parametrize("H", [90, 170, 64])  # 2730-like awkward sizes, and an aligned one
 def test_triton_prepare_pads_the_hidden_size_exactly(H):
     """The Triton backend's prepared weights have a hidden size that is a multiple of 64,
-    zero in the padding; the torch and cpu backends keep the FFN as it is."""
+    zero in the padding, which follows [gate; up] so that the model's weights are views of
+    the padded ones; the torch and cpu backends keep the FFN as it is."""
     w = _random_ffn(40, H)
     prepared = select("dense_ffn", "cpu", "triton").prepare(w)
     Hp = -(-H // HIDDEN_ALIGN) * HIDDEN_ALIGN
     assert prepared.hidden == Hp and prepared.w13.shape == (2 * Hp, 40)
     assert prepared.down.shape == (40, Hp)
-    assert torch.equal(prepared.w13[:H], w.w13[:H])
-    assert torch.equal(prepared.w13[Hp:Hp + H], w.w13[H:])
-    assert not prepared.w13[H:Hp].any() and not prepared.w13[Hp + H:].any()
+    assert prepared.width == (None if Hp == H else H)
+    assert torch.equal(prepared.w13[:2 * H], w.w13) and not prepared.w13[2 * H:].any()
     assert torch.equal(prepared.down[:, :H], w.down) and not prepared.down[:, H:].any()
+    model = prepared.unpadded()
+    assert torch.equal(model.w13, w.w13) and torch.equal(model.down, w.down)
+    assert model.w13.data_ptr() == prepared.w13.data_ptr()
+    assert model.down.data_ptr() == prepared.down.data_ptr()
     assert select("dense_ffn", "cpu", "torch").prepare(w) is w
     assert select("dense_ffn", "cpu", "cpu").prepare(w).hidden == H
 
@@ -80,3 +84,6 @@ def test_padded_triton_ffn_matches_unpadded_torch(dtype, tol, N, H):
     dense_ffn_triton(x, prepared, out=out, gate_up=gate_up, act=act)
     assert_rel_close(out, ref, tol)
     assert not act[:, H:].any()  # silu(0)·0 in every padded column
+    assert_rel_close(dense_ffn_triton(x, prepared), ref, tol)  # its own intermediates
+    padded32 = align_hidden(DenseFFN(w.w13.float(), w.down.float()))
+    assert_rel_close(dense_ffn_torch(x.float(), padded32), ref, TOL_FP32_TORCH)

@@ -83,3 +83,8 @@ def test_ffn_intermediates_are_as_wide_as_the_prepared_weights(backend, hidden):
         assert low.buf(f"{op.name}.gate_up").shape == (6, 2 * hidden)
         assert low.buf(f"{op.name}.act").shape == (6, hidden)
         assert low.weights[op.weights["w13"]].shape == (2 * 42, 32)
+        assert low.weights[op.weights["down"]].shape == (32, 42)
+        if backend == "triton":  # the padded weights hold the model's: one copy in the plan
+            for role in ("w13", "down"):
+                held = low.weights[op.weights[role]]
+                assert held.data_ptr() == getattr(low.args[op.name], role).data_ptr()

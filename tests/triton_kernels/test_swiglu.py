@@ -52,7 +52,22 @@ def test_swiglu_strided_and_errors():
     with pytest.raises(ValueError):
         swiglu_triton(torch.randn(3, 7))
     with pytest.raises(ValueError):
-        swiglu_triton(torch.randn(3, 8), out=torch.empty(3, 5))
+        swiglu_triton(torch.randn(3, 8), out=torch.empty(3, 3))  # narrower than I = 4
+    with pytest.raises(ValueError):
+        swiglu_triton(torch.randn(3, 8), out=torch.empty(2, 4))
+
+
+@pytest.mark.parametrize("fn,dtype,tol", CASES)
+def test_an_out_wider_than_i_gets_zeros_past_i(fn, dtype, tol):
+    """The ``act`` of a padded FFN (``ops.ffn.align_hidden``): I = 90 of a row 128 wide
+    (gate_up itself a slice of a wider buffer), the padding columns zero, not left as
+    they were."""
+    buf = (3 * torch.randn(5, 256)).to(dtype)
+    gu = buf[:, :180]
+    out = torch.full((5, 128), float("nan"), dtype=dtype)
+    assert fn(gu, out=out) is out
+    assert_rel_close(out[:, :90], _ref(gu), tol)
+    assert not out[:, 90:].any()
 
 
 @pytest.mark.gpu
