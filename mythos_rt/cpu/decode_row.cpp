@@ -357,12 +357,11 @@ int32_t gqa_decode_rows_bf16(const GqaRow* m, const float* x, bf16* k_cache, bf1
 // The matrices are float32 (moe_rows) or bf16 (moe_rows_bf16); the biases float32.
 struct MoeRow {
   int32_t D, E, S, I, k;
-  const void* front;         // (S·2I + E, D): [shared slots' [gate; up] rows; router]
+  const void* router;        // (E, D)
   const float* front_bias;   // (S·2I + E,) = [0 | router bias]
   const float* router_bias;  // (E,)
-  const void* w13;           // (E + S, 2I, D): per expert [gate; up]
-  const void* w2;            // (E + S, D, I): per expert down
-  const void* shared_w2;     // (D, S·I): the shared slots' down side by side, null when S == 0
+  const void* w13;           // (E + S, 2I, D): per expert [gate; up], the shared slots last
+  const void* w2;            // (E + S, D, I): per expert down, the shared slots last
 };
 
 }  // extern "C"
@@ -394,9 +393,10 @@ void route(const float* biased, const float* bias, int E, int k, int* chosen, fl
   for (int j = 0; j < k; ++j) weights[j] /= total;
 }
 
-// N tokens: router and shared experts' gate/up (one product over all N), the shared
-// experts' down (one product), then Σ weight_j · down_j(silu(gate_j x) · up_j x) added on
-// per token. The (token, expert) pairs are sorted by expert, so each run of one expert's
+// N tokens: the "front" [shared slots' gate/up | router logits] (one product over all N,
+// its rows read in place from w13's shared slots and the router), the shared experts'
+// down (one product per slot, summed), then Σ weight_j · down_j(silu(gate_j x) · up_j x)
+// added on per token. The (token, expert) pairs are sorted by expert, so each run of one expert's
 // tokens is one product over its weights (read once for the run, not once per token).
 // Every product streams its weights in nn.Linear's (out, in) layout. A team splits the
 // products by output rows (each member streams its own contiguous stretch of the
@@ -405,11 +405,11 @@ void route(const float* biased, const float* bias, int E, int k, int* chosen, fl
 // the same answer, no wait), and sums the members' expert outputs at the end.
 template <class W>
 void moe_rows_of(const MoeRow* m, const float* x, int32_t N, float* out) {
-  const W* front_w = static_cast<const W*>(m->front);
+  const W* router = static_cast<const W*>(m->router);
   const W* w13 = static_cast<const W*>(m->w13);
   const W* w2 = static_cast<const W*>(m->w2);
-  const W* shared_w2 = static_cast<const W*>(m->shared_w2);
   const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
+  const W* shared_w13 = w13 + static_cast<int64_t>(E) * 2 * I * D;  // (S·2I, D)
   const int F = shared + E;  // front width: [shared gate/up | biased router logits]
   const int T = std::max(1, team_size());
   // per member: routing weights, expert sums, then one run's gathered rows, gate/up,
@@ -438,8 +438,13 @@ void moe_rows_of(const MoeRow* m, const float* x, int32_t N, float* out) {
     for (int n = 0; n < N; ++n)
       std::memcpy(front + static_cast<int64_t>(n) * F + lo, m->front_bias + lo,
                   sizeof(float) * (hi - lo));
-    gemm_nk(x, D, N, front_w + static_cast<int64_t>(lo) * D, hi - lo, D, 1.0f, front + lo, F,
-            true);
+    const int split = std::min(std::max(shared, lo), hi);  // [lo, split) shared, then router
+    if (lo < split)
+      gemm_nk(x, D, N, shared_w13 + static_cast<int64_t>(lo) * D, split - lo, D, 1.0f,
+              front + lo, F, true);
+    if (split < hi)
+      gemm_nk(x, D, N, router + static_cast<int64_t>(split - shared) * D, hi - split, D, 1.0f,
+              front + split, F, true);
     team_barrier();  // the front is complete
     for (int n = 0; n < N; ++n)
       route(front + static_cast<int64_t>(n) * F + shared, m->router_bias, E, k,
@@ -455,10 +460,11 @@ void moe_rows_of(const MoeRow* m, const float* x, int32_t N, float* out) {
       }
     team_barrier();  // so are the shared activations
     share(D, t, nt, 4, lo, hi);
-    if (S > 0)
-      gemm_nk(shared_act, S * I, N, shared_w2 + static_cast<int64_t>(lo) * S * I, hi - lo,
-              S * I, 1.0f, out + lo, D, false);
-    else
+    for (int s = 0; s < S; ++s)  // slot s's down rows [lo, hi): one contiguous stretch
+      gemm_nk(shared_act + static_cast<int64_t>(s) * I, S * I, N,
+              w2 + (static_cast<int64_t>(E + s) * D + lo) * I, hi - lo, I, 1.0f, out + lo, D,
+              s > 0);
+    if (S == 0)
       for (int n = 0; n < N; ++n)
         std::memset(out + static_cast<int64_t>(n) * D + lo, 0, sizeof(float) * (hi - lo));
     std::memset(partial, 0, sizeof(float) * N * D);

@@ -1,9 +1,9 @@
 """Lean CPU MoE FFN for decode: host-side routing, one matmul per selected expert.
 
 ``prepare_moe`` keeps per-expert weight views in Python lists (picking an expert costs
-no PyTorch call) and lays the shared slots out as one dense projection that shares a
-matmul with the router. For one token, ``moe_ffn_cpu`` computes [shared gate/up | router
-logits + bias] in that matmul, reads the chosen experts and their logits on the host
+no PyTorch call) and views of the shared slots (the plan holds the packed weights once).
+For one token, ``moe_ffn_cpu`` computes the "front" [shared gate/up | router logits + bias]
+in one buffer, reads the chosen experts and their logits on the host
 (free on a CPU), renormalizes the chosen softmax scores there (the full softmax's
 denominator cancels), runs every expert row through one SwiGLU pass, and accumulates
 ``w_j · down_j(silu(gate_j x) · up_j x)`` onto the shared experts' output with one
@@ -39,12 +39,12 @@ __all__ = ["CpuMoE", "prepare_moe", "moe_ffn_cpu", "bind_moe_ffn_cpu"]
 class CpuMoE:
     """One MoE FFN laid out for decode, with its scratch rows."""
     base: PackedMoE
-    front: torch.Tensor                # (S·2I + E, D) = [shared slots' [gate; up]; router]
-    front_bias: torch.Tensor           # (S·2I + E,) = [0 | router bias]
+    shared_w13: torch.Tensor           # (S·2I, D): the shared slots' [gate; up] rows (a view)
+    front_bias: torch.Tensor           # (S·2I + E,) = [0 | router bias], float32
     router_bias: list[float]           # the selection bias, on the host
     w13_t: list[torch.Tensor]          # per routed expert (D, 2I) = [gate; up]ᵀ (a view)
     w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
-    shared_w2: Optional[torch.Tensor]  # (D, S·I): the slots' down side by side
+    shared_w2: list[torch.Tensor]      # per shared slot (D, I) = down (a view)
     rows: "_Rows"
     row_kernel: Optional[native.Kernel] = None  # up to kernel_max_tokens in one call
     kernel_max_tokens: int = 0
@@ -54,10 +54,9 @@ class CpuMoE:
 class _Rows:
     """One token's scratch (float32), views made once. One buffer holds the k routed
     experts' [gate | up] rows, the S shared slots' rows, then the router logits, so that
-    the shared projection and the router are one matmul ("front") and every expert row
-    is activated in one SwiGLU pass."""
+    every expert row is activated in one SwiGLU pass."""
     routed: list[torch.Tensor]         # k (1, 2I) rows, one per chosen expert
-    front: torch.Tensor                # (1, S·2I + E): [shared rows | logits]
+    shared: torch.Tensor               # (1, S·2I): the shared slots' rows
     logits: torch.Tensor               # (1, E)
     gate: torch.Tensor                 # (k + S, I) halves of every [gate | up] row
     up: torch.Tensor
@@ -73,7 +72,8 @@ class _Rows:
         flat = torch.zeros(1, (k + S) * 2 * I + E)
         gu = flat[0, :(k + S) * 2 * I].view(k + S, 2 * I)
         act = torch.zeros(k + S, I)
-        return cls(list(gu[:k].split(1)), flat[:, k * 2 * I:], flat[:, (k + S) * 2 * I:],
+        return cls(list(gu[:k].split(1)), flat[:, k * 2 * I:(k + S) * 2 * I],
+                   flat[:, (k + S) * 2 * I:],
                    gu[:, :I], gu[:, I:], act, list(act[:k].unbind(0)),
                    act[k:].view(1, -1) if S else None, gu[:k, :I], gu[:k, I:], act[:k])
 
@@ -87,32 +87,28 @@ class _Rows:
 
 
 def prepare_moe(packed: PackedMoE) -> CpuMoE | PackedMoE:
-    """Per-expert views of the packed weights; the shared slots as one dense projection
-    sharing a matmul with the router. An expert-parallel shard stays as it is: the torch
-    implementation runs it."""
+    """Per-expert and shared-slot views of the packed weights (no copy of a weight: the
+    kernel reads the front's rows from w13's shared slots and the router in place). An
+    expert-parallel shard stays as it is: the torch implementation runs it."""
     if packed.is_shard:
         return packed
     E, S, I, D = packed.n_routed, packed.n_shared_slots, packed.expert_dim, packed.dim
-    shared_w13 = packed.w13[E:].reshape(S * 2 * I, D)                   # slot-major [g; u]
-    front = torch.cat([shared_w13, packed.router_w])
     front_bias = torch.cat([torch.zeros(S * 2 * I), packed.router_bias.float()])
-    shared_w2 = packed.w2[E:].permute(1, 0, 2).reshape(D, S * I).contiguous() if S else None
-    moe = CpuMoE(base=packed, front=front, front_bias=front_bias,
-                 router_bias=packed.router_bias.tolist(),
+    moe = CpuMoE(base=packed, shared_w13=packed.w13[E:].reshape(S * 2 * I, D),
+                 front_bias=front_bias, router_bias=packed.router_bias.tolist(),
                  w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
-                 w2=list(packed.w2[:E].unbind(0)), shared_w2=shared_w2,
+                 w2=list(packed.w2[:E].unbind(0)), shared_w2=list(packed.w2[E:].unbind(0)),
                  rows=_Rows.allocate(packed.top_k, S, I, E))
     lib = native.library()
     bf16 = packed.w13.dtype == torch.bfloat16
     if lib is not None and packed.w13.dtype in (torch.float32, torch.bfloat16):
-        matrices = ("front", "w13", "w2", "shared_w2")
+        matrices = ("router", "w13", "w2")
         moe.row_kernel = native.kernel(
             lib, "moe_rows_bf16" if bf16 else "moe_rows", native.MoeRow,
             dict(D=D, E=E, S=S, I=I, k=packed.top_k),
-            dict(front=front, front_bias=front_bias,
+            dict(router=packed.router_w, front_bias=front_bias,
                  router_bias=packed.router_bias.float().contiguous(),
-                 w13=packed.w13.contiguous(), w2=packed.w2.contiguous(),
-                 shared_w2=shared_w2), bf16=matrices if bf16 else ())
+                 w13=packed.w13, w2=packed.w2), bf16=matrices if bf16 else ())
         moe.kernel_max_tokens = (BF16_KERNEL_MAX_TOKENS if bf16 and native.native_bf16_matmul()
                                  else KERNEL_TOKENS_PER_EXPERT * E // packed.top_k)
     return moe
@@ -169,17 +165,17 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     if N > MAX_TOKENS:
         return _moe_grouped(x, moe, out)
     rows = moe.rows
-    if N == 1:  # router and shared slots in one matmul; one SwiGLU pass for all rows
-        torch.addmm(moe.front_bias, x, moe.front.t(), out=rows.front)
+    if N == 1:  # the front into the rows' buffer; one SwiGLU pass for all rows
+        _front(x, moe, rows.shared, rows.logits)
         routes = _route(rows.logits, p.top_k, moe.router_bias)
         for e, row in zip(routes[0][0], rows.routed):
             torch.mm(x, moe.w13_t[e], out=row)
         rows.activate()
         res = _shared_output(rows.shared_act, x, moe, out)
     else:
-        front = torch.addmm(moe.front_bias, x, moe.front.t())
-        routes = _route(front[:, _shared_width(p):], p.top_k, moe.router_bias)
-        res = _shared_output(_shared_act(front, p), x, moe, out)
+        gu, biased = _front(x, moe)
+        routes = _route(biased, p.top_k, moe.router_bias)
+        res = _shared_output(_shared_act(gu, p), x, moe, out)
     for n, (ids, weights) in enumerate(routes):
         if N > 1:
             for e, row in zip(ids, rows.routed):
@@ -221,8 +217,8 @@ def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> t
     the weighted rows added back onto the shared experts' output."""
     p = moe.base
     k, I = p.top_k, p.expert_dim
-    front = torch.addmm(moe.front_bias, x, moe.front.t())             # [shared g/u | biased]
-    top = torch.topk(front[:, _shared_width(p):], k)
+    gu, biased = _front(x, moe)
+    top = torch.topk(biased, k)
     weights = torch.softmax(top.values - p.router_bias[top.indices], -1)  # chosen, renormed
     flat = top.indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -237,30 +233,45 @@ def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> t
             torch.mm(act, moe.w2[e].t(), out=ys[seg])
             start += count
     ys.mul_(weights.reshape(-1)[order, None])
-    return _shared_output(_shared_act(front, p), x, moe, out).index_add_(0, tok, ys)
+    return _shared_output(_shared_act(gu, p), x, moe, out).index_add_(0, tok, ys)
 
 
-def _shared_width(p: PackedMoE) -> int:
-    """Columns of the front matmul's output that are the shared slots' [gate | up]."""
-    return 2 * p.n_shared_slots * p.expert_dim
+def _front(x: torch.Tensor, moe: CpuMoE, gu: Optional[torch.Tensor] = None,
+           biased: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared slots' [gate | up] (N, S·2I) and the biased router logits (N, E) of x,
+    into ``gu`` and ``biased`` when given."""
+    p, S2 = moe.base, moe.shared_w13.shape[0]
+    router_bias = moe.front_bias[S2:]
+    if gu is None:
+        gu = torch.mm(x, moe.shared_w13.t())
+    else:
+        torch.mm(x, moe.shared_w13.t(), out=gu)
+    if biased is None:
+        biased = torch.addmm(router_bias, x, p.router_w.t())
+    else:
+        torch.addmm(router_bias, x, p.router_w.t(), out=biased)
+    return gu, biased
 
 
-def _shared_act(front: torch.Tensor, p: PackedMoE) -> Optional[torch.Tensor]:
-    """(N, S·I) SwiGLU activations of the shared slots from the front matmul, or None."""
-    S2, N = _shared_width(p), front.shape[0]
-    if not S2:
+def _shared_act(gu: torch.Tensor, p: PackedMoE) -> Optional[torch.Tensor]:
+    """(N, S·I) SwiGLU activations of the shared slots from their [gate | up], or None."""
+    if not gu.shape[1]:
         return None
-    return _swiglu(front[:, :S2].reshape(N, -1, 2 * p.expert_dim), p.expert_dim).view(N, -1)
+    N = gu.shape[0]
+    return _swiglu(gu.reshape(N, -1, 2 * p.expert_dim), p.expert_dim).view(N, -1)
 
 
 def _shared_output(act: Optional[torch.Tensor], x: torch.Tensor, moe: CpuMoE,
                    out: Optional[torch.Tensor]) -> torch.Tensor:
-    """The shared experts' down projection (zeros without shared experts), into ``out``."""
+    """The shared experts' down projection (zeros without shared experts), into ``out``:
+    one product per slot, summed."""
     if act is None:
         return torch.zeros_like(x) if out is None else out.zero_()
-    if out is None:
-        return torch.mm(act, moe.shared_w2.t())
-    return torch.mm(act, moe.shared_w2.t(), out=out)
+    I = moe.base.expert_dim
+    res = torch.mm(act[:, :I], moe.shared_w2[0].t(), out=out)
+    for s, w in enumerate(moe.shared_w2[1:], 1):
+        res.addmm_(act[:, s * I:(s + 1) * I], w.t())
+    return res
 
 
 def _swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:

@@ -288,7 +288,7 @@ def test_moe_bf16_weights_match_the_fp32_reference(N, row_path, bf16_hardware):
     cfg = moe_cfg(D=48, I=16, E=6, k=3, S=2)
     m = make_moe(cfg)
     moe = prepare_moe(op_args("moe", m.state_dict(), cfg, dtype=torch.bfloat16))
-    assert moe.base.w13.dtype == torch.bfloat16 and moe.front.dtype == torch.bfloat16
+    assert moe.base.w13.dtype == torch.bfloat16 and moe.shared_w13.dtype == torch.bfloat16
     assert (moe.row_kernel is not None) == (row_path == "compiled")
     if moe.row_kernel is not None:
         assert moe.kernel_max_tokens == (16 if bf16_hardware else 16 * 6 // 3)
