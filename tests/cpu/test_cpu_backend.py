@@ -280,6 +280,21 @@ def test_batch1_decode_matches_reference(name, monkeypatch, row_path):
     assert_rel_close(logits, ref, TOL_FP32_TORCH, "per-step logits")
 
 
+def test_prepared_moe_reads_the_packed_weights_in_place():
+    """The cpu MoE's shared slots and router are views of the packed weights the plan
+    holds (no second copy of a weight), and the result still matches the reference."""
+    cfg = moe_cfg(D=48, I=16, E=6, k=3, S=2)
+    m = make_moe(cfg)
+    packed = op_args("moe", m.state_dict(), cfg)
+    moe = prepare_moe(packed)
+    E = packed.n_routed
+    assert moe.shared_w13.data_ptr() == packed.w13[E:].data_ptr()
+    assert [w.data_ptr() for w in moe.shared_w2] == [w.data_ptr() for w in packed.w2[E:]]
+    for N in (1, 3, 29):
+        x = torch.randn(N, cfg.dim)
+        assert_rel_close(moe_ffn_cpu(x, moe), ref_forward(m, x), TOL_FP32_TORCH)
+
+
 @pytest.mark.parametrize("N", [1, 3, 29], ids=["one-token", "decode-batch", "chunk"])
 def test_moe_bf16_weights_match_the_fp32_reference(N, row_path, bf16_hardware):
     """bf16 weights stay bf16 (the kernel widens them in registers; it takes chunks too
