@@ -10,8 +10,8 @@ from mythos_rt.config import MythosConfig
 from mythos_rt.lower import op_args
 from mythos_rt.ops.ffn import (HIDDEN_ALIGN, DenseFFN, align_hidden, dense_ffn_torch,
                                dense_ffn_triton)
-from mythos_rt.testing import (TOL_FP16_INTERPRET, TOL_FP32_INTERPRET, TOL_FP32_TORCH,
-                               assert_rel_close)
+from mythos_rt.testing import (TOL_BF16_KERNEL, TOL_FP16_INTERPRET, TOL_FP32_INTERPRET,
+                               TOL_FP32_TORCH, assert_rel_close)
 
 
 def make_ffn(D: int, dtype=torch.float32):
@@ -87,3 +87,21 @@ def test_padded_triton_ffn_matches_unpadded_torch(dtype, tol, N, H):
     assert_rel_close(dense_ffn_triton(x, prepared), ref, tol)  # its own intermediates
     padded32 = align_hidden(DenseFFN(w.w13.float(), w.down.float()))
     assert_rel_close(dense_ffn_torch(x.float(), padded32), ref, TOL_FP32_TORCH)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 7, 300])
+def test_gpu_padded_ffn_bf16_at_mythos_1b_width(N):
+    """mythos_1b's FFN (dim 2048, hidden 2730 padded to 2752) in bf16 on the GPU, with the
+    plan's intermediate buffers, against the unpadded float32 FFN."""
+    w = _random_ffn(2048, 2730)
+    ref_x = torch.randn(N, 2048)
+    prepared = align_hidden(DenseFFN(w.w13.cuda().bfloat16(), w.down.cuda().bfloat16()))
+    x = ref_x.cuda().bfloat16()
+    Hp = prepared.hidden
+    gate_up = torch.full((N, 2 * Hp), float("nan"), device="cuda", dtype=torch.bfloat16)
+    act = torch.full((N, Hp), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = dense_ffn_triton(x, prepared, gate_up=gate_up, act=act)
+    bf16_w = DenseFFN(w.w13.bfloat16().float(), w.down.bfloat16().float())
+    assert_rel_close(out.float().cpu(), dense_ffn_torch(ref_x.bfloat16().float(), bf16_w),
+                     TOL_BF16_KERNEL)
