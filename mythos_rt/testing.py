@@ -88,3 +88,18 @@ def halting_loops(model: torch.nn.Module, input_ids: torch.Tensor, n_loops: int)
         cum = cum + p.float() * running
         loop_of = torch.where(running & (cum >= thr), torch.full_like(loop_of, t + 1), loop_of)
     return loop_of
+
+
+def expert_shard(packed, world: int, rank: int):
+    """Rank ``rank``'s share of a ``PackedMoE``, as ``mythos_rt.parallel`` splits it: a
+    contiguous range of the routed experts and of the shared slots; the router whole."""
+    from .ops.moe import PackedMoE
+    from .parallel import share
+    E, S = packed.n_routed, packed.n_shared_slots
+    e0, e1 = share(E, world, rank)
+    s0, s1 = share(S, world, rank)
+    held = list(range(e0, e1)) + [E + s for s in range(s0, s1)]
+    return PackedMoE(w13=packed.w13[held].contiguous(), w2=packed.w2[held].contiguous(),
+                     router_w=packed.router_w, router_bias=packed.router_bias,
+                     n_routed=E, n_shared_slots=s1 - s0, top_k=packed.top_k,
+                     expert_dim=packed.expert_dim, expert_start=e0)

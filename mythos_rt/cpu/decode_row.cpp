@@ -355,13 +355,15 @@ int32_t gqa_decode_rows_bf16(const GqaRow* m, const float* x, bf16* k_cache, bf1
 // ------------------------------------------------------------------------------ MoE
 
 // The matrices are float32 (moe_rows) or bf16 (moe_rows_bf16); the biases float32.
+// An expert-parallel shard (mythos_rt.parallel) holds the routed experts start ..
+// start + L - 1 of the E the router scores, and S shared slots: it adds only theirs.
 struct MoeRow {
-  int32_t D, E, S, I, k;
+  int32_t D, E, S, I, k, L, start;
   const void* router;        // (E, D)
   const float* front_bias;   // (S·2I + E,) = [0 | router bias]
   const float* router_bias;  // (E,)
-  const void* w13;           // (E + S, 2I, D): per expert [gate; up], the shared slots last
-  const void* w2;            // (E + S, D, I): per expert down, the shared slots last
+  const void* w13;           // (L + S, 2I, D): per held expert [gate; up], the shared slots last
+  const void* w2;            // (L + S, D, I): per held expert down, the shared slots last
 };
 
 }  // extern "C"
@@ -409,7 +411,8 @@ void moe_rows_of(const MoeRow* m, const float* x, int32_t N, float* out) {
   const W* w13 = static_cast<const W*>(m->w13);
   const W* w2 = static_cast<const W*>(m->w2);
   const int D = m->D, E = m->E, S = m->S, I = m->I, k = m->k, shared = S * 2 * I;
-  const W* shared_w13 = w13 + static_cast<int64_t>(E) * 2 * I * D;  // (S·2I, D)
+  const int L = m->L, start = m->start;
+  const W* shared_w13 = w13 + static_cast<int64_t>(L) * 2 * I * D;  // (S·2I, D)
   const int F = shared + E;  // front width: [shared gate/up | biased router logits]
   const int T = std::max(1, team_size());
   // per member: routing weights, expert sums, then one run's gathered rows, gate/up,
@@ -462,7 +465,7 @@ void moe_rows_of(const MoeRow* m, const float* x, int32_t N, float* out) {
     share(D, t, nt, 4, lo, hi);
     for (int s = 0; s < S; ++s)  // slot s's down rows [lo, hi): one contiguous stretch
       gemm_nk(shared_act + static_cast<int64_t>(s) * I, S * I, N,
-              w2 + (static_cast<int64_t>(E + s) * D + lo) * I, hi - lo, I, 1.0f, out + lo, D,
+              w2 + (static_cast<int64_t>(L + s) * D + lo) * I, hi - lo, I, 1.0f, out + lo, D,
               s > 0);
     if (S == 0)
       for (int n = 0; n < N; ++n)
@@ -471,10 +474,14 @@ void moe_rows_of(const MoeRow* m, const float* x, int32_t N, float* out) {
     int p0, p1;
     share(N * k, t, nt, 1, p0, p1);
     for (int a = p0; a < p1;) {  // this member's sorted pairs, one expert's run at a time
-      const int64_t e = chosen[order[a]];
+      const int64_t e = chosen[order[a]] - start;  // the held expert's index
       int b = a;
-      while (b < p1 && chosen[order[b]] == e) ++b;
+      while (b < p1 && chosen[order[b]] == e + start) ++b;
       const int M = b - a;
+      if (e < 0 || e >= L) {  // another shard's expert
+        a = b;
+        continue;
+      }
       for (int r = 0; r < M; ++r)
         std::memcpy(rows + static_cast<int64_t>(r) * D,
                     x + static_cast<int64_t>(order[a + r] / k) * D, sizeof(float) * D);

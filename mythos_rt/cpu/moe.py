@@ -42,8 +42,8 @@ class CpuMoE:
     shared_w13: torch.Tensor           # (S·2I, D): the shared slots' [gate; up] rows (a view)
     front_bias: torch.Tensor           # (S·2I + E,) = [0 | router bias], float32
     router_bias: list[float]           # the selection bias, on the host
-    w13_t: list[torch.Tensor]          # per routed expert (D, 2I) = [gate; up]ᵀ (a view)
-    w2: list[torch.Tensor]             # per routed expert (D, I) = down (a view)
+    w13_t: list[torch.Tensor]          # per held routed expert (D, 2I) = [gate; up]ᵀ (a view)
+    w2: list[torch.Tensor]             # per held routed expert (D, I) = down (a view)
     shared_w2: list[torch.Tensor]      # per shared slot (D, I) = down (a view)
     rows: "_Rows"
     row_kernel: Optional[native.Kernel] = None  # up to kernel_max_tokens in one call
@@ -86,18 +86,18 @@ class _Rows:
         torch.mul(F.silu(self.routed_gate), self.routed_up, out=self.routed_act_all)
 
 
-def prepare_moe(packed: PackedMoE) -> CpuMoE | PackedMoE:
+def prepare_moe(packed: PackedMoE) -> CpuMoE:
     """Per-expert and shared-slot views of the packed weights (no copy of a weight: the
     kernel reads the front's rows from w13's shared slots and the router in place). An
-    expert-parallel shard stays as it is: the torch implementation runs it."""
-    if packed.is_shard:
-        return packed
+    expert-parallel shard (``PackedMoE.expert_start``) keeps the held experts' views and
+    adds only their contributions."""
     E, S, I, D = packed.n_routed, packed.n_shared_slots, packed.expert_dim, packed.dim
+    L = packed.n_local
     front_bias = torch.cat([torch.zeros(S * 2 * I), packed.router_bias.float()])
-    moe = CpuMoE(base=packed, shared_w13=packed.w13[E:].reshape(S * 2 * I, D),
+    moe = CpuMoE(base=packed, shared_w13=packed.w13[L:].reshape(S * 2 * I, D),
                  front_bias=front_bias, router_bias=packed.router_bias.tolist(),
-                 w13_t=[w.t() for w in packed.w13[:E].unbind(0)],
-                 w2=list(packed.w2[:E].unbind(0)), shared_w2=list(packed.w2[E:].unbind(0)),
+                 w13_t=[w.t() for w in packed.w13[:L].unbind(0)],
+                 w2=list(packed.w2[:L].unbind(0)), shared_w2=list(packed.w2[L:].unbind(0)),
                  rows=_Rows.allocate(packed.top_k, S, I, E))
     lib = native.library()
     bf16 = packed.w13.dtype == torch.bfloat16
@@ -105,7 +105,7 @@ def prepare_moe(packed: PackedMoE) -> CpuMoE | PackedMoE:
         matrices = ("router", "w13", "w2")
         moe.row_kernel = native.kernel(
             lib, "moe_rows_bf16" if bf16 else "moe_rows", native.MoeRow,
-            dict(D=D, E=E, S=S, I=I, k=packed.top_k),
+            dict(D=D, E=E, S=S, I=I, k=packed.top_k, L=L, start=packed.expert_start),
             dict(router=packed.router_w, front_bias=front_bias,
                  router_bias=packed.router_bias.float().contiguous(),
                  w13=packed.w13, w2=packed.w2), bf16=matrices if bf16 else ())
@@ -144,6 +144,16 @@ def _route(biased: torch.Tensor, top_k: int, bias: list[float]):
     return routes
 
 
+def _held(routes, p: PackedMoE):
+    """The routes' experts this MoE holds, numbered from its first (an expert-parallel
+    shard adds only those; the whole MoE holds every one)."""
+    if not p.is_shard:
+        return routes
+    lo, n = p.expert_start, p.n_local
+    return [([e - lo for e in ids if 0 <= e - lo < n],
+             [g for e, g in zip(ids, weights) if 0 <= e - lo < n]) for ids, weights in routes]
+
+
 def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
                 out: Optional[torch.Tensor] = None,
                 skip: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -152,8 +162,6 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     done = skipped(skip, x, out)
     if done is not None:
         return done
-    if isinstance(moe, PackedMoE):  # an expert-parallel shard (prepare_moe)
-        return moe_ffn_torch(x, moe, workspace, out)
     p = moe.base
     N = x.shape[0]
     if moe.row_kernel is not None and N <= moe.kernel_max_tokens:
@@ -167,14 +175,14 @@ def moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     rows = moe.rows
     if N == 1:  # the front into the rows' buffer; one SwiGLU pass for all rows
         _front(x, moe, rows.shared, rows.logits)
-        routes = _route(rows.logits, p.top_k, moe.router_bias)
+        routes = _held(_route(rows.logits, p.top_k, moe.router_bias), p)
         for e, row in zip(routes[0][0], rows.routed):
             torch.mm(x, moe.w13_t[e], out=row)
         rows.activate()
         res = _shared_output(rows.shared_act, x, moe, out)
     else:
         gu, biased = _front(x, moe)
-        routes = _route(biased, p.top_k, moe.router_bias)
+        routes = _held(_route(biased, p.top_k, moe.router_bias), p)
         res = _shared_output(_shared_act(gu, p), x, moe, out)
     for n, (ids, weights) in enumerate(routes):
         if N > 1:
@@ -194,8 +202,6 @@ def bind_moe_ffn_cpu(x: torch.Tensor, moe: CpuMoE, workspace=None,
     in the weights' dtype, no kernel, no ``out``). bf16 weights: through float32 staging
     rows (``native.bind_staged``). ``skip``: the call reads the flag first (on the host,
     free on a CPU) and zeroes ``out`` instead when it is set."""
-    if isinstance(moe, PackedMoE):
-        return None
     if skip is not None:
         launch = bind_moe_ffn_cpu(x, moe, workspace, out)
         if launch is None:
@@ -228,9 +234,12 @@ def _moe_grouped(x: torch.Tensor, moe: CpuMoE, out: Optional[torch.Tensor]) -> t
     start = 0
     for e, count in enumerate(torch.bincount(flat, minlength=p.n_routed).tolist()):
         if count:
-            seg = slice(start, start + count)
-            act = _swiglu(torch.mm(rows[seg], moe.w13_t[e]), I)
-            torch.mm(act, moe.w2[e].t(), out=ys[seg])
+            seg, held = slice(start, start + count), e - p.expert_start
+            if 0 <= held < p.n_local:
+                act = _swiglu(torch.mm(rows[seg], moe.w13_t[held]), I)
+                torch.mm(act, moe.w2[held].t(), out=ys[seg])
+            else:  # another shard's expert
+                ys[seg].zero_()
             start += count
     ys.mul_(weights.reshape(-1)[order, None])
     return _shared_output(_shared_act(gu, p), x, moe, out).index_add_(0, tok, ys)

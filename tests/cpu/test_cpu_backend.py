@@ -22,7 +22,8 @@ from mythos_rt.ops import BackendError, select
 from mythos_rt.ops.ffn import swiglu_torch
 from mythos_rt.ops.head import HeadWeights
 from mythos_rt.ops.norm import rmsnorm_torch
-from mythos_rt.testing import TOL_BF16_KERNEL, TOL_FP32_TORCH, assert_rel_close
+from mythos_rt.ops.moe import moe_ffn_torch
+from mythos_rt.testing import TOL_BF16_KERNEL, TOL_FP32_TORCH, assert_rel_close, expert_shard
 
 from ..ops._attn_ref import Harness
 from ..ops.recurrent_cases import check_step, make_ref_loop, ref_prologue, run_loop
@@ -278,6 +279,28 @@ def test_batch1_decode_matches_reference(name, monkeypatch, row_path):
     with torch.no_grad():
         ref = model(out[:, :-1], n_loops=n_loops)[:, ids.shape[1] - 1:]
     assert_rel_close(logits, ref, TOL_FP32_TORCH, "per-step logits")
+
+
+@pytest.mark.parametrize("N", [1, 3, 29, 300], ids=["one-token", "decode-batch", "chunk",
+                                                   "long-chunk"])
+@pytest.mark.parametrize("kw,world", [(dict(D=40, I=24, E=7, k=2, S=1), 3),
+                                      (dict(D=32, I=16, E=2, k=1, S=2), 3)],
+                         ids=["E7-over-3", "E2-over-3-empty-shard"])
+def test_moe_expert_shards_sum_to_the_whole(kw, world, N):
+    """An expert-parallel shard (docs/parallel.md) adds its experts' and shared slots'
+    contributions only, on every path (the kernel skips other shards' pairs), so the
+    shards sum to the whole MoE; each matches the torch implementation of its shard."""
+    cfg = moe_cfg(**kw)
+    m = make_moe(cfg)
+    packed = op_args("moe", m.state_dict(), cfg)
+    x = torch.randn(N, cfg.dim)
+    total = torch.zeros(N, cfg.dim)
+    for rank in range(world):
+        part = expert_shard(packed, world, rank)
+        got = moe_ffn_cpu(x, prepare_moe(part))
+        assert_rel_close(got, moe_ffn_torch(x, part), TOL_FP32_TORCH, f"shard {rank}")
+        total += got
+    assert_rel_close(total, ref_forward(m, x), TOL_FP32_TORCH)
 
 
 def test_prepared_moe_reads_the_packed_weights_in_place():

@@ -10,25 +10,11 @@ import torch
 
 import mythos_rt.triton_kernels  # noqa: F401 — turns on the interpreter on CPU
 from mythos_rt.ops.moe import PackedMoE, moe_ffn_torch
-from mythos_rt.parallel import share
-from mythos_rt.testing import TOL_FP32_INTERPRET, assert_rel_close
+from mythos_rt.testing import TOL_FP32_INTERPRET, assert_rel_close, expert_shard
 from mythos_rt.triton_kernels import moe as tmoe
 from mythos_rt.triton_kernels.moe import MoEWorkspace, moe_ffn_triton
 
 from .test_moe import DEV, _check_alignment, build, one_hot_bias
-
-
-def expert_shard(packed: PackedMoE, world: int, rank: int) -> PackedMoE:
-    """Rank ``rank``'s share, as ``mythos_rt.parallel`` splits it: a contiguous range of
-    the routed experts and of the shared slots; the router whole."""
-    E, S = packed.n_routed, packed.n_shared_slots
-    e0, e1 = share(E, world, rank)
-    s0, s1 = share(S, world, rank)
-    held = list(range(e0, e1)) + [E + s for s in range(s0, s1)]
-    return PackedMoE(w13=packed.w13[held].contiguous(), w2=packed.w2[held].contiguous(),
-                     router_w=packed.router_w, router_bias=packed.router_bias,
-                     n_routed=E, n_shared_slots=s1 - s0, top_k=packed.top_k,
-                     expert_dim=packed.expert_dim, expert_start=e0)
 
 
 # name -> (moe_cfg kwargs, tokens, shards, router bias factory or None)
