@@ -305,22 +305,26 @@ inline void store_sums(const vpart (&acc)[NX][NW][kParts], const float* X, int l
   }
 }
 
-// Tile of gemm_nk for float32 weights: NW rows of w against NX inputs, the NW·NX vector
-// sums in registers for the whole row. Every output's sum has one order whatever the
-// tile: lane l sums k ≡ l (mod 16) in order, then a fixed tree (hsum), then the tail k
-// past the last 16.
+// Tiles of gemm_nk: NW rows of w against NX inputs, the NW·NX vector sums in registers.
+// Every output's sum has one order whatever the tile: lane l sums k ≡ l (mod 16) in
+// order (bf16: each 32-column block's elements 2l and 2l+1), then a fixed tree (hsum),
+// then the tail past the last whole step.
 #ifdef __AVX512F__
 constexpr int kNkInputs = 4;  // 16 sums + 4 weight vectors + 1 input in 32 registers
 #else
 constexpr int kNkInputs = 1;  // 4·2 part sums + 4 weight parts + 1 input in 16 registers
 #endif
 
+// Columns one step of a tile's sums takes: 16 for float32 weights, a pair block for bf16.
+template <class W>
+constexpr int kNkStep = std::is_same_v<W, bf16> ? kPairBlock : 16;
+
+// The tile's sums over the columns [k0, k1) (multiples of the step), added onto acc: a
+// tile may stop after any step and resume with the same sums in the same order.
 template <int NW, int NX>
-inline void tile_nk(const float* __restrict X, int ldx, const float* __restrict w, int64_t ldw,
-                    int K, float alpha, float* __restrict Y, int ldy, int ldj, bool accumulate) {
-  vpart acc[NX][NW][kParts] = {};
-  int i = 0;
-  for (; i + 16 <= K; i += 16)
+inline void tile_sums(const float* __restrict X, int ldx, const float* __restrict w,
+                      int64_t ldw, int k0, int k1, vpart (&acc)[NX][NW][kParts]) {
+  for (int i = k0; i < k1; i += 16)
     for (int p = 0; p < kParts; ++p) {
       const int at = i + p * kPart;
       vpart wv[NW];
@@ -330,20 +334,14 @@ inline void tile_nk(const float* __restrict X, int ldx, const float* __restrict 
         for (int j = 0; j < NW; ++j) acc[x][j][p] += wv[j] * xv;
       }
     }
-  store_sums<NW, NX>(acc, X, ldx, w, ldw, K, i, alpha, Y, ldy, ldj, accumulate);
 }
 
-// tile_nk for bf16 weights, X in the pair order (pair_inputs): lane l of a v16 sum takes
-// each block's elements 2l and 2l+1, then a fixed tree (hsum), then the tail past the
-// last block; one order whatever the tile, as tile_nk.
+// bf16 weights, X in the pair order (pair_inputs).
 template <int NW, int NX>
-inline void tile_nk_pairs(const float* __restrict X, int ldx, const bf16* __restrict w,
-                          int64_t ldw, int K, float alpha, float* __restrict Y, int ldy,
-                          int ldj, bool accumulate) {
+inline void tile_sums(const float* __restrict X, int ldx, const bf16* __restrict w,
+                      int64_t ldw, int k0, int k1, vpart (&acc)[NX][NW][kParts]) {
   constexpr int half = kPairBlock / 2;
-  vpart acc[NX][NW][kParts] = {};
-  int i = 0;
-  for (; i + kPairBlock <= K; i += kPairBlock)
+  for (int i = k0; i < k1; i += kPairBlock)
     for (int p = 0; p < kParts; ++p) {
       vpart even[NW], odd[NW];
       for (int j = 0; j < NW; ++j)
@@ -357,28 +355,45 @@ inline void tile_nk_pairs(const float* __restrict X, int ldx, const bf16* __rest
         }
       }
     }
-  store_sums<NW, NX>(acc, X, ldx, w, ldw, K, i, alpha, Y, ldy, ldj, accumulate);
 }
 
-// The tile of gemm_nk for weights of type W.
+// One tile whole: its sums over every step, then the outputs.
 template <int NW, int NX, class W>
 inline void tile_of(const float* X, int ldx, const W* w, int64_t ldw, int K, float alpha,
                     float* Y, int ldy, int ldj, bool accumulate) {
-  if constexpr (std::is_same_v<W, bf16>)
-    tile_nk_pairs<NW, NX>(X, ldx, w, ldw, K, alpha, Y, ldy, ldj, accumulate);
-  else
-    tile_nk<NW, NX>(X, ldx, w, ldw, K, alpha, Y, ldy, ldj, accumulate);
+  vpart acc[NX][NW][kParts] = {};
+  const int body = K - K % kNkStep<W>;
+  tile_sums<NW, NX>(X, ldx, w, ldw, 0, body, acc);
+  store_sums<NW, NX>(acc, X, ldx, w, ldw, K, body, alpha, Y, ldy, ldj, accumulate);
 }
+
+// One stretch [k0, k1) of a tile's sums, resumed from and saved to ``saved`` (NX·NW·kParts
+// parts; started from zero when ``first``).
+template <int NW, int NX, class W>
+inline void tile_stretch(const float* X, int ldx, const W* w, int64_t ldw, int k0, int k1,
+                         vpart* saved, bool first) {
+  vpart acc[NX][NW][kParts] = {};
+  if (!first) std::memcpy(acc, saved, sizeof acc);
+  tile_sums<NW, NX>(X, ldx, w, ldw, k0, k1, acc);
+  std::memcpy(saved, acc, sizeof acc);
+}
+
+// Columns of a K-blocked tile (gemm_nk with several inputs): four rows of 512 columns are
+// 8 KiB in float32, so they stay in L1 while every input passes. Whole rows of 2048
+// (32 KiB) did not: each input re-read the tile from L2.
+constexpr int kNkBlockK = 512;
+constexpr int kNkBlockMaxInputs = 64;
 
 // Y[i][r] = alpha · (w[r, :] · X[i]) (+ Y[i][r] when accumulate) for the rows r < N of
 // w (N, K) row-major (nn.Linear's layout; float32 or bf16) and inputs i < M (X rows ldx
-// apart, Y rows ldy apart), in register tiles (tile_nk; tile_nk_pairs for bf16) of four
-// rows, each tile serving every input while it sits in L1. w streams through memory once
+// apart, Y rows ldy apart), in register tiles of four rows. w streams through memory once
 // as four long streams: its rows split in quarters and a tile takes the same row of each.
 // Four adjacent rows would restart four short streams every tile (a bf16 row of 2048 is
 // one 4 KB page), which held one AVX2 EPYC thread to 14-16 GB/s against 20-22 as four
 // long streams (the read floor's pattern, stream_sum). The streaming layout of decode: a
 // team splits w's rows, so each member reads its own contiguous stretch of the matrix.
+// With more inputs than one tile takes, a tile walks K in blocks of kNkBlockK, every
+// input's sums saved between blocks: the same sums in the same order, the block in L1.
 template <class W>
 void gemm_nk(const float* __restrict X, int ldx, int M, const W* __restrict w, int N, int K,
              float alpha, float* __restrict Y, int ldy, bool accumulate) {
@@ -388,15 +403,41 @@ void gemm_nk(const float* __restrict X, int ldx, int M, const W* __restrict w, i
   }
   const int Q = N / 4;  // four streams: tile row j is row n + j·Q
   const int64_t ldw = static_cast<int64_t>(Q) * K;
-  for (int n = 0; n < Q; ++n) {
-    const W* wn = w + static_cast<int64_t>(n) * K;
-    int m = 0;
-    for (; m + kNkInputs <= M; m += kNkInputs)
-      tile_of<4, kNkInputs>(X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, K, alpha,
-                            Y + static_cast<int64_t>(m) * ldy + n, ldy, Q, accumulate);
-    for (; m < M; ++m)
-      tile_of<4, 1>(X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, K, alpha,
-                    Y + static_cast<int64_t>(m) * ldy + n, ldy, Q, accumulate);
+  const int body = K - K % kNkStep<W>;
+  if (M > kNkInputs && M <= kNkBlockMaxInputs && body > kNkBlockK) {
+    constexpr int per_input = 4 * kParts;  // one input's saved sums
+    thread_local std::vector<vpart> saved;
+    saved.resize(static_cast<size_t>(M) * per_input);
+    for (int n = 0; n < Q; ++n) {
+      const W* wn = w + static_cast<int64_t>(n) * K;
+      for (int k0 = 0; k0 < body; k0 += kNkBlockK) {
+        const int k1 = std::min(body, k0 + kNkBlockK);
+        int m = 0;
+        for (; m + kNkInputs <= M; m += kNkInputs)
+          tile_stretch<4, kNkInputs>(X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, k0, k1,
+                                     saved.data() + m * per_input, k0 == 0);
+        for (; m < M; ++m)
+          tile_stretch<4, 1>(X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, k0, k1,
+                             saved.data() + m * per_input, k0 == 0);
+      }
+      for (int m = 0; m < M; ++m) {
+        vpart acc[1][4][kParts];
+        std::memcpy(acc, saved.data() + m * per_input, sizeof acc);
+        store_sums<4, 1>(acc, X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, K, body, alpha,
+                         Y + static_cast<int64_t>(m) * ldy + n, ldy, Q, accumulate);
+      }
+    }
+  } else {
+    for (int n = 0; n < Q; ++n) {
+      const W* wn = w + static_cast<int64_t>(n) * K;
+      int m = 0;
+      for (; m + kNkInputs <= M; m += kNkInputs)
+        tile_of<4, kNkInputs>(X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, K, alpha,
+                              Y + static_cast<int64_t>(m) * ldy + n, ldy, Q, accumulate);
+      for (; m < M; ++m)
+        tile_of<4, 1>(X + static_cast<int64_t>(m) * ldx, ldx, wn, ldw, K, alpha,
+                      Y + static_cast<int64_t>(m) * ldy + n, ldy, Q, accumulate);
+    }
   }
   for (int n = 4 * Q; n < N; ++n)
     for (int m = 0; m < M; ++m)

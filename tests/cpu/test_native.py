@@ -144,6 +144,35 @@ def test_bf16_products_at_awkward_widths_on_every_vector_path(arch, K, monkeypat
     assert_rel_close(logits.double(), want, 1e-6)
 
 
+@needs_compiler
+@pytest.mark.parametrize("arch", ["native", "x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("K", [600, 1100, 2048], ids=lambda k: f"K{k}")
+def test_k_blocked_products_sum_as_one_input_alone(arch, dtype, K, monkeypatch):
+    """With several inputs a product walks K in blocks (the tile stays in L1), each
+    input's sums saved between blocks: every output bitwise the one-input product's (the
+    same sums in the same order), and within 1e-6 of the float64 product. Widths past one
+    block, with a partial last block and a tail; 23 rows, 7 inputs."""
+    if arch != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86-64 -march")
+    monkeypatch.setenv("MYTHOS_RT_CPU_ARCH", arch)
+    monkeypatch.setattr(native, "_LIBRARY", {})  # a build per -march, cached across tests
+    lib = native.library()
+    assert lib is not None
+    w = torch.randn(23, K).to(dtype)
+    x = torch.randn(7, K)
+    bf16 = dtype == torch.bfloat16
+    head = native.kernel(lib, "head_rows_bf16" if bf16 else "head_rows", native.HeadRow,
+                         dict(V=23, D=K), dict(w=w), bf16=("w",) if bf16 else ())
+    together = torch.full((7, 23), float("nan"))
+    head.fn(head.ref, native.address(x), 7, native.address(together))
+    for i in range(7):
+        alone = torch.full((1, 23), float("nan"))
+        head.fn(head.ref, native.address(x[i:i + 1]), 1, native.address(alone))
+        assert torch.equal(together[i:i + 1], alone), f"input {i}"
+    assert_rel_close(together.double(), x.double() @ w.double().t(), 1e-6)
+
+
 def test_openmp_runtimes_are_read_from_the_process_maps():
     line = "7f00-7f01 r-xp 00000000 08:01 12 {}\n"
     torch_only = line.format("/site-packages/torch/lib/libgomp.so.1")
