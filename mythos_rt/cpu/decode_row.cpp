@@ -57,7 +57,7 @@ float stream_sum(const float* x, int64_t n) {
     const int64_t blocks = n / 64, t = team_rank(), nt = team_count();
     const int64_t lo = blocks * t / nt * 64, hi = blocks * (t + 1) / nt * 64;
     const int64_t quarter = (hi - lo) / streams;  // a multiple of step: hi - lo is of 64
-    vpart acc[streams][step / kPart] = {};  // register-width sums: see tile_nk
+    vpart acc[streams][step / kPart] = {};  // register-width sums: see tile_sums
     for (int64_t i = 0; i < quarter; i += step)
       for (int q = 0; q < streams; ++q)
         for (int j = 0; j < step / kPart; ++j)

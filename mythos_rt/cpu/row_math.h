@@ -222,7 +222,7 @@ float dot(const float* __restrict a, const float* __restrict b, int n) {
   return s;
 }
 
-// The register-width part of a v16 that tile_nk sums in: all 16 lanes with AVX-512, 8
+// The register-width part of a v16 that tile_sums sums in: all 16 lanes with AVX-512, 8
 // elsewhere. GCC keeps an array of two-register v16 sums in memory (every update a
 // store and a reload: the AVX2 products ran at a third of the read bandwidth); arrays of
 // register-width parts stay in registers. The lanes, so the sums, are the same.
