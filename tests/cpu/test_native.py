@@ -119,6 +119,19 @@ def test_the_avx512_path_compiles_on_a_cpu_without_it(fresh, monkeypatch):
     assert native.build().exists()
 
 
+def _head_kernel_built_for(arch: str, w: torch.Tensor, monkeypatch) -> native.Kernel:
+    """The head kernel (``gemm_nk`` over w's rows) of a build for ``-march=arch``."""
+    if arch != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86-64 -march")
+    monkeypatch.setenv("MYTHOS_RT_CPU_ARCH", arch)
+    monkeypatch.setattr(native, "_LIBRARY", {})  # a build per -march, cached across tests
+    lib = native.library()
+    assert lib is not None
+    bf16 = w.dtype == torch.bfloat16
+    return native.kernel(lib, "head_rows_bf16" if bf16 else "head_rows", native.HeadRow,
+                         dict(V=w.shape[0], D=w.shape[1]), dict(w=w), bf16=("w",) if bf16 else ())
+
+
 @needs_compiler
 @pytest.mark.parametrize("arch", ["native", "x86-64-v3", "x86-64"])
 @pytest.mark.parametrize("K", [16, 32, 45, 64, 97], ids=lambda k: f"K{k}")
@@ -128,17 +141,10 @@ def test_bf16_products_at_awkward_widths_on_every_vector_path(arch, K, monkeypat
     (tiles taking one row of each quarter, and single rows after the quarters) and 5
     inputs, on AVX-512 or AVX2 (native), AVX2 alone and SSE2 (x86-64), against the float64
     product of the same bf16 values."""
-    if arch != "native" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86-64 -march")
-    monkeypatch.setenv("MYTHOS_RT_CPU_ARCH", arch)
-    monkeypatch.setattr(native, "_LIBRARY", {})  # a build per -march, cached across tests
-    lib = native.library()
-    assert lib is not None
     w = torch.randn(23, K).bfloat16()
+    head = _head_kernel_built_for(arch, w, monkeypatch)
     x = torch.randn(5, K)
     logits = torch.full((5, 23), float("nan"))
-    head = native.kernel(lib, "head_rows_bf16", native.HeadRow, dict(V=23, D=K), dict(w=w),
-                         bf16=("w",))
     head.fn(head.ref, native.address(x), 5, native.address(logits))
     want = x.double() @ w.double().t()
     assert_rel_close(logits.double(), want, 1e-6)
@@ -153,17 +159,9 @@ def test_k_blocked_products_sum_as_one_input_alone(arch, dtype, K, monkeypatch):
     input's sums saved between blocks: every output bitwise the one-input product's (the
     same sums in the same order), and within 1e-6 of the float64 product. Widths past one
     block, with a partial last block and a tail; 23 rows, 7 inputs."""
-    if arch != "native" and platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86-64 -march")
-    monkeypatch.setenv("MYTHOS_RT_CPU_ARCH", arch)
-    monkeypatch.setattr(native, "_LIBRARY", {})  # a build per -march, cached across tests
-    lib = native.library()
-    assert lib is not None
     w = torch.randn(23, K).to(dtype)
+    head = _head_kernel_built_for(arch, w, monkeypatch)
     x = torch.randn(7, K)
-    bf16 = dtype == torch.bfloat16
-    head = native.kernel(lib, "head_rows_bf16" if bf16 else "head_rows", native.HeadRow,
-                         dict(V=23, D=K), dict(w=w), bf16=("w",) if bf16 else ())
     together = torch.full((7, 23), float("nan"))
     head.fn(head.ref, native.address(x), 7, native.address(together))
     for i in range(7):
