@@ -108,11 +108,12 @@ def test_results_survive_a_kill(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, start_new_session=True,
                             stderr=subprocess.DEVNULL)
-    jsonl = None
     try:
         for _ in range(300):
-            jsonl = next(tmp_path.glob("*.jsonl"), None)
-            if jsonl and "second/1" in jsonl.read_text():
+            # the .json is replaced whole after the row's .jsonl line: wait for it, or the
+            # kill may land between the two
+            summary = next(tmp_path.glob("*.json"), None)
+            if summary and "second/1" in summary.read_text():
                 break
             time.sleep(0.1)
         else:
@@ -124,6 +125,8 @@ def test_results_survive_a_kill(tmp_path):
     gpu_suite.validate(data)
     assert not data["complete"]
     assert [r["name"] for r in data["rows"]] == ["first/1", "second/1"]
+    lines = next(tmp_path.glob("*.jsonl")).read_text().splitlines()
+    assert [json.loads(x)["name"] for x in lines if "name" in json.loads(x)] == ["first/1", "second/1"]
     assert data["parts"]["first"]["status"] == "ok" and data["parts"]["second"]["status"] == "running"
     assert "INCOMPLETE" in next(tmp_path.glob("*.md")).read_text()
 
