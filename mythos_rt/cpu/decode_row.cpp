@@ -398,8 +398,9 @@ void route(const float* biased, const float* bias, int E, int k, int* chosen, fl
 // N tokens: the "front" [shared slots' gate/up | router logits] (one product over all N,
 // its rows read in place from w13's shared slots and the router), the shared experts'
 // down (one product per slot, summed), then Σ weight_j · down_j(silu(gate_j x) · up_j x)
-// added on per token. The (token, expert) pairs are sorted by expert, so each run of one expert's
-// tokens is one product over its weights (read once for the run, not once per token).
+// added on per token. The (token, expert) pairs are sorted by expert, so each run of one
+// expert's tokens is one product over its weights (read once for the run, not once per
+// token).
 // Every product streams its weights in nn.Linear's (out, in) layout. A team splits the
 // products by output rows (each member streams its own contiguous stretch of the
 // matrix), the shared activations by tokens and the sorted

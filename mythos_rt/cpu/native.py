@@ -82,8 +82,8 @@ class GqaRow(ctypes.Structure):
 
 class MoeRow(ctypes.Structure):
     _fields_ = [("D", _i32), ("E", _i32), ("S", _i32), ("I", _i32), ("k", _i32),
-                ("L", _i32), ("start", _i32), ("router", _vp), ("front_bias", _vp), ("router_bias", _vp), ("w13", _vp),
-                ("w2", _vp)]
+                ("L", _i32), ("start", _i32), ("router", _vp), ("front_bias", _vp),
+                ("router_bias", _vp), ("w13", _vp), ("w2", _vp)]
 
 
 class FfnRow(ctypes.Structure):

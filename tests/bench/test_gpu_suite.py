@@ -125,8 +125,8 @@ def test_results_survive_a_kill(tmp_path):
     gpu_suite.validate(data)
     assert not data["complete"]
     assert [r["name"] for r in data["rows"]] == ["first/1", "second/1"]
-    lines = next(tmp_path.glob("*.jsonl")).read_text().splitlines()
-    assert [json.loads(x)["name"] for x in lines if "name" in json.loads(x)] == ["first/1", "second/1"]
+    lines = [json.loads(x) for x in next(tmp_path.glob("*.jsonl")).read_text().splitlines()]
+    assert [r["name"] for r in lines if "name" in r] == ["first/1", "second/1"]
     assert data["parts"]["first"]["status"] == "ok" and data["parts"]["second"]["status"] == "running"
     assert "INCOMPLETE" in next(tmp_path.glob("*.md")).read_text()
 

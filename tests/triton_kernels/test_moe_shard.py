@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mythos_rt.triton_kernels  # noqa: F401 — turns on the interpreter on CPU
-from mythos_rt.ops.moe import PackedMoE, moe_ffn_torch
+from mythos_rt.ops.moe import moe_ffn_torch
 from mythos_rt.testing import TOL_FP32_INTERPRET, assert_rel_close, expert_shard
 from mythos_rt.triton_kernels import moe as tmoe
 from mythos_rt.triton_kernels.moe import MoEWorkspace, moe_ffn_triton
